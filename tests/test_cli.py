@@ -1,0 +1,102 @@
+import json
+import subprocess
+import sys
+
+import pytest
+from diffusers import UNet2DConditionModel
+
+from workbench.cli import main
+from workbench.presets import load_preset
+
+
+@pytest.fixture(scope="module")
+def teacher_dir(tmp_path_factory, tiny_teacher):
+    path = tmp_path_factory.mktemp("teacher")
+    tiny_teacher.save_pretrained(path)
+    return path
+
+
+def _json(capsys, argv):
+    assert main(argv) == 0
+    return json.loads(capsys.readouterr().out)
+
+
+def test_units_json(capsys, sdxl_config):
+    data = _json(capsys, ["units", "--base", "sdxl-base", "--json"])
+    assert data["total_params"] == 2_567_463_684
+    assert sum(1 for u in data["units"] if u["kind"] == "layer") == 15
+    assert set(data["units"][0]) == {"id", "stage", "kind", "params", "parent"}
+
+
+def test_plan_json_keys(capsys):
+    data = _json(
+        capsys, ["plan", "--base", "sdxl-base", "--preset", "segmind-vega", "--resolution", "512", "--json"]
+    )
+    assert {
+        "teacher_params",
+        "student_params",
+        "teacher_flops",
+        "student_flops",
+        "student_config",
+        "removed",
+    } <= set(data)
+    assert data["student_params"] == 745_225_604
+    assert data["teacher_flops"] / data["student_flops"] == pytest.approx(2.40, abs=0.01)
+
+
+def test_export_writes_a_stock_diffusers_folder(capsys, teacher_dir, tmp_path):
+    out = tmp_path / "student"
+    data = _json(
+        capsys, ["export", "--base", str(teacher_dir), "--preset", "koala-700m", "--out", str(out), "--json"]
+    )
+    unet, info = UNet2DConditionModel.from_pretrained(out, output_loading_info=True)
+    assert all(not v for v in info.values())
+    assert sum(p.numel() for p in unet.parameters()) == data["student_params"]
+    assert unet.mid_block is None
+    assert json.loads((out / "layer_map.json").read_text())["student_to_teacher"]
+    assert load_preset(str(out / "plan.json")).name == "koala-700m"
+
+
+def _bad_plan(tmp_path, **changes):
+    data = load_preset("ssd-1b").to_dict() | changes
+    path = tmp_path / "plan.json"
+    path.write_text(json.dumps(data))
+    return str(path)
+
+
+@pytest.mark.parametrize(
+    "make, message",
+    [
+        (lambda d, t: ["plan", "--base", "sdxl-base", "--preset", str(_write(t, "{oops"))], "not valid JSON"),
+        (lambda d, t: ["plan", "--base", "sdxl-base", "--preset", _bad_plan(t, schema_version=2)], "schema_version 2"),
+        (lambda d, t: ["plan", "--base", "sdxl-base", "--preset", _bad_plan(t, removed=["mid_blocks"])], "unknown units"),
+        (lambda d, t: ["plan", "--base", "sd15-base", "--preset", "ssd-1b"], "another UNet topology"),
+        (lambda d, t: ["plan", "--base", "sdxl-base", "--preset", _bad_plan(t, removed=["down_blocks.1.layers.0"])],
+         "remove down_blocks.1.layers.1 instead"),
+        (lambda d, t: ["export", "--base", str(t / "missing"), "--preset", "ssd-1b", "--out", str(t / "o")], "not a built-in"),
+        (lambda d, t: ["export", "--base", "sdxl-base", "--preset", "ssd-1b", "--out", str(t / "o")], "without weights"),
+        (lambda d, t: ["export", "--base", str(d), "--preset", _bad_plan(t, removed=["up_blocks.0.layers.0"]),
+                       "--out", str(t / "o")], "mirrored down stage"),
+        (lambda d, t: ["plan", "--base", "sdxl-base", "--preset", "ssd-1b", "--resolution", "500"], "multiple of 32"),
+    ],
+)  # fmt: skip
+def test_bad_inputs_one_line_error_nothing_written(make, message, teacher_dir, tmp_path, capsys):
+    assert main(make(teacher_dir, tmp_path)) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: ") and message in err and "\n" not in err
+    assert not (tmp_path / "o").exists()
+
+
+def _write(folder, text):
+    path = folder / "x.json"
+    path.write_text(text)
+    return path
+
+
+def test_cli_process_exit_code_without_traceback(tmp_path):
+    proc = subprocess.run(
+        [sys.executable, "-m", "workbench", "units", "--base", str(tmp_path / "nowhere")],
+        capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert proc.returncode == 2
+    assert "Traceback" not in proc.stderr and "is not a built-in name" in proc.stderr

@@ -1,0 +1,53 @@
+"""Every preset reproduces its published UNet exactly on SDXL's real config (meta device)."""
+
+import json
+from pathlib import Path
+
+import pytest
+
+from workbench.catalog import build_catalog, meta_unet
+from workbench.measure import atom_flops, flops_without, unet_flops
+from workbench.presets import load_preset
+from workbench.surgery import compile_plan
+from workbench.topology import topology_of
+
+REFERENCE = Path(__file__).parent / "reference"
+EXPECTED = {
+    "sdxl-base": 2_567_463_684,
+    "ssd-1b": 1_331_334_404,
+    "segmind-vega": 745_225_604,
+    "koala-1b": 1_161_184_324,
+    "koala-700m": 782_822_724,
+}
+STRUCTURAL = {"down_block_types", "up_block_types", "layers_per_block", "mid_block_type",
+              "transformer_layers_per_block", "reverse_transformer_layers_per_block"}  # fmt: skip
+
+
+@pytest.mark.parametrize("name", sorted(EXPECTED))
+def test_preset_matches_reference(name, sdxl_config):
+    reference = json.loads((REFERENCE / f"{name}-unet.json").read_text())
+    spec = compile_plan(build_catalog(sdxl_config), load_preset(name))
+    assert spec.notes == ()  # presets spell out every unit: no defaults applied
+    assert spec.student_params == EXPECTED[name]
+    assert sum(p.numel() for p in meta_unet(spec.config).parameters()) == EXPECTED[name]
+    # Same layers, depths and mid block; diffusers may spell equal structures differently
+    # (Vega's reference writes per-layer lists where ints suffice).
+    assert topology_of(spec.config) == topology_of(reference)
+    for key in set(reference) - STRUCTURAL:
+        if not key.startswith("_"):
+            assert spec.config.get(key) == reference[key], key
+
+
+@pytest.mark.parametrize("name", ["ssd-1b", "segmind-vega"])
+def test_student_flops_exact(name, sdxl_config):
+    catalog = build_catalog(sdxl_config)
+    spec = compile_plan(catalog, load_preset(name))
+    counted = unet_flops(spec.config, 512)
+    assert counted == flops_without(atom_flops(catalog, 512), spec.removed_atoms)
+    assert unet_flops(sdxl_config, 512) == pytest.approx(1.589e12, rel=1e-3)
+    assert counted == pytest.approx({"ssd-1b": 0.980e12, "segmind-vega": 0.663e12}[name], rel=1e-3)
+
+
+def test_ssd1b_layer_loss_has_26_terms(sdxl_config):
+    spec = compile_plan(build_catalog(sdxl_config), load_preset("ssd-1b"))
+    assert len(spec.feature_pairs("layer")) == 26  # as in the SSD-1B paper

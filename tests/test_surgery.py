@@ -1,0 +1,142 @@
+import pytest
+import torch
+from diffusers import UNet2DConditionModel
+
+from workbench.catalog import build_catalog
+from workbench.errors import WorkbenchError
+from workbench.measure import dummy_inputs
+from workbench.plan import PruningPlan
+from workbench.presets import load_preset
+from workbench.surgery import build_student, compile_plan
+from workbench.testing import tiny_sd15_config, tiny_unet
+
+PRESETS = ["sdxl-base", "ssd-1b", "segmind-vega", "koala-1b", "koala-700m"]
+
+
+def _out(unet, config, seed=0):
+    torch.manual_seed(seed)
+    with torch.no_grad():
+        return unet(**dummy_inputs(config, latent=8, batch=2)).sample
+
+
+def _plan(config, removed):
+    return PruningPlan.empty(build_catalog(config)).with_removed(removed)
+
+
+def test_empty_plan_gives_identical_outputs(tiny_teacher, tiny_config):
+    student, spec = build_student(tiny_teacher, _plan(tiny_config, []))
+    assert spec.student_params == spec.teacher_params
+    assert torch.equal(_out(student, tiny_config), _out(tiny_teacher, tiny_config))
+
+
+@pytest.mark.parametrize("name", PRESETS)
+def test_preset_student_roundtrips_with_stock_diffusers(name, tiny_teacher, tmp_path):
+    student, spec = build_student(tiny_teacher, load_preset(name))
+    assert sum(p.numel() for p in student.parameters()) == spec.student_params
+    student.save_pretrained(tmp_path)
+    loaded, info = UNet2DConditionModel.from_pretrained(tmp_path, output_loading_info=True)
+    assert all(not v for v in info.values()), info  # no missing/unexpected/mismatched keys
+    assert torch.equal(_out(loaded.eval(), spec.config), _out(student, spec.config))
+
+
+def test_weights_follow_the_layer_map(tiny_teacher):
+    student, spec = build_student(tiny_teacher, load_preset("ssd-1b"))
+    # SSD-1B keeps blocks 0, 1, 2 and 5 of 10: student block 3 is teacher block 5.
+    s = student.down_blocks[2].attentions[0].transformer_blocks[3].attn1.to_q.weight
+    t = tiny_teacher.down_blocks[2].attentions[0].transformer_blocks[5].attn1.to_q.weight
+    assert torch.equal(s, t)
+    assert spec.layer_map["up_blocks.1.attentions.1.transformer_blocks.0"] == (
+        "up_blocks.1.attentions.1.transformer_blocks.0"
+    )
+    with torch.no_grad():
+        s.add_(1.0)  # the student owns its weights
+    assert not torch.equal(s, t)
+
+
+def test_removed_down_layer_removes_mirrored_up_layer(tiny_teacher, tiny_config):
+    student, spec = build_student(tiny_teacher, _plan(tiny_config, ["down_blocks.2.layers.1"]))
+    # up_blocks.0.layers.0 consumed down_blocks.2.layers.1's skip connection
+    assert spec.auto_removed == ("up_blocks.0.layers.0",)
+    assert "up_blocks.0.layers.0" in spec.notes[0]
+    assert spec.config["layers_per_block"] == [2, 2, 1]
+    assert _out(student, spec.config).shape == (2, 4, 8, 8)
+
+
+def test_mirrored_default_respects_shapes(sdxl_config):
+    # SDXL's up_blocks.1 first ResNet takes up_blocks.0's 1280 channels, the others 640:
+    # the default must pick a middle layer instead of the skip mirror (layer 0).
+    spec = compile_plan(build_catalog(sdxl_config), _plan(sdxl_config, ["down_blocks.1.layers.1"]))
+    assert spec.auto_removed == ("up_blocks.1.layers.1",)
+
+
+def test_mid_depth_follows_last_down_stage(tiny_teacher, tiny_config):
+    removed = [f"down_blocks.2.attentions.0.transformer_blocks.{k}" for k in range(4, 10)]
+    student, spec = build_student(tiny_teacher, _plan(tiny_config, removed))
+    assert len(student.mid_block.attentions[0].transformer_blocks) == 4
+    assert spec.auto_removed[-1] == "mid_block.attentions.0.transformer_blocks.9"
+    assert any("mid block's depth" in n for n in spec.notes)
+
+
+@pytest.mark.parametrize(
+    "removed, kind",
+    [(["mid_block"], type(None)), (["mid_block.attentions.0"], "UNetMidBlock2D"),
+     (["down_blocks.1.attentions", "up_blocks.1.attentions"], None)],
+)  # fmt: skip
+def test_mid_and_stage_attention_options(removed, kind, tiny_teacher, tiny_config):
+    student, spec = build_student(tiny_teacher, _plan(tiny_config, removed))
+    if kind is type(None):
+        assert student.mid_block is None
+    elif kind:
+        assert type(student.mid_block).__name__ == kind
+    else:
+        assert spec.config["down_block_types"][1] == "DownBlock2D"
+    assert sum(p.numel() for p in student.parameters()) == spec.student_params
+    assert torch.isfinite(_out(student, spec.config)).all()
+
+
+@pytest.mark.parametrize(
+    "removed, message",
+    [
+        (["down_blocks.1.layers.0", "down_blocks.1.layers.1"], "at least one layer per stage"),
+        (["down_blocks.1.layers.0"], r"takes 16 input channels where the first ResNet of down_blocks.1 takes 8; remove down_blocks.1.layers.1 instead"),
+        (["up_blocks.0.layers.1"], "can only lose as many layers as its mirrored down stage down_blocks.2"),
+        ([f"down_blocks.1.attentions.0.transformer_blocks.{k}" for k in range(2)],
+         r"transformer depth of 0 .* remove the stage's attention as a whole \(down_blocks.1.attentions\)"),
+        (["mid_block.attentions.0.transformer_blocks.0"], "diffusers ties the mid block's depth"),
+    ],
+)  # fmt: skip
+def test_impossible_plans_are_rejected_precisely(removed, message, tiny_config):
+    with pytest.raises(WorkbenchError, match=message):
+        compile_plan(build_catalog(tiny_config), _plan(tiny_config, removed))
+
+
+def test_plan_for_another_topology_and_unknown_units(tiny_config):
+    sd15 = build_catalog(tiny_sd15_config())
+    with pytest.raises(WorkbenchError, match="made for another UNet topology"):
+        compile_plan(sd15, load_preset("ssd-1b"))
+    with pytest.raises(WorkbenchError, match="unknown units.*did you mean 'mid_block'"):
+        compile_plan(build_catalog(tiny_config), _plan(tiny_config, ["mid_blok"]))
+
+
+def test_sd15_student_one_layer_less_per_stage(tmp_path):
+    config = tiny_sd15_config()
+    teacher = tiny_unet(config)
+    removed = [f"down_blocks.{i}.layers.1" for i in range(4)]
+    student, spec = build_student(teacher, _plan(config, removed))
+    assert spec.config["layers_per_block"] == 1 and len(spec.auto_removed) == 4
+    student.save_pretrained(tmp_path)
+    loaded = UNet2DConditionModel.from_pretrained(tmp_path).eval()
+    assert sum(p.numel() for p in loaded.parameters()) == spec.student_params
+    assert torch.equal(_out(loaded, config), _out(student, config))
+
+
+@pytest.mark.parametrize("mode", ["layer", "block", "self-attention"])
+def test_feature_pairs_name_real_modules(mode, tiny_teacher):
+    student, spec = build_student(tiny_teacher, load_preset("koala-1b"))
+    pairs = spec.feature_pairs(mode)
+    assert pairs
+    for s, t in pairs:
+        student.get_submodule(s)
+        tiny_teacher.get_submodule(t)
+    with pytest.raises(WorkbenchError, match="unknown feature mode"):
+        spec.feature_pairs("everything")

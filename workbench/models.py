@@ -1,0 +1,164 @@
+"""The only place that resolves and loads models.
+
+A *base* is what the user names as the teacher:
+
+- ``toy``: the tiny SDXL-topology pipeline shipped in ``workbench/assets/toy-sdxl`` (default);
+- ``sdxl-base`` (and ``sd15-base``, ``sd21-base``): built-in UNet configs, no weights,
+  for planning and FLOP/latency estimates on the meta device;
+- a local diffusers folder: a pipeline (``model_index.json`` + ``unet/``) or a UNet folder;
+- a hub id such as ``stabilityai/stable-diffusion-xl-base-1.0`` (needs network access).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass
+from functools import lru_cache
+from pathlib import Path
+from typing import Any
+
+from workbench.errors import WorkbenchError
+
+PACKAGE_DIR = Path(__file__).resolve().parent
+TOY_DIR = PACKAGE_DIR / "assets" / "toy-sdxl"
+CONFIG_DIR = PACKAGE_DIR / "configs"
+BUILTIN_CONFIGS = {
+    "sdxl-base": "sdxl-base-unet.json",
+    "sd15-base": "sd15-unet.json",
+    "sd21-base": "sd21-unet.json",
+}
+DEFAULT_BASE = "toy"
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+
+
+@dataclass(frozen=True)
+class Base:
+    """A resolved teacher: where it lives and what it is."""
+
+    name: str
+    kind: str  # "toy" | "builtin" | "pipeline" | "unet" | "hub"
+    location: str  # folder path, hub id, or config file
+    unet_config: dict[str, Any]
+    vae_scale_factor: int
+
+    @property
+    def has_weights(self) -> bool:
+        return self.kind != "builtin"
+
+    @property
+    def has_pipeline(self) -> bool:
+        return self.kind in ("toy", "pipeline", "hub")
+
+
+def resolve_base(name: str | None = None) -> Base:
+    """Resolve a base name to its UNet config without loading any weights."""
+    name = (name or DEFAULT_BASE).strip()
+    return _resolve_cached(name)
+
+
+@lru_cache(maxsize=16)
+def _resolve_cached(name: str) -> Base:
+    if name == "toy":
+        return _local(TOY_DIR, name="toy", kind="toy")
+    if name in BUILTIN_CONFIGS:
+        path = CONFIG_DIR / BUILTIN_CONFIGS[name]
+        return Base(name, "builtin", str(path), _read_json(path), 8)
+    path = Path(name).expanduser()
+    if path.exists():
+        return _local(path, name=name)
+    if _HUB_ID.match(name) and not name.startswith((".", "/", "~")):
+        return _hub(name)
+    raise WorkbenchError(
+        f"base {name!r} is not a built-in name, an existing folder, or a hub id; use toy, "
+        f"{', '.join(BUILTIN_CONFIGS)}, a local diffusers folder (pipeline or UNet), or a hub "
+        "id like stabilityai/stable-diffusion-xl-base-1.0"
+    )
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError) as err:
+        raise WorkbenchError(f"cannot read {path}: {err}") from None
+
+
+def _vae_factor(pipeline_dir: Path) -> int:
+    vae = pipeline_dir / "vae" / "config.json"
+    if not vae.exists():
+        return 8
+    return 2 ** (len(_read_json(vae).get("block_out_channels", [0] * 4)) - 1)
+
+
+def _local(path: Path, name: str, kind: str | None = None) -> Base:
+    if not path.is_dir():
+        raise WorkbenchError(f"base {name!r} is a file; give a diffusers folder (pipeline or UNet)")
+    if (path / "model_index.json").exists():
+        config_path = path / "unet" / "config.json"
+        if not config_path.exists():
+            raise WorkbenchError(f"pipeline folder {str(path)!r} has no unet/config.json")
+        return Base(name, kind or "pipeline", str(path), _read_json(config_path), _vae_factor(path))
+    if (path / "config.json").exists():
+        config = _read_json(path / "config.json")
+        if config.get("_class_name") != "UNet2DConditionModel":
+            raise WorkbenchError(
+                f"{str(path)!r} holds a {config.get('_class_name')!r}, not a UNet2DConditionModel"
+            )
+        return Base(name, kind or "unet", str(path), config, 8)
+    if kind == "toy":
+        raise WorkbenchError(f"the embedded toy teacher is missing from {path}; reinstall the project")
+    raise WorkbenchError(
+        f"{str(path)!r} is not a diffusers folder: expected model_index.json (a pipeline) or "
+        "config.json (a UNet)"
+    )
+
+
+def _hub(repo_id: str) -> Base:
+    from diffusers import UNet2DConditionModel
+
+    try:
+        config = UNet2DConditionModel.load_config(repo_id, subfolder="unet")
+    except Exception as err:  # hub errors come in many types; all mean "could not fetch"
+        raise WorkbenchError(
+            f"could not fetch {repo_id!r} from the Hugging Face hub ({type(err).__name__}); check "
+            "the id, your network and HF_HUB_OFFLINE, or give a local folder"
+        ) from None
+    return Base(repo_id, "hub", repo_id, dict(config), 8)
+
+
+def _unet_location(base: Base) -> tuple[str, str | None]:
+    if base.kind in ("toy", "pipeline", "hub"):
+        return base.location, "unet"
+    return base.location, None
+
+
+def load_unet(base: Base | str, device: str = "cpu", dtype=None):
+    """The base's UNet with its weights; a clear error for config-only bases."""
+    import torch
+    from diffusers import UNet2DConditionModel
+
+    base = resolve_base(base) if isinstance(base, str) else base
+    if not base.has_weights:
+        raise WorkbenchError(
+            f"base {base.name!r} is a built-in config without weights: it can be planned and "
+            "measured, not exported or sampled; give a local folder or hub id of the real model"
+        )
+    location, subfolder = _unet_location(base)
+    unet = UNet2DConditionModel.from_pretrained(location, subfolder=subfolder, dtype=dtype or torch.float32)
+    return unet.to(device).eval()
+
+
+def load_pipeline(base: Base | str = DEFAULT_BASE, device: str = "cpu", dtype=None):
+    """A stock diffusers pipeline for the base (SDXL family or SD 1.x/2.x)."""
+    import torch
+    from diffusers import DiffusionPipeline
+
+    base = resolve_base(base) if isinstance(base, str) else base
+    if not base.has_pipeline:
+        raise WorkbenchError(
+            f"base {base.name!r} has no full pipeline (text encoders, VAE); sampling needs a "
+            "pipeline folder or hub id"
+        )
+    pipe = DiffusionPipeline.from_pretrained(base.location, dtype=dtype or torch.float32)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe.to(device)

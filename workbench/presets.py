@@ -1,0 +1,54 @@
+"""Pruning presets: plans saved as JSON files in the project's ``presets/`` folder."""
+
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+
+from workbench.errors import WorkbenchError
+from workbench.plan import PruningPlan
+
+_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+
+
+def presets_dir() -> Path:
+    """``presets/`` beside the package, or ``$WORKBENCH_PRESETS_DIR``."""
+    env = os.environ.get("WORKBENCH_PRESETS_DIR")
+    return Path(env) if env else Path(__file__).resolve().parent.parent / "presets"
+
+
+def list_presets() -> list[str]:
+    folder = presets_dir()
+    return sorted(p.stem for p in folder.glob("*.json")) if folder.is_dir() else []
+
+
+def check_name(name: str) -> str:
+    if not _NAME.match(name or ""):
+        raise WorkbenchError(
+            f"preset name {name!r} is not valid: use 1-64 letters, digits, '.', '_' or '-', "
+            "starting with a letter or digit"
+        )
+    return name
+
+
+def load_preset(name_or_path: str) -> PruningPlan:
+    """A preset by name (``ssd-1b``) or a path to a plan file."""
+    path = Path(name_or_path)
+    if path.suffix == ".json" or os.sep in name_or_path or path.exists():
+        return PruningPlan.load(path)
+    candidate = presets_dir() / f"{name_or_path}.json"
+    if not candidate.exists():
+        names = ", ".join(list_presets()) or "none"
+        raise WorkbenchError(
+            f"unknown preset {name_or_path!r}; available presets: {names} (or give a path to a plan file)"
+        )
+    return PruningPlan.load(candidate)
+
+
+def save_preset(plan: PruningPlan, name: str, overwrite: bool = False) -> Path:
+    """Save ``plan`` as ``presets/<name>.json``; refuses to overwrite unless asked."""
+    path = presets_dir() / f"{check_name(name)}.json"
+    if path.exists() and not overwrite:
+        raise WorkbenchError(f"preset {name!r} already exists; choose another name or overwrite it")
+    return plan.with_removed(plan.removed, name=name).save(path)

@@ -1,0 +1,62 @@
+"""Tiny real UNet configs for tests and quick experiments (not mocks: stock diffusers models).
+
+``tiny_sdxl_config`` has SDXL's exact topology (stages, layers, transformer depths 2 and
+10, cross-attention mid block of depth 10, ``text_time`` conditioning) at tiny widths, so
+every SDXL preset applies to it unchanged. ``tiny_sd15_config`` has SD 1.x's topology
+(4 stages, cross-attention in the first three, no added conditioning).
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from workbench.models import CONFIG_DIR
+
+_TINY = {
+    "block_out_channels": [8, 16, 16],
+    "norm_num_groups": 4,
+    "sample_size": 8,
+}
+
+
+def tiny_sdxl_config() -> dict[str, Any]:
+    config = json.loads((CONFIG_DIR / "sdxl-base-unet.json").read_text())
+    return (
+        config
+        | _TINY
+        | {
+            "attention_head_dim": [1, 2, 2],  # heads per stage (diffusers' SDXL naming)
+            "cross_attention_dim": 16,
+            "addition_time_embed_dim": 4,
+            "projection_class_embeddings_input_dim": 6 * 4 + 8,  # time ids + pooled text (8)
+        }
+    )
+
+
+def tiny_sd15_config() -> dict[str, Any]:
+    config = json.loads((CONFIG_DIR / "sd15-unet.json").read_text())
+    return (
+        config
+        | _TINY
+        | {
+            "block_out_channels": [8, 16, 16, 16],
+            "attention_head_dim": 2,
+            "cross_attention_dim": 16,
+        }
+    )
+
+
+def tiny_unet(config: dict[str, Any], seed: int = 0):
+    """A randomly initialised (seeded) UNet with non-trivial weights everywhere."""
+    import torch
+    from diffusers import UNet2DConditionModel
+
+    torch.manual_seed(seed)
+    unet = UNet2DConditionModel.from_config(config).eval()
+    # diffusers zero-initialises some output projections; perturb everything so that a
+    # wrong weight mapping changes the output.
+    with torch.no_grad():
+        for p in unet.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+    return unet
