@@ -101,7 +101,9 @@ def atom_of(param_name: str) -> str:
 
 def build_catalog(config: dict[str, Any]) -> Catalog:
     """Catalog a ``UNet2DConditionModel`` config (cached; about 0.2 s for SDXL)."""
-    return _build_cached(json.dumps(config, sort_keys=True))
+    # Loader bookkeeping (``_name_or_path``, ``_diffusers_version``) is not structure.
+    clean = {k: v for k, v in config.items() if not k.startswith("_") or k == "_class_name"}
+    return _build_cached(json.dumps(clean, sort_keys=True, default=list))
 
 
 @lru_cache(maxsize=16)

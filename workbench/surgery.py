@@ -408,3 +408,31 @@ def save_student(student, spec: StudentSpec, out_dir: str | Path) -> Path:
         encoding="utf-8",
     )
     return out
+
+
+def derive_stage_plan(prev: StudentSpec, nxt: StudentSpec, name: str) -> PruningPlan:
+    """The plan over ``prev``'s student that yields ``nxt``'s (both compiled on one teacher).
+
+    Progressive distillation removes units in stages; each stage's plan is written over
+    the original teacher (so presets apply) and must remove a superset of the previous.
+    """
+    kept_before = set(prev.layer_map.values())
+    revived = sorted(set(nxt.layer_map.values()) - kept_before, key=natural_key)
+    if revived:
+        raise WorkbenchError(
+            f"stage {nxt.plan.name!r} keeps {', '.join(revived[:3])}, which the earlier stage "
+            f"{prev.plan.name!r} removed; each stage must remove everything the one before it did"
+        )
+    catalog = build_catalog(prev.config)
+    gone = {s for s, t in prev.layer_map.items() if t in nxt.removed_atoms}
+    removed = [u.id for u in catalog.units if u.atoms <= gone]
+    plan = PruningPlan(name=name, topology=catalog.topology.signature(), removed=tuple(removed))
+    step = compile_plan(catalog, plan)
+    composed = {s: prev.layer_map[p] for s, p in step.layer_map.items()}
+    if composed != nxt.layer_map or step.student_params != nxt.student_params:
+        raise WorkbenchError(
+            f"stage {nxt.plan.name!r} cannot be reached from {prev.plan.name!r} by removing units: "
+            "their layers inherit from different teacher layers; make the later stage remove a "
+            "superset of the earlier one's units"
+        )
+    return plan

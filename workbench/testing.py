@@ -60,3 +60,32 @@ def tiny_unet(config: dict[str, Any], seed: int = 0):
         for p in unet.parameters():
             p.add_(torch.randn_like(p) * 0.05)
     return unet
+
+
+def tiny_pipeline(folder):
+    """Save a complete, untrained SDXL pipeline with a tiny SDXL-topology UNet to ``folder``.
+
+    Real stock components (our toy tokenizer, tiny CLIP encoders, a small VAE), so runs,
+    exports and pipelines behave exactly as they would with a trained model, only faster.
+    """
+    import tempfile
+    from pathlib import Path
+
+    import torch
+    from diffusers import UNet2DConditionModel
+
+    from workbench.toy import build, tokenizer
+
+    torch.manual_seed(0)
+    tok = tokenizer.save(Path(tempfile.mkdtemp(prefix="tok-")))
+    encoders = build.text_encoders(tok)
+    config = tiny_sdxl_config() | {
+        "cross_attention_dim": build.TEXT_HIDDEN_1 + build.TEXT_HIDDEN_2,
+        "addition_time_embed_dim": build.ADDITION_TIME_EMBED_DIM,
+        "projection_class_embeddings_input_dim": 6 * build.ADDITION_TIME_EMBED_DIM + build.TEXT_PROJECTION,
+        "sample_size": build.LATENT_SIZE,
+    }
+    unet = UNet2DConditionModel.from_config(config)
+    pipe = build.assemble(build.vae(), encoders, tok, unet)
+    pipe.save_pretrained(folder)
+    return Path(folder)

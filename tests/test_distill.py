@@ -1,0 +1,193 @@
+"""Short real distillation runs on a tiny SDXL pipeline (CPU)."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from diffusers import StableDiffusionXLPipeline, UNet2DConditionModel
+
+from workbench.distill import DistillConfig, run_distillation
+from workbench.errors import WorkbenchError
+from workbench.presets import load_preset
+from workbench.runs import RunDir, read_metrics
+from workbench.testing import tiny_pipeline
+
+FAST = ["--toy-samples", "16", "--batch-size", "2", "--sample-steps", "2", "--checkpoint-every", "2"]
+
+
+@pytest.fixture(scope="module")
+def base(tmp_path_factory):
+    return str(tiny_pipeline(tmp_path_factory.mktemp("pipe")))
+
+
+def _config(base, steps=4, preset="ssd-1b", **kw):
+    fields = dict(stages=(load_preset(preset).to_dict(),), steps=steps, base=base, toy_samples=16,
+                  batch_size=2, sample_steps=2, checkpoint_every=2, device="cpu")  # fmt: skip
+    return DistillConfig(**(fields | kw))
+
+
+def _losses(run_dir):
+    rows, _ = read_metrics(Path(run_dir) / "metrics.jsonl")
+    return {r["step"]: r["loss/total"] for r in rows}, rows
+
+
+def _cli(*args, env=None):
+    return subprocess.Popen(
+        [sys.executable, "-m", "workbench", "distill", *args],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        env=os.environ | {"HF_HUB_OFFLINE": "1"} | (env or {}),
+    )  # fmt: skip
+
+
+def test_run_writes_metrics_samples_and_a_stock_student(base, tmp_path):
+    status = run_distillation(_config(base), tmp_path / "run")
+    assert status["state"] == "done" and status["step"] == 4
+    losses, rows = _losses(tmp_path / "run")
+    assert sorted(losses) == [0, 1, 2, 3]
+    keys = set(rows[0])
+    assert {"step", "time", "lr", "loss/total", "loss/task", "loss/out", "loss/feat"} <= keys
+    assert sum(k.startswith("loss/feat/") for k in keys) == 26  # SSD-1B's layer-level terms
+    assert all(torch.isfinite(torch.tensor(list(losses.values()))))
+    run = RunDir(tmp_path / "run")
+    assert list(run.samples.glob("step_*.png"))
+    job = run.read_job()
+    assert job["stages"][0]["plan"] == "ssd-1b" and job["config"]["steps"] == 4
+    # the exported student: stock diffusers, in a stock SDXL pipeline with the teacher's parts
+    unet, info = UNet2DConditionModel.from_pretrained(run.student, output_loading_info=True)
+    assert all(not v for v in info.values())
+    pipe = StableDiffusionXLPipeline.from_pretrained(base, unet=unet)
+    image = pipe("a red circle", num_inference_steps=2, output_type="np").images[0]
+    assert image.shape == (64, 64, 3)
+    assert (run.student / "README.md").read_text().startswith("---")
+    assert json.loads((run.student / "plan.json").read_text())["name"] == "ssd-1b"
+
+
+def test_stop_then_resume_matches_an_uninterrupted_run(base, tmp_path):
+    run_distillation(_config(base), tmp_path / "straight")
+    reference, _ = _losses(tmp_path / "straight")
+    RunDir(tmp_path / "split").request_stop()  # honoured after the first step
+    status = run_distillation(_config(base), tmp_path / "split")
+    assert status["state"] == "stopped" and status["step"] == 1
+    assert not RunDir(tmp_path / "split").student.exists()
+    status = run_distillation(None, tmp_path / "split", resume=True)
+    assert status["state"] == "done"
+    resumed, _ = _losses(tmp_path / "split")
+    assert sorted(resumed) == sorted(reference)
+    for step, value in reference.items():
+        assert resumed[step] == pytest.approx(value, abs=1e-6), step
+
+
+def test_progressive_stages(base, tmp_path):
+    config = _config(base, steps=2, stages=(load_preset("ssd-1b").to_dict(), load_preset("segmind-vega").to_dict()),
+                     stage_teacher="previous", feature_mode="block")  # fmt: skip
+    status = run_distillation(config, tmp_path / "prog")
+    assert status["state"] == "done" and status["step"] == 4
+    _, rows = _losses(tmp_path / "prog")
+    assert [r["stage"] for r in rows] == [1, 1, 2, 2]
+    student = UNet2DConditionModel.from_pretrained(tmp_path / "prog" / "student")
+    assert student.config.transformer_layers_per_block == [1, 1, 2]  # Vega's depths
+    bad = _config(
+        base, steps=2, stages=(load_preset("segmind-vega").to_dict(), load_preset("ssd-1b").to_dict())
+    )
+    with pytest.raises(WorkbenchError, match="which the earlier stage 'segmind-vega' removed"):
+        run_distillation(bad, tmp_path / "bad")
+
+
+def test_kill9_then_resume_loses_nothing(base, tmp_path):
+    run_dir = tmp_path / "killed"
+    proc = _cli("--base", base, "--preset", "ssd-1b", "--steps", "10", "--run-dir", str(run_dir), *FAST)
+    deadline = time.time() + 240
+    while not (run_dir / "checkpoints" / "step_0000002").is_dir() and time.time() < deadline:
+        assert proc.poll() is None, proc.stdout.read()
+        time.sleep(0.3)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    before, _ = _losses(run_dir)
+    assert before and RunDir(run_dir).read_status()["state"] == "running"  # died without a word
+    status = run_distillation(None, run_dir, resume=True)
+    assert status["state"] == "done" and status["step"] == 10
+    after, rows = _losses(run_dir)
+    assert sorted(after) == list(range(10)) and len(rows) == 10  # every step exactly once
+    for step, value in before.items():  # steps redone after the checkpoint come out the same
+        assert after[step] == pytest.approx(value, abs=1e-6)
+
+
+def test_sigterm_stops_with_a_checkpoint(base, tmp_path):
+    run_dir = tmp_path / "term"
+    proc = _cli("--base", base, "--preset", "koala-700m", "--steps", "200", "--run-dir", str(run_dir), *FAST)
+    deadline = time.time() + 240
+    while not (run_dir / "metrics.jsonl").exists() and time.time() < deadline:
+        time.sleep(0.3)
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=120) == 0
+    status = RunDir(run_dir).read_status()
+    assert status["state"] == "stopped" and status["step"] < 200
+    assert (run_dir / "checkpoints" / f"step_{status['step']:07d}").is_dir()
+
+
+def test_crash_leaves_failed_status_and_resumes(base, tmp_path):
+    run_dir = tmp_path / "crash"
+    os.environ["WORKBENCH_FAULT_STEP"] = "3"
+    try:
+        with pytest.raises(RuntimeError, match="injected fault at step 3"):
+            run_distillation(_config(base, steps=5), run_dir)
+    finally:
+        del os.environ["WORKBENCH_FAULT_STEP"]
+    status = RunDir(run_dir).read_status()
+    assert status["state"] == "failed" and "injected fault at step 3" in status["error"]
+    assert run_distillation(None, run_dir, resume=True)["state"] == "done"
+    assert sorted(_losses(run_dir)[0]) == [0, 1, 2, 3, 4]
+
+
+def _folder(tmp_path):
+    """Three images; all but 0.png have a caption."""
+    from PIL import Image
+
+    folder = tmp_path / "images"
+    folder.mkdir()
+    for i in range(3):
+        Image.new("RGB", (80, 64), (40 * i, 0, 0)).save(folder / f"{i}.png")
+        if i:
+            (folder / f"{i}.txt").write_text("a red square")
+    return str(folder)
+
+
+@pytest.mark.parametrize(
+    "changes, message",
+    [
+        ({"feature_mode": "everything"}, "unknown feature mode 'everything'"),
+        ({"data": "/nonexistent/folder"}, "does not exist"),
+        ({"w_out": -0.5}, "--w-out must be >= 0"),
+        ({"steps": 0}, "--steps must be > 0"),
+        ({"stages": ({**load_preset("ssd-1b").to_dict(), "removed": ["down_blocks.1.layers.0"]},)},
+         "remove down_blocks.1.layers.1 instead"),
+        ({"mixed_precision": "fp16"}, "fp16 needs a CUDA GPU"),
+    ],
+)  # fmt: skip
+def test_bad_configs_rejected_before_training(base, tmp_path, changes, message):
+    with pytest.raises(WorkbenchError, match=message):
+        run_distillation(_config(base, **changes), tmp_path / "run")
+    assert not (tmp_path / "run").exists()
+
+
+def test_images_without_captions_rejected_and_folder_data_trains(base, tmp_path):
+    with pytest.raises(WorkbenchError, match=r"1 image\(s\) .* have no caption: 0.png"):
+        run_distillation(_config(base, data=_folder(tmp_path)), tmp_path / "run")
+    assert not (tmp_path / "run").exists()
+    (Path(tmp_path) / "images" / "0.txt").write_text("a dark square")
+    status = run_distillation(_config(base, steps=1, data=str(tmp_path / "images")), tmp_path / "run")
+    assert status["state"] == "done"
+    cache = json.loads((tmp_path / "run" / "cache" / "data.json").read_text())
+    assert cache["captions"] == ["a dark square", "a red square", "a red square"]
+
+
+def test_cli_errors_are_one_line(base, tmp_path):
+    proc = _cli("--base", base, "--preset", "ssd-1b", "--steps", "-3", "--run-dir", str(tmp_path / "r"))
+    out, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 2 and "error: --steps must be > 0" in out and "Traceback" not in out

@@ -1,0 +1,120 @@
+"""``distill``: train a pruned student against its teacher (also under ``accelerate launch``)."""
+
+from __future__ import annotations
+
+import argparse
+
+from workbench.commands._common import add_base, emit_json
+from workbench.distill import (
+    FEATURE_MODES,
+    LR_SCHEDULES,
+    PRECISIONS,
+    STAGE_TEACHERS,
+    TEACHER_DTYPES,
+    DistillConfig,
+    run_distillation,
+)
+from workbench.errors import WorkbenchError
+from workbench.presets import load_preset
+
+# CLI flag -> DistillConfig field, for the plain options.
+_OPTIONS: list[tuple[str, type, str]] = [
+    (
+        "--data",
+        str,
+        "training data: toy (default), an image folder (metadata.jsonl or .txt captions), or a .txt prompt file",
+    ),
+    ("--toy-samples", int, "number of toy images to render and cache (toy data)"),
+    ("--resolution", int, "training resolution in px (default: the teacher pipeline's)"),
+    ("--batch-size", int, "batch per process"),
+    ("--grad-accum", int, "gradient accumulation steps"),
+    ("--lr", float, "learning rate (AdamW)"),
+    ("--warmup-steps", int, "linear learning-rate warm-up steps"),
+    ("--weight-decay", float, "AdamW weight decay"),
+    ("--max-grad-norm", float, "gradient clipping norm (0 disables)"),
+    ("--w-task", float, "weight of the task loss (noise / v MSE)"),
+    ("--w-out", float, "weight of the output KD loss"),
+    ("--w-feat", float, "weight of the summed feature KD loss"),
+    ("--uncond-prob", float, "probability of dropping the prompt (classifier-free guidance)"),
+    ("--seed", int, "seed of data order, noise and timesteps"),
+    ("--log-every", int, "write a metrics row every N steps"),
+    ("--checkpoint-every", int, "checkpoint every N steps"),
+    ("--keep-checkpoints", int, "keep the last N checkpoints"),
+    ("--sample-every", int, "teacher-vs-student sample grid every N steps (0: at the end only)"),
+    ("--sample-steps", int, "denoising steps for sample grids"),
+    ("--sample-guidance", float, "guidance scale for sample grids"),
+]
+_CHOICES: list[tuple[str, tuple[str, ...], str]] = [
+    (
+        "--feature-mode",
+        FEATURE_MODES,
+        "feature KD: layer (every kept ResNet/attention), block, self-attention, none",
+    ),
+    ("--lr-schedule", LR_SCHEDULES, "learning-rate schedule"),
+    (
+        "--stage-teacher",
+        STAGE_TEACHERS,
+        "who teaches stage 2+: the original teacher or the previous stage's student",
+    ),
+    ("--mixed-precision", PRECISIONS, "student mixed precision (fp16 needs CUDA)"),
+    ("--teacher-dtype", tuple(TEACHER_DTYPES), "teacher precision (it runs without gradients)"),
+    ("--device", ("auto", "cpu", "cuda"), "where to train"),
+]
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("distill", help="distil a pruned student from its teacher (layer-level KD)")
+    add_base(p)
+    p.add_argument("--preset", help="the plan: a preset name or plan file (one stage)")
+    p.add_argument("--stages", help="progressive run: comma-separated presets/plan files, each removing more")
+    p.add_argument("--steps", type=int, help="optimizer steps per stage")
+    p.add_argument("--run-dir", required=True, help="the run folder (created; with --resume, continued)")
+    p.add_argument(
+        "--resume", action="store_true", help="continue the run in --run-dir from its last checkpoint"
+    )
+    for flag, kind, text in _OPTIONS:
+        p.add_argument(flag, type=kind, help=text)
+    for flag, choices, text in _CHOICES:
+        p.add_argument(flag, help=f"{text} ({', '.join(choices)})")  # validated with a clear message
+    p.add_argument(
+        "--normalize-features",
+        action="store_true",
+        help="divide each feature term by the teacher feature's mean square",
+    )
+    p.add_argument("--gradient-checkpointing", action="store_true", help="trade compute for memory")
+    p.add_argument("--sample-prompt", action="append", help="prompt for sample grids (repeatable)")
+    p.add_argument("--json", action="store_true", help="print the final status as JSON")
+    p.set_defaults(func=run)
+
+
+def config_from_args(args: argparse.Namespace) -> DistillConfig:
+    """A DistillConfig from CLI flags (unset flags keep the defaults)."""
+    if bool(args.preset) == bool(args.stages):
+        raise WorkbenchError("give exactly one of --preset (one stage) or --stages (comma-separated presets)")
+    if args.steps is None:
+        raise WorkbenchError("--steps is required (optimizer steps per stage, > 0)")
+    names = [args.preset] if args.preset else [s.strip() for s in args.stages.split(",") if s.strip()]
+    fields: dict = {
+        "stages": tuple(load_preset(n).to_dict() for n in names),
+        "steps": args.steps,
+        "base": args.base,
+    }
+    for flag, *_ in (*_OPTIONS, *_CHOICES):
+        value = getattr(args, flag[2:].replace("-", "_"))
+        if value is not None:
+            fields[flag[2:].replace("-", "_")] = value
+    fields["normalize_features"] = args.normalize_features
+    fields["gradient_checkpointing"] = args.gradient_checkpointing
+    if args.sample_prompt:
+        fields["sample_prompts"] = tuple(args.sample_prompt)
+    return DistillConfig(**fields)
+
+
+def run(args: argparse.Namespace) -> int:
+    config = None if args.resume else config_from_args(args)
+    status = run_distillation(config, args.run_dir, resume=args.resume)
+    if args.json:
+        emit_json(status)
+    else:
+        print(f"run {status['state']} at step {status.get('step')} in {args.run_dir}")
+    return 0 if status["state"] in ("done", "stopped") else 1
