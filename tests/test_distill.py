@@ -191,3 +191,22 @@ def test_cli_errors_are_one_line(base, tmp_path):
     proc = _cli("--base", base, "--preset", "ssd-1b", "--steps", "-3", "--run-dir", str(tmp_path / "r"))
     out, _ = proc.communicate(timeout=120)
     assert proc.returncode == 2 and "error: --steps must be > 0" in out and "Traceback" not in out
+
+
+def test_accelerate_launch_two_cpu_processes(base, tmp_path):
+    # `--cpu --num_processes 2` silently runs one process; `--multi_gpu` with
+    # Accelerator(cpu=True) starts two gloo ranks on a CPU-only machine.
+    run_dir = tmp_path / "ddp"
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+           "-m", "workbench", "distill", "--base", base, "--preset", "ssd-1b", "--steps", "2",
+           "--run-dir", str(run_dir), "--device", "cpu", *FAST]  # fmt: skip
+    proc = subprocess.run(
+        cmd, capture_output=True, text=True, timeout=600, env=os.environ | {"HF_HUB_OFFLINE": "1"}
+    )
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    status = RunDir(run_dir).read_status()
+    assert status["state"] == "done" and status["world_size"] == 2
+    losses, _ = _losses(run_dir)
+    assert sorted(losses) == [0, 1]  # one row per step, written by rank 0 only
+    assert UNet2DConditionModel.from_pretrained(run_dir / "student") is not None

@@ -623,7 +623,7 @@ class Trainer:
     # helpers
     def _status(self, state: str, **fields: Any) -> dict[str, Any]:
         if self.accelerator is not None and not self.accelerator.is_main_process:
-            return {"state": state}
+            return {"state": state, "main": False}
         return self.run_dir.write_status(state=state, **fields)
 
     def _log(self, message: str) -> None:

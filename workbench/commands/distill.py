@@ -113,7 +113,9 @@ def config_from_args(args: argparse.Namespace) -> DistillConfig:
 def run(args: argparse.Namespace) -> int:
     config = None if args.resume else config_from_args(args)
     status = run_distillation(config, args.run_dir, resume=args.resume)
-    if args.json:
+    if status.get("main") is False:  # other ranks of `accelerate launch` stay quiet
+        pass
+    elif args.json:
         emit_json(status)
     else:
         print(f"run {status['state']} at step {status.get('step')} in {args.run_dir}")
