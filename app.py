@@ -1,10 +1,10 @@
-"""Serve the workbench: ``python app.py`` (host/port via GRADIO_SERVER_NAME / GRADIO_SERVER_PORT)."""
+"""Serve the workbench: ``python app.py [--base toy] [--host 127.0.0.1] [--port 7860] [--space]``.
 
-import sys
+Host and port default to Gradio's GRADIO_SERVER_NAME / GRADIO_SERVER_PORT (127.0.0.1:7860).
+"""
+
+from workbench.ui.app import serve
+from workbench.ui.settings import parse_args
 
 if __name__ == "__main__":
-    print(
-        "The Gradio workbench is not built yet; use the CLI meanwhile: python -m workbench --help",
-        file=sys.stderr,
-    )
-    sys.exit(1)
+    serve(parse_args())

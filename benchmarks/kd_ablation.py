@@ -16,10 +16,13 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 import time
 from pathlib import Path
 
 import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout
 
 from workbench.commands.evaluate import evaluate
 from workbench.distill import DistillConfig, run_distillation

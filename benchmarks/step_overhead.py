@@ -15,11 +15,14 @@ from __future__ import annotations
 
 import argparse
 import statistics
+import sys
 import tempfile
 import time
 from pathlib import Path
 
 import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout
 import torch.nn.functional as F
 
 from workbench.data import LatentCache, _to_tensor, encode_examples, encode_text, toy_examples

@@ -36,8 +36,18 @@ def _spawn(run: RunDir, argv: list[str]) -> int:
     return proc.pid
 
 
-def start_run(runs_root: str | Path, name: str, argv: list[str], allow_parallel: bool = False) -> RunDir:
-    """Launch ``distill`` with CLI ``argv`` into ``runs_root/name``; one run at a time by default."""
+def start_run(
+    runs_root: str | Path,
+    name: str,
+    argv: list[str],
+    allow_parallel: bool = False,
+    files: dict[str, str] | None = None,
+) -> RunDir:
+    """Launch ``distill`` with CLI ``argv`` into ``runs_root/name``; one run at a time by default.
+
+    ``files`` (name -> text) are written into the run folder first, e.g. the plan the run
+    trains (``argv`` can name them as ``{run}/NAME``).
+    """
     if not allow_parallel and (busy := active_runs(runs_root)):
         raise WorkbenchError(
             f"run {busy[0]['name']!r} is still {busy[0]['state']}; stop it first (one run at a time on this machine)"
@@ -45,7 +55,11 @@ def start_run(runs_root: str | Path, name: str, argv: list[str], allow_parallel:
     run = RunDir(Path(runs_root) / name)
     if run.job.exists() or (run.root.exists() and any(run.root.iterdir())):
         raise WorkbenchError(f"a run named {name!r} already exists; choose another name")
-    _spawn(run, argv)
+    run.root.mkdir(parents=True, exist_ok=True)
+    for file_name, text in (files or {}).items():
+        (run.root / file_name).write_text(text, encoding="utf-8")
+    pid = _spawn(run, [a.replace("{run}", str(run.root)) for a in argv])
+    run.write_status(state="queued", pid=pid, step=0)  # visible at once, before the process writes
     return run
 
 
@@ -58,7 +72,8 @@ def resume_run(run_dir: str | Path) -> RunDir:
         raise WorkbenchError(f"run {run.root.name!r} is still {state}")
     if state == "done":
         raise WorkbenchError(f"run {run.root.name!r} has finished; start a new run to train further")
-    _spawn(run, ["--resume"])
+    run.clear_stop()
+    run.write_status(state="queued", pid=_spawn(run, ["--resume"]), error=None)
     return run
 
 

@@ -23,10 +23,11 @@ def list_presets() -> list[str]:
     return sorted(p.stem for p in folder.glob("*.json")) if folder.is_dir() else []
 
 
-def check_name(name: str) -> str:
+def check_name(name: str, what: str = "preset") -> str:
+    """A safe file/folder name (no paths), or a precise error."""
     if not _NAME.match(name or ""):
         raise WorkbenchError(
-            f"preset name {name!r} is not valid: use 1-64 letters, digits, '.', '_' or '-', "
+            f"{what} name {name!r} is not valid: use 1-64 letters, digits, '.', '_' or '-', "
             "starting with a letter or digit"
         )
     return name

@@ -168,7 +168,7 @@ def list_runs(root: str | Path) -> list[dict[str, Any]]:
     runs = []
     for folder in root.iterdir():
         run = RunDir(folder)
-        if not run.job.exists():
+        if not (run.job.exists() or run.status.exists()):
             continue
         try:
             status = run.read_status()

@@ -1,0 +1,219 @@
+"""The real app in headless Chromium (Debian's package, driven by Playwright).
+
+Starts ``python app.py`` on a free port with ``HF_HUB_OFFLINE=1`` and walks what a person
+does: toggle a unit, apply the SSD-1B preset, generate a comparison. Screenshots go to
+``artifacts/browser/`` (gitignored). Skips with a reason when Chromium or Playwright is
+missing (``.ci/install-browser`` installs both).
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+from workbench import presets
+from workbench.errors import WorkbenchError
+from workbench.models import resolve_base
+from workbench.ui import format as fmt
+from workbench.ui.store import Store
+
+CHROMIUM = "/usr/bin/chromium"
+ROOT = Path(__file__).resolve().parent.parent
+SHOTS = ROOT / "artifacts" / "browser"
+START_TIMEOUT_S = 180  # gradio and torch imports on a busy 2-core CPU
+
+if not Path(CHROMIUM).exists():
+    pytest.skip(
+        f"{CHROMIUM} is missing: run .ci/install-browser (apt-get install chromium)", allow_module_level=True
+    )
+sync_api = pytest.importorskip("playwright.sync_api", reason="playwright is missing: pip install playwright")
+
+
+def _toy_available() -> bool:
+    try:
+        resolve_base("toy")
+        return True
+    except WorkbenchError:
+        return False
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _wait_until_up(url: str, proc: subprocess.Popen, log: Path) -> None:
+    deadline = time.monotonic() + START_TIMEOUT_S
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise AssertionError(f"the app exited with {proc.returncode}:\n{log.read_text()[-3000:]}")
+        try:
+            with urllib.request.urlopen(url, timeout=2) as response:
+                if response.status == 200:
+                    return
+        except OSError:
+            time.sleep(0.5)
+    raise AssertionError(f"the app did not answer within {START_TIMEOUT_S} s:\n{log.read_text()[-3000:]}")
+
+
+@pytest.fixture(scope="module")
+def app_url(tmp_path_factory):
+    port = _free_port()
+    log = tmp_path_factory.mktemp("app") / "app.log"
+    env = os.environ | {
+        "HF_HUB_OFFLINE": "1",
+        "GRADIO_ANALYTICS_ENABLED": "False",
+        "WORKBENCH_CACHE_DIR": str(tmp_path_factory.mktemp("latency-cache")),
+        # Tiny models gain nothing from threads; on a shared CPU spinning OpenMP threads cost 30x.
+        "OMP_NUM_THREADS": "1",
+    }
+    with open(log, "w") as out:
+        proc = subprocess.Popen(
+            [sys.executable, "app.py", "--port", str(port)],
+            cwd=ROOT,
+            env=env,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+        )
+    url = f"http://127.0.0.1:{port}/"
+    try:
+        _wait_until_up(url, proc, log)
+        yield url
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+
+
+@pytest.fixture(scope="module")
+def page(app_url):
+    SHOTS.mkdir(parents=True, exist_ok=True)
+    with sync_api.sync_playwright() as p:
+        browser = p.chromium.launch(
+            executable_path=CHROMIUM,
+            args=[
+                "--no-sandbox",
+                "--disable-gpu",
+                "--disable-background-networking",
+                "--disable-component-update",
+                "--disable-sync",
+                "--no-first-run",
+            ],
+        )
+        page = browser.new_page(viewport={"width": 1400, "height": 1000})
+        page.set_default_timeout(120_000)
+        page.goto(app_url)
+        page.wait_for_selector('input[type="checkbox"][name="mid_block"]')
+        page.wait_for_function("() => document.querySelector('#wb-numbers')?.innerText.includes('params')")
+        yield page
+        browser.close()
+
+
+def _numbers(page) -> str:
+    return page.locator("#wb-numbers").inner_text()
+
+
+def _wait_numbers_show(page, text: str) -> str:
+    """Wait until the deltas table shows ``text`` (and no queue/progress line on top of it)."""
+    page.wait_for_function(
+        "(t) => { const s = document.querySelector('#wb-numbers').innerText;"
+        " return s.includes(t) && !s.includes('queue'); }",
+        arg=text,
+    )
+    return _numbers(page)
+
+
+def _start_base() -> str:
+    return "toy" if _toy_available() else "sdxl-base"
+
+
+def test_page_opens_on_the_start_model(page):
+    status = page.locator("#wb-model-status").inner_text()
+    assert f"Teacher: {_start_base()}" in status
+    if not _toy_available():
+        assert "toy teacher is missing" in status  # the notice that says why
+    page.screenshot(path=str(SHOTS / "01-start.png"), full_page=True)
+
+
+def test_toggling_a_down_layer_changes_the_params_delta(page):
+    expected = fmt.params(Store().spec(_start_base(), ["down_blocks.2.layers.1"]).student_params)
+    assert expected not in _numbers(page)
+    page.locator('input[name="down_blocks.2.layers.1"]').check()
+    _wait_numbers_show(page, expected)
+    notes = page.locator("#wb-notes").inner_text()
+    assert "removed automatically" in notes and "up_blocks.0.layers" in notes
+    page.screenshot(path=str(SHOTS / "02-toggle.png"), full_page=False)
+
+
+def test_impossible_plan_explains_itself_inline(page):
+    valid = ["down_blocks.0.layers.0", "down_blocks.2.layers.1"]
+    page.locator('input[name="down_blocks.0.layers.0"]').check()
+    before = _wait_numbers_show(page, fmt.params(Store().spec(_start_base(), valid).student_params))
+    page.locator('input[name="down_blocks.0.layers.1"]').check()
+    page.wait_for_selector("#wb-notes .wb-error")
+    assert "at least one layer per stage" in page.locator("#wb-notes").inner_text()
+    assert _numbers(page) == before  # the last valid numbers stay
+    page.screenshot(path=str(SHOTS / "03-impossible.png"), full_page=False)
+    page.locator('input[name="down_blocks.0.layers.1"]').uncheck()
+    page.locator('input[name="down_blocks.0.layers.0"]').uncheck()
+    page.wait_for_function("() => !document.querySelector('#wb-notes .wb-error')")
+
+
+def test_applying_the_ssd_1b_preset_updates_toggles_and_numbers(page):
+    page.get_by_role("tab", name="Presets").click()
+    page.get_by_label("Preset").click()
+    page.get_by_role("option", name="ssd-1b").click()
+    page.wait_for_function("() => document.querySelector('#wb-preset-preview').innerText.includes('SSD-1B')")
+    preset = list(presets.load_preset("ssd-1b").removed)
+    expected = fmt.params(Store().spec(_start_base(), preset).student_params)
+    page.get_by_role("button", name="Apply to the toggles").click()
+    _wait_numbers_show(page, expected)
+    assert "Applied preset 'ssd-1b'" in page.locator("#wb-presets-status").inner_text()
+    page.screenshot(path=str(SHOTS / "04-preset.png"), full_page=True)
+    page.get_by_role("tab", name="Blocks").click()
+    checked = page.locator('input[name="mid_block.attentions.0"]')
+    checked.wait_for()
+    assert checked.is_checked()
+    page.screenshot(path=str(SHOTS / "05-blocks-ssd-1b.png"), full_page=True)
+
+
+def test_a_malformed_upload_shows_a_precise_error_and_the_app_stays_up(page, tmp_path):
+    page.get_by_role("tab", name="Presets").click()
+    bad = tmp_path / "broken-plan.json"
+    bad.write_text('{"name": "x", "removed": []}')
+    with page.expect_file_chooser() as chooser:
+        page.locator("#wb-upload").click()
+    chooser.value.set_files(str(bad))
+    error = page.locator("#wb-presets-status .wb-error")
+    error.wait_for()
+    assert "missing keys" in error.inner_text() and "broken-plan.json" in error.inner_text()
+    page.screenshot(path=str(SHOTS / "05b-bad-upload.png"), full_page=False)
+    assert page.locator('input[name="mid_block.attentions.0"]').count() == 1  # still serving the page
+
+
+def test_compare_draws_teacher_and_student(page):
+    if not _toy_available():
+        pytest.skip(
+            "the embedded toy teacher (workbench/assets/toy-sdxl) is not there yet: nothing to sample"
+        )
+    page.get_by_role("tab", name="Compare").click()
+    page.locator("#wb-seeds textarea, #wb-seeds input").first.fill("0, 1")
+    steps = page.locator("#wb-steps input[type='number']")
+    steps.fill("2")
+    steps.press("Enter")
+    page.get_by_role("button", name="Generate teacher and student").click()
+    page.wait_for_function("() => document.querySelectorAll('#wb-student img').length >= 2", timeout=300_000)
+    assert page.locator("#wb-teacher img").count() >= 2
+    summary = page.locator("#wb-compare-summary").inner_text()
+    assert "2 seed(s), 2 steps" in summary and "per image" in summary
+    page.screenshot(path=str(SHOTS / "06-compare.png"), full_page=True)

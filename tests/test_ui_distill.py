@@ -1,0 +1,77 @@
+"""Distill tab handlers, called as plain functions on a tiny real pipeline."""
+
+import json
+import time
+import zipfile
+
+import pytest
+
+from workbench.errors import WorkbenchError
+from workbench.runs import RunDir
+from workbench.testing import tiny_pipeline
+from workbench.ui import distill_tab as dt
+from workbench.ui.settings import Limits
+from workbench.ui.store import Store
+
+FORM = {"steps": 3, "batch_size": 2, "lr": 1e-4, "w_task": 1.0, "w_out": 0.5, "w_feat": 0.5,
+        "feature_mode": "layer", "mixed_precision": "no", "stage_teacher": "original",
+        "sample_every": 0, "checkpoint_every": 2, "data": "toy"}  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def base(tmp_path_factory):
+    return str(tiny_pipeline(tmp_path_factory.mktemp("pipe")))
+
+
+def test_loss_figure_downsamples_and_lists_terms():
+    rows = [{"step": i, "loss/total": 1.0 / (i + 1), "loss/task": 0.5, "loss/feat/down_blocks.1.resnets.0": 0.1}
+            for i in range(5000)]  # fmt: skip
+    fig = dt.loss_figure(rows, per_layer=False)
+    assert [t["name"] for t in fig["data"]] == ["total", "task"]
+    assert len(fig["data"][0]["x"]) <= dt.MAX_POINTS + 1 and fig["data"][0]["x"][-1] == 4999
+    names = [t["name"] for t in dt.loss_figure(rows, per_layer=True)["data"]]
+    assert "feat/down_blocks.1.resnets.0" in names
+
+
+def test_status_of_a_dead_run_says_failed(tmp_path):
+    run = RunDir(tmp_path / "r")
+    run.root.mkdir()
+    run.job.write_text(json.dumps({"config": {"steps": 10}}))
+    run.write_status(state="running", step=3, pid=2**22 + 12345)  # no such process
+    md = dt.status_md(str(run.root))
+    assert "failed" in md and "step 3 / 10" in md and "resume" in md.lower()
+
+
+@pytest.mark.parametrize(
+    "changes, removed, message",
+    [({}, [], "current plan removes nothing"), ({"steps": 0}, ["mid_block"], "--steps must be > 0"),
+     ({"data": "/no/such/folder"}, ["mid_block"], "does not exist"),
+     ({"feature_mode": "x"}, ["mid_block"], "unknown feature mode")],
+)  # fmt: skip
+def test_bad_launches_are_explained(base, tmp_path, changes, removed, message):
+    with pytest.raises(WorkbenchError, match=message):
+        dt.launch(Store(), base, dt.CURRENT_PLAN, removed, FORM | changes, "", "", Limits(), root=tmp_path)
+    assert not any(tmp_path.iterdir())
+
+
+def test_launch_watch_and_download(base, tmp_path):
+    store = Store()
+    run_dir = dt.launch(store, base, "koala-700m", [], FORM, "", "first", Limits(), root=tmp_path)
+    with pytest.raises(WorkbenchError, match="still"):
+        dt.launch(store, base, "koala-700m", [], FORM, "", "second", Limits(), root=tmp_path)
+    deadline = time.time() + 300
+    while RunDir(run_dir).read_status().get("state") not in ("done", "failed") and time.time() < deadline:
+        time.sleep(1)
+    assert RunDir(run_dir).read_status()["state"] == "done", RunDir(run_dir).log.read_text()[-3000:]
+    rows = dt.metrics_rows(run_dir)
+    assert [r["step"] for r in rows] == [0, 1, 2]
+    assert dt.latest_sample(run_dir).endswith(".png")
+    assert dt.run_choices(tmp_path)[0][1] == run_dir
+    names = zipfile.ZipFile(dt.student_zip(run_dir)).namelist()
+    assert {"config.json", "plan.json", "layer_map.json", "README.md"} <= set(names)
+    with pytest.raises(WorkbenchError, match="has finished"):
+        dt._resume(run_dir)
+    with pytest.raises(WorkbenchError, match="max|at most"):
+        dt.launch(
+            store, base, "koala-700m", [], FORM | {"steps": 500}, "", "big", Limits.for_space(), root=tmp_path
+        )

@@ -1,0 +1,263 @@
+"""Compare tab: the same prompt and seeds through the teacher and the student of the current plan.
+
+Both use the teacher's pipeline (text encoders, VAE, scheduler); only the UNet differs, and
+``sampling.generate`` gives each image its own seeded noise, so seed *s* starts from the same
+latents in both columns.
+"""
+
+from __future__ import annotations
+
+import re
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import gradio as gr
+
+from workbench.errors import WorkbenchError
+from workbench.measure import latent_size
+from workbench.ui import format as fmt
+from workbench.ui.settings import Limits
+from workbench.ui.shared import ProgressAdapter, Shared, user_errors
+from workbench.ui.store import Store, native_resolution, no_pipeline_message
+
+MAX_SEED = 2**32 - 1
+MAX_GUIDANCE = 30.0
+_RANGE = re.compile(r"^(\d+)\s*-\s*(\d+)$")
+
+
+@dataclass(frozen=True)
+class Request:
+    """A validated comparison request."""
+
+    prompt: str
+    negative: str | None
+    seeds: tuple[int, ...]
+    steps: int
+    guidance: float
+    size: int
+
+
+def parse_seeds(text: str, max_seeds: int) -> list[int]:
+    """'0, 1, 7' or '0-3' or '5' -> seeds; errors say what is accepted."""
+    seeds: list[int] = []
+    for part in re.split(r"[,\s]+", (text or "").strip()):
+        if not part:
+            continue
+        match = _RANGE.match(part)
+        if match:
+            lo, hi = int(match[1]), int(match[2])
+            if hi < lo:
+                raise WorkbenchError(f"seed range {part!r} runs backwards; write it low-high, e.g. 0-3")
+            seeds.extend(range(lo, min(hi, lo + max_seeds) + 1))
+        elif part.isdigit():
+            seeds.append(int(part))
+        else:
+            raise WorkbenchError(f"seed {part!r} is not a whole number >= 0; write e.g. '0, 1, 2' or '0-3'")
+    if not seeds:
+        raise WorkbenchError("give at least one seed, e.g. 0 (or '0, 1, 2', or '0-3')")
+    if len(seeds) > max_seeds:
+        raise WorkbenchError(f"{len(seeds)} seeds asked; this app draws at most {max_seeds} per comparison")
+    if max(seeds) > MAX_SEED:
+        raise WorkbenchError(f"seed {max(seeds)} is too large; seeds go from 0 to {MAX_SEED}")
+    return list(dict.fromkeys(seeds))  # duplicates would only repeat an image
+
+
+def validate(
+    store: Store,
+    name: str,
+    limits: Limits,
+    prompt: str,
+    negative: str,
+    seeds: str,
+    steps: Any,
+    guidance: Any,
+    size: Any,
+) -> Request:
+    """Check every field before any model is touched."""
+    if not (prompt or "").strip():
+        raise WorkbenchError(
+            "the prompt is empty; describe the image, e.g. 'a red circle on a white background'"
+        )
+    n_steps = _number(steps, "steps", int)
+    if not 1 <= n_steps <= limits.max_steps:
+        raise WorkbenchError(f"steps must be between 1 and {limits.max_steps}, got {steps}")
+    scale = _number(guidance, "guidance", float)
+    if not 0 <= scale <= MAX_GUIDANCE:
+        raise WorkbenchError(
+            f"guidance must be between 0 and {MAX_GUIDANCE:g} (1 or less disables it), got {guidance}"
+        )
+    return Request(
+        prompt=prompt.strip(),
+        negative=(negative or "").strip() or None,
+        seeds=tuple(parse_seeds(str(seeds), limits.max_seeds)),
+        steps=n_steps,
+        guidance=scale,
+        size=check_size(store, name, size, limits),
+    )
+
+
+def _number(value: Any, what: str, kind: type) -> Any:
+    try:
+        number = kind(value)
+    except (TypeError, ValueError):
+        raise WorkbenchError(f"{what} must be a number, got {value!r}") from None
+    if kind is int and number != float(value):
+        raise WorkbenchError(f"{what} must be a whole number, got {value!r}")
+    return number
+
+
+def check_size(store: Store, name: str, size: Any, limits: Limits) -> int:
+    """The image side in px: the model's native size when empty; a valid multiple otherwise."""
+    base = store.base(name)
+    if size in (None, "", 0):
+        return native_resolution(base)
+    px = _number(size, "image size", int)
+    if px > limits.max_sample_px:
+        raise WorkbenchError(f"image size {px} px is above this app's limit of {limits.max_sample_px} px")
+    latent_size(base.unet_config, px, base.vae_scale_factor)  # raises with the valid step
+    return px
+
+
+def compare(
+    store: Store,
+    limits: Limits,
+    view: dict[str, Any],
+    plan: list[str],
+    prompt: str,
+    negative: str,
+    seeds: str,
+    steps: Any,
+    guidance: Any,
+    size: Any,
+    progress: Any = None,
+) -> tuple[list, list, str]:
+    """(teacher images, student images, summary Markdown), each image captioned with its time."""
+    from workbench.sampling import generate  # imports diffusers pipelines: only when sampling
+
+    name = view["base"]
+    request = validate(store, name, limits, prompt, negative, seeds, steps, guidance, size)
+    report = ProgressAdapter(progress) if progress is not None else (lambda *a, **k: None)
+    pipe = store.pipeline(name, ProgressAdapter(report, 0.0, 0.05))  # says so if there are no weights
+    student, spec = store.student(name, plan, ProgressAdapter(report, 0.05, 0.1))
+    kw = {
+        "steps": request.steps,
+        "guidance": request.guidance,
+        "negative_prompt": request.negative,
+        "height": request.size,
+        "width": request.size,
+    }
+    teacher_out, student_out = [], []
+    total = 2 * len(request.seeds)
+    for seed in request.seeds:  # interleaved: both columns see the same machine load
+        for unet, out, who in ((None, teacher_out, "teacher"), (student, student_out, "student")):
+            report(0.1 + 0.9 * (len(teacher_out) + len(student_out)) / total, f"{who}, seed {seed}")
+            started = time.perf_counter()
+            (image,) = generate(pipe, [request.prompt], [seed], unet=unet, **kw)
+            out.append((image, time.perf_counter() - started, seed))
+    return _gallery(teacher_out), _gallery(student_out), summary_md(request, teacher_out, student_out, spec)
+
+
+def _gallery(items: list[tuple[Any, float, int]]) -> list[tuple[Any, str]]:
+    return [(image, f"seed {seed} · {fmt.seconds(t)}") for image, t, seed in items]
+
+
+def summary_md(request: Request, teacher: list, student: list, spec: Any) -> str:
+    t = sum(x[1] for x in teacher) / len(teacher)
+    s = sum(x[1] for x in student) / len(student)
+    return (
+        f"**{len(request.seeds)} seed(s), {request.steps} steps, guidance {request.guidance:g}, "
+        f"{request.size}×{request.size} px.** Teacher {fmt.seconds(t)} per image, student "
+        f"{fmt.seconds(s)} per image ({fmt.factor(t, s, 'faster')}); wall time including text "
+        f"encoding and VAE decoding.  \nStudent: {len(spec.removed)} units removed, "
+        f"{fmt.params(spec.student_params)} of {fmt.params(spec.teacher_params)} UNet params. "
+        "It is not distilled yet: expect it to drift from the teacher until it is trained."
+    )
+
+
+def size_for(store: Store, view: dict[str, Any], current: Any, chosen_for: str | None, limits: Limits) -> int:
+    """The image size to show: the user's choice while the model stays, its native size otherwise."""
+    name = view["base"]
+    if name == chosen_for:
+        try:
+            return check_size(store, name, current, limits)
+        except WorkbenchError:
+            pass  # an invalid leftover goes back to the native size
+    return native_resolution(store.base(name))
+
+
+def availability_md(store: Store, view: dict[str, Any]) -> str:
+    """Why this tab cannot sample the loaded model, before anyone presses the button."""
+    base = store.base(view["base"])
+    if base.has_pipeline:
+        return ""
+    return fmt.notice_md(no_pipeline_message(base))
+
+
+# ------------------------------------------------------------------ layout and wiring
+
+
+def build(ctx: Shared) -> None:
+    limits = ctx.settings.limits
+    availability = gr.Markdown(elem_id="wb-compare-availability")
+    with gr.Row(equal_height=False):
+        with gr.Column(scale=2):
+            prompt = gr.Textbox(
+                label="Prompt", value="a red circle on a white background", lines=2, elem_id="wb-prompt"
+            )
+            negative = gr.Textbox(label="Negative prompt", placeholder="optional", elem_id="wb-negative")
+        with gr.Column(scale=1):
+            seeds = gr.Textbox(
+                label="Seeds",
+                value="0, 1",
+                info=f"e.g. '0, 1, 2' or '0-3'; at most {limits.max_seeds}",
+                elem_id="wb-seeds",
+            )
+            size = gr.Number(
+                label="Image size (px)", value=None, precision=0, info="the model's native size by default"
+            )
+        with gr.Column(scale=1):
+            steps = gr.Slider(
+                1,
+                limits.max_steps,
+                value=min(20, limits.max_steps),
+                step=1,
+                label="Steps",
+                elem_id="wb-steps",
+            )
+            guidance = gr.Slider(
+                0, MAX_GUIDANCE, value=5.0, step=0.5, label="Guidance", elem_id="wb-guidance"
+            )
+    go = gr.Button("Generate teacher and student", variant="primary")
+    summary = gr.Markdown(elem_id="wb-compare-summary")
+    with gr.Row():
+        teacher = gr.Gallery(
+            label="Teacher", columns=4, height="auto", object_fit="contain", elem_id="wb-teacher"
+        )
+        student = gr.Gallery(
+            label="Student (current plan)",
+            columns=4,
+            height="auto",
+            object_fit="contain",
+            elem_id="wb-student",
+        )
+    store = ctx.store
+
+    @user_errors
+    def on_generate(view, plan, p, n, s, st, g, sz, progress=gr.Progress()):
+        return compare(store, limits, view, plan, p, n, s, st, g, sz, progress)
+
+    size_base = gr.State(None)  # the model the image size was chosen for
+
+    def on_view(view, current, chosen_for):
+        return availability_md(store, view), size_for(store, view, current, chosen_for, limits), view["base"]
+
+    gr.on(
+        [ctx.demo.load, ctx.view.change],
+        on_view,
+        [ctx.view, size, size_base],
+        [availability, size, size_base],
+        api_visibility="private",
+    )
+    inputs = [ctx.view, ctx.plan, prompt, negative, seeds, steps, guidance, size]
+    go.click(on_generate, inputs, [teacher, student, summary], api_visibility="private", **ctx.model_event())

@@ -1,0 +1,296 @@
+"""Distill tab: launch a distillation run in the background, watch it, stop, resume, export.
+
+A run is an ordinary ``python -m workbench distill`` process (``workbench.jobs``); this tab
+only writes its options and then reads its run folder (status, metrics, samples), so runs
+started from a shell, or before a page reload or an app restart, show up the same way.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import gradio as gr
+
+from workbench import jobs
+from workbench.distill import FEATURE_MODES, PRECISIONS, STAGE_TEACHERS, DistillConfig, check_data, validate
+from workbench.errors import WorkbenchError
+from workbench.plan import PruningPlan
+from workbench.presets import check_name, list_presets, load_preset
+from workbench.runs import RunDir, effective_state, list_runs, read_metrics
+from workbench.ui import format as fmt
+from workbench.ui.settings import Limits
+from workbench.ui.shared import Shared, plot, user_errors
+from workbench.ui.store import Store
+
+CURRENT_PLAN = "(current plan)"
+PLAN_FILE = "input-plan.json"
+MAX_POINTS = 400  # points per curve in the loss plot; longer runs are strided
+POLL_S = 2.0
+MAIN_TERMS = ("loss/total", "loss/task", "loss/out", "loss/feat")
+
+
+def runs_root() -> Path:
+    """``runs/`` beside the project, or ``$WORKBENCH_RUNS_DIR``."""
+    env = os.environ.get("WORKBENCH_RUNS_DIR")
+    return Path(env) if env else Path(__file__).resolve().parents[2] / "runs"
+
+
+# --------------------------------------------------------------------------- launch
+
+
+def plan_for(store: Store, base: str, choice: str, removed: list[str]) -> PruningPlan:
+    """The plan a run trains: the Blocks tab's current plan, or a preset."""
+    if choice == CURRENT_PLAN:
+        if not removed:
+            raise WorkbenchError("the current plan removes nothing; toggle units in Blocks or pick a preset")
+        return PruningPlan.empty(store.catalog(base), name="current-plan").with_removed(removed)
+    return load_preset(choice)
+
+
+def launch_argv(base: str, form: dict[str, Any], stages: str) -> list[str]:
+    """CLI arguments for ``distill``; the plan file is written into the run folder."""
+    argv = ["--base", base, "--steps", str(int(form["steps"]))]
+    argv += ["--stages", stages] if stages else ["--preset", "{run}/" + PLAN_FILE]
+    for key in ("data", "batch_size", "lr", "w_task", "w_out", "w_feat", "feature_mode",
+                "mixed_precision", "stage_teacher", "sample_every", "checkpoint_every"):  # fmt: skip
+        argv += [f"--{key.replace('_', '-')}", str(form[key])]
+    return argv
+
+
+def check_launch(
+    store: Store, base: str, plan: PruningPlan, form: dict[str, Any], stages: str, limits: Limits
+) -> None:
+    """Everything the run itself would reject, said here before any process starts."""
+    from workbench.distill import check_plans
+
+    names = [s.strip() for s in stages.split(",") if s.strip()] if stages else []
+    plans = [load_preset(n).to_dict() for n in names] or [plan.to_dict()]
+    fields = {k: form[k] for k in ("data", "batch_size", "lr", "w_task", "w_out", "w_feat", "feature_mode",
+                                   "mixed_precision", "stage_teacher", "sample_every", "checkpoint_every")}  # fmt: skip
+    config = DistillConfig(stages=tuple(plans), steps=int(form["steps"]), base=base, **fields)
+    validate(config)
+    check_data(config)
+    specs = check_plans(config, store.base(base).unet_config)
+    if limits.max_distill_steps and config.steps * len(specs) > limits.max_distill_steps:
+        raise WorkbenchError(
+            f"this app runs at most {limits.max_distill_steps} distillation steps; ask for fewer"
+        )
+    if limits.max_distill_params and specs[0].teacher_params > limits.max_distill_params:
+        raise WorkbenchError(
+            f"this app distils teachers up to {fmt.params(limits.max_distill_params)} parameters; run it locally"
+        )
+    if not store.base(base).has_pipeline:
+        raise WorkbenchError(
+            f"base {base!r} has no pipeline (text encoders, VAE): distillation needs its weights"
+        )
+
+
+def launch(store: Store, base: str, choice: str, removed: list[str], form: dict[str, Any],
+           stages: str, name: str, limits: Limits, root: Path | None = None) -> str:  # fmt: skip
+    """Validate, then start the run; returns its folder."""
+    stages = (stages or "").strip()
+    plan = None if stages else plan_for(store, base, choice, removed)
+    check_launch(store, base, plan, form, stages, limits)
+    name = check_name(
+        (name or "").strip() or f"{time.strftime('%Y%m%d-%H%M%S')}-{plan.name if plan else 'stages'}", "run"
+    )
+    files = {PLAN_FILE: plan.to_json()} if plan else {}
+    run = jobs.start_run(root or runs_root(), name, launch_argv(base, form, stages), files=files)
+    return str(run.root)
+
+
+# --------------------------------------------------------------------------- watch
+
+_METRICS: dict[str, tuple[int, list[dict[str, Any]]]] = {}  # run folder -> (offset, rows)
+_METRICS_LOCK = threading.Lock()
+
+
+def metrics_rows(run_dir: str) -> list[dict[str, Any]]:
+    """All metric rows of a run, read incrementally (each poll reads only new lines)."""
+    path = RunDir(Path(run_dir)).metrics
+    with _METRICS_LOCK:
+        offset, rows = _METRICS.get(run_dir, (0, []))
+        if path.exists() and path.stat().st_size < offset:  # rewritten on resume: start over
+            offset, rows = 0, []
+        new, offset = read_metrics(path, offset)
+        rows = rows + new
+        _METRICS[run_dir] = (offset, rows)
+        return rows
+
+
+def _stride(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    step = max(1, -(-len(rows) // MAX_POINTS))  # ceil: at most MAX_POINTS + 1 points
+    return rows[::step] + ([rows[-1]] if rows and (len(rows) - 1) % step else [])
+
+
+def loss_figure(rows: list[dict[str, Any]], per_layer: bool) -> dict[str, Any]:
+    """Plotly figure: one line per loss term (per feature pair too if asked), log y."""
+    shown = _stride(rows)
+    keys = [k for k in MAIN_TERMS if any(k in r for r in rows)]
+    if per_layer:
+        keys += sorted({k for r in rows[-1:] for k in r if k.startswith("loss/feat/")})
+    traces = [
+        {"type": "scatter", "mode": "lines", "name": k.removeprefix("loss/"),
+         "x": [r["step"] for r in shown if k in r], "y": [r[k] for r in shown if k in r],
+         "line": {"width": 2 if k in MAIN_TERMS else 1}}
+        for k in keys
+    ]  # fmt: skip
+    return {
+        "data": traces,
+        "layout": {
+            "height": 360, "margin": {"l": 50, "r": 10, "t": 30, "b": 40},
+            "xaxis": {"title": {"text": "step"}}, "yaxis": {"title": {"text": "loss"}, "type": "log"},
+            "legend": {"orientation": "h", "y": -0.2}, "title": {"text": "training losses", "x": 0.01},
+        },
+    }  # fmt: skip
+
+
+def status_md(run_dir: str | None) -> str:
+    if not run_dir:
+        return "<span class='wb-muted'>No run selected. Launch one, or pick a past run.</span>"
+    run = RunDir(Path(run_dir))
+    status = run.read_status()
+    state = effective_state(status)
+    total = status.get("total_steps") or run.read_job().get("config", {}).get("steps", "?")
+    line = f"<b>{fmt.escape(run.root.name)}</b>: {state}, step {status.get('step', 0)} / {total}"
+    if status.get("stage"):
+        line += f", stage {status['stage']}"
+    if state == "failed":
+        error = status.get("error") or _log_tail(run) or "the process ended without reporting (killed?)"
+        hint = "Resume continues from the last checkpoint."
+        return f"<div class='wb-error'>{line}<br>{fmt.escape(error)}<br>{hint}</div>"
+    css = "wb-ok" if state == "done" else "wb-notice"
+    return f"<div class='{css}'>{line}</div>"
+
+
+def _log_tail(run: RunDir) -> str:
+    """The last line the process printed, for runs that died before writing an error."""
+    try:
+        lines = [line for line in run.log.read_text(encoding="utf-8").splitlines() if line.strip()]
+    except FileNotFoundError:
+        return ""
+    return f"last output: {lines[-1]}" if lines else ""
+
+
+def latest_sample(run_dir: str | None) -> str | None:
+    if not run_dir:
+        return None
+    samples = sorted(RunDir(Path(run_dir)).samples.glob("step_*.png"))
+    return str(samples[-1]) if samples else None
+
+
+def run_choices(root: Path | None = None) -> list[tuple[str, str]]:
+    return [
+        (f"{r['name']} ({r['state']}, step {r['step']})", r["run_dir"])
+        for r in list_runs(root or runs_root())
+    ]
+
+
+def student_zip(run_dir: str | None) -> str:
+    """The run's trained student (diffusers folder + plan + layer map + model card) as a zip."""
+    if not run_dir:
+        raise WorkbenchError("select a run first")
+    student = RunDir(Path(run_dir)).student
+    if not (student / "config.json").exists():
+        raise WorkbenchError("this run has no exported student yet; it appears when the run is done")
+    out = Path(run_dir) / "export" / f"{Path(run_dir).name}-student"
+    out.parent.mkdir(exist_ok=True)
+    return shutil.make_archive(str(out), "zip", root_dir=student)
+
+
+# --------------------------------------------------------------------------- layout
+
+
+def build(ctx: Shared) -> None:
+    limits = ctx.settings.limits
+    with gr.Row():
+        with gr.Column(scale=2):
+            gr.Markdown(
+                "### New run\nTrains the student of a plan against the loaded teacher (its own process)."
+            )
+            plan_choice = gr.Dropdown([CURRENT_PLAN, *list_presets()], value=CURRENT_PLAN, label="plan")
+            stages = gr.Textbox(
+                label="progressive stages (optional)", placeholder="e.g. ssd-1b, segmind-vega"
+            )
+            data = gr.Textbox("toy", label="data: toy, an image folder, or a .txt prompt file")
+            with gr.Row():
+                steps = gr.Number(min(200, limits.max_distill_steps or 200), label="steps", precision=0)
+                batch = gr.Number(8, label="batch", precision=0)
+                lr = gr.Number(1e-4, label="learning rate")
+            with gr.Row():
+                w_task = gr.Number(1.0, label="λ task")
+                w_out = gr.Number(0.5, label="λ output KD")
+                w_feat = gr.Number(0.5, label="λ feature KD")
+            with gr.Row():
+                feature_mode = gr.Dropdown(list(FEATURE_MODES), value="layer", label="feature loss")
+                precision = gr.Dropdown(list(PRECISIONS), value="no", label="mixed precision")
+                stage_teacher = gr.Dropdown(list(STAGE_TEACHERS), value="original", label="stage teacher")
+            with gr.Row():
+                sample_every = gr.Number(50, label="samples every", precision=0)
+                checkpoint_every = gr.Number(50, label="checkpoint every", precision=0)
+                name = gr.Textbox(label="run name (optional)")
+            start = gr.Button("Launch run", variant="primary")
+            launch_msg = gr.Markdown()
+        with gr.Column(scale=3):
+            with gr.Row():
+                picker = gr.Dropdown(run_choices(), label="run", scale=4, allow_custom_value=False)
+                refresh = gr.Button("↻", scale=0, min_width=40)
+            status = gr.Markdown(status_md(None), elem_id="wb-run-status")
+            per_layer = gr.Checkbox(False, label="show per-layer feature terms")
+            losses = gr.Plot(label="losses", elem_id="wb-loss-plot")
+            sample = gr.Image(label="latest samples: teacher (top) vs student (bottom)", type="filepath")
+            with gr.Row():
+                stop = gr.Button("Stop")
+                resume = gr.Button("Resume")
+                download = gr.Button("Download student (zip)")
+            student_file = gr.File(label="student", visible=True)
+    form_inputs = [steps, batch, lr, w_task, w_out, w_feat, feature_mode, precision, stage_teacher,
+                   sample_every, checkpoint_every]  # fmt: skip
+    keys = ["steps", "batch_size", "lr", "w_task", "w_out", "w_feat", "feature_mode", "mixed_precision",
+            "stage_teacher", "sample_every", "checkpoint_every"]  # fmt: skip
+
+    def on_launch(view, removed, choice, stage_text, data_text, run_name, *values):
+        form = dict(zip(keys, values)) | {"data": (data_text or "").strip() or "toy"}
+        try:
+            run_dir = launch(ctx.store, view["base"], choice, removed, form, stage_text, run_name, limits)
+        except WorkbenchError as err:
+            return f"<div class='wb-error'>{fmt.escape(str(err))}</div>", gr.skip()
+        return (f"<div class='wb-ok'>started {Path(run_dir).name}</div>",
+                gr.update(choices=run_choices(), value=run_dir))  # fmt: skip
+
+    start.click(on_launch, [ctx.view, ctx.plan, plan_choice, stages, data, name, *form_inputs],
+                [launch_msg, picker], api_visibility="private")  # fmt: skip
+
+    def on_tick(run_dir, layers):
+        if not run_dir:
+            return status_md(None), gr.skip(), gr.skip()
+        return status_md(run_dir), plot(loss_figure(metrics_rows(run_dir), layers)), latest_sample(run_dir)
+
+    outputs = [status, losses, sample]
+    timer = gr.Timer(POLL_S)
+    timer.tick(on_tick, [picker, per_layer], outputs, api_visibility="private", show_progress="hidden")
+    picker.change(on_tick, [picker, per_layer], outputs, api_visibility="private")
+    per_layer.change(on_tick, [picker, per_layer], outputs, api_visibility="private")
+    refresh.click(lambda: gr.update(choices=run_choices()), None, picker, api_visibility="private")
+    stop.click(user_errors(_stop), picker, launch_msg, api_visibility="private")
+    resume.click(user_errors(_resume), picker, launch_msg, api_visibility="private")
+    download.click(user_errors(student_zip), picker, student_file, api_visibility="private")
+
+
+def _stop(run_dir: str | None) -> str:
+    if not run_dir:
+        raise WorkbenchError("select a run first")
+    jobs.stop_run(run_dir)
+    return "<div class='wb-notice'>stop requested: the run checkpoints and stops after its current step</div>"
+
+
+def _resume(run_dir: str | None) -> str:
+    if not run_dir:
+        raise WorkbenchError("select a run first")
+    jobs.resume_run(run_dir)
+    return "<div class='wb-ok'>resumed</div>"

@@ -1,0 +1,194 @@
+"""What a session's plan means: the deltas panel shared by every handler that changes the plan.
+
+A session's *view* is plain data: ``{"base", "resolution", "removed", "rev"}``. Handlers
+that replace the plan from outside the toggles (load a model, apply a preset, change the
+resolution) return a new view with ``rev`` bumped, which redraws the toggles; the toggles
+themselves only write the ``plan`` state (a list of removed unit ids), so a click never
+rebuilds the page.
+"""
+
+from __future__ import annotations
+
+import importlib
+from collections.abc import Callable
+from dataclasses import dataclass
+from types import ModuleType
+from typing import Any
+
+from workbench.errors import WorkbenchError
+from workbench.measure import latent_size
+from workbench.surgery import StudentSpec
+from workbench.ui import format as fmt
+from workbench.ui import plots
+from workbench.ui.store import Store, native_resolution
+
+LATENCY_MISSING = "latency: profile not available yet — press Profile"
+
+
+def new_view(
+    base: str, resolution: int, removed: list[str] | tuple[str, ...] = (), rev: int = 0
+) -> dict[str, Any]:
+    return {"base": base, "resolution": int(resolution), "removed": list(removed), "rev": int(rev)}
+
+
+def next_view(view: dict[str, Any], **changes: Any) -> dict[str, Any]:
+    """The view with ``changes`` applied and ``rev`` bumped (so the toggles redraw even if equal)."""
+    return {**view, **changes, "rev": int(view.get("rev", 0)) + 1}
+
+
+def resolution_choices(store: Store, name: str) -> list[int]:
+    """Useful image sides for FLOPs and latency: half, native and double, plus common SD sizes."""
+    base = store.base(name)
+    native = native_resolution(base)
+    candidates = {native // 2, native, native * 2, 512, 768, 1024}
+    valid = []
+    for px in sorted(candidates):
+        try:
+            latent_size(base.unet_config, px, base.vae_scale_factor)
+            valid.append(px)
+        except WorkbenchError:
+            continue
+    return valid
+
+
+def latency_module() -> ModuleType | None:
+    """``workbench.latency`` if it is installed; None while it does not exist."""
+    try:
+        return importlib.import_module("workbench.latency")
+    except ModuleNotFoundError as err:
+        if err.name in ("workbench.latency", "workbench"):
+            return None
+        raise
+
+
+@dataclass(frozen=True)
+class Panel:
+    """Everything the deltas panel shows for one plan; ``error`` set when the plan is impossible."""
+
+    numbers_md: str = ""
+    notes_md: str = ""
+    arch: dict[str, Any] | None = None
+    bars: dict[str, Any] | None = None
+    error: str | None = None
+
+
+def panel(store: Store, view: dict[str, Any], removed: list[str], device: str, dtype: str) -> Panel:
+    """Compile the plan and price it from cached per-model data (no weights, no FLOP counting)."""
+    name, resolution = view["base"], int(view["resolution"])
+    try:
+        spec = store.spec(name, removed)
+    except WorkbenchError as err:
+        return Panel(notes_md=_invalid_md(str(err)), error=str(err))
+    catalog, pricing = store.catalog(name), store.pricing(name, resolution)
+    rows = [
+        Row("UNet params", spec.teacher_params, spec.student_params, fmt.params, "fewer"),
+        Row(
+            f"FLOPs at {resolution} px",
+            pricing.teacher_flops,
+            pricing.student_flops(spec.removed_atoms),
+            fmt.flops,
+            "fewer",
+        ),
+    ]
+    latency = estimate_latency(store, view, spec, device, dtype)
+    if isinstance(latency, dict):
+        metric = f"latency, estimated ({device}, {dtype})"
+        rows.append(Row(metric, latency["teacher_s"], latency["estimated_student_s"], fmt.seconds, "faster"))
+    arch = arch_map(store, name, resolution)
+    return Panel(
+        numbers_md=_numbers_md(rows, latency if isinstance(latency, str) else None),
+        notes_md=_notes_md(spec),
+        arch=plots.arch_figure(arch, spec.removed_atoms, plots.auto_atoms(catalog, spec.auto_removed)),
+        bars=plots.deltas_figure([r.bar() for r in rows]),
+    )
+
+
+@dataclass(frozen=True)
+class Row:
+    """One teacher-vs-student metric, with how to print it."""
+
+    metric: str
+    teacher: float
+    student: float
+    show: Callable[[float], str]
+    word: str  # "fewer" / "faster"
+
+    def cells(self) -> list[str]:
+        return [
+            self.metric,
+            self.show(self.teacher),
+            self.show(self.student),
+            fmt.factor(self.teacher, self.student, self.word),
+        ]
+
+    def bar(self) -> tuple[str, float, float, str, str]:
+        student = f"{self.show(self.student)} ({fmt.percent(self.student, self.teacher)})"
+        return (self.metric.split(" (")[0], self.teacher, self.student, self.show(self.teacher), student)
+
+
+def arch_map(store: Store, name: str, resolution: int) -> plots.ArchMap:
+    """The architecture map's layout for a model, computed once per (model, resolution)."""
+
+    def compute() -> plots.ArchMap:
+        pricing = store.pricing(name, resolution)
+        return plots.arch_map(store.catalog(name), pricing.atom_flops, pricing.latent)
+
+    return store.memo(("arch", name, int(resolution)), compute)
+
+
+def estimate_latency(
+    store: Store, view: dict[str, Any], spec: StudentSpec, device: str, dtype: str
+) -> dict[str, float] | str:
+    """The latency estimate from this process's profile, or a line saying why there is none."""
+    module = latency_module()
+    if module is None:
+        return LATENCY_MISSING
+    try:
+        profile = cached_profile(store, module, view, device, dtype)
+        return LATENCY_MISSING if profile is None else module.estimate_plan(profile, spec)
+    except WorkbenchError as err:
+        return f"latency: {err}"
+
+
+def cached_profile(store: Store, latency: ModuleType, view: dict[str, Any], device: str, dtype: str) -> Any:
+    """This process's profile, or one profiled earlier and cached on disk; never profiles."""
+    name, px = view["base"], int(view["resolution"])
+    profile = store.profile(name, px, device, dtype)
+    if profile is not None:
+        return profile
+    try:
+        setup = latency.latency_setup(name, device, dtype, px)
+    except WorkbenchError:
+        return None  # e.g. cuda on a CPU machine: the Profile button says why
+    if not latency.profile_path(
+        setup.base, setup.device, setup.dtype, setup.resolution, setup.batch
+    ).exists():
+        return None
+    profile = latency.get_profile(name, device=device, dtype=dtype, resolution=px)  # a cache hit
+    store.set_profile(name, px, device, dtype, profile)
+    return profile
+
+
+def _numbers_md(rows: list[Row], latency_note: str | None) -> str:
+    table = fmt.table(["", "teacher", "student", "change"], [r.cells() for r in rows])
+    footer = f"\n\n<span class='wb-muted'>{fmt.escape(latency_note)}</span>" if latency_note else ""
+    return f"{table}{footer}"
+
+
+def _notes_md(spec: StudentSpec) -> str:
+    chosen = len(spec.plan.removed)
+    if not chosen:
+        return "Nothing removed yet: the student equals the teacher. Tick units on the left to remove them."
+    auto = len(spec.auto_removed)
+    head = f"**{chosen} unit{'s' * (chosen != 1)} removed by you**"
+    if not auto:
+        return head + ", nothing else had to change."
+    notes = fmt.bullets(fmt.escape(n) for n in spec.notes)
+    return f"{head}, **{auto} more removed automatically** (light red in the map):\n\n{notes}"
+
+
+def _invalid_md(message: str) -> str:
+    return (
+        fmt.error_md(message, "This plan can't be built")
+        + "\n\nThe numbers and the map still show the last valid plan."
+    )
