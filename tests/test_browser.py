@@ -74,6 +74,7 @@ def app_url(tmp_path_factory):
         "WORKBENCH_CACHE_DIR": str(tmp_path_factory.mktemp("latency-cache")),
         # Tiny models gain nothing from threads; on a shared CPU spinning OpenMP threads cost 30x.
         "OMP_NUM_THREADS": "1",
+        "WORKBENCH_RUNS_DIR": str(tmp_path_factory.mktemp("runs")),
     }
     with open(log, "w") as out:
         proc = subprocess.Popen(
@@ -217,3 +218,49 @@ def test_compare_draws_teacher_and_student(page):
     summary = page.locator("#wb-compare-summary").inner_text()
     assert "2 seed(s), 2 steps" in summary and "per image" in summary
     page.screenshot(path=str(SHOTS / "06-compare.png"), full_page=True)
+
+
+def _loss_points(page) -> int:
+    return page.evaluate(
+        "() => { const g = document.querySelector('#wb-loss-plot .js-plotly-plot');"
+        " return g && g.data && g.data.length ? g.data[0].x.length : 0; }"
+    )
+
+
+def test_distill_launch_watch_and_stop(page):
+    if not _toy_available():
+        pytest.skip("the embedded toy teacher is not there yet: nothing to distil")
+    page.get_by_role("tab", name="Distill").click()
+    page.locator("#wb-distill-plan input").click()
+    page.get_by_role("option", name="koala-700m").click()
+    for elem, value in (
+        ("wb-distill-steps", "400"),
+        ("wb-distill-toy-samples", "32"),
+        ("wb-distill-batch", "2"),
+    ):
+        box = page.locator(f"#{elem} input[type='number']")
+        box.fill(value)
+        box.press("Tab")
+    page.locator("#wb-distill-name textarea, #wb-distill-name input").first.fill("browser-run")
+    page.locator("#wb-distill-launch").click()
+    page.wait_for_function("() => document.querySelector('#wb-distill-message').innerText.trim().length > 0")
+    assert "started browser-run" in page.locator("#wb-distill-message").inner_text()
+    # the loss plot gains points as the run trains (polled every 2 s)
+    page.wait_for_function(
+        "() => { const g = document.querySelector('#wb-loss-plot .js-plotly-plot');"
+        " return g && g.data && g.data.length && g.data[0].x.length >= 3; }",
+        timeout=300_000,
+    )
+    first = _loss_points(page)
+    page.wait_for_function(
+        "(n) => { const g = document.querySelector('#wb-loss-plot .js-plotly-plot'); return g.data[0].x.length > n; }",
+        arg=first,
+        timeout=120_000,
+    )
+    page.screenshot(path=str(SHOTS / "07-distill.png"), full_page=True)
+    page.locator("#wb-distill-stop").click()
+    page.wait_for_function(
+        "() => document.querySelector('#wb-run-status').innerText.includes('stopped')", timeout=120_000
+    )
+    assert "browser-run" in page.locator("#wb-run-status").inner_text()
+    page.screenshot(path=str(SHOTS / "08-distill-stopped.png"), full_page=True)

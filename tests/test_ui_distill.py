@@ -13,7 +13,7 @@ from workbench.ui import distill_tab as dt
 from workbench.ui.settings import Limits
 from workbench.ui.store import Store
 
-FORM = {"steps": 3, "batch_size": 2, "lr": 1e-4, "w_task": 1.0, "w_out": 0.5, "w_feat": 0.5,
+FORM = {"steps": 3, "toy_samples": 16, "batch_size": 2, "lr": 1e-4, "w_task": 1.0, "w_out": 0.5, "w_feat": 0.5,
         "feature_mode": "layer", "mixed_precision": "no", "stage_teacher": "original",
         "sample_every": 0, "checkpoint_every": 2, "data": "toy"}  # fmt: skip
 

@@ -32,6 +32,9 @@ PLAN_FILE = "input-plan.json"
 MAX_POINTS = 400  # points per curve in the loss plot; longer runs are strided
 POLL_S = 2.0
 MAIN_TERMS = ("loss/total", "loss/task", "loss/out", "loss/feat")
+# Run options the form sets (DistillConfig fields and CLI flags of the same names).
+FORM_KEYS = ("data", "toy_samples", "batch_size", "lr", "w_task", "w_out", "w_feat", "feature_mode",
+             "mixed_precision", "stage_teacher", "sample_every", "checkpoint_every")  # fmt: skip
 
 
 def runs_root() -> Path:
@@ -56,8 +59,7 @@ def launch_argv(base: str, form: dict[str, Any], stages: str) -> list[str]:
     """CLI arguments for ``distill``; the plan file is written into the run folder."""
     argv = ["--base", base, "--steps", str(int(form["steps"]))]
     argv += ["--stages", stages] if stages else ["--preset", "{run}/" + PLAN_FILE]
-    for key in ("data", "batch_size", "lr", "w_task", "w_out", "w_feat", "feature_mode",
-                "mixed_precision", "stage_teacher", "sample_every", "checkpoint_every"):  # fmt: skip
+    for key in FORM_KEYS:
         argv += [f"--{key.replace('_', '-')}", str(form[key])]
     return argv
 
@@ -70,8 +72,7 @@ def check_launch(
 
     names = [s.strip() for s in stages.split(",") if s.strip()] if stages else []
     plans = [load_preset(n).to_dict() for n in names] or [plan.to_dict()]
-    fields = {k: form[k] for k in ("data", "batch_size", "lr", "w_task", "w_out", "w_feat", "feature_mode",
-                                   "mixed_precision", "stage_teacher", "sample_every", "checkpoint_every")}  # fmt: skip
+    fields = {k: form[k] for k in FORM_KEYS}
     config = DistillConfig(stages=tuple(plans), steps=int(form["steps"]), base=base, **fields)
     validate(config)
     check_data(config)
@@ -213,14 +214,21 @@ def build(ctx: Shared) -> None:
             gr.Markdown(
                 "### New run\nTrains the student of a plan against the loaded teacher (its own process)."
             )
-            plan_choice = gr.Dropdown([CURRENT_PLAN, *list_presets()], value=CURRENT_PLAN, label="plan")
+            plan_choice = gr.Dropdown(
+                [CURRENT_PLAN, *list_presets()], value=CURRENT_PLAN, label="plan", elem_id="wb-distill-plan"
+            )
             stages = gr.Textbox(
                 label="progressive stages (optional)", placeholder="e.g. ssd-1b, segmind-vega"
             )
-            data = gr.Textbox("toy", label="data: toy, an image folder, or a .txt prompt file")
             with gr.Row():
-                steps = gr.Number(min(200, limits.max_distill_steps or 200), label="steps", precision=0)
-                batch = gr.Number(8, label="batch", precision=0)
+                data = gr.Textbox("toy", label="data: toy, an image folder, or a .txt prompt file", scale=3)
+                toy_samples = gr.Number(
+                    512, label="toy images", precision=0, elem_id="wb-distill-toy-samples"
+                )
+            with gr.Row():
+                steps = gr.Number(min(200, limits.max_distill_steps or 200), label="steps", precision=0,
+                                  elem_id="wb-distill-steps")  # fmt: skip
+                batch = gr.Number(8, label="batch", precision=0, elem_id="wb-distill-batch")
                 lr = gr.Number(1e-4, label="learning rate")
             with gr.Row():
                 w_task = gr.Number(1.0, label="λ task")
@@ -233,9 +241,9 @@ def build(ctx: Shared) -> None:
             with gr.Row():
                 sample_every = gr.Number(50, label="samples every", precision=0)
                 checkpoint_every = gr.Number(50, label="checkpoint every", precision=0)
-                name = gr.Textbox(label="run name (optional)")
-            start = gr.Button("Launch run", variant="primary")
-            launch_msg = gr.Markdown()
+                name = gr.Textbox(label="run name (optional)", elem_id="wb-distill-name")
+            start = gr.Button("Launch run", variant="primary", elem_id="wb-distill-launch")
+            launch_msg = gr.Markdown(elem_id="wb-distill-message")
         with gr.Column(scale=3):
             with gr.Row():
                 picker = gr.Dropdown(run_choices(), label="run", scale=4, allow_custom_value=False)
@@ -245,14 +253,14 @@ def build(ctx: Shared) -> None:
             losses = gr.Plot(label="losses", elem_id="wb-loss-plot")
             sample = gr.Image(label="latest samples: teacher (top) vs student (bottom)", type="filepath")
             with gr.Row():
-                stop = gr.Button("Stop")
+                stop = gr.Button("Stop", elem_id="wb-distill-stop")
                 resume = gr.Button("Resume")
                 download = gr.Button("Download student (zip)")
             student_file = gr.File(label="student", visible=True)
-    form_inputs = [steps, batch, lr, w_task, w_out, w_feat, feature_mode, precision, stage_teacher,
-                   sample_every, checkpoint_every]  # fmt: skip
-    keys = ["steps", "batch_size", "lr", "w_task", "w_out", "w_feat", "feature_mode", "mixed_precision",
-            "stage_teacher", "sample_every", "checkpoint_every"]  # fmt: skip
+    form_inputs = [steps, toy_samples, batch, lr, w_task, w_out, w_feat, feature_mode, precision,
+                   stage_teacher, sample_every, checkpoint_every]  # fmt: skip
+    keys = ["steps", "toy_samples", "batch_size", "lr", "w_task", "w_out", "w_feat", "feature_mode",
+            "mixed_precision", "stage_teacher", "sample_every", "checkpoint_every"]  # fmt: skip
 
     def on_launch(view, removed, choice, stage_text, data_text, run_name, *values):
         form = dict(zip(keys, values)) | {"data": (data_text or "").strip() or "toy"}
@@ -277,6 +285,8 @@ def build(ctx: Shared) -> None:
     picker.change(on_tick, [picker, per_layer], outputs, api_visibility="private")
     per_layer.change(on_tick, [picker, per_layer], outputs, api_visibility="private")
     refresh.click(lambda: gr.update(choices=run_choices()), None, picker, api_visibility="private")
+    # Runs started from a shell or before a reload/restart appear when the page opens.
+    ctx.demo.load(lambda: gr.update(choices=run_choices()), None, picker, api_visibility="private")
     stop.click(user_errors(_stop), picker, launch_msg, api_visibility="private")
     resume.click(user_errors(_resume), picker, launch_msg, api_visibility="private")
     download.click(user_errors(student_zip), picker, student_file, api_visibility="private")
