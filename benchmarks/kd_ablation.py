@@ -54,7 +54,7 @@ def main() -> None:
     p.add_argument("--samples", type=int, default=2048, help="cached toy training images")
     p.add_argument("--prompts", type=int, default=20)
     p.add_argument("--seeds", type=int, default=3)
-    p.add_argument("--variants", default="task,output,block,layer")
+    p.add_argument("--variants", default="layer,task,output,block")
     p.add_argument("--out", default="runs/kd_ablation")
     args = p.parse_args()
     torch.set_flush_denormal(True)

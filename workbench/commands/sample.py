@@ -1,0 +1,64 @@
+"""``sample``: draw one image from a base (optionally with a student UNet swapped in)."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+import torch
+
+from workbench.commands._common import add_base
+from workbench.errors import WorkbenchError
+from workbench.models import load_pipeline
+
+_IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp")
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("sample", help="generate one image from a prompt and a seed")
+    add_base(p)
+    p.add_argument("--prompt", required=True, help='e.g. "a large red circle on a white background, center"')
+    p.add_argument("--negative-prompt", default=None, help="what to steer away from (optional)")
+    p.add_argument("--seed", type=int, default=0, help="noise seed (default 0)")
+    p.add_argument("--steps", type=int, default=20, help="denoising steps (default 20)")
+    p.add_argument("--guidance", type=float, default=5.0, help="classifier-free guidance scale (default 5)")
+    p.add_argument("--unet", default=None, help="student UNet folder to sample with instead of the base's")
+    p.add_argument("--out", required=True, help="image file to write (.png, .jpg or .webp)")
+    p.set_defaults(func=run)
+
+
+def validate(args: argparse.Namespace) -> None:
+    """Reject bad options before any model is loaded."""
+    if not args.prompt or not args.prompt.strip():
+        raise WorkbenchError(
+            "--prompt is empty; describe the image, e.g. 'a red circle on a white background'"
+        )
+    if args.steps <= 0:
+        raise WorkbenchError(f"--steps must be a positive number of denoising steps, got {args.steps}")
+    if args.guidance < 0:
+        raise WorkbenchError(f"--guidance must be >= 0 (1 or less disables guidance), got {args.guidance}")
+    if Path(args.out).suffix.lower() not in _IMAGE_SUFFIXES:
+        raise WorkbenchError(f"--out {args.out!r} needs an image suffix: {', '.join(_IMAGE_SUFFIXES)}")
+
+
+def run(args: argparse.Namespace) -> int:
+    validate(args)
+    from workbench.sampling import generate, load_student_unet  # heavy: only when sampling
+
+    torch.set_flush_denormal(True)  # tiny models hit denormals, which are slow on CPU
+    pipe = load_pipeline(args.base)
+    unet = load_student_unet(args.unet, pipe.unet) if args.unet else None
+    (image,) = generate(
+        pipe,
+        [args.prompt],
+        [args.seed],
+        steps=args.steps,
+        guidance=args.guidance,
+        negative_prompt=args.negative_prompt,
+        unet=unet,
+    )
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    image.save(out)
+    print(f"saved {image.width}x{image.height} image to {out}")
+    return 0

@@ -1,0 +1,102 @@
+"""Generate images with identical noise for teacher and student.
+
+Each image gets its own freshly seeded generator, so image *i* depends only on its
+prompt and seed, never on batch composition or on what ran before. That is what
+makes same-seed teacher/student comparisons (PSNR, SSIM) meaningful.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+from diffusers import StableDiffusionXLPipeline, UNet2DConditionModel
+from PIL import Image
+
+from workbench.errors import WorkbenchError
+
+# What a swapped-in UNet must share with the pipeline's own for sampling to work.
+_INTERFACE_KEYS = (
+    "in_channels",
+    "out_channels",
+    "cross_attention_dim",
+    "addition_embed_type",
+    "projection_class_embeddings_input_dim",
+)
+
+
+def _initial_latents(
+    pipe: StableDiffusionXLPipeline, seeds: Sequence[int], height: int, width: int
+) -> torch.Tensor:
+    """Starting noise, one seeded generator per image, drawn in the pipeline's layout."""
+    scale = pipe.vae_scale_factor
+    shape = (1, pipe.unet.config.in_channels, height // scale, width // scale)
+    return torch.cat([torch.randn(shape, generator=torch.Generator().manual_seed(int(s))) for s in seeds])
+
+
+def generate(
+    pipe: StableDiffusionXLPipeline,
+    prompts: Sequence[str],
+    seeds: Sequence[int],
+    *,
+    steps: int,
+    guidance: float,
+    negative_prompt: str | None = None,
+    unet: UNet2DConditionModel | None = None,
+    height: int | None = None,
+    width: int | None = None,
+    batch_size: int = 16,
+) -> list[Image.Image]:
+    """One image per (prompt, seed); with ``unet``, that UNet runs in place of the
+    pipeline's own (which is put back afterwards, even on error)."""
+    if len(prompts) != len(seeds):
+        raise ValueError(f"{len(prompts)} prompts but {len(seeds)} seeds; give one seed per prompt")
+    default = pipe.unet.config.sample_size * pipe.vae_scale_factor
+    height, width = height or default, width or default
+    original = pipe.unet
+    if unet is not None:
+        pipe.unet = unet.to(device=original.device, dtype=original.dtype)
+    try:
+        images: list[Image.Image] = []
+        for start in range(0, len(prompts), batch_size):
+            chunk = list(prompts[start : start + batch_size])
+            latents = _initial_latents(pipe, seeds[start : start + batch_size], height, width)
+            images += pipe(
+                prompt=chunk,
+                negative_prompt=[negative_prompt] * len(chunk) if negative_prompt else None,
+                num_inference_steps=steps,
+                guidance_scale=guidance,
+                height=height,
+                width=width,
+                # The pipeline multiplies by the scheduler's initial sigma itself.
+                latents=latents.to(device=original.device, dtype=original.dtype),
+                output_type="pil",
+            ).images
+        return images
+    finally:
+        pipe.unet = original
+
+
+def load_student_unet(folder: str | Path, like: UNet2DConditionModel) -> UNet2DConditionModel:
+    """A student UNet folder (diffusers ``save_pretrained``) that can stand in for ``like``.
+
+    Checks the interface the pipeline relies on (latent channels, text width, added
+    conditioning), so a student of another base fails with a clear message instead
+    of a shape error deep inside the denoising loop.
+    """
+    path = Path(folder).expanduser()
+    if not (path / "config.json").is_file():
+        raise WorkbenchError(
+            f"--unet {str(path)!r} is not a UNet folder (no config.json); give a folder written "
+            "by `python -m workbench export` or diffusers' save_pretrained"
+        )
+    config = UNet2DConditionModel.load_config(path)
+    for key in _INTERFACE_KEYS:
+        if config.get(key) != like.config.get(key):
+            raise WorkbenchError(
+                f"--unet {str(path)!r} has {key}={config.get(key)!r} but the base needs "
+                f"{like.config.get(key)!r}; give a student made from this base"
+            )
+    unet = UNet2DConditionModel.from_pretrained(path, dtype=like.dtype)
+    return unet.to(like.device).eval()
