@@ -243,24 +243,26 @@ def test_distill_launch_watch_and_stop(page):
         box.press("Tab")
     page.locator("#wb-distill-name textarea, #wb-distill-name input").first.fill("browser-run")
     page.locator("#wb-distill-launch").click()
-    page.wait_for_function("() => document.querySelector('#wb-distill-message').innerText.trim().length > 0")
+    page.wait_for_function(
+        "() => document.querySelector('#wb-distill-message').innerText.trim().length > 0", timeout=300_000
+    )
     assert "started browser-run" in page.locator("#wb-distill-message").inner_text()
     # the loss plot gains points as the run trains (polled every 2 s)
     page.wait_for_function(
         "() => { const g = document.querySelector('#wb-loss-plot .js-plotly-plot');"
         " return g && g.data && g.data.length && g.data[0].x.length >= 3; }",
-        timeout=300_000,
+        timeout=600_000,
     )
     first = _loss_points(page)
     page.wait_for_function(
         "(n) => { const g = document.querySelector('#wb-loss-plot .js-plotly-plot'); return g.data[0].x.length > n; }",
         arg=first,
-        timeout=120_000,
+        timeout=300_000,
     )
     page.screenshot(path=str(SHOTS / "07-distill.png"), full_page=True)
     page.locator("#wb-distill-stop").click()
     page.wait_for_function(
-        "() => document.querySelector('#wb-run-status').innerText.includes('stopped')", timeout=120_000
+        "() => document.querySelector('#wb-run-status').innerText.includes('stopped')", timeout=300_000
     )
     assert "browser-run" in page.locator("#wb-run-status").inner_text()
     page.screenshot(path=str(SHOTS / "08-distill-stopped.png"), full_page=True)

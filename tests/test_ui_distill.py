@@ -59,7 +59,7 @@ def test_launch_watch_and_download(base, tmp_path):
     run_dir = dt.launch(store, base, "koala-700m", [], FORM, "", "first", Limits(), root=tmp_path)
     with pytest.raises(WorkbenchError, match="still"):
         dt.launch(store, base, "koala-700m", [], FORM, "", "second", Limits(), root=tmp_path)
-    deadline = time.time() + 300
+    deadline = time.time() + 600
     while RunDir(run_dir).read_status().get("state") not in ("done", "failed") and time.time() < deadline:
         time.sleep(1)
     assert RunDir(run_dir).read_status()["state"] == "done", RunDir(run_dir).log.read_text()[-3000:]
