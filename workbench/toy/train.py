@@ -94,7 +94,7 @@ def cache_latents(args: argparse.Namespace, vae: AutoencoderKL) -> LatentCache:
     path = args.work_dir / "latents.pt"
     if path.exists():
         _log(f"latents: reusing {path}")
-        data = torch.load(path)
+        data = torch.load(path, weights_only=True)
         return LatentCache(data["mean"], data["std"], data["captions"])
     rng = random.Random(args.seed + 1)
     scenes = world.train_scenes()  # held-out captions never enter the UNet's data
@@ -263,7 +263,7 @@ def train_unet(args: argparse.Namespace, cache: LatentCache, scale: float) -> tu
 
 
 def _resume(path: Path, models: Models, ema: Ema, opt, gen, rng) -> int:
-    state = torch.load(path, weights_only=False)
+    state = torch.load(path, weights_only=True)  # tensors, ints, tuples: no code runs
     models.unet.load_state_dict(state["unet"])
     models.encoders[0].load_state_dict(state["enc1"])
     models.encoders[1].load_state_dict(state["enc2"])
