@@ -243,8 +243,11 @@ def test_distill_launch_watch_and_stop(page):
         box.press("Tab")
     page.locator("#wb-distill-name textarea, #wb-distill-name input").first.fill("browser-run")
     page.locator("#wb-distill-launch").click()
+    # Wait for the handler's answer (success or a red error), not Gradio's pending timer.
     page.wait_for_function(
-        "() => document.querySelector('#wb-distill-message').innerText.trim().length > 0", timeout=300_000
+        "() => { const m = document.querySelector('#wb-distill-message');"
+        " return m.innerText.includes('started') || m.querySelector('.wb-error') !== null; }",
+        timeout=300_000,
     )
     assert "started browser-run" in page.locator("#wb-distill-message").inner_text()
     # the loss plot gains points as the run trains (polled every 2 s)
