@@ -162,3 +162,15 @@ def load_pipeline(base: Base | str = DEFAULT_BASE, device: str = "cpu", dtype=No
     pipe = DiffusionPipeline.from_pretrained(base.location, dtype=dtype or torch.float32)
     pipe.set_progress_bar_config(disable=True)
     return pipe.to(device)
+
+
+def check_unet_folder(folder: str | Path) -> Path:
+    """The folder as a path, if it looks like a saved UNet; cheap, so commands can reject
+    a bad ``--unet`` before loading any model."""
+    path = Path(folder).expanduser()
+    if not (path / "config.json").is_file():
+        raise WorkbenchError(
+            f"--unet {str(path)!r} is not a UNet folder (no config.json); give a folder written "
+            "by `python -m workbench export` or diffusers' save_pretrained"
+        )
+    return path

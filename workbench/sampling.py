@@ -15,6 +15,7 @@ from diffusers import StableDiffusionXLPipeline, UNet2DConditionModel
 from PIL import Image
 
 from workbench.errors import WorkbenchError
+from workbench.models import check_unet_folder
 
 # What a swapped-in UNet must share with the pipeline's own for sampling to work.
 _INTERFACE_KEYS = (
@@ -56,7 +57,10 @@ def generate(
     height, width = height or default, width or default
     original = pipe.unet
     if unet is not None:
-        pipe.unet = unet.to(device=original.device, dtype=original.dtype)
+        if unet.dtype != original.dtype or unet.device != original.device:
+            # Only when needed: diffusers warns about every dtype cast through .to().
+            unet = unet.to(device=original.device, dtype=original.dtype)
+        pipe.unet = unet
     try:
         images: list[Image.Image] = []
         for start in range(0, len(prompts), batch_size):
@@ -85,12 +89,7 @@ def load_student_unet(folder: str | Path, like: UNet2DConditionModel) -> UNet2DC
     conditioning), so a student of another base fails with a clear message instead
     of a shape error deep inside the denoising loop.
     """
-    path = Path(folder).expanduser()
-    if not (path / "config.json").is_file():
-        raise WorkbenchError(
-            f"--unet {str(path)!r} is not a UNet folder (no config.json); give a folder written "
-            "by `python -m workbench export` or diffusers' save_pretrained"
-        )
+    path = check_unet_folder(folder)
     config = UNet2DConditionModel.load_config(path)
     for key in _INTERFACE_KEYS:
         if config.get(key) != like.config.get(key):

@@ -16,7 +16,7 @@ import torch
 from workbench import quality
 from workbench.commands._common import add_base, add_json, emit_json
 from workbench.errors import WorkbenchError
-from workbench.models import load_pipeline, resolve_base
+from workbench.models import check_unet_folder, load_pipeline, resolve_base
 from workbench.toy import checker, world
 
 # For bases without a checker: similarity only, so any varied prompts will do.
@@ -49,6 +49,8 @@ def validate(args: argparse.Namespace) -> None:
             raise WorkbenchError(f"--{name} must be a positive integer, got {getattr(args, name)}")
     if args.guidance < 0:
         raise WorkbenchError(f"--guidance must be >= 0, got {args.guidance}")
+    if args.unet:  # before any model loads: a wrong --unet fails in a blink
+        check_unet_folder(args.unet)
 
 
 def _prompts(is_toy: bool, n_prompts: int, seeds: int) -> tuple[list[str], list[int]]:

@@ -9,7 +9,7 @@ import torch
 
 from workbench.commands._common import add_base
 from workbench.errors import WorkbenchError
-from workbench.models import load_pipeline
+from workbench.models import check_unet_folder, load_pipeline
 
 _IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp")
 
@@ -37,6 +37,8 @@ def validate(args: argparse.Namespace) -> None:
         raise WorkbenchError(f"--steps must be a positive number of denoising steps, got {args.steps}")
     if args.guidance < 0:
         raise WorkbenchError(f"--guidance must be >= 0 (1 or less disables guidance), got {args.guidance}")
+    if args.unet:  # before any model loads: a wrong --unet fails in a blink
+        check_unet_folder(args.unet)
     if Path(args.out).suffix.lower() not in _IMAGE_SUFFIXES:
         raise WorkbenchError(f"--out {args.out!r} needs an image suffix: {', '.join(_IMAGE_SUFFIXES)}")
 

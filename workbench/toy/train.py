@@ -253,6 +253,10 @@ def train_unet(args: argparse.Namespace, cache: LatentCache, scale: float) -> tu
         if step % 25 == 0 or step == args.steps:
             _progress("unet", step, args.steps, loss.item(), started, first)
         out_of_time = args.max_minutes and time.time() - started > args.max_minutes * 60
+        if step == args.stop_at:
+            _log(f"unet: --stop-at reached, stopping at step {step}/{args.steps}")
+            _checkpoint(ckpt, models, ema, opt, step, gen, rng)
+            break
         if step % args.checkpoint_every == 0 or step == args.steps or out_of_time:
             _checkpoint(ckpt, models, ema, opt, step, gen, rng)
         if out_of_time:
@@ -307,6 +311,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--steps", type=int, default=3500, help="UNet training steps")
     p.add_argument("--batch", type=int, default=32)
     p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument(
+        "--stop-at",
+        type=int,
+        default=0,
+        help="end UNet training at this step, keeping the --steps learning-rate schedule "
+        "(reproduces a run that was cut short; 0: run all --steps)",
+    )
     p.add_argument("--checkpoint-every", type=int, default=250)
     # One thread: on a shared 2-core machine a 2-thread process stalls whenever
     # anything else runs (its threads wait on each other), tenfold slower.
