@@ -87,8 +87,8 @@ def check_device(device: str) -> str:
 def check_dtype(dtype: str, device: str):
     """The torch dtype for ``bf16``/``fp16``/``fp32`` on ``device``; refuses what would mislead.
 
-    fp16 on CPU is refused: most CPU kernels have no fast fp16 path (on this project's
-    reference Xeon a 640-channel 3x3 convolution took 19 s in fp16 against 0.24 s in bf16
+    fp16 on CPU is refused: most CPU kernels have no fast fp16 path (on the project's
+    development Xeon a 640-channel 3x3 convolution took 19 s in fp16 against 0.24 s in bf16
     and 0.06 s in fp32), so its timings say nothing about a deployment. Use bf16 or fp32 on
     CPU, and fp16 or bf16 on GPU.
     """
