@@ -62,11 +62,13 @@ def tiny_unet(config: dict[str, Any], seed: int = 0):
     return unet
 
 
-def tiny_pipeline(folder):
+def tiny_pipeline(folder, perturb: bool = False):
     """Save a complete, untrained SDXL pipeline with a tiny SDXL-topology UNet to ``folder``.
 
     Real stock components (our toy tokenizer, tiny CLIP encoders, a small VAE), so runs,
     exports and pipelines behave exactly as they would with a trained model, only faster.
+    ``perturb`` adds seeded noise to every UNet weight (as ``tiny_unet`` does), so that
+    every block changes the output.
     """
     import tempfile
     from pathlib import Path
@@ -86,6 +88,10 @@ def tiny_pipeline(folder):
         "sample_size": build.LATENT_SIZE,
     }
     unet = UNet2DConditionModel.from_config(config)
+    if perturb:
+        with torch.no_grad():
+            for p in unet.parameters():
+                p.add_(torch.randn_like(p) * 0.05)
     pipe = build.assemble(build.vae(), encoders, tok, unet)
     pipe.save_pretrained(folder)
     return Path(folder)

@@ -1,0 +1,392 @@
+"""Auto-prune: the least damaging valid plan that meets a budget.
+
+A budget is a fraction of the teacher kept, in parameters, FLOPs or estimated latency.
+All three are sums over catalog atoms (a student keeps the teacher's remaining atoms with
+unchanged shapes), so any candidate plan is priced exactly from its compiled spec.
+
+Moves are catalog units (or, for a unit diffusers cannot remove alone, the unit with the
+companion its sensitivity was measured with); every move is compiled, so every plan we
+consider satisfies every diffusers constraint.
+
+Two searches, compared in ``benchmarks/autoprune.py``:
+
+- ``static``: rank moves by lone-removal sensitivity per unit of budget saved, take them
+  in order until the budget is met, then put back what is no longer needed. Instant once
+  the sensitivity map exists.
+- ``rescored`` (default): the same ranking proposes ``candidates`` moves per step; each is
+  scored by building its student on top of the plan so far and measuring the plan's real
+  deviation, so interactions between removals (two cheap blocks that hurt together) count.
+  The put-back pass is measured too.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+from workbench.catalog import Catalog, build_catalog
+from workbench.errors import WorkbenchError
+from workbench.models import Base, resolve_base
+from workbench.plan import PruningPlan
+from workbench.sensitivity import Probe, SensitivityMap, Settings
+from workbench.surgery import StudentSpec, compile_plan
+
+Progress = Callable[[float, str], None]
+
+BUDGETS = ("params", "flops", "latency")
+METHODS = ("rescored", "static")
+CANDIDATES = 8  # moves measured per step by the rescored search
+
+
+@dataclass(frozen=True)
+class Budget:
+    """Keep at most ``target`` of the teacher's ``kind`` (a sum of per-atom ``weights``)."""
+
+    kind: str
+    target: float
+    weights: dict[str, float] = field(repr=False)
+
+    def __post_init__(self) -> None:
+        if self.kind not in BUDGETS:
+            raise WorkbenchError(f"unknown budget {self.kind!r}; choose one of {', '.join(BUDGETS)}")
+        if not isinstance(self.target, (int, float)) or not 0 < self.target <= 1 or math.isnan(self.target):
+            raise WorkbenchError(
+                f"--target-{self.kind} {self.target!r} must be a fraction of the teacher in (0, 1], "
+                "e.g. 0.5 for half"
+            )
+
+    @property
+    def total(self) -> float:
+        return sum(self.weights.values())
+
+    def fraction(self, removed_atoms: Iterable[str]) -> float:
+        gone = sum(self.weights.get(a, 0.0) for a in set(removed_atoms))
+        return (self.total - gone) / self.total
+
+    def met(self, removed_atoms: Iterable[str]) -> bool:
+        return self.fraction(removed_atoms) <= self.target + 1e-12
+
+
+def budget(
+    kind: str,
+    target: float,
+    catalog: Catalog,
+    *,
+    base: Base | None = None,
+    resolution: int | None = None,
+    device: str = "cpu",
+    dtype: str = "bf16",
+    profile=None,
+) -> Budget:
+    """A budget with its per-atom weights: params (exact), FLOPs at ``resolution``, or the
+    latency profile's per-atom seconds (``profile``, or measured/cached for ``base``)."""
+    if kind == "params":
+        return Budget(kind, target, {a: float(n) for a, n in catalog.atom_params.items()})
+    if kind == "flops":
+        from workbench.measure import atom_flops
+
+        config = catalog.config
+        vae = base.vae_scale_factor if base else 8
+        res = resolution or int(config.get("sample_size", 64)) * vae
+        return Budget(kind, target, {a: float(n) for a, n in atom_flops(catalog, res, vae).items()})
+    if kind == "latency":
+        if profile is None:
+            if base is None:
+                raise WorkbenchError("a latency budget needs a base to profile")
+            from workbench.latency import get_profile
+
+            profile = get_profile(base, device=device, dtype=dtype, resolution=resolution)
+        return Budget(kind, target, dict(profile.atom_s))
+    return Budget(kind, target, {})  # raises: unknown kind
+
+
+# --------------------------------------------------------------------------- moves
+
+
+@dataclass(frozen=True)
+class Move:
+    """Units to add to the plan, and what the plan becomes."""
+
+    units: tuple[str, ...]
+    spec: StudentSpec = field(repr=False)
+    lone_cost: float  # sum of the units' lone-removal deviations (the static estimate)
+
+
+def _compile(catalog: Catalog, removed: Iterable[str], name: str = "auto") -> StudentSpec | None:
+    plan = PruningPlan(name=name, topology=catalog.topology.signature(), removed=tuple(sorted(set(removed))))
+    try:
+        return compile_plan(catalog, plan)
+    except WorkbenchError:
+        return None
+
+
+def moves(catalog: Catalog, current: StudentSpec, smap: SensitivityMap | None) -> list[Move]:
+    """Every valid way to remove one more unit (with its companion where needed)."""
+    have = set(current.plan.removed)
+    out: dict[frozenset[str], Move] = {}
+    for unit in catalog.units:
+        if unit.atoms <= current.removed_atoms:
+            continue
+        score = smap.units.get(unit.id) if smap else None
+        if smap is not None and (score is None or not score.scored):
+            continue  # no valid plan removes it
+        options = [(unit.id,)]
+        if score is not None and score.companion:
+            options.append((unit.id, score.companion))
+        for units in options:
+            spec = _compile(catalog, have | set(units))
+            if spec is None or spec.removed_atoms <= current.removed_atoms:
+                continue
+            cost = sum(_lone(smap, u) for u in units)
+            if spec.removed_atoms not in out or cost < out[spec.removed_atoms].lone_cost:
+                out[spec.removed_atoms] = Move(units, spec, cost)
+            break  # alone worked: the companion is not needed
+    return list(out.values())
+
+
+def _lone(smap: SensitivityMap | None, unit: str) -> float:
+    if smap is None:
+        return 0.0
+    score = smap.units.get(unit)
+    return score.deviation if score is not None and score.deviation is not None else 0.0
+
+
+def _shortfall(budgets: list[Budget], atoms: frozenset[str]) -> float:
+    """How far a plan is from meeting every budget (0 when met)."""
+    return sum(max(0.0, b.fraction(atoms) - b.target) for b in budgets)
+
+
+def _gain(budgets: list[Budget], current: StudentSpec, spec: StudentSpec) -> float:
+    return _shortfall(budgets, current.removed_atoms) - _shortfall(budgets, spec.removed_atoms)
+
+
+def _rank(moves_: list[Move], budgets: list[Budget], current: StudentSpec) -> list[tuple[float, float, Move]]:
+    ranked = []
+    for m in moves_:
+        gain = _gain(budgets, current, m.spec)
+        if gain <= 0:
+            continue
+        ranked.append((m.lone_cost / gain, -gain, m))
+    ranked.sort(key=lambda r: (r[0], r[1], r[2].units))
+    return ranked
+
+
+def smallest_reachable(catalog: Catalog) -> StudentSpec:
+    """The plan removing the most a teacher allows (largest moves first, until none is valid)."""
+    current = compile_plan(catalog, PruningPlan.empty(catalog, "smallest"))
+    while True:
+        options = moves(catalog, current, None)
+        if not options:
+            return current
+        current = min(options, key=lambda m: (m.spec.student_params, m.units)).spec
+
+
+def check_feasible(catalog: Catalog, budgets: list[Budget]) -> StudentSpec:
+    """The smallest reachable student; raises if it misses a budget, naming its size."""
+    floor = smallest_reachable(catalog)
+    for b in budgets:
+        reach = b.fraction(floor.removed_atoms)
+        if reach > b.target + 1e-12:
+            raise WorkbenchError(
+                f"--target-{b.kind} {b.target:g} cannot be met: the smallest student this teacher "
+                f"allows keeps {reach:.3f} of its {b.kind} ({floor.student_params:,} of "
+                f"{floor.teacher_params:,} params), removing every stage's attention, the mid block "
+                f"and all but one layer per stage; give a target of at least {math.ceil(reach * 1000) / 1000:.3f}"
+            )
+    return floor
+
+
+# --------------------------------------------------------------------------- search
+
+
+@dataclass
+class Result:
+    spec: StudentSpec
+    method: str
+    budgets: list[Budget]
+    deviation: float | None  # measured relative MSE of the final plan (None if not measured)
+    estimated_cost: float  # sum of lone deviations of the plan's units
+    trace: list[dict[str, Any]]
+    evaluations: int
+
+    def to_dict(self, base: str) -> dict[str, Any]:
+        spec = self.spec
+        return {
+            "base": base,
+            "method": self.method,
+            "targets": {b.kind: b.target for b in self.budgets},
+            "fractions": {b.kind: b.fraction(spec.removed_atoms) for b in self.budgets},
+            "teacher_params": spec.teacher_params,
+            "student_params": spec.student_params,
+            "params_fraction": spec.student_params / spec.teacher_params,
+            "deviation": self.deviation,
+            "estimated_cost": self.estimated_cost,
+            "evaluations": self.evaluations,
+            "removed": list(spec.removed),
+            "notes": list(spec.notes),
+            "plan": spec.plan.to_dict(),
+            "trace": self.trace,
+        }
+
+
+def _report(progress: Progress | None, fraction: float, message: str) -> None:
+    if progress is not None:
+        progress(min(max(fraction, 0.0), 1.0), message)
+
+
+def search(
+    catalog: Catalog,
+    budgets: list[Budget],
+    smap: SensitivityMap,
+    *,
+    method: str = "rescored",
+    probe: Probe | None = None,
+    candidates: int = CANDIDATES,
+    name: str = "auto",
+    progress: Progress | None = None,
+) -> Result:
+    """Find a plan meeting every budget; ``rescored`` needs a ``probe`` to measure plans."""
+    if method not in METHODS:
+        raise WorkbenchError(f"unknown auto-prune method {method!r}; choose one of {', '.join(METHODS)}")
+    if not budgets:
+        raise WorkbenchError("give at least one budget, e.g. --target-params 0.5")
+    if method == "rescored" and probe is None:
+        raise WorkbenchError("the rescored search measures plans: it needs the teacher loaded (a probe)")
+    if candidates < 1:
+        raise WorkbenchError(f"candidates must be at least 1, got {candidates}")
+    check_feasible(catalog, budgets)
+    calls = [0]
+
+    def measure_plan(removed: tuple[str, ...]) -> float:
+        calls[0] += 1
+        return probe.deviation(removed)
+
+    measure = measure_plan if method == "rescored" else None
+    current = compile_plan(catalog, PruningPlan.empty(catalog, name))
+    dev = 0.0
+    trace: list[dict[str, Any]] = []
+    start_gap = _shortfall(budgets, current.removed_atoms) or 1.0
+    while _shortfall(budgets, current.removed_atoms) > 0:
+        ranked = _rank(moves(catalog, current, smap), budgets, current)
+        if not ranked:  # cannot happen after check_feasible, unless the map skips units
+            raise WorkbenchError("no valid removal left before the budget was met")
+        if measure is None:
+            chosen, new_dev = ranked[0][2], None
+        else:
+            chosen, new_dev = _best_measured(ranked[:candidates], budgets, current, dev, measure)
+        current = chosen.spec
+        dev = new_dev if new_dev is not None else dev + chosen.lone_cost
+        trace.append(
+            {"add": list(chosen.units), "fractions": _fractions(budgets, current), "deviation": new_dev}
+        )
+        done = 1 - _shortfall(budgets, current.removed_atoms) / start_gap
+        _report(progress, 0.9 * done, f"removed {', '.join(chosen.units)}")
+    current, dev = _put_back(catalog, budgets, smap, current, dev, measure, trace)
+    plan = current.plan.with_removed(current.plan.removed, name=name, description=_describe(budgets, method))
+    spec = compile_plan(catalog, plan)
+    _report(progress, 1.0, "done")
+    return Result(
+        spec=spec,
+        method=method,
+        budgets=budgets,
+        deviation=dev if measure is not None else None,
+        estimated_cost=sum(_lone(smap, u) for u in spec.plan.removed),
+        trace=trace,
+        evaluations=calls[0],
+    )
+
+
+def _best_measured(ranked, budgets, current, dev, measure) -> tuple[Move, float]:
+    best = None
+    for _, neg_gain, m in ranked:
+        new_dev = measure(m.spec.plan.removed)
+        finishes = _shortfall(budgets, m.spec.removed_atoms) == 0
+        # Per unit of budget saved; a move that meets the budget competes on what it costs.
+        key = (0, new_dev) if finishes else (1, (new_dev - dev) / -neg_gain)
+        if best is None or key < best[0]:
+            best = (key, m, new_dev)
+    assert best is not None
+    return best[1], best[2]
+
+
+def _put_back(catalog, budgets, smap, current, dev, measure, trace):
+    """Drop units from the plan while the budget stays met and the damage shrinks."""
+    improved = True
+    while improved:
+        improved = False
+        for unit in sorted(current.plan.removed, key=lambda u: -_lone(smap, u)):
+            spec = _compile(catalog, set(current.plan.removed) - {unit})
+            if spec is None or _shortfall(budgets, spec.removed_atoms) > 0:
+                continue
+            # Keeping more of the teacher never hurts the estimate; measured, it must not hurt.
+            new_dev = measure(spec.plan.removed) if measure else dev - _lone(smap, unit)
+            if new_dev <= dev:
+                current, dev, improved = spec, new_dev, True
+                trace.append(
+                    {"put_back": unit, "fractions": _fractions(budgets, current), "deviation": new_dev}
+                )
+                break
+    return current, dev
+
+
+def _fractions(budgets: list[Budget], spec: StudentSpec) -> dict[str, float]:
+    return {b.kind: round(b.fraction(spec.removed_atoms), 6) for b in budgets}
+
+
+def _describe(budgets: list[Budget], method: str) -> str:
+    targets = ", ".join(f"{b.kind} <= {b.target:g}" for b in budgets)
+    return f"auto-pruned to {targets} of the teacher ({method} search over sensitivity)"
+
+
+def autoprune(
+    base: Base | str,
+    targets: dict[str, float],
+    *,
+    method: str = "rescored",
+    settings: Settings = Settings(),
+    resolution: int | None = None,
+    device: str = "cpu",
+    candidates: int = CANDIDATES,
+    name: str = "auto",
+    progress: Progress | None = None,
+) -> tuple[Result, Probe | None]:
+    """Budgets from ``targets`` ({"params": 0.3}), then the sensitivity map, then the search.
+
+    The budget is checked for feasibility before any model loads.
+    """
+    base = resolve_base(base) if isinstance(base, str) else base
+    if method not in METHODS:
+        raise WorkbenchError(f"unknown auto-prune method {method!r}; choose one of {', '.join(METHODS)}")
+    catalog = build_catalog(base.unet_config)
+    budgets = [
+        budget(kind, t, catalog, base=base, resolution=resolution, device=device)
+        for kind, t in targets.items()
+        if t is not None
+    ]
+    if not budgets:
+        raise WorkbenchError("give a budget: --target-params F, --target-flops F and/or --target-latency F")
+    check_feasible(catalog, budgets)
+    from workbench.sensitivity import cached_map, sensitivity
+
+    smap = cached_map(base, settings, device=device)
+    probe = None
+    if smap is None or method == "rescored":
+        probe = Probe(base, settings, device=device, progress=_scaled(progress, 0.0, 0.05))
+    if smap is None:
+        smap = sensitivity(
+            base, settings, fidelity=False, device=device, probe=probe, progress=_scaled(progress, 0.05, 0.4)
+        )
+    lo = 0.05 if smap.from_cache else 0.4
+    result = search(
+        catalog, budgets, smap, method=method, probe=probe, candidates=candidates, name=name,
+        progress=_scaled(progress, lo, 1.0),
+    )  # fmt: skip
+    return result, probe
+
+
+def _scaled(progress: Progress | None, lo: float, hi: float) -> Progress | None:
+    if progress is None:
+        return None
+    return lambda f, msg: progress(lo + (hi - lo) * f, msg)
