@@ -78,6 +78,8 @@ def _bad_plan(tmp_path, **changes):
         (lambda d, t: ["export", "--base", str(d), "--preset", _bad_plan(t, removed=["up_blocks.0.layers.0"]),
                        "--out", str(t / "o")], "mirrored down stage"),
         (lambda d, t: ["plan", "--base", "sdxl-base", "--preset", "ssd-1b", "--resolution", "500"], "multiple of 32"),
+        (lambda d, t: ["export", "--base", _weightless(d, t), "--preset", "ssd-1b", "--out", str(t / "o")],
+         "could not load the UNet"),
     ],
 )  # fmt: skip
 def test_bad_inputs_one_line_error_nothing_written(make, message, teacher_dir, tmp_path, capsys):
@@ -85,6 +87,14 @@ def test_bad_inputs_one_line_error_nothing_written(make, message, teacher_dir, t
     err = capsys.readouterr().err.strip()
     assert err.startswith("error: ") and message in err and "\n" not in err
     assert not (tmp_path / "o").exists()
+
+
+def _weightless(teacher_dir, tmp_path):
+    """A UNet folder whose weights went missing (an interrupted copy)."""
+    folder = tmp_path / "weightless"
+    folder.mkdir()
+    (folder / "config.json").write_text((teacher_dir / "config.json").read_text())
+    return str(folder)
 
 
 def _write(folder, text):

@@ -54,7 +54,9 @@ def dummy_inputs(
 
 def flops_by_module(config: dict[str, Any], latent: int, batch: int = 1) -> dict[str, int]:
     """FLOPs of one forward per module path ("" is the whole model), on the meta device."""
-    return dict(_flops_cached(json.dumps(config, sort_keys=True), latent, batch))
+    # Loader bookkeeping (``_name_or_path``...) is not structure: one cache entry per UNet shape.
+    clean = {k: v for k, v in config.items() if not k.startswith("_")}
+    return dict(_flops_cached(json.dumps(clean, sort_keys=True, default=list), latent, batch))
 
 
 @lru_cache(maxsize=64)

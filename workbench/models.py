@@ -144,8 +144,21 @@ def load_unet(base: Base | str, device: str = "cpu", dtype=None):
             "measured, not exported or sampled; give a local folder or hub id of the real model"
         )
     location, subfolder = _unet_location(base)
-    unet = UNet2DConditionModel.from_pretrained(location, subfolder=subfolder, dtype=dtype or torch.float32)
+    try:
+        unet = UNet2DConditionModel.from_pretrained(location, subfolder=subfolder, dtype=dtype or torch.float32)
+    except (OSError, ValueError) as err:  # missing/corrupt files, or a hub fetch that failed
+        raise WorkbenchError(_load_failed(base, "UNet", err)) from None
     return unet.to(device).eval()
+
+
+def _load_failed(base: Base, what: str, err: Exception) -> str:
+    first = str(err).strip().splitlines()[0][:300] if str(err).strip() else type(err).__name__
+    hint = (
+        "check the id, your network and HF_HUB_OFFLINE"
+        if base.kind == "hub"
+        else "check that the folder holds a complete diffusers save (config and weights)"
+    )
+    return f"could not load the {what} of {base.name!r}: {first}; {hint}"
 
 
 def load_pipeline(base: Base | str = DEFAULT_BASE, device: str = "cpu", dtype=None):
@@ -159,7 +172,10 @@ def load_pipeline(base: Base | str = DEFAULT_BASE, device: str = "cpu", dtype=No
             f"base {base.name!r} has no full pipeline (text encoders, VAE); sampling needs a "
             "pipeline folder or hub id"
         )
-    pipe = DiffusionPipeline.from_pretrained(base.location, dtype=dtype or torch.float32)
+    try:
+        pipe = DiffusionPipeline.from_pretrained(base.location, dtype=dtype or torch.float32)
+    except (OSError, ValueError) as err:
+        raise WorkbenchError(_load_failed(base, "pipeline", err)) from None
     pipe.set_progress_bar_config(disable=True)
     return pipe.to(device)
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import json
 from pathlib import Path
 
 import torch
@@ -92,6 +91,5 @@ def run(args: argparse.Namespace) -> int:
         if key in out:
             print(f"  wrote {out[key]}")
     if not (args.out or args.save_preset):
-        print("  plan JSON (save with --out FILE or --save-preset NAME):")
-        print("  " + json.dumps(spec.plan.to_dict()))
+        print("  keep it with --out FILE or --save-preset NAME (or --json for the plan itself)")
     return 0
