@@ -275,7 +275,8 @@ def search(
         if measure is None:
             chosen, new_dev = ranked[0][2], None
         else:
-            chosen, new_dev = _best_measured(ranked[:candidates], budgets, current, dev, measure)
+            pool = [m for _, _, m in ranked[:candidates]] + _chunks(catalog, budgets, current, ranked)
+            chosen, new_dev = _best_measured(pool, budgets, current, dev, measure)
         current = chosen.spec
         dev = new_dev if new_dev is not None else dev + chosen.lone_cost
         trace.append(
@@ -298,13 +299,35 @@ def search(
     )
 
 
-def _best_measured(ranked, budgets, current, dev, measure) -> tuple[Move, float]:
+def _chunks(catalog, budgets, current, ranked) -> list[Move]:
+    """Multi-unit moves: the first 2, 4, 8, ... moves of the static ranking taken together.
+
+    Where many units are nearly free (deep blocks at small latents), measuring them as one
+    move lets a step take them all, instead of one measured step per block; the measured
+    ratio still decides whether a chunk beats a single move.
+    """
+    out = []
+    have = set(current.plan.removed)
+    k = 2
+    while k <= len(ranked):
+        units = tuple(u for _, _, m in ranked[:k] for u in m.units)
+        spec = _compile(catalog, have | set(units))
+        if spec is not None:
+            out.append(Move(units, spec, sum(m.lone_cost for _, _, m in ranked[:k])))
+            if _shortfall(budgets, spec.removed_atoms) == 0:
+                break  # larger chunks only overshoot
+        k *= 2
+    return out
+
+
+def _best_measured(pool, budgets, current, dev, measure) -> tuple[Move, float]:
     best = None
-    for _, neg_gain, m in ranked:
+    for m in pool:
         new_dev = measure(m.spec.plan.removed)
         finishes = _shortfall(budgets, m.spec.removed_atoms) == 0
+        gain = _gain(budgets, current, m.spec)
         # Per unit of budget saved; a move that meets the budget competes on what it costs.
-        key = (0, new_dev) if finishes else (1, (new_dev - dev) / -neg_gain)
+        key = (0, new_dev) if finishes else (1, (new_dev - dev) / gain)
         if best is None or key < best[0]:
             best = (key, m, new_dev)
     assert best is not None
