@@ -27,9 +27,10 @@ from typing import Any
 import torch
 
 from workbench.errors import WorkbenchError
+from workbench.guidance import FEATURE_WEIGHTS
 from workbench.losses import LossWeights, distillation_loss
 from workbench.plan import PruningPlan
-from workbench.runs import MetricsWriter, RunDir, write_json_atomic
+from workbench.runs import MetricsWriter, RunDir, read_json, write_json_atomic
 from workbench.surgery import FEATURE_MODES
 
 PRECISIONS = ("no", "bf16", "fp16")
@@ -38,6 +39,8 @@ STAGE_TEACHERS = ("original", "previous")
 LR_SCHEDULES = ("constant", "cosine")
 # Crash drill for tests: WORKBENCH_FAULT_STEP=N raises inside the loop at global step N.
 FAULT_ENV = "WORKBENCH_FAULT_STEP"
+# Sensitivity-guided runs keep their feature weights and frozen modules here (see _guidance).
+GUIDANCE_FILE = "sensitivity.json"
 
 
 @dataclass(frozen=True)
@@ -62,6 +65,10 @@ class DistillConfig:
     w_feat: float = 0.5
     feature_mode: str = "layer"
     normalize_features: bool = False
+    feature_weights: str = "uniform"  # "uniform" or "sensitivity" (per-pair weights from the map)
+    freeze_sensitive: int = 0  # freeze the modules of the N most sensitive kept layer units
+    # overrides of workbench.sensitivity.Settings for the map (empty: the defaults)
+    sensitivity_settings: dict[str, Any] = dataclasses.field(default_factory=dict)
     stage_teacher: str = "original"
     mixed_precision: str = "no"
     teacher_dtype: str = "fp32"
@@ -91,6 +98,10 @@ class DistillConfig:
         data["stages"] = tuple(data["stages"])
         data["sample_prompts"] = tuple(data.get("sample_prompts", ()))
         return cls(**data)
+
+    @property
+    def needs_sensitivity(self) -> bool:
+        return self.feature_weights == "sensitivity" or self.freeze_sensitive != 0
 
     @property
     def weights(self) -> LossWeights:
@@ -124,6 +135,15 @@ def validate(config: DistillConfig) -> None:
          "--log-every, --checkpoint-every and --keep-checkpoints must be > 0"),
         (config.sample_every >= 0, "--sample-every must be >= 0 (0: only at the end)"),
         (len(config.stages) > 0, "a run needs at least one stage (a --preset)"),
+        (config.feature_weights in FEATURE_WEIGHTS,
+         f"unknown --feature-weights {config.feature_weights!r}; "
+         f"choose one of {', '.join(FEATURE_WEIGHTS)}"),
+        (isinstance(config.freeze_sensitive, int) and config.freeze_sensitive >= 0,
+         f"--freeze-sensitive must be a whole number >= 0 (0: freeze nothing), "
+         f"got {config.freeze_sensitive!r}"),
+        (config.feature_weights != "sensitivity" or (config.feature_mode != "none" and config.w_feat > 0),
+         "--feature-weights sensitivity weights the feature KD terms, but there are none "
+         "(--feature-mode none or --w-feat 0); use --feature-weights uniform"),
     ]  # fmt: skip
     for name in ("w_task", "w_out", "w_feat"):
         value = getattr(config, name)
@@ -136,12 +156,40 @@ def validate(config: DistillConfig) -> None:
     for ok, message in checks:
         if not ok:
             raise WorkbenchError(message)
+    if config.needs_sensitivity or config.sensitivity_settings:
+        sensitivity_settings(config)
     if config.device == "cuda" and not torch.cuda.is_available():
         raise WorkbenchError("--device cuda was asked for but no CUDA GPU is available; use --device cpu")
     if config.mixed_precision == "fp16" and not _use_cuda(config):
         raise WorkbenchError("--mixed-precision fp16 needs a CUDA GPU; on CPU use bf16 or no")
     if config.teacher_dtype == "fp16" and not _use_cuda(config):
         raise WorkbenchError("--teacher-dtype fp16 needs a CUDA GPU; on CPU use bf16 or fp32")
+
+
+def sensitivity_settings(config: DistillConfig):
+    """The calibration settings of the run's sensitivity map (checked)."""
+    from workbench.sensitivity import Settings
+
+    names = {f.name for f in dataclasses.fields(Settings)}
+    unknown = sorted(set(config.sensitivity_settings) - names)
+    if unknown:
+        raise WorkbenchError(f"unknown sensitivity settings {unknown}; known: {', '.join(sorted(names))}")
+    return Settings(**config.sensitivity_settings).check()
+
+
+def check_guidance(config: DistillConfig, specs: list[Any]) -> None:
+    """``freeze_sensitive`` must leave each stage's student something to freeze from."""
+    from workbench.guidance import kept_layer_units
+
+    n = config.freeze_sensitive
+    for k, spec in enumerate(specs):
+        kept = len(kept_layer_units(spec))
+        if n > kept:
+            raise WorkbenchError(
+                f"--freeze-sensitive {n}: stage {k + 1}'s student (plan {spec.plan.name!r}) keeps only "
+                f"{kept} layer units (down/up layers, the mid block's ResNet and attention); "
+                f"choose 0 to {kept}"
+            )
 
 
 def _use_cuda(config: DistillConfig) -> bool:
@@ -261,9 +309,16 @@ def run_distillation(config: DistillConfig, run_dir: str | Path, resume: bool = 
     validate(config)
     check_data(config)
     base = resolve_base(config.base)
+    if config.needs_sensitivity and not base.has_pipeline:
+        raise WorkbenchError(
+            f"--feature-weights sensitivity and --freeze-sensitive need the teacher's sensitivity map, "
+            f"measured by running its pipeline; base {base.name!r} has no pipeline (give a pipeline "
+            "folder or hub id, or drop these options)"
+        )
     if not base.has_pipeline:
         raise WorkbenchError(f"base {base.name!r} has no pipeline; distillation needs a teacher with weights")
     specs = check_plans(config, base.unet_config)
+    check_guidance(config, specs)
     trainer = Trainer(config, run, base, specs)
     return trainer.run(resume)
 
@@ -302,6 +357,7 @@ class Trainer:
         self.stopper.install()
         self.pipe = self._load_pipeline()
         self.cache = self._load_data()
+        self.guidance = self._guidance(resume)
 
     def _job_record(self) -> dict[str, Any]:
         return {
@@ -344,6 +400,106 @@ class Trainer:
         self._log(f"training data: {len(cache)} cached examples at {resolution}px")
         return cache
 
+    def _guidance(self, resume: bool) -> list[dict[str, Any]] | None:
+        """Per-stage feature weights and frozen modules from the teacher's sensitivity map.
+
+        Worked out once (the map from the cache, or measured now on the loaded teacher) and
+        kept in the run folder: a resumed run trains with exactly these, whatever the cache
+        holds by then.
+        """
+        cfg = self.config
+        if not cfg.needs_sensitivity:
+            return None
+        path = self.run_dir.root / GUIDANCE_FILE
+        if self.main:
+            if resume and path.exists():
+                self._log(f"feature weights and frozen modules from the run folder ({GUIDANCE_FILE})")
+            else:
+                write_json_atomic(path, self._measure_guidance())
+        self.accelerator.wait_for_everyone()
+        record = read_json(path)
+        if not record or len(record.get("stages", ())) != len(self.specs):
+            raise WorkbenchError(f"{path} does not match this run's {len(self.specs)} stage(s); delete it")
+        for stage in record["stages"]:
+            self._log_guidance(stage)
+        return record["stages"]
+
+    def _measure_guidance(self) -> dict[str, Any]:
+        from workbench import guidance
+        from workbench import sensitivity as sens
+
+        cfg = self.config
+        settings = sensitivity_settings(cfg)
+        device = "cuda" if self.accelerator.device.type == "cuda" else "cpu"
+        smap = sens.cached_map(self.base, settings, device)
+        if smap is None and device != "cpu":  # `workbench sensitivity` measures on the CPU by default
+            smap = sens.cached_map(self.base, settings, "cpu")
+        if smap is None:
+            self._log("measuring the teacher's sensitivity map (once per teacher and settings; then cached)")
+            probe = sens.Probe(
+                self.base, settings, device=device, pipe=self.pipe, progress=self._measure_progress(0.0, 0.05)
+            )
+            smap = sens.sensitivity(self.base, settings, fidelity=False, device=device, probe=probe,
+                                    progress=self._measure_progress(0.05, 1.0))  # fmt: skip
+            self._log(f"sensitivity map measured in {smap.seconds:.0f}s, cached as {smap.path}")
+        else:
+            self._log(f"sensitivity map from the cache ({smap.path})")
+        self._status("running", message=None)
+        stages = []
+        for k, spec in enumerate(self.specs):
+            pairs = spec.feature_pairs(cfg.feature_mode) if cfg.w_feat > 0 else []
+            record = guidance.stage_guidance(spec, pairs, smap, cfg.feature_weights, cfg.freeze_sensitive)
+            stages.append({"stage": k + 1, "plan": spec.plan.name, **record})
+        return {
+            "feature_weights": cfg.feature_weights,
+            "freeze_sensitive": cfg.freeze_sensitive,
+            "map": {
+                "path": smap.path,
+                "base": smap.base,
+                "identity": smap.identity,
+                "device": smap.device,
+                "settings": smap.settings,
+                "created": smap.created,
+            },
+            "stages": stages,
+        }
+
+    def _measure_progress(self, lo: float, hi: float):
+        shown = [-1]
+
+        def progress(fraction: float, message: str) -> None:
+            f = lo + (hi - lo) * fraction
+            self._status("running", message=f"measuring sensitivity {f:.0%}: {message}")
+            if int(f * 10) != shown[0]:  # the log gets a line per 10%
+                shown[0] = int(f * 10)
+                self._log(f"sensitivity map {f:6.1%} {message}")
+
+        return progress
+
+    def _log_guidance(self, stage: dict[str, Any]) -> None:
+        k = stage["stage"]
+        if stage["feature_weights"] is not None:
+            weights = ", ".join(f"{m} {w:.3f}" for m, w in stage["feature_weights"].items())
+            self._log(f"stage {k} feature weights (sensitivity, mean 1): {weights}")
+        if stage["frozen_units"]:
+            units = ", ".join(f"{u['unit']} ({u['score']:.4g})" for u in stage["frozen_units"])
+            self._log(
+                f"stage {k} freezes the {len(stage['frozen_units'])} most sensitive layer units: {units}"
+            )
+            self._log(f"stage {k} frozen modules: {', '.join(stage['frozen_modules'])}")
+
+    def _feature_weights(self, k: int, pairs: list[tuple[str, str]]) -> torch.Tensor | None:
+        """This stage's weight per pair, in the pairs' order (None: the plain sum)."""
+        weights = self.guidance[k]["feature_weights"] if self.guidance else None
+        if weights is None or not pairs:
+            return None
+        missing = [s for s, _ in pairs if s not in weights]
+        if missing:
+            raise WorkbenchError(f"{GUIDANCE_FILE} has no feature weight for {missing[:3]}; delete it")
+        return torch.tensor(
+            [weights[s] for s, _ in pairs], dtype=torch.float32, device=self.accelerator.device
+        )
+
     # 2. train each stage in turn
     def run(self, resume: bool) -> dict[str, Any]:
         try:
@@ -370,6 +526,7 @@ class Trainer:
     def _train_stage(self, k: int, checkpoint: Path | None) -> bool:
         cfg, acc = self.config, self.accelerator
         student, teacher, pairs = self._stage_models(k)
+        feature_weights = self._feature_weights(k, pairs if cfg.w_feat > 0 else [])
         optimizer = torch.optim.AdamW(
             [p for p in student.parameters() if p.requires_grad], lr=cfg.lr, weight_decay=cfg.weight_decay
         )
@@ -384,11 +541,13 @@ class Trainer:
             self._log(f"resumed stage {k + 1} at step {first} from {checkpoint.name}")
         metrics = self._metrics_writer(k * cfg.steps + first - 1)
         try:
-            return self._loop(k, first, student, teacher, pairs, optimizer, schedule, metrics)
+            return self._loop(
+                k, first, student, teacher, pairs, optimizer, schedule, metrics, feature_weights
+            )
         finally:
             metrics.close()
 
-    def _loop(self, k, first, student, teacher, pairs, optimizer, schedule, metrics) -> bool:
+    def _loop(self, k, first, student, teacher, pairs, optimizer, schedule, metrics, feature_weights) -> bool:
         cfg, acc = self.config, self.accelerator
         raw_student = acc.unwrap_model(student)  # hooks on the unwrapped model: names survive DDP
         student.train()
@@ -396,7 +555,7 @@ class Trainer:
             g = k * cfg.steps + s  # global step, monotonic across stages
             if g == self.fault_step:
                 raise RuntimeError(f"injected fault at step {g} (WORKBENCH_FAULT_STEP)")
-            terms = self._step(g, student, raw_student, teacher, pairs, optimizer, schedule)
+            terms = self._step(g, student, raw_student, teacher, pairs, optimizer, schedule, feature_weights)
             done = s == cfg.steps - 1
             if self.main and (g % cfg.log_every == 0 or done):
                 row = {"step": g, "stage": k + 1, "time": round(time.time() - self.started, 3),
@@ -417,7 +576,7 @@ class Trainer:
         return True
 
     # 3. one optimizer step: teacher (no grad) and student forwards, losses, update
-    def _step(self, g, student, raw_student, teacher, pairs, optimizer, schedule) -> dict[str, float]:
+    def _step(self, g, student, raw_student, teacher, pairs, optimizer, schedule, feature_weights=None):
         from workbench.hooks import FeatureCapture
 
         cfg, acc = self.config, self.accelerator
@@ -435,7 +594,7 @@ class Trainer:
                 s_pred = student(**batch["inputs"]).sample.float()
                 terms = distillation_loss(
                     s_pred, t_pred if cfg.w_out > 0 else None, batch["target"], s_feats, t_feats,
-                    pairs, cfg.weights, cfg.normalize_features,
+                    pairs, cfg.weights, cfg.normalize_features, feature_weights if pairs else None,
                 )  # fmt: skip
                 acc.backward(terms["loss/total"] / cfg.grad_accum)
             for key, value in terms.items():
@@ -520,9 +679,20 @@ class Trainer:
         teacher.requires_grad_(False)
         student = student.float().to(self.accelerator.device)
         student.requires_grad_(True)
+        self._freeze(k, student)
         if cfg.gradient_checkpointing:
             student.enable_gradient_checkpointing()
         return student, teacher, pairs
+
+    def _freeze(self, k: int, student) -> None:
+        """Frozen modules get no gradient and stay out of the optimizer (and of DDP's buckets)."""
+        from workbench.guidance import freeze
+
+        modules = self.guidance[k]["frozen_modules"] if self.guidance else []
+        if modules:
+            frozen = freeze(student, modules)
+            total = sum(p.numel() for p in student.parameters())
+            self._log(f"stage {k + 1}: {len(modules)} modules frozen ({frozen:,} of {total:,} parameters)")
 
     def _stage_dir(self, k: int) -> Path:
         return self.run_dir.root / "stages" / f"stage_{k + 1}"
@@ -740,6 +910,15 @@ def model_card(config: DistillConfig, base, spec, run: RunDir) -> str:
     losses = "\n".join(
         f"| `{k}` | {v:.5f} |" for k, v in last.items() if k.startswith("loss/") and k.count("/") == 1
     )
+    guided = ""
+    record = read_json(run.root / GUIDANCE_FILE) if config.needs_sensitivity else None
+    if record:
+        final = record["stages"][-1]
+        if final["feature_weights"] is not None:
+            guided += " Feature terms were weighted by the teacher's per-unit sensitivity (mean weight 1)."
+        if final["frozen_modules"]:
+            frozen = ", ".join(final["frozen_modules"])
+            guided += f" Frozen while distilling (the most sensitive layers): {frozen}."
     return f"""---
 library_name: diffusers
 tags: [stable-diffusion-xl, distillation, pruning]
@@ -750,7 +929,7 @@ A `UNet2DConditionModel` with {spec.student_params:,} parameters ({spec.student_
 of the teacher's {spec.teacher_params:,}), made by removing {len(spec.removed)} units (plan
 `{spec.plan.name}`, in `plan.json`; `layer_map.json` says which teacher layer each student layer
 came from) and distilling for {config.steps * len(config.stages)} steps with task, output and
-`{config.feature_mode}` feature losses (weights {config.w_task}, {config.w_out}, {config.w_feat}).
+`{config.feature_mode}` feature losses (weights {config.w_task}, {config.w_out}, {config.w_feat}).{guided}
 
 ```python
 from diffusers import DiffusionPipeline, UNet2DConditionModel

@@ -8,6 +8,10 @@ total = w_task * task + w_out * out + w_feat * sum(feat terms)
 
 With ``normalize=True`` each feature term is divided by the teacher feature's mean square,
 so deep high-magnitude features don't swamp the others (and the task loss).
+
+``feature_weights`` (one per pair, e.g. from the teacher's sensitivity map) make the feature
+loss a weighted sum; the per-pair terms are logged unweighted. Without them the sum is the
+plain one, computed exactly as before.
 """
 
 from __future__ import annotations
@@ -41,6 +45,7 @@ def distillation_loss(
     pairs: list[tuple[str, str]],
     weights: LossWeights,
     normalize: bool = False,
+    feature_weights: torch.Tensor | None = None,
 ) -> dict[str, torch.Tensor]:
     """Every term under its metric key (``loss/task``, ``loss/feat/<student module>``, ...)."""
     terms: dict[str, torch.Tensor] = {"loss/task": F.mse_loss(student_pred.float(), target.float())}
@@ -52,7 +57,12 @@ def distillation_loss(
         feats = [feature_term(student_feats[s], teacher_feats[t], normalize) for s, t in pairs]
         for (s, _), term in zip(pairs, feats):
             terms[f"loss/feat/{s}"] = term
-        terms["loss/feat"] = torch.stack(feats).sum()
+        stacked = torch.stack(feats)
+        if feature_weights is not None:
+            if feature_weights.shape != stacked.shape:
+                raise ValueError(f"{len(pairs)} feature pairs but {feature_weights.numel()} feature weights")
+            stacked = stacked * feature_weights.to(device=stacked.device, dtype=stacked.dtype)
+        terms["loss/feat"] = stacked.sum()
         total = total + weights.feat * terms["loss/feat"]
     terms["loss/total"] = total
     return terms

@@ -7,6 +7,7 @@ import argparse
 from workbench.commands._common import add_base, emit_json
 from workbench.distill import (
     FEATURE_MODES,
+    FEATURE_WEIGHTS,
     LR_SCHEDULES,
     PRECISIONS,
     STAGE_TEACHERS,
@@ -43,12 +44,24 @@ _OPTIONS: list[tuple[str, type, str]] = [
     ("--sample-every", int, "teacher-vs-student sample grid every N steps (0: at the end only)"),
     ("--sample-steps", int, "denoising steps for sample grids"),
     ("--sample-guidance", float, "guidance scale for sample grids"),
+    (
+        "--freeze-sensitive",
+        int,
+        "freeze the student modules of the N most sensitive kept teacher layers (sensitivity map; "
+        "ties: earliest first); 0 (default) freezes nothing",
+    ),
 ]
 _CHOICES: list[tuple[str, tuple[str, ...], str]] = [
     (
         "--feature-mode",
         FEATURE_MODES,
         "feature KD: layer (every kept ResNet/attention), block, self-attention, none",
+    ),
+    (
+        "--feature-weights",
+        FEATURE_WEIGHTS,
+        "weight of each feature KD term: uniform (default) or by the sensitivity of the teacher "
+        "layer it matches (measured once per teacher and cached; weights average 1)",
     ),
     ("--lr-schedule", LR_SCHEDULES, "learning-rate schedule"),
     (

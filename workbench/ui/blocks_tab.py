@@ -18,7 +18,7 @@ from workbench.errors import WorkbenchError
 from workbench.measure import latent_size
 from workbench.topology import Stage
 from workbench.ui import format as fmt
-from workbench.ui import plan_view
+from workbench.ui import plan_view, sensitivity_panel
 from workbench.ui.shared import ProgressAdapter, Shared, panel_updates, user_errors
 from workbench.ui.store import Pricing, Store
 
@@ -257,12 +257,14 @@ def measured_md(result: dict[str, Any], n_removed: int, resolution: int) -> str:
 
 
 def build(ctx: Shared) -> None:
-    """The toggles (left) and the deltas panel (right, stays in view while scrolling)."""
+    """Sensitivity and auto-prune above the toggles (left); the deltas panel (right, stays in view)."""
     with gr.Row(equal_height=False):
         with gr.Column(scale=11, elem_classes="wb-toggles"):
+            sensitivity = sensitivity_panel.build(ctx)
             _toggles(ctx)
         with gr.Column(scale=9, elem_classes="wb-sticky"):
             _panel(ctx)
+    sensitivity_panel.wire(ctx, sensitivity)  # it updates the panel, which exists only now
 
 
 def _toggles(ctx: Shared) -> None:

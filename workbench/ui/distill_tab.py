@@ -17,7 +17,16 @@ from typing import Any
 import gradio as gr
 
 from workbench import jobs
-from workbench.distill import FEATURE_MODES, PRECISIONS, STAGE_TEACHERS, DistillConfig, check_data, validate
+from workbench.distill import (
+    FEATURE_MODES,
+    FEATURE_WEIGHTS,
+    PRECISIONS,
+    STAGE_TEACHERS,
+    DistillConfig,
+    check_data,
+    check_guidance,
+    validate,
+)
 from workbench.errors import WorkbenchError
 from workbench.plan import PruningPlan
 from workbench.presets import check_name, list_presets, load_preset
@@ -34,7 +43,21 @@ POLL_S = 2.0
 MAIN_TERMS = ("loss/total", "loss/task", "loss/out", "loss/feat")
 # Run options the form sets (DistillConfig fields and CLI flags of the same names).
 FORM_KEYS = ("data", "toy_samples", "batch_size", "lr", "w_task", "w_out", "w_feat", "feature_mode",
-             "mixed_precision", "stage_teacher", "sample_every", "checkpoint_every")  # fmt: skip
+             "mixed_precision", "stage_teacher", "sample_every", "checkpoint_every",
+             "feature_weights", "freeze_sensitive")  # fmt: skip
+# Form keys a caller may leave out: the run's defaults (today's behaviour) apply.
+FORM_DEFAULTS = {"feature_weights": "uniform", "freeze_sensitive": 0}
+
+
+def form_fields(form: dict[str, Any]) -> dict[str, Any]:
+    """The DistillConfig fields of a form (whole numbers where the config wants them)."""
+    fields = {k: form.get(k, FORM_DEFAULTS.get(k)) for k in FORM_KEYS}
+    value = fields["freeze_sensitive"]
+    if isinstance(value, float) and value.is_integer():  # a Number box may hand back 2.0
+        fields["freeze_sensitive"] = int(value)
+    elif value is None:
+        fields["freeze_sensitive"] = 0
+    return fields
 
 
 def runs_root() -> Path:
@@ -59,8 +82,8 @@ def launch_argv(base: str, form: dict[str, Any], stages: str) -> list[str]:
     """CLI arguments for ``distill``; the plan file is written into the run folder."""
     argv = ["--base", base, "--steps", str(int(form["steps"]))]
     argv += ["--stages", stages] if stages else ["--preset", "{run}/" + PLAN_FILE]
-    for key in FORM_KEYS:
-        argv += [f"--{key.replace('_', '-')}", str(form[key])]
+    for key, value in form_fields(form).items():
+        argv += [f"--{key.replace('_', '-')}", str(value)]
     return argv
 
 
@@ -72,11 +95,11 @@ def check_launch(
 
     names = [s.strip() for s in stages.split(",") if s.strip()] if stages else []
     plans = [load_preset(n).to_dict() for n in names] or [plan.to_dict()]
-    fields = {k: form[k] for k in FORM_KEYS}
-    config = DistillConfig(stages=tuple(plans), steps=int(form["steps"]), base=base, **fields)
+    config = DistillConfig(stages=tuple(plans), steps=int(form["steps"]), base=base, **form_fields(form))
     validate(config)
     check_data(config)
     specs = check_plans(config, store.base(base).unet_config)
+    check_guidance(config, specs)
     if limits.max_distill_steps and config.steps * len(specs) > limits.max_distill_steps:
         raise WorkbenchError(
             f"this app runs at most {limits.max_distill_steps} distillation steps; ask for fewer"
@@ -161,6 +184,8 @@ def status_md(run_dir: str | None) -> str:
     line = f"<b>{fmt.escape(run.root.name)}</b>: {state}, step {status.get('step', 0)} / {total}"
     if status.get("stage"):
         line += f", stage {status['stage']}"
+    if status.get("message") and state == "running":  # e.g. measuring the sensitivity map
+        line += f"<br>{fmt.escape(status['message'])}"
     if state == "failed":
         error = status.get("error") or _log_tail(run) or "the process ended without reporting (killed?)"
         hint = "Resume continues from the last checkpoint."
@@ -239,6 +264,18 @@ def build(ctx: Shared) -> None:
                 precision = gr.Dropdown(list(PRECISIONS), value="no", label="mixed precision")
                 stage_teacher = gr.Dropdown(list(STAGE_TEACHERS), value="original", label="stage teacher")
             with gr.Row():
+                feature_weights = gr.Dropdown(
+                    list(FEATURE_WEIGHTS), value="uniform", label="feature weights",
+                    info="sensitivity: weight each feature term by how much removing its teacher layer "
+                    "hurts (map measured once per teacher, then cached)",
+                    elem_id="wb-distill-feature-weights",
+                )  # fmt: skip
+                freeze_sensitive = gr.Number(
+                    0, label="freeze most sensitive", precision=0, minimum=0,
+                    info="freeze the student layers inherited from the N most sensitive teacher layers",
+                    elem_id="wb-distill-freeze",
+                )  # fmt: skip
+            with gr.Row():
                 sample_every = gr.Number(50, label="samples every", precision=0)
                 checkpoint_every = gr.Number(50, label="checkpoint every", precision=0)
                 name = gr.Textbox(label="run name (optional)", elem_id="wb-distill-name")
@@ -258,9 +295,11 @@ def build(ctx: Shared) -> None:
                 download = gr.Button("Download student (zip)")
             student_file = gr.File(label="student", visible=True)
     form_inputs = [steps, toy_samples, batch, lr, w_task, w_out, w_feat, feature_mode, precision,
-                   stage_teacher, sample_every, checkpoint_every]  # fmt: skip
+                   stage_teacher, sample_every, checkpoint_every, feature_weights,
+                   freeze_sensitive]  # fmt: skip
     keys = ["steps", "toy_samples", "batch_size", "lr", "w_task", "w_out", "w_feat", "feature_mode",
-            "mixed_precision", "stage_teacher", "sample_every", "checkpoint_every"]  # fmt: skip
+            "mixed_precision", "stage_teacher", "sample_every", "checkpoint_every", "feature_weights",
+            "freeze_sensitive"]  # fmt: skip
 
     def on_launch(view, removed, choice, stage_text, data_text, run_name, *values):
         form = dict(zip(keys, values)) | {"data": (data_text or "").strip() or "toy"}

@@ -7,6 +7,7 @@ on a CPU, a plain dict ~0.2 ms. The tests check every figure against plotly's sc
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass
 from typing import Any
 
@@ -206,3 +207,187 @@ def deltas_figure(rows: list[tuple[str, float, float, str, str]]) -> dict[str, A
 
 def to_json(figure: dict[str, Any]) -> str:
     return json.dumps(figure, separators=(",", ":"))
+
+
+# ------------------------------------------------------------------ sensitivity heatmap
+
+UNREMOVABLE = ("cannot be removed", "#d9d9d9")
+HEAT_COLOURS = "YlOrRd"  # light: removing it changes little; dark red: it matters
+DEVIATION_FLOOR = 1e-9  # a deviation of 0 (no change at all) is drawn at this colour
+
+
+@dataclass(frozen=True)
+class HeatLayout:
+    """Where each unit sits in the sensitivity heatmap: the Blocks tab's toggle rows as rows.
+
+    Rows follow the stages in forward order (down, mid, up), one per layer (then one for the
+    stage's attention as a whole); column 0 is the layer (or mid unit) itself, column k+1
+    its transformer block k.
+    """
+
+    cells: dict[str, tuple[int, int]]  # unit id -> (row, column)
+    row_labels: tuple[str, ...]
+    col_labels: tuple[str, ...]
+
+
+def _heat_slot(unit_id: str, kind: str, stage: str) -> tuple[str, int]:
+    """(row label within the stage, column) of a unit."""
+    rest = unit_id[len(stage) + 1 :] if unit_id != stage else ""
+    parts = rest.split(".")
+    if kind == "transformer_block":  # attentions.J.transformer_blocks.K
+        row = "attention" if stage == "mid_block" else f"layer {parts[1]}"
+        return row, int(parts[3]) + 1
+    if kind == "layer":
+        return f"layer {parts[1]}", 0
+    if kind == "stage_attention":
+        return "all attention", 0
+    if kind == "mid_attention":
+        return "attention", 0
+    if kind == "mid_block":
+        return "whole block", 0
+    return rest or unit_id, 0
+
+
+def heat_layout(catalog: Catalog) -> HeatLayout:
+    """Rows in catalog (forward) order; every unit of the catalog gets exactly one cell."""
+    rows: dict[tuple[str, str], int] = {}
+    cells: dict[str, tuple[int, int]] = {}
+    for unit in catalog.units:
+        label, col = _heat_slot(unit.id, unit.kind, unit.stage)
+        row = rows.setdefault((unit.stage, label), len(rows))
+        cells[unit.id] = (row, col)
+    width = 1 + max((c for _, c in cells.values()), default=0)
+    row_labels = tuple(f"{_short_stage(stage)} · {label}" for stage, label in rows)
+    col_labels = ("unit", *(f"block {k}" for k in range(width - 1)))
+    return HeatLayout(cells, row_labels, col_labels)
+
+
+def _short_stage(path: str) -> str:
+    return "mid" if path == "mid_block" else path.replace("_blocks.", " ")
+
+
+def _wrap(text: str, width: int = 72) -> str:
+    """Break a long reason into hover-sized lines."""
+    lines, line = [], ""
+    for word in text.split():
+        if line and len(line) + 1 + len(word) > width:
+            lines.append(line)
+            line = word
+        else:
+            line = f"{line} {word}".strip()
+    return "<br>".join([*lines, line] if line else lines)
+
+
+def _heat_hover(row: dict[str, Any]) -> str:
+    lines = [f"<b>{row['unit']}</b>", f"{row['kind'].replace('_', ' ')} · {fmt.params(row['params'])} params"]
+    if row.get("deviation") is not None:
+        lines.append(f"deviation {row['deviation']:.3g} (relative MSE of the noise prediction)")
+    if row.get("fidelity_drop") is not None:
+        lines.append(f"fidelity drop {row['fidelity_drop']:+.3f}")
+    if row.get("with"):
+        lines.append(f"measured with {row['with']} (it cannot go alone)")
+    if row.get("reason"):
+        lines.append("cannot be removed: " + _wrap(row["reason"]))
+    return "<br>".join(lines)
+
+
+def sensitivity_figure(layout: HeatLayout, rows: list[dict[str, Any]]) -> dict[str, Any]:
+    """A heatmap of ``sensitivity.heat_rows``: colour = log10(deviation); units no plan can
+    remove (or missing from the map) are grey and hatched, with the reason on hover."""
+    n_rows, n_cols = len(layout.row_labels), len(layout.col_labels)
+    z: list[list[float | None]] = [[None] * n_cols for _ in range(n_rows)]
+    hover: list[list[str]] = [[""] * n_cols for _ in range(n_rows)]
+    grey: list[tuple[int, int, str]] = []
+    seen = set()
+    for row in rows:
+        if row["unit"] not in layout.cells:
+            continue
+        seen.add(row["unit"])
+        r, c = layout.cells[row["unit"]]
+        dev = row.get("deviation")
+        if dev is None or not math.isfinite(dev):
+            grey.append((r, c, _heat_hover(row)))
+            continue
+        z[r][c] = math.log10(max(dev, DEVIATION_FLOOR))
+        hover[r][c] = _heat_hover(row)
+    for unit, (r, c) in layout.cells.items():
+        if unit not in seen:
+            grey.append((r, c, f"<b>{unit}</b><br>not in this sensitivity map"))
+    logs = [v for line in z for v in line if v is not None]
+    lo = math.floor(min(logs)) if logs else -6
+    hi = math.ceil(max(logs)) if logs else 0
+    hi = max(hi, lo + 1)
+    ticks = list(range(lo, hi + 1))
+    heat = {
+        "type": "heatmap",
+        "name": "deviation",
+        "z": z,
+        "x": list(range(n_cols)),
+        "y": list(range(n_rows)),
+        "hovertext": hover,
+        "hovertemplate": "%{hovertext}<extra></extra>",
+        "hoverongaps": False,
+        "colorscale": HEAT_COLOURS,
+        "zmin": lo,
+        "zmax": hi,
+        "xgap": 2,
+        "ygap": 2,
+        "colorbar": {
+            "title": {"text": "deviation", "side": "right"},
+            "tickvals": ticks,
+            "ticktext": [_decade(t) for t in ticks],
+            "thickness": 12,
+            "len": 0.9,
+        },
+    }
+    blocked = {
+        "type": "bar",
+        "name": UNREMOVABLE[0],
+        "x": [c for _, c, _ in grey],
+        "y": [0.9] * len(grey),
+        "base": [r - 0.45 for r, _, _ in grey],
+        "width": 0.9,
+        "hovertext": [h for _, _, h in grey],
+        "hovertemplate": "%{hovertext}<extra></extra>",
+        "marker": {
+            "color": UNREMOVABLE[1],
+            "pattern": {"shape": "/", "fgcolor": "#888", "size": 6},
+            "line": {"width": 0},
+        },
+        "showlegend": bool(grey),
+    }
+    layout_ = {
+        "height": 90 + 22 * n_rows,
+        "margin": {"l": 8, "r": 8, "t": 30, "b": 8},
+        "plot_bgcolor": "white",
+        "paper_bgcolor": "rgba(0,0,0,0)",
+        "showlegend": bool(grey),
+        "legend": {"orientation": "h", "y": -0.01, "yanchor": "top", "x": 0, "font": {"size": 11}},
+        "xaxis": {
+            "tickvals": list(range(n_cols)),
+            "ticktext": list(layout.col_labels),
+            "side": "top",
+            "range": [-0.5, n_cols - 0.5],
+            "fixedrange": True,
+            "showgrid": False,
+            "zeroline": False,
+            "tickfont": {"size": 10},
+        },
+        "yaxis": {
+            "tickvals": list(range(n_rows)),
+            "ticktext": list(layout.row_labels),
+            "range": [n_rows - 0.5, -0.5],
+            "fixedrange": True,
+            "showgrid": False,
+            "zeroline": False,
+            "automargin": True,
+            "tickfont": {"size": 10},
+        },
+        "hoverlabel": {"align": "left"},
+        "dragmode": False,
+    }
+    return {"data": [heat, blocked], "layout": layout_}
+
+
+def _decade(power: int) -> str:
+    return f"{10**power:g}" if power >= 0 else f"1e{power}"

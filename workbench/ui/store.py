@@ -14,7 +14,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
-from workbench import measure, models
+from workbench import measure, models, sensitivity
 from workbench.catalog import Catalog, build_catalog
 from workbench.errors import WorkbenchError
 from workbench.plan import PruningPlan
@@ -54,6 +54,7 @@ class _Weights:
     student_key: tuple[str, ...] | None = None
     student: Any = None
     spec: StudentSpec | None = None
+    probe: Any = None  # a sensitivity.Probe on this pipeline (its recorded calibration calls)
 
 
 def native_resolution(base: models.Base) -> int:
@@ -62,10 +63,15 @@ def native_resolution(base: models.Base) -> int:
 
 
 class Store:
-    """Thread-safe cache of bases, catalogs, FLOPs, weights, students and latency profiles."""
+    """Thread-safe cache of bases, catalogs, FLOPs, weights, students, probes and latency profiles.
 
-    def __init__(self, max_loaded: int = 1) -> None:
+    ``calibration`` is how sensitivity maps are measured here (the real defaults unless a
+    test passes smaller ones).
+    """
+
+    def __init__(self, max_loaded: int = 1, calibration: sensitivity.Settings | None = None) -> None:
         self.max_loaded = max_loaded
+        self.calibration = calibration if calibration is not None else sensitivity.Settings()
         self._lock = threading.Lock()
         self._key_locks: dict[tuple, threading.Lock] = {}
         self._memo: dict[tuple, Any] = {}
@@ -179,6 +185,22 @@ class Store:
                 entry.student.eval()
                 entry.student_key = key
             return entry.student, entry.spec
+
+    def probe(self, name: str, progress: Progress = _no_progress) -> sensitivity.Probe:
+        """The base's teacher with its calibration calls recorded (``self.calibration``), kept
+        with its pipeline so repeated sensitivity and auto-prune runs neither reload nor
+        re-record. A base without a pipeline gets the probe's own error, before any load."""
+        base = self.base(name)
+        if not base.has_pipeline:
+            return sensitivity.Probe(base, self.calibration)  # raises why; loads nothing
+        pipe = self.pipeline(name, progress)
+        with self._key_lock(("probe", name)):
+            entry = self._entry(name)
+            probe = entry.probe
+            if probe is None or probe.settings != self.calibration or probe.pipe is not pipe:
+                probe = sensitivity.Probe(base, self.calibration, pipe=pipe, progress=progress)
+                entry.probe = probe
+            return probe
 
     # ------------------------------------------------------------ latency profiles
 
