@@ -54,6 +54,23 @@ def test_bad_launches_are_explained(base, tmp_path, changes, removed, message):
     assert not any(tmp_path.iterdir())
 
 
+def test_sensitivity_options_reach_the_run(base, tmp_path):
+    argv = dt.launch_argv(base, FORM | {"feature_weights": "sensitivity", "freeze_sensitive": 2.0}, "")
+    assert argv[argv.index("--feature-weights") + 1] == "sensitivity"
+    assert argv[argv.index("--freeze-sensitive") + 1] == "2"
+    plain = dt.launch_argv(base, FORM, "")  # forms without them: today's defaults
+    assert plain[plain.index("--feature-weights") + 1] == "uniform"
+    with pytest.raises(WorkbenchError, match="--freeze-sensitive 99: stage 1's student"):
+        dt.launch(
+            Store(), base, "ssd-1b", [], FORM | {"freeze_sensitive": 99}, "", "", Limits(), root=tmp_path
+        )
+    assert not any(tmp_path.iterdir())
+    run = RunDir(tmp_path / "r")
+    run.root.mkdir()
+    run.write_status(state="running", step=0, pid=None, message="measuring sensitivity 40%: deviation 3/90")
+    assert "measuring sensitivity 40%" in dt.status_md(str(run.root))
+
+
 def test_launch_watch_and_download(base, tmp_path):
     store = Store()
     run_dir = dt.launch(store, base, "koala-700m", [], FORM, "", "first", Limits(), root=tmp_path)
