@@ -146,6 +146,16 @@ def test_page_opens_on_the_start_model(page):
     page.screenshot(path=str(SHOTS / "01-start.png"), full_page=True)
 
 
+def test_sensitivity_section_shows_above_the_toggles(page):
+    """No map is cached for the start model in this fresh cache: the section says how to get one."""
+    page.wait_for_function(
+        "() => document.querySelector('#wb-heat-note')?.innerText.includes('No sensitivity map')"
+    )
+    assert page.get_by_role("button", name="Measure sensitivity", exact=True).is_visible()
+    assert page.get_by_role("button", name="Auto-prune", exact=True).is_visible()
+    page.screenshot(path=str(SHOTS / "01b-sensitivity.png"), full_page=False)
+
+
 def test_toggling_a_down_layer_changes_the_params_delta(page):
     expected = fmt.params(Store().spec(_start_base(), ["down_blocks.2.layers.1"]).student_params)
     assert expected not in _numbers(page)
