@@ -118,7 +118,8 @@ def run(args: argparse.Namespace) -> int:
         drop = smap.fidelity_drop(unit_id)
         drop_s = "-" if drop is None else f"{drop:+.3f}"
         extra = f"  (with {score.companion})" if score.companion else ""
-        print(f"  {unit_id:<52} {human(score.params):>8} {score.deviation:>10.4f} {drop_s:>9}{extra}")
+        dev = f"{score.deviation:.4f}" if score.deviation >= 1e-3 else f"{score.deviation:.1e}"
+        print(f"  {unit_id:<52} {human(score.params):>8} {dev:>10} {drop_s:>9}{extra}")
     if smap.path:
         print(f"  cache: {smap.path}")
     return 0
