@@ -168,6 +168,11 @@ def test_an_infeasible_budget_names_the_smallest_reachable_size(base, smap):
         ap.search(catalog, [budget], smap, method="static")
     reach = floor.student_params / floor.teacher_params
     assert f"{reach:.3f}" in str(err.value) and f"{floor.student_params:,}" in str(err.value)
+    flops = ap.budget("flops", 0.01, catalog, resolution=64)
+    floor_flops = ap.smallest_reachable(catalog, flops)
+    assert flops.fraction(floor_flops.removed_atoms) <= flops.fraction(floor.removed_atoms)
+    with pytest.raises(WorkbenchError, match=r"a flops budget of 0.01 \(--target-flops\) cannot be met"):
+        ap.search(catalog, [flops], smap, method="static")
     # and that floor really is a valid, buildable student
     student, _ = build_student(load_unet(base), floor.plan)
     assert sum(p.numel() for p in student.parameters()) == floor.student_params

@@ -173,29 +173,35 @@ def _rank(moves_: list[Move], budgets: list[Budget], current: StudentSpec) -> li
     return ranked
 
 
-def smallest_reachable(catalog: Catalog) -> StudentSpec:
-    """The plan removing the most a teacher allows (largest moves first, until none is valid)."""
+def smallest_reachable(catalog: Catalog, budget: Budget | None = None) -> StudentSpec:
+    """The plan removing the most a teacher allows, measured in ``budget``'s weights
+    (parameters by default): largest moves first, until no removal is valid."""
+
+    def left(spec: StudentSpec) -> float:
+        if budget is None:
+            return spec.student_params
+        return budget.fraction(spec.removed_atoms)
+
     current = compile_plan(catalog, PruningPlan.empty(catalog, "smallest"))
     while True:
         options = moves(catalog, current, None)
         if not options:
             return current
-        current = min(options, key=lambda m: (m.spec.student_params, m.units)).spec
+        current = min(options, key=lambda m: (left(m.spec), m.spec.student_params, m.units)).spec
 
 
-def check_feasible(catalog: Catalog, budgets: list[Budget]) -> StudentSpec:
-    """The smallest reachable student; raises if it misses a budget, naming its size."""
-    floor = smallest_reachable(catalog)
+def check_feasible(catalog: Catalog, budgets: list[Budget]) -> None:
+    """Raise if a budget is below the smallest student the teacher allows, naming its size."""
     for b in budgets:
+        floor = smallest_reachable(catalog, b)
         reach = b.fraction(floor.removed_atoms)
         if reach > b.target + 1e-12:
             raise WorkbenchError(
-                f"--target-{b.kind} {b.target:g} cannot be met: the smallest student this teacher "
-                f"allows keeps {reach:.3f} of its {b.kind} ({floor.student_params:,} of "
-                f"{floor.teacher_params:,} params), removing every stage's attention, the mid block "
+                f"a {b.kind} budget of {b.target:g} (--target-{b.kind}) cannot be met: the smallest "
+                f"student this teacher allows keeps {reach:.3f} of its {b.kind} ({floor.student_params:,} "
+                f"of {floor.teacher_params:,} params), removing every stage's attention, the mid block "
                 f"and all but one layer per stage; give a target of at least {math.ceil(reach * 1000) / 1000:.3f}"
             )
-    return floor
 
 
 # --------------------------------------------------------------------------- search
@@ -270,8 +276,13 @@ def search(
     start_gap = _shortfall(budgets, current.removed_atoms) or 1.0
     while _shortfall(budgets, current.removed_atoms) > 0:
         ranked = _rank(moves(catalog, current, smap), budgets, current)
-        if not ranked:  # cannot happen after check_feasible, unless the map skips units
-            raise WorkbenchError("no valid removal left before the budget was met")
+        if not ranked:  # each budget alone is reachable, but not all of them at once
+            got = ", ".join(f"{b.kind} {b.fraction(current.removed_atoms):.3f}" for b in budgets)
+            want = ", ".join(f"{b.kind} <= {b.target:g}" for b in budgets)
+            raise WorkbenchError(
+                f"the budgets {want} cannot all be met by one plan: the search stopped at {got} "
+                "with nothing valid left to remove; relax one of the targets"
+            )
         if measure is None:
             chosen, new_dev = ranked[0][2], None
         else:
