@@ -4,7 +4,9 @@ Variants (weights task / output / feature):
 - undistilled: the student as built from the teacher's weights, no training;
 - task-only (1 / 0 / 0), output-only (0 / 1 / 0),
 - block-level (1 / 0.5 / 0.5, stage outputs as BK-SDM),
-- layer-level (1 / 0.5 / 0.5, every kept ResNet and attention output as SSD-1B; our default).
+- layer-level (1 / 0.5 / 0.5, every kept ResNet and attention output as SSD-1B; our default);
+- layer-sensitivity / layer-freeze2: layer-level, guided by the sensitivity map (feature
+  terms weighted by sensitivity; the 2 most sensitive kept layers frozen).
 
 Each student is scored on the toy's held-out prompts (fidelity: colour and shape judged
 right) and against the teacher's images on the same seeds (PSNR, SSIM).
@@ -35,7 +37,13 @@ VARIANTS = {
     "output": {"w_task": 0.0, "w_out": 1.0, "w_feat": 0.0, "feature_mode": "none"},
     "block": {"w_task": 1.0, "w_out": 0.5, "w_feat": 0.5, "feature_mode": "block"},
     "layer": {"w_task": 1.0, "w_out": 0.5, "w_feat": 0.5, "feature_mode": "layer"},
-}
+    # sensitivity-guided (HierarchicalPrune): feature terms weighted by the sensitivity map,
+    # or the 2 most sensitive kept layers frozen at the teacher's weights
+    "layer-sensitivity": {"w_task": 1.0, "w_out": 0.5, "w_feat": 0.5, "feature_mode": "layer",
+                          "feature_weights": "sensitivity"},
+    "layer-freeze2": {"w_task": 1.0, "w_out": 0.5, "w_feat": 0.5, "feature_mode": "layer",
+                      "freeze_sensitive": 2},
+}  # fmt: skip
 
 
 def score(args, unet_dir: Path | None) -> dict:

@@ -133,6 +133,9 @@ def test_measured_heatmap_has_one_cell_per_unit_with_finite_colour(store, view, 
     # the colour scale is logarithmic: its ticks are decades
     heat_trace = fig["data"][0]
     assert heat_trace["colorbar"]["ticktext"][0].startswith("1e-")
+    # low deviation is light, high is dark (plotly.js's named "YlOrRd" would run the other way)
+    scale = heat_trace["colorscale"]
+    assert scale[0] == [0.0, "#ffffcc"] and scale[-1] == [1.0, "#800026"]
     assert f"{len(scored)} units scored" in note and "measured in" in note
 
 

@@ -212,7 +212,14 @@ def to_json(figure: dict[str, Any]) -> str:
 # ------------------------------------------------------------------ sensitivity heatmap
 
 UNREMOVABLE = ("cannot be removed", "#d9d9d9")
-HEAT_COLOURS = "YlOrRd"  # light: removing it changes little; dark red: it matters
+# Light yellow: removing it changes little; dark red: it matters. Spelled out (ColorBrewer
+# YlOrRd, low to high) because plotly.js's named "YlOrRd" runs the other way round.
+HEAT_COLOURS = [
+    [i / 8, c]
+    for i, c in enumerate(
+        ["#ffffcc", "#ffeda0", "#fed976", "#feb24c", "#fd8d3c", "#fc4e2a", "#e31a1c", "#bd0026", "#800026"]
+    )
+]
 DEVIATION_FLOOR = 1e-9  # a deviation of 0 (no change at all) is drawn at this colour
 
 
