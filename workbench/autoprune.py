@@ -15,8 +15,10 @@ Two searches, compared in ``benchmarks/autoprune.py``:
   the sensitivity map exists.
 - ``rescored`` (default): the same ranking proposes ``candidates`` moves per step; each is
   scored by building its student on top of the plan so far and measuring the plan's real
-  deviation, so interactions between removals (two cheap blocks that hurt together) count.
-  The put-back pass is measured too.
+  deviation, and the move with the least measured damage per unit of budget saved wins
+  (overshooting the target earns nothing), so interactions between removals count. The
+  put-back pass is measured too. On the toy it beats ``static`` at every budget tried
+  (0.2-0.5 of the parameters), at the price of a few hundred measured plans.
 """
 
 from __future__ import annotations
@@ -286,7 +288,7 @@ def search(
         if measure is None:
             chosen, new_dev = ranked[0][2], None
         else:
-            pool = [m for _, _, m in ranked[:candidates]] + _chunks(catalog, budgets, current, ranked)
+            pool = [m for _, _, m in ranked[:candidates]]
             chosen, new_dev = _best_measured(pool, budgets, current, dev, measure)
         current = chosen.spec
         dev = new_dev if new_dev is not None else dev + chosen.lone_cost
@@ -310,35 +312,13 @@ def search(
     )
 
 
-def _chunks(catalog, budgets, current, ranked) -> list[Move]:
-    """Multi-unit moves: the first 2, 4, 8, ... moves of the static ranking taken together.
-
-    Where many units are nearly free (deep blocks at small latents), measuring them as one
-    move lets a step take them all, instead of one measured step per block; the measured
-    ratio still decides whether a chunk beats a single move.
-    """
-    out = []
-    have = set(current.plan.removed)
-    k = 2
-    while k <= len(ranked):
-        units = tuple(u for _, _, m in ranked[:k] for u in m.units)
-        spec = _compile(catalog, have | set(units))
-        if spec is not None:
-            out.append(Move(units, spec, sum(m.lone_cost for _, _, m in ranked[:k])))
-            if _shortfall(budgets, spec.removed_atoms) == 0:
-                break  # larger chunks only overshoot
-        k *= 2
-    return out
-
-
 def _best_measured(pool, budgets, current, dev, measure) -> tuple[Move, float]:
     best = None
     for m in pool:
         new_dev = measure(m.spec.plan.removed)
-        finishes = _shortfall(budgets, m.spec.removed_atoms) == 0
-        gain = _gain(budgets, current, m.spec)
-        # Per unit of budget saved; a move that meets the budget competes on what it costs.
-        key = (0, new_dev) if finishes else (1, (new_dev - dev) / gain)
+        # Damage per unit of budget saved; overshooting the target earns nothing (the gain
+        # counts only the shortfall closed), so a big finishing move must pay its way.
+        key = (new_dev - dev) / _gain(budgets, current, m.spec)
         if best is None or key < best[0]:
             best = (key, m, new_dev)
     assert best is not None
