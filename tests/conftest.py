@@ -31,3 +31,24 @@ def tiny_teacher(tiny_config):
 @pytest.fixture(scope="session")
 def tiny_sd15_teacher():
     return tiny_unet(tiny_sd15_config())
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """One torch thread for a module (use with ``pytestmark = pytest.mark.usefixtures``).
+
+    Tiny models gain nothing from threads, and on a shared 2-core machine OpenMP threads
+    spinning against another process make a 7M-parameter forward 10-50x slower.
+    """
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="session")
+def perturbed_pipeline(tmp_path_factory) -> str:
+    """A tiny SDXL pipeline whose every UNet weight matters (read-only: share, don't modify)."""
+    from workbench.testing import tiny_pipeline
+
+    return str(tiny_pipeline(tmp_path_factory.mktemp("perturbed") / "pipe", perturb=True))

@@ -22,22 +22,16 @@ from workbench.models import resolve_base
 from workbench.presets import load_preset
 from workbench.runs import RunDir, read_metrics
 from workbench.surgery import student_spec
-from workbench.testing import tiny_pipeline
 
 FAST = {"prompts": 2, "steps": 4, "timesteps": 2}
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
-def base(tmp_path_factory):
-    return str(tiny_pipeline(tmp_path_factory.mktemp("guided") / "pipe", perturb=True))
+def base(perturbed_pipeline):
+    return perturbed_pipeline
 
 
 @pytest.fixture(scope="module")

@@ -18,14 +18,7 @@ from workbench.surgery import compile_plan
 RES = 64  # tiny SDXL topology: multiple of 32 px, latent 8x8
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    # These tests check bookkeeping, not speed. On a busy machine OpenMP's barriers make
-    # tiny multi-threaded forwards 10-50x slower; one thread keeps the suite fast.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(autouse=True)

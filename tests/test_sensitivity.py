@@ -15,22 +15,16 @@ from workbench.cli import main
 from workbench.errors import WorkbenchError
 from workbench.models import load_unet, resolve_base
 from workbench.surgery import build_student
-from workbench.testing import tiny_pipeline
 
 FAST = sens.Settings(prompts=2, steps=4, timesteps=2, guidance=3.0)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
-def base(tmp_path_factory):
-    return str(tiny_pipeline(tmp_path_factory.mktemp("sens") / "pipe", perturb=True))
+def base(perturbed_pipeline):
+    return perturbed_pipeline
 
 
 @pytest.fixture(scope="module")

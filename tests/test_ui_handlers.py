@@ -22,16 +22,7 @@ SKIP = gr.skip()
 SSD_1B = list(presets.load_preset("ssd-1b").removed)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """The tiny models here gain nothing from threads, and on a shared 2-core machine OpenMP
-    threads spinning against another process make a 7M-parameter forward ~30x slower."""
-    import torch
-
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

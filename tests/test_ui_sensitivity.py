@@ -16,7 +16,6 @@ import pytest
 from workbench import autoprune
 from workbench import sensitivity as sens
 from workbench.errors import WorkbenchError
-from workbench.testing import tiny_pipeline
 from workbench.ui import blocks_tab, plan_view, plots
 from workbench.ui import sensitivity_panel as sp
 from workbench.ui.shared import user_errors
@@ -25,15 +24,7 @@ from workbench.ui.store import Store
 FAST = sens.Settings(prompts=2, steps=4, timesteps=2)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models gain nothing from threads; on a shared 2-core machine they cost ~30x."""
-    import torch
-
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -46,8 +37,8 @@ def cache_dir(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def pipeline_dir(tmp_path_factory) -> str:
-    return str(tiny_pipeline(tmp_path_factory.mktemp("sens-ui") / "pipe", perturb=True))
+def pipeline_dir(perturbed_pipeline) -> str:
+    return perturbed_pipeline
 
 
 @pytest.fixture(scope="module")

@@ -24,7 +24,7 @@ Two searches, compared in ``benchmarks/autoprune.py``:
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -32,14 +32,23 @@ from workbench.catalog import Catalog, build_catalog
 from workbench.errors import WorkbenchError
 from workbench.models import Base, resolve_base
 from workbench.plan import PruningPlan
+from workbench.progress import Progress, report, scaled
 from workbench.sensitivity import Probe, SensitivityMap, Settings
 from workbench.surgery import StudentSpec, compile_plan
-
-Progress = Callable[[float, str], None]
 
 BUDGETS = ("params", "flops", "latency")
 METHODS = ("rescored", "static")
 CANDIDATES = 8  # moves measured per step by the rescored search
+
+
+def check_target(kind: str, target: float) -> None:
+    """A budget kind and a kept fraction in (0, 1], or a precise error."""
+    if kind not in BUDGETS:
+        raise WorkbenchError(f"unknown budget {kind!r}; choose one of {', '.join(BUDGETS)}")
+    if not isinstance(target, (int, float)) or math.isnan(target) or not 0 < target <= 1:
+        raise WorkbenchError(
+            f"--target-{kind} {target!r} must be a fraction of the teacher in (0, 1], e.g. 0.5 for half"
+        )
 
 
 @dataclass(frozen=True)
@@ -51,13 +60,7 @@ class Budget:
     weights: dict[str, float] = field(repr=False)
 
     def __post_init__(self) -> None:
-        if self.kind not in BUDGETS:
-            raise WorkbenchError(f"unknown budget {self.kind!r}; choose one of {', '.join(BUDGETS)}")
-        if not isinstance(self.target, (int, float)) or not 0 < self.target <= 1 or math.isnan(self.target):
-            raise WorkbenchError(
-                f"--target-{self.kind} {self.target!r} must be a fraction of the teacher in (0, 1], "
-                "e.g. 0.5 for half"
-            )
+        check_target(self.kind, self.target)
 
     @property
     def total(self) -> float:
@@ -239,11 +242,6 @@ class Result:
         }
 
 
-def _report(progress: Progress | None, fraction: float, message: str) -> None:
-    if progress is not None:
-        progress(min(max(fraction, 0.0), 1.0), message)
-
-
 def search(
     catalog: Catalog,
     budgets: list[Budget],
@@ -296,11 +294,11 @@ def search(
             {"add": list(chosen.units), "fractions": _fractions(budgets, current), "deviation": new_dev}
         )
         done = 1 - _shortfall(budgets, current.removed_atoms) / start_gap
-        _report(progress, 0.9 * done, f"removed {', '.join(chosen.units)}")
+        report(progress, 0.9 * done, f"removed {', '.join(chosen.units)}")
     current, dev = _put_back(catalog, budgets, smap, current, dev, measure, trace)
     plan = current.plan.with_removed(current.plan.removed, name=name, description=_describe(budgets, method))
     spec = compile_plan(catalog, plan)
-    _report(progress, 1.0, "done")
+    report(progress, 1.0, "done")
     return Result(
         spec=spec,
         method=method,
@@ -387,20 +385,14 @@ def autoprune(
     smap = cached_map(base, settings, device=device)
     probe = None
     if smap is None or method == "rescored":
-        probe = Probe(base, settings, device=device, progress=_scaled(progress, 0.0, 0.05))
+        probe = Probe(base, settings, device=device, progress=scaled(progress, 0.0, 0.05))
     if smap is None:
         smap = sensitivity(
-            base, settings, fidelity=False, device=device, probe=probe, progress=_scaled(progress, 0.05, 0.4)
+            base, settings, fidelity=False, device=device, probe=probe, progress=scaled(progress, 0.05, 0.4)
         )
     lo = 0.05 if smap.from_cache else 0.4
     result = search(
         catalog, budgets, smap, method=method, probe=probe, candidates=candidates, name=name,
-        progress=_scaled(progress, lo, 1.0),
+        progress=scaled(progress, lo, 1.0),
     )  # fmt: skip
     return result, probe
-
-
-def _scaled(progress: Progress | None, lo: float, hi: float) -> Progress | None:
-    if progress is None:
-        return None
-    return lambda f, msg: progress(lo + (hi - lo) * f, msg)

@@ -30,7 +30,7 @@ import os
 import re
 import statistics
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -41,9 +41,8 @@ from workbench.errors import WorkbenchError
 from workbench.measure import dummy_inputs, flops_without, latent_size
 from workbench.models import Base, load_unet, resolve_base
 from workbench.plan import PruningPlan
+from workbench.progress import Progress, report, scaled
 from workbench.surgery import StudentSpec, build_student, compile_plan
-
-Progress = Callable[[float, str], None]
 
 SCHEMA = 1  # bump when the profile JSON or the way it is measured changes
 DTYPES = ("bf16", "fp16", "fp32")
@@ -171,11 +170,6 @@ def latency_setup(
     return LatencySetup(base, device, dtype.strip().lower(), torch_dtype, resolution, latent, batch)
 
 
-def _report(progress: Progress | None, fraction: float, message: str) -> None:
-    if progress is not None:
-        progress(min(max(fraction, 0.0), 1.0), message)
-
-
 # --------------------------------------------------------------------------- models
 
 
@@ -210,7 +204,7 @@ def random_unet(config: dict[str, Any], device: str, dtype):
 
 def load_teacher(setup: LatencySetup, progress: Progress | None = None):
     """The base's UNet on the device: its weights when it has them, else random ones."""
-    _report(progress, 0.0, f"building {setup.base.name} UNet on {setup.device} ({setup.dtype})")
+    report(progress, 0.0, f"building {setup.base.name} UNet on {setup.device} ({setup.dtype})")
     if setup.base.has_weights:
         return load_unet(setup.base, device=setup.device, dtype=setup.torch_dtype)
     return random_unet(setup.base.unet_config, setup.device, setup.torch_dtype)
@@ -416,26 +410,19 @@ def profile_for(
     if not refresh:
         cached = _read_profile(path)
         if cached is not None:
-            _report(progress, 1.0, f"latency profile from cache ({path.name})")
+            report(progress, 1.0, f"latency profile from cache ({path.name})")
             return cached
     own = model is None
     if own:
-        model = load_teacher(setup, _scaled(progress, 0.0, 0.3))
+        model = load_teacher(setup, scaled(progress, 0.0, 0.3))
     try:
-        profile = profile_model(model, setup, progress=_scaled(progress, 0.3 if own else 0.0, 1.0))
+        profile = profile_model(model, setup, progress=scaled(progress, 0.3 if own else 0.0, 1.0))
     finally:
         if own:
             del model
             free_memory(setup.device)
     _write_profile(profile, path)
     return profile
-
-
-def _scaled(progress: Progress | None, lo: float, hi: float) -> Progress | None:
-    """A progress callback mapping [0, 1] onto [lo, hi] of ``progress``."""
-    if progress is None:
-        return None
-    return lambda f, msg: progress(lo + (hi - lo) * f, msg)
 
 
 def _read_profile(path: Path) -> Profile | None:
@@ -473,10 +460,10 @@ def profile_model(model, setup: LatencySetup, *, progress: Progress | None = Non
     per_atom: dict[str, list[float]] = {a: [] for a in [*atoms, REST]}
     with torch.inference_mode():
         for i in range(warmup):
-            _report(progress, i / (warmup + passes), f"warm-up {i + 1}/{warmup}")
+            report(progress, i / (warmup + passes), f"warm-up {i + 1}/{warmup}")
             time_forward(model, inputs, clock)
         for i in range(passes):
-            _report(progress, (warmup + i) / (warmup + passes), f"profiling pass {i + 1}/{passes}")
+            report(progress, (warmup + i) / (warmup + passes), f"profiling pass {i + 1}/{passes}")
             whole, exclusive = instrumented_pass(model, inputs, atoms, clock)
             wholes.append(whole)
             for a in per_atom:
@@ -487,7 +474,7 @@ def profile_model(model, setup: LatencySetup, *, progress: Progress | None = Non
     # the whole's median keeps its share of them: scale the parts to add up to the whole,
     # so each atom carries its proportional share and estimate(no atoms) == teacher_s.
     scale = teacher_s / sum(raw.values())
-    _report(progress, 1.0, f"profiled: {teacher_s:.3f} s per forward")
+    report(progress, 1.0, f"profiled: {teacher_s:.3f} s per forward")
     return Profile(
         base=setup.base.name,
         identity=model_identity(setup.base),
@@ -609,10 +596,10 @@ def measure_speedup(
     _flush_denormals(setup.device)
     own = teacher is None
     if own:
-        teacher = load_teacher(setup, _scaled(progress, 0.0, 0.15))
+        teacher = load_teacher(setup, scaled(progress, 0.0, 0.15))
     try:
-        profile = profile_for(setup, refresh=False, progress=_scaled(progress, 0.15, 0.45), model=teacher)
-        _report(progress, 0.45, f"building student {plan.name}")
+        profile = profile_for(setup, refresh=False, progress=scaled(progress, 0.15, 0.45), model=teacher)
+        report(progress, 0.45, f"building student {plan.name}")
         student, _ = build_student(teacher, plan)
         with torch.inference_mode():
             t_times, s_times = _interleaved(teacher, student, setup, spec, repeats, warmup, progress)
@@ -621,7 +608,7 @@ def measure_speedup(
         if own:
             del teacher
         free_memory(setup.device)
-    return _speedup_report(setup, plan, spec, profile, t_times, s_times, repeats, warmup)
+    return _speedupreport(setup, plan, spec, profile, t_times, s_times, repeats, warmup)
 
 
 def _interleaved(
@@ -631,21 +618,21 @@ def _interleaved(
     clock = _Clock(setup.device)
     t_in, s_in = _inputs(setup, setup.base.unet_config), _inputs(setup, spec.config)
     for i in range(warmup):
-        _report(progress, 0.5 + 0.1 * i / max(warmup, 1), f"warm-up {i + 1}/{warmup}")
+        report(progress, 0.5 + 0.1 * i / max(warmup, 1), f"warm-up {i + 1}/{warmup}")
         time_forward(teacher, t_in, clock)
         time_forward(student, s_in, clock)
     t_times: list[float] = []
     s_times: list[float] = []
     for i in range(repeats):
-        _report(progress, 0.6 + 0.4 * i / repeats, f"timing {i + 1}/{repeats}")
+        report(progress, 0.6 + 0.4 * i / repeats, f"timing {i + 1}/{repeats}")
         pair = [(teacher, t_in, t_times), (student, s_in, s_times)]
         for model, inputs, out in pair if i % 2 == 0 else pair[::-1]:
             out.append(time_forward(model, inputs, clock))
-    _report(progress, 1.0, "done")
+    report(progress, 1.0, "done")
     return t_times, s_times
 
 
-def _speedup_report(
+def _speedupreport(
     setup: LatencySetup,
     plan: PruningPlan,
     spec: StudentSpec,

@@ -145,7 +145,9 @@ def load_unet(base: Base | str, device: str = "cpu", dtype=None):
         )
     location, subfolder = _unet_location(base)
     try:
-        unet = UNet2DConditionModel.from_pretrained(location, subfolder=subfolder, dtype=dtype or torch.float32)
+        unet = UNet2DConditionModel.from_pretrained(
+            location, subfolder=subfolder, dtype=dtype or torch.float32
+        )
     except (OSError, ValueError) as err:  # missing/corrupt files, or a hub fetch that failed
         raise WorkbenchError(_load_failed(base, "UNet", err)) from None
     return unet.to(device).eval()

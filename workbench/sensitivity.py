@@ -28,7 +28,7 @@ import hashlib
 import json
 import os
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -38,9 +38,8 @@ from workbench.catalog import Catalog, build_catalog, natural_key
 from workbench.errors import WorkbenchError
 from workbench.models import Base, resolve_base
 from workbench.plan import PruningPlan
+from workbench.progress import Progress, report, scaled
 from workbench.surgery import StudentSpec, compile_plan
-
-Progress = Callable[[float, str], None]
 
 SCHEMA = 1  # bump when the map's JSON or the way it is measured changes
 
@@ -170,11 +169,6 @@ class SensitivityMap:
 # --------------------------------------------------------------------------- probe
 
 
-def _report(progress: Progress | None, fraction: float, message: str) -> None:
-    if progress is not None:
-        progress(min(max(fraction, 0.0), 1.0), message)
-
-
 def calibration_prompts(base: Base, n: int) -> list[str]:
     """Fixed calibration prompts: toy training captions (never the held-out ones), else generic."""
     if base.kind == "toy":
@@ -223,7 +217,7 @@ class Probe:
         if pipe is None:
             from workbench.models import load_pipeline
 
-            _report(progress, 0.0, f"loading {self.base.name}")
+            report(progress, 0.0, f"loading {self.base.name}")
             # fp16 on a GPU (SDXL's usual inference precision; teacher plus one student then
             # fit in ~11 GB), fp32 on the CPU, where fp16 kernels are slow. Errors are summed
             # in fp32 either way.
@@ -232,11 +226,11 @@ class Probe:
         self.pipe = pipe
         self.teacher = pipe.unet
         self._memo: dict[frozenset[str], float] = {}
-        _report(progress, 0.5, "recording the teacher's calibration calls")
+        report(progress, 0.5, "recording the teacher's calibration calls")
         with torch.no_grad():
             self.calls = self._record()
         self.samples = sum(int(c[0][0].shape[0]) for c in self.calls)
-        _report(progress, 1.0, f"recorded {len(self.calls)} calls ({self.samples} samples)")
+        report(progress, 1.0, f"recorded {len(self.calls)} calls ({self.samples} samples)")
 
     def _record(self) -> list[tuple[tuple, dict, Any]]:
         from workbench.sampling import generate
@@ -410,10 +404,9 @@ def read_map(path: Path) -> SensitivityMap | None:
 
 
 def write_map(smap: SensitivityMap, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(f".{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(smap.to_dict(), indent=1) + "\n", encoding="utf-8")
-    os.replace(tmp, path)  # atomic: a reader never sees half a map
+    from workbench.runs import write_json_atomic
+
+    write_json_atomic(path, smap.to_dict())  # a reader never sees half a map
     smap.path = str(path)
 
 
@@ -450,25 +443,19 @@ def sensitivity(
     path = map_path(base, settings, device)
     smap = None if refresh else read_map(path)
     if smap is not None and (smap.has_fidelity or not fidelity):
-        _report(progress, 1.0, f"sensitivity map from cache ({path.name})")
+        report(progress, 1.0, f"sensitivity map from cache ({path.name})")
         return smap
     started = time.perf_counter()
     if probe is None:
-        probe = Probe(base, settings, device=device, progress=_scaled(progress, 0.0, 0.05))
+        probe = Probe(base, settings, device=device, progress=scaled(progress, 0.0, 0.05))
     if smap is None:
-        smap = _measure_deviations(probe, _scaled(progress, 0.05, 0.3 if fidelity else 1.0))
+        smap = _measure_deviations(probe, scaled(progress, 0.05, 0.3 if fidelity else 1.0))
     if fidelity:
-        _measure_fidelity(probe, smap, _scaled(progress, 0.3, 1.0))
+        _measure_fidelity(probe, smap, scaled(progress, 0.3, 1.0))
     smap.seconds += time.perf_counter() - started
     smap.from_cache = False
     write_map(smap, path)
     return smap
-
-
-def _scaled(progress: Progress | None, lo: float, hi: float) -> Progress | None:
-    if progress is None:
-        return None
-    return lambda f, msg: progress(lo + (hi - lo) * f, msg)
 
 
 def _measure_deviations(probe: Probe, progress: Progress | None) -> SensitivityMap:
@@ -476,7 +463,7 @@ def _measure_deviations(probe: Probe, progress: Progress | None) -> SensitivityM
     units: dict[str, UnitScore] = {}
     total = len(catalog.units)
     for i, unit in enumerate(catalog.units):
-        _report(progress, i / total, f"deviation {i + 1}/{total}: {unit.id}")
+        report(progress, i / total, f"deviation {i + 1}/{total}: {unit.id}")
         spec, companion, reason = lone_plan(catalog, unit.id)
         score = UnitScore(unit.id, unit.kind, unit.stage, unit.params, 0, companion=companion, reason=reason)
         if spec is not None:
@@ -484,7 +471,7 @@ def _measure_deviations(probe: Probe, progress: Progress | None) -> SensitivityM
             score.removed_params = spec.teacher_params - spec.student_params
             score.deviation = probe.deviation(spec.removed)
         units[unit.id] = score
-    _report(progress, 1.0, f"scored {sum(u.scored for u in units.values())} of {total} units")
+    report(progress, 1.0, f"scored {sum(u.scored for u in units.values())} of {total} units")
     return SensitivityMap(
         base=probe.base.name,
         identity=weights_fingerprint(probe.base),
@@ -500,16 +487,16 @@ def _measure_deviations(probe: Probe, progress: Progress | None) -> SensitivityM
 
 def _measure_fidelity(probe: Probe, smap: SensitivityMap, progress: Progress | None) -> None:
     s = probe.settings
-    _report(progress, 0.0, "teacher fidelity")
+    report(progress, 0.0, "teacher fidelity")
     smap.teacher_fidelity = probe.fidelity(None, s.fidelity_prompts, s.fidelity_steps)
     todo = [u for u in smap.units.values() if u.scored and u.fidelity is None]
     by_plan: dict[tuple[str, ...], float] = {}
     for i, score in enumerate(todo):
-        _report(progress, (i + 1) / (len(todo) + 1), f"fidelity {i + 1}/{len(todo)}: {score.unit}")
+        report(progress, (i + 1) / (len(todo) + 1), f"fidelity {i + 1}/{len(todo)}: {score.unit}")
         if score.removed not in by_plan:
             by_plan[score.removed] = probe.fidelity(score.removed, s.fidelity_prompts, s.fidelity_steps)
         score.fidelity = by_plan[score.removed]
-    _report(progress, 1.0, "fidelity done")
+    report(progress, 1.0, "fidelity done")
 
 
 def heat_rows(smap: SensitivityMap, catalog: Catalog) -> list[dict[str, Any]]:

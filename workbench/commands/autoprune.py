@@ -12,7 +12,6 @@ from workbench.commands.sensitivity import (
     add_calibration,
     add_device,
     check_device,
-    check_fraction,
     settings_from,
     stderr_progress,
 )
@@ -43,11 +42,12 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from workbench.autoprune import METHODS, autoprune
+    from workbench.autoprune import METHODS, autoprune, check_target
 
     targets = {"params": args.target_params, "flops": args.target_flops, "latency": args.target_latency}
     for kind, value in targets.items():
-        check_fraction(value, f"--target-{kind}")
+        if value is not None:
+            check_target(kind, value)  # before any model loads
     if all(v is None for v in targets.values()):
         raise WorkbenchError("give a budget: --target-params F, --target-flops F and/or --target-latency F")
     if args.method not in METHODS:

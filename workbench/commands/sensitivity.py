@@ -8,7 +8,6 @@ import sys
 import torch
 
 from workbench.commands._common import add_base, add_json, emit_json, human
-from workbench.errors import WorkbenchError
 from workbench.models import resolve_base
 
 
@@ -123,8 +122,3 @@ def run(args: argparse.Namespace) -> int:
     if smap.path:
         print(f"  cache: {smap.path}")
     return 0
-
-
-def check_fraction(value: float | None, flag: str) -> None:
-    if value is not None and not 0 < value <= 1:
-        raise WorkbenchError(f"{flag} {value:g} must be a fraction of the teacher in (0, 1], e.g. 0.5")

@@ -30,7 +30,10 @@ from workbench.ui.store import Store
 BUDGET_WORDS = {"params": "parameters", "flops": "FLOPs", "latency": "estimated latency"}
 # Static first in the UI: a slider should answer at once; rescored (the CLI's default) finds
 # less damaging plans but measures a few hundred of them (about 3-4 min for the toy on a CPU).
-METHOD_CHOICES = [("static (map only, instant)", "static"), ("rescored (measures plans, minutes)", "rescored")]
+METHOD_CHOICES = [
+    ("static (map only, instant)", "static"),
+    ("rescored (measures plans, minutes)", "rescored"),
+]
 DEFAULT_KEEP = 0.5
 INTRO = (
     "**Sensitivity** — each square is a removable unit, laid out like the toggles below; colour is how "
