@@ -218,9 +218,9 @@ class Probe:
             from workbench.models import load_pipeline
 
             report(progress, 0.0, f"loading {self.base.name}")
-            # fp16 on a GPU (SDXL's usual inference precision; teacher plus one student then
-            # fit in ~11 GB), fp32 on the CPU, where fp16 kernels are slow. Errors are summed
-            # in fp32 either way.
+            # fp16 on a GPU (SDXL's usual inference precision; by arithmetic, not measured:
+            # 2 x 5.1 GB of UNet weights plus the text encoders), fp32 on the CPU, where fp16
+            # kernels are slow. Errors are summed in fp32 either way.
             dtype = torch.float16 if device.startswith("cuda") else torch.float32
             pipe = load_pipeline(self.base, device=device, dtype=dtype)
         self.pipe = pipe
