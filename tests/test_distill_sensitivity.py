@@ -10,8 +10,8 @@ import pytest
 import torch
 from diffusers import UNet2DConditionModel
 
-from workbench import guidance
 from workbench import sensitivity as sens
+from workbench import sensitivity_kd
 from workbench.catalog import atom_of
 from workbench.cli import build_parser, main
 from workbench.commands.distill import config_from_args
@@ -58,7 +58,7 @@ def _spec(base, preset="ssd-1b"):
 
 
 def _map(base):
-    return sens.cached_map(base, sens.Settings(**FAST))
+    return sens.cached_map(base, sens.Calibration(**FAST))
 
 
 def _record(run_dir):
@@ -66,7 +66,7 @@ def _record(run_dir):
 
 
 def _expected_unit(teacher_module):
-    """The unit mapping the issue asks for, written out independently of workbench.guidance."""
+    """The unit mapping the issue asks for, written out independently of workbench.sensitivity_kd."""
     m = re.match(r"((?:down|up)_blocks\.\d+)\.(?:resnets|attentions)\.(\d+)", teacher_module)
     if m:
         return f"{m.group(1)}.layers.{m.group(2)}"
@@ -142,7 +142,7 @@ def test_frozen_modules_keep_the_teachers_weights(base, tmp_path):
     stage = _record(tmp_path / "run")["stages"][0]
     assert stage["feature_weights"] is None  # freezing alone keeps uniform feature weights
     # the 3 most sensitive kept layer units; ties (unscored units count as the max) earliest first
-    kept = guidance.kept_layer_units(spec)
+    kept = sensitivity_kd.kept_layer_units(spec)
     ranked = sorted(kept, key=lambda u: (-_score(smap, u), kept.index(u)))[:3]
     assert [u["unit"] for u in stage["frozen_units"]] == sorted(ranked, key=kept.index)
     frozen = set(stage["frozen_modules"])
@@ -176,7 +176,7 @@ def test_resume_keeps_weights_and_frozen_set_when_the_cache_changes(base, tmp_pa
     before = (tmp_path / "split" / GUIDANCE_FILE).read_text()
     assert before == (tmp_path / "straight" / GUIDANCE_FILE).read_text()
     # a re-measured map that ranks everything the other way round must not leak into the run
-    path = Path(sens.cached_map(base, sens.Settings(**FAST)).path)
+    path = Path(sens.cached_map(base, sens.Calibration(**FAST)).path)
     data = json.loads(path.read_text())
     for unit in data["units"].values():
         if unit["deviation"] is not None:
@@ -194,17 +194,17 @@ def test_resume_keeps_weights_and_frozen_set_when_the_cache_changes(base, tmp_pa
 
 
 def test_block_and_self_attention_modes_use_layer_units(base):
-    smap = _map(base) or sens.sensitivity(base, sens.Settings(**FAST), fidelity=False)
+    smap = _map(base) or sens.sensitivity(base, sens.Calibration(**FAST), fidelity=False)
     spec = _spec(base, "koala-1b")  # keeps the mid block's attention
-    kept = guidance.kept_layer_units(spec)
+    kept = sensitivity_kd.kept_layer_units(spec)
     assert kept[0] == "down_blocks.0.layers.0" and "mid_block.attentions.0" in kept
-    assert guidance.unit_of("mid_block.resnets.1") == "mid_block.attentions.0"
-    assert guidance.unit_of("mid_block.resnets.0") == "mid_block"
-    block = guidance.stage_guidance(spec, spec.feature_pairs("block"), smap, "sensitivity", 0)["scores"]
+    assert sensitivity_kd.unit_of("mid_block.resnets.1") == "mid_block.attentions.0"
+    assert sensitivity_kd.unit_of("mid_block.resnets.0") == "mid_block"
+    block = sensitivity_kd.stage_guidance(spec, spec.feature_pairs("block"), smap, "sensitivity", 0)["scores"]
     stage = [_score(smap, u) for u in kept if u.startswith("up_blocks.1.layers.")]
     assert block["up_blocks.1"] == pytest.approx(sum(stage) / len(stage))
     assert block["mid_block"] == _score(smap, "mid_block")
-    attn = guidance.stage_guidance(spec, spec.feature_pairs("self-attention"), smap, "sensitivity", 0)
+    attn = sensitivity_kd.stage_guidance(spec, spec.feature_pairs("self-attention"), smap, "sensitivity", 0)
     for s, score in attn["scores"].items():
         assert score == _score(smap, _expected_unit(spec.teacher_name(s))), s
     assert sum(attn["feature_weights"].values()) == pytest.approx(len(attn["feature_weights"]))

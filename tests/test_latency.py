@@ -9,7 +9,7 @@ import torch
 from workbench import latency
 from workbench.catalog import REST, build_catalog
 from workbench.cli import main
-from workbench.measure import unet_flops
+from workbench.cost import unet_flops
 from workbench.models import Base
 from workbench.plan import PruningPlan
 from workbench.presets import load_preset

@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 
 from workbench.catalog import build_catalog, meta_unet
-from workbench.measure import atom_flops, flops_without, unet_flops
+from workbench.cost import atom_flops, flops_without, unet_flops
 from workbench.presets import load_preset
 from workbench.surgery import compile_plan
 from workbench.topology import topology_of

@@ -16,7 +16,7 @@ from workbench.errors import WorkbenchError
 from workbench.models import load_unet, resolve_base
 from workbench.surgery import build_student
 
-FAST = sens.Settings(prompts=2, steps=4, timesteps=2, guidance=3.0)
+FAST = sens.Calibration(prompts=2, steps=4, timesteps=2, guidance=3.0)
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -48,7 +48,7 @@ def test_recorded_steps_span_the_schedule():
     assert sens.recorded_steps(20, 4) == [0, 6, 13, 19]
     assert sens.recorded_steps(4, 1) == [2]
     with pytest.raises(WorkbenchError, match="cannot exceed the sampling steps"):
-        sens.Settings(steps=3, timesteps=4).check()
+        sens.Calibration(steps=3, timesteps=4).check()
 
 
 def test_removing_nothing_costs_exactly_zero(probe, smap):
@@ -97,7 +97,7 @@ def test_the_map_is_cached_and_a_hit_does_not_measure(base, smap, cache, monkeyp
     assert hit.from_cache
     assert {k: v.deviation for k, v in hit.units.items()} == {k: v.deviation for k, v in smap.units.items()}
     assert sens.cached_map(base, FAST) is not None
-    other = sens.Settings(prompts=3, steps=4, timesteps=2)
+    other = sens.Calibration(prompts=3, steps=4, timesteps=2)
     assert sens.cached_map(base, other) is None  # another calibration is another map
     path = sens.map_path(resolve_base(base), FAST, "cpu")
     good = path.read_text()

@@ -3,8 +3,8 @@ import torch
 from diffusers import UNet2DConditionModel
 
 from workbench.catalog import build_catalog
+from workbench.cost import dummy_inputs
 from workbench.errors import WorkbenchError
-from workbench.measure import dummy_inputs
 from workbench.plan import PruningPlan
 from workbench.presets import load_preset
 from workbench.surgery import build_student, compile_plan

@@ -14,7 +14,7 @@ from workbench.plan import PruningPlan
 from workbench.testing import tiny_pipeline, tiny_sdxl_config
 from workbench.ui import blocks_tab, compare_tab, export_tab, model_box, plan_view, presets_tab
 from workbench.ui import format as fmt
-from workbench.ui.settings import Limits, Settings, parse_args
+from workbench.ui.settings import AppSettings, Limits, parse_args
 from workbench.ui.shared import inline_errors, user_errors
 from workbench.ui.store import Store
 
@@ -400,7 +400,7 @@ def test_inline_errors_show_in_the_status_and_skip_the_rest():
 
 
 def test_settings_follow_flags_and_environment():
-    assert parse_args([], environ={}) == Settings()
+    assert parse_args([], environ={}) == AppSettings()
     space = parse_args(["--port", "7000", "--host", "0.0.0.0"], environ={"WORKBENCH_SPACE": "1"})
     assert space.space and space.port == 7000 and space.host == "0.0.0.0"
     assert space.limits == Limits.for_space() and space.limits.max_steps < Limits().max_steps
@@ -411,7 +411,7 @@ def test_settings_follow_flags_and_environment():
 def test_build_app_lays_out_the_tabs_without_loading_weights(store):
     from workbench.ui.app import build_app
 
-    demo = build_app(Settings(base="sdxl-base"), store=store)
+    demo = build_app(AppSettings(base="sdxl-base"), store=store)
     labels = {b.label for b in demo.blocks.values() if isinstance(b, gr.Tab)}
     assert {"Blocks", "Presets", "Compare", "Export"} <= labels
     assert not store.is_loaded("sdxl-base")

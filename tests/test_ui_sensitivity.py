@@ -21,7 +21,7 @@ from workbench.ui import sensitivity_panel as sp
 from workbench.ui.shared import user_errors
 from workbench.ui.store import Store
 
-FAST = sens.Settings(prompts=2, steps=4, timesteps=2)
+FAST = sens.Calibration(prompts=2, steps=4, timesteps=2)
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -138,7 +138,7 @@ def test_a_cached_map_is_shown_without_measuring_or_loading(pipeline_dir, view, 
     heat, note = sp.measure_sensitivity(fresh, view, False)  # the button: a cache hit, instantly
     assert figure_of(heat) and "from the cache" in note
     assert not fresh.is_loaded(pipeline_dir)
-    other = Store(calibration=sens.Settings(prompts=3, steps=4, timesteps=2))  # another calibration
+    other = Store(calibration=sens.Calibration(prompts=3, steps=4, timesteps=2))  # another calibration
     heat, note = sp.show_cached(other, view)
     assert heat["visible"] is False and "No sensitivity map" in note and "Measure sensitivity" in note
 
@@ -221,9 +221,9 @@ def test_latency_budget_asks_for_a_profile_first(store, view):
 
 def test_the_blocks_tab_shows_the_heatmap_and_the_slider():
     from workbench.ui.app import build_app
-    from workbench.ui.settings import Settings
+    from workbench.ui.settings import AppSettings
 
-    demo = build_app(Settings(base="sdxl-base"), store=Store())
+    demo = build_app(AppSettings(base="sdxl-base"), store=Store())
     blocks = list(demo.blocks.values())
     assert any(isinstance(b, gr.Plot) and b.elem_id == "wb-heat" for b in blocks)
     slider = next(b for b in blocks if isinstance(b, gr.Slider) and b.label == sp.slider_label("params"))

@@ -33,7 +33,7 @@ from workbench.errors import WorkbenchError
 from workbench.models import Base, resolve_base
 from workbench.plan import PruningPlan
 from workbench.progress import Progress, report, scaled
-from workbench.sensitivity import Probe, SensitivityMap, Settings
+from workbench.sensitivity import Calibration, Probe, SensitivityMap
 from workbench.surgery import StudentSpec, compile_plan
 
 BUDGETS = ("params", "flops", "latency")
@@ -90,7 +90,7 @@ def budget(
     if kind == "params":
         return Budget(kind, target, {a: float(n) for a, n in catalog.atom_params.items()})
     if kind == "flops":
-        from workbench.measure import atom_flops
+        from workbench.cost import atom_flops
 
         config = catalog.config
         vae = base.vae_scale_factor if base else 8
@@ -357,7 +357,7 @@ def autoprune(
     targets: dict[str, float],
     *,
     method: str = "rescored",
-    settings: Settings = Settings(),
+    settings: Calibration = Calibration(),
     resolution: int | None = None,
     device: str = "cpu",
     candidates: int = CANDIDATES,

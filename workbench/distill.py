@@ -27,10 +27,10 @@ from typing import Any
 import torch
 
 from workbench.errors import WorkbenchError
-from workbench.guidance import FEATURE_WEIGHTS
 from workbench.losses import LossWeights, distillation_loss
 from workbench.plan import PruningPlan
 from workbench.runs import MetricsWriter, RunDir, read_json, write_json_atomic
+from workbench.sensitivity_kd import FEATURE_WEIGHTS
 from workbench.surgery import FEATURE_MODES
 
 PRECISIONS = ("no", "bf16", "fp16")
@@ -67,7 +67,7 @@ class DistillConfig:
     normalize_features: bool = False
     feature_weights: str = "uniform"  # "uniform" or "sensitivity" (per-pair weights from the map)
     freeze_sensitive: int = 0  # freeze the modules of the N most sensitive kept layer units
-    # overrides of workbench.sensitivity.Settings for the map (empty: the defaults)
+    # overrides of workbench.sensitivity.Calibration for the map (empty: the defaults)
     sensitivity_settings: dict[str, Any] = dataclasses.field(default_factory=dict)
     stage_teacher: str = "original"
     mixed_precision: str = "no"
@@ -168,18 +168,18 @@ def validate(config: DistillConfig) -> None:
 
 def sensitivity_settings(config: DistillConfig):
     """The calibration settings of the run's sensitivity map (checked)."""
-    from workbench.sensitivity import Settings
+    from workbench.sensitivity import Calibration
 
-    names = {f.name for f in dataclasses.fields(Settings)}
+    names = {f.name for f in dataclasses.fields(Calibration)}
     unknown = sorted(set(config.sensitivity_settings) - names)
     if unknown:
         raise WorkbenchError(f"unknown sensitivity settings {unknown}; known: {', '.join(sorted(names))}")
-    return Settings(**config.sensitivity_settings).check()
+    return Calibration(**config.sensitivity_settings).check()
 
 
 def check_guidance(config: DistillConfig, specs: list[Any]) -> None:
     """``freeze_sensitive`` must leave each stage's student something to freeze from."""
-    from workbench.guidance import kept_layer_units
+    from workbench.sensitivity_kd import kept_layer_units
 
     n = config.freeze_sensitive
     for k, spec in enumerate(specs):
@@ -425,8 +425,8 @@ class Trainer:
         return record["stages"]
 
     def _measure_guidance(self) -> dict[str, Any]:
-        from workbench import guidance
         from workbench import sensitivity as sens
+        from workbench import sensitivity_kd
 
         cfg = self.config
         settings = sensitivity_settings(cfg)
@@ -448,7 +448,9 @@ class Trainer:
         stages = []
         for k, spec in enumerate(self.specs):
             pairs = spec.feature_pairs(cfg.feature_mode) if cfg.w_feat > 0 else []
-            record = guidance.stage_guidance(spec, pairs, smap, cfg.feature_weights, cfg.freeze_sensitive)
+            record = sensitivity_kd.stage_guidance(
+                spec, pairs, smap, cfg.feature_weights, cfg.freeze_sensitive
+            )
             stages.append({"stage": k + 1, "plan": spec.plan.name, **record})
         return {
             "feature_weights": cfg.feature_weights,
@@ -686,7 +688,7 @@ class Trainer:
 
     def _freeze(self, k: int, student) -> None:
         """Frozen modules get no gradient and stay out of the optimizer (and of DDP's buckets)."""
-        from workbench.guidance import freeze
+        from workbench.sensitivity_kd import freeze
 
         modules = self.guidance[k]["frozen_modules"] if self.guidance else []
         if modules:

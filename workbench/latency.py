@@ -37,8 +37,8 @@ from pathlib import Path
 from typing import Any
 
 from workbench.catalog import REST, build_catalog, meta_unet
+from workbench.cost import dummy_inputs, flops_without, latent_size
 from workbench.errors import WorkbenchError
-from workbench.measure import dummy_inputs, flops_without, latent_size
 from workbench.models import Base, load_unet, resolve_base
 from workbench.plan import PruningPlan
 from workbench.progress import Progress, report, scaled
@@ -501,7 +501,7 @@ def profile_model(model, setup: LatencySetup, *, progress: Progress | None = Non
 
 def _atom_flops(setup: LatencySetup) -> dict[str, int]:
     """FLOPs per atom for ``batch`` images (counted at batch 1 on meta; linear in batch)."""
-    from workbench.measure import atom_flops
+    from workbench.cost import atom_flops
 
     per_image = atom_flops(
         build_catalog(setup.base.unet_config), setup.resolution, setup.base.vae_scale_factor

@@ -57,7 +57,7 @@ GENERIC_PROMPTS = (
 
 
 @dataclass(frozen=True)
-class Settings:
+class Calibration:
     """How a sensitivity map is measured; every field is part of the cache key."""
 
     prompts: int = 8  # calibration prompts (toy: training captions; else GENERIC_PROMPTS)
@@ -68,7 +68,7 @@ class Settings:
     fidelity_prompts: int = 8  # toy only: held-out prompts (one seed each) for the fidelity drop
     fidelity_steps: int = 20
 
-    def check(self) -> Settings:
+    def check(self) -> Calibration:
         for name in ("prompts", "steps", "timesteps", "fidelity_prompts", "fidelity_steps"):
             value = getattr(self, name)
             if not isinstance(value, int) or value < 1:
@@ -197,7 +197,7 @@ class Probe:
     def __init__(
         self,
         base: Base | str,
-        settings: Settings = Settings(),
+        settings: Calibration = Calibration(),
         *,
         device: str = "cpu",
         pipe=None,
@@ -376,7 +376,7 @@ def weights_fingerprint(base: Base) -> str:
     return hashlib.sha256(json.dumps(stamp).encode()).hexdigest()[:16]
 
 
-def map_path(base: Base, settings: Settings, device: str) -> Path:
+def map_path(base: Base, settings: Calibration, device: str) -> Path:
     key = json.dumps(
         {
             "id": weights_fingerprint(base),
@@ -411,7 +411,7 @@ def write_map(smap: SensitivityMap, path: Path) -> None:
 
 
 def cached_map(
-    base: Base | str, settings: Settings = Settings(), device: str = "cpu"
+    base: Base | str, settings: Calibration = Calibration(), device: str = "cpu"
 ) -> SensitivityMap | None:
     """The cached map for these settings, or ``None``; never measures."""
     base = resolve_base(base) if isinstance(base, str) else base
@@ -420,7 +420,7 @@ def cached_map(
 
 def sensitivity(
     base: Base | str,
-    settings: Settings = Settings(),
+    settings: Calibration = Calibration(),
     *,
     fidelity: bool | None = None,
     device: str = "cpu",

@@ -6,7 +6,7 @@ import argparse
 
 from workbench.catalog import build_catalog
 from workbench.commands._common import add_base, add_json, emit_json, human
-from workbench.measure import unet_flops
+from workbench.cost import unet_flops
 from workbench.models import resolve_base
 from workbench.presets import load_preset
 from workbench.surgery import compile_plan

@@ -22,9 +22,9 @@ def check_device(device: str) -> str:
 
 
 def add_calibration(p: argparse.ArgumentParser) -> None:
-    from workbench.sensitivity import Settings
+    from workbench.sensitivity import Calibration
 
-    d = Settings()
+    d = Calibration()
     g = p.add_argument_group("calibration (each setting is its own cached map)")
     g.add_argument(
         "--prompts", type=int, default=d.prompts, help=f"calibration prompts (default {d.prompts})"
@@ -42,9 +42,9 @@ def add_calibration(p: argparse.ArgumentParser) -> None:
 
 
 def settings_from(args: argparse.Namespace):
-    from workbench.sensitivity import Settings
+    from workbench.sensitivity import Calibration
 
-    return Settings(
+    return Calibration(
         prompts=args.prompts, steps=args.steps, timesteps=args.timesteps, guidance=args.guidance
     ).check()
 

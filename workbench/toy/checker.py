@@ -1,12 +1,20 @@
-"""Does an image show the colour and shape its prompt asks for? (toy world only)
+"""Does an image show what its prompt asks for? (toy world only)
 
 The toy world's stand-in for CLIP score: no learned weights, only pixel statistics
-that follow from how ``world.render`` draws. The background is the dominant colour
-of the image border; the shape is every pixel far from it. Its mean colour names
-the colour; two numbers describe its silhouette inside its bounding box:
+that follow from how ``world.render`` draws. It judges every attribute a caption
+names:
 
-* fill: area / box area (square 1.0, circle 0.79, cross 0.56, triangle 0.5)
-* top: share of the area in the upper half of the box (triangle 0.25, others 0.5)
+* background: the named background nearest the median border pixel;
+* the shape is every pixel far from the background (its largest blob);
+* colour: the named colour nearest the blob's median pixel;
+* shape: two numbers describe the silhouette inside its bounding box:
+  fill, area / box area (square 1.0, circle 0.79, cross 0.56, triangle 0.5), and
+  top, the share of the area in the upper half of the box (triangle 0.25, others 0.5);
+* position: the named position nearest the centre of the blob's bounding box;
+* size: the named size nearest the longer side of that box.
+
+*Fidelity* (colour and shape right) is the project's original score, kept for
+continuity; *full-prompt accuracy* asks for all five attributes at once.
 """
 
 from __future__ import annotations
@@ -17,8 +25,9 @@ from dataclasses import dataclass
 import numpy as np
 from PIL import Image
 
-from workbench.toy.world import BACKGROUNDS, COLOURS, SHAPES
+from workbench.toy.world import BACKGROUNDS, COLOURS, POSITIONS, SHAPES, SIZES
 
+ATTRIBUTES = ("colour", "shape", "background", "position", "size")
 # (fill, top) of each shape as rendered, anti-aliasing included.
 _SHAPE_FEATURES: dict[str, tuple[float, float]] = {
     "square": (0.97, 0.5),
@@ -30,33 +39,90 @@ _SHAPE_FEATURES: dict[str, tuple[float, float]] = {
 _FOREGROUND_DISTANCE = 70.0
 # Fewer shape pixels than this and there is no shape to judge.
 _MIN_AREA = 12
-_PROMPT = re.compile(
-    rf"\b({'|'.join(COLOURS)})\s+({'|'.join(SHAPES)})\b",
-)
+
+
+def _alternatives(names) -> str:
+    # Longest first, so "top left" wins over a shorter overlapping name.
+    return "|".join(sorted((re.escape(n) for n in names), key=len, reverse=True))
+
+
+_PATTERNS = {
+    "colour": re.compile(rf"\b({_alternatives(COLOURS)})\b"),
+    "shape": re.compile(rf"\b({_alternatives(SHAPES)})\b"),
+    "background": re.compile(rf"\b({_alternatives(BACKGROUNDS)})\s+background\b"),
+    "position": re.compile(rf"\b({_alternatives(POSITIONS)})\b"),
+    "size": re.compile(rf"\b({_alternatives(SIZES)})\b"),
+}
 
 
 @dataclass(frozen=True)
 class Judgement:
-    colour: str | None
-    shape: str | None
-    ok: bool
+    """What one image shows against what its prompt asks for.
+
+    ``wanted`` holds only the attributes the prompt names; ``seen`` every attribute the
+    checker read from the image (``None`` where the image shows no shape).
+    """
+
+    wanted: dict[str, str]
+    seen: dict[str, str | None]
+
+    @property
+    def colour(self) -> str | None:
+        return self.seen["colour"]
+
+    @property
+    def shape(self) -> str | None:
+        return self.seen["shape"]
+
+    def right(self, attribute: str) -> bool:
+        return self.seen[attribute] == self.wanted[attribute]
+
+    @property
+    def ok(self) -> bool:
+        """Colour and shape right: the project's original fidelity."""
+        return self.right("colour") and self.right("shape")
+
+    @property
+    def full_ok(self) -> bool:
+        """Every attribute the prompt names is right."""
+        return all(self.right(a) for a in self.wanted)
 
 
-def parse_prompt(prompt: str) -> tuple[str, str]:
-    """The (colour, shape) a toy prompt asks for."""
-    match = _PROMPT.search(prompt.lower())
-    if match is None:
-        raise ValueError(f"not a toy-world prompt (no '<colour> <shape>'): {prompt!r}")
-    return match.group(1), match.group(2)
+def parse_prompt(prompt: str) -> dict[str, str]:
+    """The attributes a toy prompt names; colour and shape are required.
+
+    ``"a large red circle on a white background, center"`` ->
+    ``{"colour": "red", "shape": "circle", "background": "white", "position": "center",
+    "size": "large"}``. The background colour is read before the shape colour, so that
+    "a red circle on a white background" does not take "white" for the circle.
+    """
+    text = prompt.lower()
+    wanted: dict[str, str] = {}
+    background = _PATTERNS["background"].search(text)
+    if background:
+        wanted["background"] = background.group(1)
+        text = text[: background.start()] + text[background.end() :]
+    for name in ("colour", "shape", "position", "size"):
+        match = _PATTERNS[name].search(text)
+        if match:
+            wanted[name] = match.group(1)
+    if "colour" not in wanted or "shape" not in wanted:
+        raise ValueError(
+            f"not a toy-world prompt (it needs a colour and a shape, e.g. 'a red circle'): {prompt!r}"
+        )
+    return wanted
 
 
-def _background(rgb: np.ndarray) -> np.ndarray:
+def _nearest(value: np.ndarray | float, table: dict[str, object]) -> str:
+    names = list(table)
+    dists = [np.linalg.norm(np.asarray(value, dtype=np.float64) - np.asarray(table[n])) for n in names]
+    return names[int(np.argmin(dists))]
+
+
+def _background(rgb: np.ndarray) -> str:
     """The named background colour closest to the median border pixel."""
     border = np.concatenate([rgb[0], rgb[-1], rgb[:, 0], rgb[:, -1]])
-    median = np.median(border, axis=0)
-    names = list(BACKGROUNDS)
-    dists = [np.linalg.norm(median - np.array(BACKGROUNDS[n])) for n in names]
-    return np.array(BACKGROUNDS[names[int(np.argmin(dists))]], dtype=np.float32)
+    return _nearest(np.median(border, axis=0), BACKGROUNDS)
 
 
 def _largest_component(mask: np.ndarray) -> np.ndarray:
@@ -82,29 +148,32 @@ def _largest_component(mask: np.ndarray) -> np.ndarray:
     return labels == best
 
 
-def describe(image: Image.Image) -> tuple[str | None, str | None]:
-    """The (colour, shape) the image seems to show; ``None`` where it shows none."""
+def describe(image: Image.Image) -> dict[str, str | None]:
+    """Every attribute the image seems to show; all but the background are ``None``
+    where it shows no shape."""
     rgb = np.asarray(image.convert("RGB"), dtype=np.float32)
-    distance = np.linalg.norm(rgb - _background(rgb), axis=-1)
+    background = _background(rgb)
+    seen: dict[str, str | None] = {a: None for a in ATTRIBUTES} | {"background": background}
+    distance = np.linalg.norm(rgb - np.array(BACKGROUNDS[background], dtype=np.float32), axis=-1)
     mask = distance > _FOREGROUND_DISTANCE
     if mask.sum() < _MIN_AREA:
-        return None, None
+        return seen
     mask = _largest_component(mask)
     if mask.sum() < _MIN_AREA:
-        return None, None
-    return _name_colour(rgb[mask]), _name_shape(mask)
+        return seen
+    seen["colour"] = _nearest(np.median(rgb[mask], axis=0), COLOURS)
+    seen["shape"] = _name_shape(mask)
+    seen["position"], seen["size"] = _place(mask)
+    return seen
 
 
-def _name_colour(pixels: np.ndarray) -> str:
-    mean = np.median(pixels, axis=0)
-    names = list(COLOURS)
-    dists = [np.linalg.norm(mean - np.array(COLOURS[n])) for n in names]
-    return names[int(np.argmin(dists))]
+def _box(mask: np.ndarray) -> tuple[int, int, int, int]:
+    ys, xs = np.nonzero(mask)
+    return ys.min(), ys.max() + 1, xs.min(), xs.max() + 1
 
 
 def _name_shape(mask: np.ndarray) -> str:
-    ys, xs = np.nonzero(mask)
-    y0, y1, x0, x1 = ys.min(), ys.max() + 1, xs.min(), xs.max() + 1
+    y0, y1, x0, x1 = _box(mask)
     box = mask[y0:y1, x0:x1].astype(np.float32)
     fill = box.mean()
     top = box[: box.shape[0] // 2].sum() / box.sum()
@@ -113,15 +182,44 @@ def _name_shape(mask: np.ndarray) -> str:
     return min(scores, key=scores.__getitem__)
 
 
+def _place(mask: np.ndarray) -> tuple[str, str]:
+    """(position, size) from the blob's bounding box, as fractions of the image side.
+
+    ``world.render`` centres every shape's box on its position and sizes the box, so
+    the box centre and its longer side are exactly what the caption controls.
+    """
+    h, w = mask.shape
+    y0, y1, x0, x1 = _box(mask)
+    centre = ((x0 + x1) / 2 / w, (y0 + y1) / 2 / h)
+    side = max((x1 - x0) / w, (y1 - y0) / h)
+    return _nearest(centre, POSITIONS), _nearest(side, SIZES)
+
+
 def judge(image: Image.Image, prompt: str) -> Judgement:
-    """Whether ``image`` shows the colour and shape ``prompt`` asks for."""
-    want_colour, want_shape = parse_prompt(prompt)
-    colour, shape = describe(image)
-    return Judgement(colour, shape, colour == want_colour and shape == want_shape)
+    """What ``image`` shows against every attribute ``prompt`` names."""
+    return Judgement(parse_prompt(prompt), describe(image))
+
+
+def judge_all(images: list[Image.Image], prompts: list[str]) -> list[Judgement]:
+    if len(images) != len(prompts) or not images:
+        raise ValueError("need one prompt per image, and at least one image")
+    return [judge(i, p) for i, p in zip(images, prompts, strict=True)]
 
 
 def fidelity(images: list[Image.Image], prompts: list[str]) -> float:
-    """Fraction of images judged to show what their prompt asks for."""
-    if len(images) != len(prompts) or not images:
-        raise ValueError("need one prompt per image, and at least one image")
-    return sum(judge(i, p).ok for i, p in zip(images, prompts, strict=True)) / len(images)
+    """Fraction of images judged to show the colour and shape their prompt asks for."""
+    judgements = judge_all(images, prompts)
+    return sum(j.ok for j in judgements) / len(judgements)
+
+
+def accuracy(judgements: list[Judgement]) -> dict[str, float]:
+    """Per-attribute accuracy (over the prompts that name it), full-prompt accuracy and
+    fidelity (colour and shape), each a fraction of the images."""
+    result: dict[str, float] = {}
+    for attribute in ATTRIBUTES:
+        named = [j for j in judgements if attribute in j.wanted]
+        if named:
+            result[attribute] = sum(j.right(attribute) for j in named) / len(named)
+    result["full"] = sum(j.full_ok for j in judgements) / len(judgements)
+    result["fidelity"] = sum(j.ok for j in judgements) / len(judgements)
+    return result

@@ -4,9 +4,10 @@ Three stages, each resumable from ``--work-dir``:
 
 1. the VAE, on rendered images (reconstruction + a whisper of KL);
 2. a cache of latents for a fixed, seeded set of training images;
-3. the UNet and both text encoders together, epsilon prediction, with 10 % of
+3. the UNet and both text encoders together, v-prediction on a zero-terminal-SNR
+   schedule (see ``build.scheduler``), with 10 % of
    prompts dropped to zeros (what the pipeline feeds for classifier-free guidance),
-   min-SNR loss weighting and an EMA of the weights, which is what gets saved.
+   min-SNR-style loss weighting and an EMA of the weights, which is what gets saved.
 
 Everything is seeded; the same command on the same torch version gives the same
 pipeline (resuming a run also restores the random states).
@@ -15,8 +16,10 @@ pipeline (resuming a run also restores the random states).
 from __future__ import annotations
 
 import argparse
+import json
 import math
 import random
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -191,18 +194,23 @@ def _diffusion_loss(
     noisy = noise_sched.add_noise(latents, noise, t)
     cond = {"text_embeds": pooled, "time_ids": _time_ids(batch)}
     pred = models.unet(noisy, t, hidden, added_cond_kwargs=cond).sample
-    # Min-SNR weighting (epsilon form): stops the easy, high-noise steps dominating.
-    snr = noise_sched.alphas_cumprod[t] / (1 - noise_sched.alphas_cumprod[t])
-    weight = torch.clamp(snr, max=MIN_SNR_GAMMA) / snr
-    per_sample = F.mse_loss(pred, noise, reduction="none").mean(dim=(1, 2, 3))
+    target = noise_sched.get_velocity(latents, noise, t)  # v = alpha * eps - sigma * x0
+    # Min-SNR-style weighting of the v loss: the nearly clean, easy steps (SNR + 1 above
+    # gamma) count less; every noisier step counts fully, the pure-noise one included
+    # (the v form of min-SNR, min(SNR, gamma) / (SNR + 1), would give it weight 0).
+    alphas = noise_sched.alphas_cumprod[t]
+    snr_plus_one = 1 / (1 - alphas).clamp_min(1e-8)
+    weight = torch.clamp(snr_plus_one, max=MIN_SNR_GAMMA) / snr_plus_one
+    per_sample = F.mse_loss(pred, target, reduction="none").mean(dim=(1, 2, 3))
     return (weight * per_sample).mean()
 
 
-def _checkpoint(path: Path, models: Models, ema: Ema, opt, step: int, gen, rng) -> None:
+def _checkpoint(path: Path, models: Models, ema: Ema, opt, step: int, gen, rng, seconds: float) -> None:
     tmp = path.with_suffix(".tmp")
     torch.save(
         {
             "step": step,
+            "seconds": seconds,  # UNet training time so far, over every resumed session
             "unet": models.unet.state_dict(),
             "enc1": models.encoders[0].state_dict(),
             "enc2": models.encoders[1].state_dict(),
@@ -231,10 +239,11 @@ def train_unet(args: argparse.Namespace, cache: LatentCache, scale: float) -> tu
     gen = torch.Generator().manual_seed(args.seed + 2)
     rng = random.Random(args.seed + 3)
     ckpt = args.work_dir / "checkpoint.pt"
-    first = 0
+    first, before = 0, 0.0
     if ckpt.exists():
-        first = _resume(ckpt, models, ema, opt, gen, rng)
-        _log(f"unet: resumed at step {first}")
+        first, before = _resume(ckpt, models, ema, opt, gen, rng)
+        _log(f"unet: resumed at step {first} ({before / 60:.1f} min of training so far)")
+    args.unet_step, args.unet_minutes = first, before / 60
     if args.export_only:
         return models, ema
     started = time.time()
@@ -255,18 +264,19 @@ def train_unet(args: argparse.Namespace, cache: LatentCache, scale: float) -> tu
         out_of_time = args.max_minutes and time.time() - started > args.max_minutes * 60
         if step == args.stop_at:
             _log(f"unet: --stop-at reached, stopping at step {step}/{args.steps}")
-            _checkpoint(ckpt, models, ema, opt, step, gen, rng)
+            _checkpoint(ckpt, models, ema, opt, step, gen, rng, before + time.time() - started)
             break
         if step % args.checkpoint_every == 0 or step == args.steps or out_of_time:
-            _checkpoint(ckpt, models, ema, opt, step, gen, rng)
+            _checkpoint(ckpt, models, ema, opt, step, gen, rng, before + time.time() - started)
         if out_of_time:
             # A safety net for shared machines; the run is then not the seeded default.
             _log(f"unet: --max-minutes reached, stopping at step {step}/{args.steps}")
             break
+        args.unet_step, args.unet_minutes = step, (before + time.time() - started) / 60
     return models, ema
 
 
-def _resume(path: Path, models: Models, ema: Ema, opt, gen, rng) -> int:
+def _resume(path: Path, models: Models, ema: Ema, opt, gen, rng) -> tuple[int, float]:
     state = torch.load(path, weights_only=True)  # tensors, ints, tuples: no code runs
     models.unet.load_state_dict(state["unet"])
     models.encoders[0].load_state_dict(state["enc1"])
@@ -276,7 +286,7 @@ def _resume(path: Path, models: Models, ema: Ema, opt, gen, rng) -> int:
     opt.load_state_dict(state["opt"])
     gen.set_state(state["gen"])
     rng.setstate(state["rng"])
-    return int(state["step"])
+    return int(state["step"]), float(state.get("seconds", 0.0))
 
 
 # ------------------------------------------------------------------- main
@@ -296,6 +306,19 @@ def export(args: argparse.Namespace, vae: AutoencoderKL, models: Models, ema: Em
     # the tokenizer stays readable and loadable by older tooling too.
     for folder in ("tokenizer", "tokenizer_2"):
         toy_tokenizer.save(args.out / folder)
+    record = {
+        "command": "python -m workbench.toy.train " + " ".join(sys.argv[1:]),
+        "seed": args.seed,
+        "vae_steps": args.vae_steps,
+        "unet_steps_scheduled": args.steps,
+        "unet_steps_done": args.unet_step,
+        "unet_training_minutes": round(args.unet_minutes, 1),
+        "batch": args.batch,
+        "lr": args.lr,
+        "threads": args.threads,
+        "torch": torch.__version__,
+    }
+    (args.out / "training.json").write_text(json.dumps(record, indent=2) + "\n", encoding="utf-8")
     _log(f"saved pipeline to {args.out}")
 
 
@@ -308,7 +331,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--vae-batch", type=int, default=16)
     p.add_argument("--vae-lr", type=float, default=2e-3)
     p.add_argument("--cache-images", type=int, default=12000)
-    p.add_argument("--steps", type=int, default=3500, help="UNet training steps")
+    p.add_argument("--steps", type=int, default=6000, help="UNet training steps")
     p.add_argument("--batch", type=int, default=32)
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument(

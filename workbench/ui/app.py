@@ -17,7 +17,7 @@ import gradio as gr
 
 from workbench.errors import WorkbenchError
 from workbench.ui import blocks_tab, compare_tab, export_tab, model_box, plan_view, presets_tab
-from workbench.ui.settings import Settings
+from workbench.ui.settings import AppSettings
 from workbench.ui.shared import Shared
 from workbench.ui.store import Store, get_store, native_resolution
 
@@ -63,9 +63,9 @@ def theme() -> gr.themes.Base:
     )
 
 
-def build_app(settings: Settings | None = None, store: Store | None = None) -> gr.Blocks:
+def build_app(settings: AppSettings | None = None, store: Store | None = None) -> gr.Blocks:
     """The whole page; no model is loaded here (handlers and ``warm_up`` do that)."""
-    settings = settings or Settings()
+    settings = settings or AppSettings()
     store = store or get_store()
     start, notice = model_box.start_base(store, settings.base)
     view = plan_view.new_view(start, native_resolution(store.base(start)))
@@ -93,7 +93,7 @@ def build_app(settings: Settings | None = None, store: Store | None = None) -> g
     return demo
 
 
-def _space_note(settings: Settings) -> str:
+def _space_note(settings: AppSettings) -> str:
     lim = settings.limits
     return (
         f"\n\n<span class='wb-muted'>Shared CPU Space: at most {lim.max_steps} steps, {lim.max_seeds} seeds and "
@@ -142,7 +142,7 @@ def warm_up(store: Store, name: str) -> None:
         print(f"workbench: warm-up of {name!r} stopped: {err}")
 
 
-def serve(settings: Settings) -> None:
+def serve(settings: AppSettings) -> None:
     """Build and launch; the start model warms up in the background while the page is served."""
     demo = build_app(settings)
     store = get_store()

@@ -14,8 +14,8 @@ from typing import Any
 import gradio as gr
 
 from workbench.catalog import Catalog, natural_key
+from workbench.cost import latent_size
 from workbench.errors import WorkbenchError
-from workbench.measure import latent_size
 from workbench.topology import Stage
 from workbench.ui import format as fmt
 from workbench.ui import plan_view, sensitivity_panel

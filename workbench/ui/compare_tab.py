@@ -14,8 +14,8 @@ from typing import Any
 
 import gradio as gr
 
+from workbench.cost import latent_size
 from workbench.errors import WorkbenchError
-from workbench.measure import latent_size
 from workbench.ui import format as fmt
 from workbench.ui.settings import Limits
 from workbench.ui.shared import ProgressAdapter, Shared, user_errors

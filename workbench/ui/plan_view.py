@@ -15,8 +15,8 @@ from dataclasses import dataclass
 from types import ModuleType
 from typing import Any
 
+from workbench.cost import latent_size
 from workbench.errors import WorkbenchError
-from workbench.measure import latent_size
 from workbench.surgery import StudentSpec
 from workbench.ui import format as fmt
 from workbench.ui import plots

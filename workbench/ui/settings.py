@@ -46,7 +46,7 @@ class Limits:
 
 
 @dataclass(frozen=True)
-class Settings:
+class AppSettings:
     """Everything ``build_app`` needs; plain data."""
 
     base: str = DEFAULT_BASE
@@ -68,8 +68,8 @@ def space_mode(env: dict[str, str]) -> bool:
     return env.get("SYSTEM") == "spaces"
 
 
-def parse_args(argv: list[str] | None = None, environ: dict[str, str] | None = None) -> Settings:
-    """Settings from command-line flags and the environment (flags win)."""
+def parse_args(argv: list[str] | None = None, environ: dict[str, str] | None = None) -> AppSettings:
+    """AppSettings from command-line flags and the environment (flags win)."""
     env = os.environ if environ is None else environ
     parser = argparse.ArgumentParser(
         prog="python app.py", description="Serve the SDXL distillation workbench."
@@ -91,4 +91,4 @@ def parse_args(argv: list[str] | None = None, environ: dict[str, str] | None = N
     )
     args = parser.parse_args(argv)
     limits = Limits.for_space() if args.space else Limits()
-    return Settings(base=args.base, host=args.host, port=args.port, space=args.space, limits=limits)
+    return AppSettings(base=args.base, host=args.host, port=args.port, space=args.space, limits=limits)

@@ -17,7 +17,7 @@ from gradio.components.plot import PlotData
 from workbench.errors import WorkbenchError
 from workbench.ui import format as fmt
 from workbench.ui import plan_view, plots
-from workbench.ui.settings import Settings
+from workbench.ui.settings import AppSettings
 from workbench.ui.store import Store
 
 MODEL_QUEUE = "model"  # every handler that touches weights or times the CPU waits in this one queue
@@ -27,7 +27,7 @@ MODEL_QUEUE = "model"  # every handler that touches weights or times the CPU wai
 class Shared:
     """Components and settings every tab may read or update."""
 
-    settings: Settings
+    settings: AppSettings
     store: Store
     demo: gr.Blocks
     view: gr.State  # plan_view.new_view(...): base, resolution, removed, rev

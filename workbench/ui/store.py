@@ -14,7 +14,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
-from workbench import measure, models, sensitivity
+from workbench import cost, models, sensitivity
 from workbench.catalog import Catalog, build_catalog
 from workbench.errors import WorkbenchError
 from workbench.plan import PruningPlan
@@ -42,7 +42,7 @@ class Pricing:
         return sum(self.atom_flops.values())
 
     def student_flops(self, removed_atoms: frozenset[str]) -> int:
-        return measure.flops_without(self.atom_flops, removed_atoms)
+        return cost.flops_without(self.atom_flops, removed_atoms)
 
 
 @dataclass
@@ -69,9 +69,9 @@ class Store:
     test passes smaller ones).
     """
 
-    def __init__(self, max_loaded: int = 1, calibration: sensitivity.Settings | None = None) -> None:
+    def __init__(self, max_loaded: int = 1, calibration: sensitivity.Calibration | None = None) -> None:
         self.max_loaded = max_loaded
-        self.calibration = calibration if calibration is not None else sensitivity.Settings()
+        self.calibration = calibration if calibration is not None else sensitivity.Calibration()
         self._lock = threading.Lock()
         self._key_locks: dict[tuple, threading.Lock] = {}
         self._memo: dict[tuple, Any] = {}
@@ -108,8 +108,8 @@ class Store:
 
     def _compute_pricing(self, name: str, resolution: int) -> Pricing:
         base, catalog = self.base(name), self.catalog(name)
-        latent = measure.latent_size(base.unet_config, resolution, base.vae_scale_factor)
-        per_atom = measure.atom_flops(catalog, resolution, base.vae_scale_factor)
+        latent = cost.latent_size(base.unet_config, resolution, base.vae_scale_factor)
+        per_atom = cost.atom_flops(catalog, resolution, base.vae_scale_factor)
         per_unit = {u.id: sum(per_atom.get(a, 0) for a in u.atoms) for u in catalog.units}
         return Pricing(resolution, latent, per_atom, per_unit)
 
