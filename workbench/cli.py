@@ -14,7 +14,9 @@ import sys
 from workbench.errors import WorkbenchError
 
 # Order is the order shown in --help.
-COMMANDS = ["units", "plan", "export", "sample", "evaluate", "distill", "latency", "sensitivity", "autoprune"]
+COMMANDS = [
+    "units", "plan", "export", "sample", "evaluate", "distill", "memory", "latency", "sensitivity", "autoprune",
+]  # fmt: skip
 
 
 def build_parser() -> argparse.ArgumentParser:
