@@ -35,9 +35,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a ch
 GIB = 2**30
 
 # Validation cases: (name, base, preset, batch, resolution, options)
+# fmt: off
 CASES = {
     "toy": ("toy", "ssd-1b", 8, None, {}),
-    "toy-bf16-ckpt": ("toy", "ssd-1b", 32, None, {"mixed_precision": "bf16", "gradient_checkpointing": True}),
+    "toy-b64": ("toy", "ssd-1b", 64, None, {}),
+    "toy-b64-bf16-ckpt": ("toy", "ssd-1b", 64, None, {"mixed_precision": "bf16", "gradient_checkpointing": True}),
     "sdxl-w5": ("sdxl-w5", "ssd-1b", 2, 256, {}),
     "sdxl-w5-vega-bf16": (
         "sdxl-w5",
@@ -48,6 +50,7 @@ CASES = {
     ),
     "sdxl-w5-ckpt-accum": ("sdxl-w5", "ssd-1b", 2, 256, {"gradient_checkpointing": True, "grad_accum": 2}),
 }
+# fmt: on
 
 
 def reduced_sdxl(folder: Path) -> str:
