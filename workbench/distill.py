@@ -84,6 +84,8 @@ class DistillConfig:
     sample_guidance: float = 5.0
     sample_prompts: tuple[str, ...] = ()
     teacher_image_steps: int = 20  # for prompt-file data: steps the teacher draws with
+    optimizer: str = "adamw"  # "adamw" or "adamw8bit" (bitsandbytes; workbench.optimizers)
+    lora_rank: int = 0  # > 0: LoRA-enhanced distillation (workbench.lora_kd); 0: full weights
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

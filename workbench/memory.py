@@ -333,18 +333,23 @@ def _autocast(mixed_precision: str, target: str):
 # --------------------------------------------------------------------------- models and batch
 
 
-def _unet(config: dict[str, Any], mode, dtype: torch.dtype):
+def _unet(config: dict[str, Any], mode, dtype: torch.dtype, adapt=None):
     """A ``UNet2DConditionModel`` of ``config`` whose tensors are fake (no memory, no init);
-    with ``mode`` None, a real one (random weights: for measuring the estimate)."""
+    with ``mode`` None, a real one (random weights: for measuring the estimate). ``adapt``
+    changes the model before its tensors become fake (LoRA adapters)."""
     from workbench.catalog import meta_unet
 
     if mode is None:
         from diffusers import UNet2DConditionModel
 
-        return UNet2DConditionModel.from_config(
-            {k: v for k, v in config.items() if not k.startswith("_")}
-        ).to(dtype)
+        model = UNet2DConditionModel.from_config({k: v for k, v in config.items() if not k.startswith("_")})
+        model = model.to(dtype)
+        if adapt is not None:
+            adapt(model)
+        return model
     model = meta_unet(config)
+    if adapt is not None:
+        adapt(model)
     device = torch.device("cpu")
     with torch.no_grad():
         for module in model.modules():
@@ -452,26 +457,73 @@ def _stage_models(config, base, specs, k: int, mode) -> _Stage:
     from workbench.distill import TEACHER_DTYPES
     from workbench.surgery import compile_plan, derive_stage_plan
 
-    spec = specs[k]
+    spec = init = specs[k]
     dtype = TEACHER_DTYPES[config.teacher_dtype]
     teacher_config, pairs, extra = base.unet_config, spec.feature_pairs(config.feature_mode), 0
-    if k > 0 and config.stage_teacher == "previous":
+    if k > 0:  # the student starts from the previous stage's: LoRA follows that map
         previous = specs[k - 1]
-        step = compile_plan(
-            build_catalog(previous.config), derive_stage_plan(previous, spec, f"stage-{k + 1}")
-        )
-        teacher_config, pairs = previous.config, step.feature_pairs(config.feature_mode)
+        plan = derive_stage_plan(previous, spec, f"stage-{k + 1}")
+        init = compile_plan(build_catalog(previous.config), plan)
+    if k > 0 and config.stage_teacher == "previous":
+        teacher_config, pairs = previous.config, init.feature_pairs(config.feature_mode)
         extra = spec.teacher_params * torch.empty((), dtype=dtype).element_size()
     teacher = _unet(teacher_config, mode, dtype).eval().requires_grad_(False)
-    student = _unet(spec.config, mode, torch.float32).train().requires_grad_(True)
+    adapt = None
+    if config.lora_rank:
+        from workbench.lora_kd import add_adapters
+
+        def adapt(model):
+            add_adapters(model, init, config.lora_rank)
+
+    student = _unet(spec.config, mode, torch.float32, adapt).train()
+    if not config.lora_rank:
+        student.requires_grad_(True)
     if config.gradient_checkpointing:
         student.enable_gradient_checkpointing(_checkpoint)
     return _Stage(student, teacher, pairs, extra)
 
 
 def _optimizer(config, params: list[torch.Tensor], target: str) -> torch.optim.Optimizer:
-    """The recipe's AdamW, with the target's default implementation (foreach on CUDA)."""
+    """The run's optimizer: AdamW with the target's default implementation (foreach on
+    CUDA), or 8-bit AdamW's states as bitsandbytes lays them out."""
+    if config.optimizer == "adamw8bit":
+        return _AdamW8bitLayout(params, lr=config.lr)
     return torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay, foreach=target == "cuda")
+
+
+class _AdamW8bitLayout(torch.optim.Optimizer):
+    """bitsandbytes' 8-bit AdamW, as far as memory goes: the same states (two uint8 moments
+    and an fp32 scale per block of 256 for tensors of >= 4096 elements, fp32 moments for
+    smaller ones, a shared 256-entry code book per moment), updated in place as its fused
+    kernel does (bitsandbytes' own step can't run on fake tensors: it reads values)."""
+
+    def __init__(self, params, lr: float) -> None:
+        super().__init__(params, {"lr": lr})
+        self._qmaps: tuple[torch.Tensor, torch.Tensor] | None = None
+
+    def _init_state(self, p: torch.Tensor) -> dict[str, Any]:
+        from workbench.optimizers import BLOCK, MIN_8BIT_SIZE
+
+        if p.numel() < MIN_8BIT_SIZE:
+            return {"step": 0, "state1": torch.zeros_like(p), "state2": torch.zeros_like(p)}
+        if self._qmaps is None:
+            self._qmaps = (torch.zeros(256, device=p.device), torch.zeros(256, device=p.device))
+        blocks = -(-p.numel() // BLOCK)
+        return {"step": 0, "state1": torch.zeros_like(p, dtype=torch.uint8),
+                "state2": torch.zeros_like(p, dtype=torch.uint8), "qmap1": self._qmaps[0],
+                "qmap2": self._qmaps[1], "absmax1": torch.zeros(blocks, device=p.device),
+                "absmax2": torch.zeros(blocks, device=p.device)}  # fmt: skip
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                if p not in self.state or not self.state[p]:
+                    self.state[p] = self._init_state(p)
+                self.state[p]["step"] += 1
+                p.add_(p.grad, alpha=-group["lr"])
 
 
 def _train_step(config, models: _Stage, optimizer, shapes: _Shapes, target: str, tracker: _Tracker) -> None:
@@ -687,7 +739,8 @@ def settings_of(config, base, resolution: int) -> dict[str, Any]:
         "gradient_checkpointing": config.gradient_checkpointing,
         "feature_mode": config.feature_mode,
         "teacher_runs": config.w_out > 0 or (config.w_feat > 0 and config.feature_mode != "none"),
-        "optimizer": "adamw",
+        "optimizer": config.optimizer,
+        "lora_rank": config.lora_rank,
     }
 
 
