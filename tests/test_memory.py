@@ -161,3 +161,22 @@ def test_cli_json(tiny_base, capsys):
     assert out["settings"]["mixed_precision"] == "bf16" and out["suggestions"] is None
     assert main(["memory", "--base", tiny_base, "--preset", "ssd-1b", "--resolution", "40"]) == 2
     assert "multiple of 32 px" in capsys.readouterr().err
+
+
+def test_8bit_adamw_layout_is_bitsandbytes(tiny_base):
+    """The estimate's 8-bit AdamW states take the bytes bitsandbytes' own states take."""
+    bnb = pytest.importorskip("bitsandbytes")
+    from workbench.optimizers import make_optimizer
+
+    spec_config = json.loads(open(f"{tiny_base}/config.json").read())
+    model = memory._unet(spec_config, None, torch.float32)
+    params = list(model.parameters())
+    for p in params:
+        p.grad = torch.zeros_like(p)
+    real = make_optimizer("adamw8bit", params, 1e-4, 0.0)
+    assert isinstance(real, bnb.optim.AdamW8bit)
+    real.step()
+    layout = memory._AdamW8bitLayout(params, lr=1e-4)
+    layout.step()
+    # equal, and below AdamW's 8 bytes per weight (tiny tensors keep 32-bit states)
+    assert memory._state_bytes(layout) == memory._state_bytes(real) < 2 * memory._storage_bytes(params)

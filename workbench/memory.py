@@ -710,6 +710,7 @@ def estimate(config, target: str = "cuda", fake: bool = True) -> MemoryEstimate:
 def _check(config) -> None:
     """The options the estimate reads, checked as the recipe checks them (device aside)."""
     from workbench.distill import PRECISIONS, STAGE_TEACHERS, TEACHER_DTYPES
+    from workbench.optimizers import OPTIMIZERS
     from workbench.surgery import FEATURE_MODES
 
     checks = [
@@ -720,6 +721,8 @@ def _check(config) -> None:
         (config.teacher_dtype in TEACHER_DTYPES, f"unknown teacher dtype {config.teacher_dtype!r}; choose one of {', '.join(TEACHER_DTYPES)}"),
         (config.stage_teacher in STAGE_TEACHERS, f"unknown stage teacher {config.stage_teacher!r}; choose one of {', '.join(STAGE_TEACHERS)}"),
         (len(config.stages) > 0, "the estimate needs at least one stage (a preset)"),
+        (config.optimizer in OPTIMIZERS, f"unknown optimizer {config.optimizer!r}; choose one of {', '.join(OPTIMIZERS)}"),
+        (isinstance(config.lora_rank, int) and config.lora_rank >= 0, f"LoRA rank must be a whole number >= 0 (0: full weights), got {config.lora_rank!r}"),
     ]  # fmt: skip
     for ok, message in checks:
         if not ok:
@@ -779,6 +782,18 @@ LEAN_OPTIONS: tuple[LeanOption, ...] = (
         "--gradient-checkpointing",
         lambda c: not c.gradient_checkpointing,
         lambda c: dataclasses.replace(c, gradient_checkpointing=True),
+    ),
+    LeanOption(
+        "8-bit AdamW (bitsandbytes; a quarter of AdamW's states)",
+        "--optimizer adamw8bit",
+        lambda c: c.optimizer == "adamw",
+        lambda c: dataclasses.replace(c, optimizer="adamw8bit"),
+    ),
+    LeanOption(
+        "LoRA-enhanced distillation (adapters where a layer's input is unchanged)",
+        "--lora-rank 64",
+        lambda c: c.lora_rank == 0,
+        lambda c: dataclasses.replace(c, lora_rank=64),
     ),
     LeanOption(
         "half the batch, twice the accumulation (same effective batch, slower)",

@@ -7,6 +7,7 @@ import argparse
 from workbench.commands._common import add_base, add_json, emit_json
 from workbench.distill import PRECISIONS, STAGE_TEACHERS, TEACHER_DTYPES, DistillConfig
 from workbench.errors import WorkbenchError
+from workbench.optimizers import OPTIMIZERS
 from workbench.presets import load_preset
 from workbench.surgery import FEATURE_MODES
 
@@ -17,12 +18,14 @@ _OPTIONS: list[tuple[str, type, str]] = [
     ("--grad-accum", int, "gradient accumulation steps"),
     ("--w-out", float, "weight of the output KD loss (0 with no feature loss: no teacher forward)"),
     ("--w-feat", float, "weight of the feature KD loss (0: no feature hooks)"),
+    ("--lora-rank", int, "LoRA-enhanced distillation with adapters of this rank (0: full weights)"),
 ]
 _CHOICES: list[tuple[str, tuple[str, ...]]] = [
     ("--feature-mode", FEATURE_MODES),
     ("--mixed-precision", PRECISIONS),
     ("--teacher-dtype", tuple(TEACHER_DTYPES)),
     ("--stage-teacher", STAGE_TEACHERS),
+    ("--optimizer", OPTIMIZERS),
 ]
 
 
