@@ -167,6 +167,17 @@ def prompt_file(path: str | Path) -> list[str]:
     return prompts
 
 
+def check_source(source: str) -> None:
+    """Cheap checks of a data source (``toy``, an image folder, a prompt file); loads no model."""
+    if source == "toy":
+        return
+    path = Path(source)
+    if path.suffix == ".txt" and not path.is_dir():
+        prompt_file(path)
+    else:
+        folder_examples(path)
+
+
 def teacher_examples(pipe, prompts: list[str], seed: int, steps: int, guidance: float) -> list[Example]:
     """The teacher draws one image per prompt (seed + line number), kept in memory."""
     from workbench.sampling import generate

@@ -13,199 +13,33 @@ scheduler. A resumed run therefore takes exactly the steps an uninterrupted one 
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import math
 import os
 import signal
 import sys
 import time
 import traceback
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from workbench.distill_config import (
+    DistillConfig,
+    check_run_dir,
+    preflight,
+    sensitivity_settings,
+    use_cuda,
+)
 from workbench.errors import WorkbenchError
-from workbench.losses import LossWeights, distillation_loss
-from workbench.plan import PruningPlan
+from workbench.losses import distillation_loss
 from workbench.runs import MetricsWriter, RunDir, read_json, write_json_atomic
-from workbench.sensitivity_kd import FEATURE_WEIGHTS
-from workbench.surgery import FEATURE_MODES
 
-PRECISIONS = ("no", "bf16", "fp16")
 TEACHER_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-STAGE_TEACHERS = ("original", "previous")
-LR_SCHEDULES = ("constant", "cosine")
 # Crash drill for tests: WORKBENCH_FAULT_STEP=N raises inside the loop at global step N.
 FAULT_ENV = "WORKBENCH_FAULT_STEP"
 # Sensitivity-guided runs keep their feature weights and frozen modules here (see _guidance).
 GUIDANCE_FILE = "sensitivity.json"
-
-
-@dataclass(frozen=True)
-class DistillConfig:
-    """Everything a run needs; saved as job.json and reloaded on resume."""
-
-    stages: tuple[dict[str, Any], ...]  # plans (dicts) over the teacher, each removing more
-    steps: int  # optimizer steps per stage
-    base: str = "toy"
-    data: str = "toy"  # "toy", an image folder, or a .txt prompt file
-    toy_samples: int = 2048
-    resolution: int | None = None  # training resolution (px); default: the pipeline's
-    batch_size: int = 8
-    grad_accum: int = 1
-    lr: float = 1e-4
-    lr_schedule: str = "constant"
-    warmup_steps: int = 0
-    weight_decay: float = 0.0
-    max_grad_norm: float = 1.0
-    w_task: float = 1.0
-    w_out: float = 0.5
-    w_feat: float = 0.5
-    feature_mode: str = "layer"
-    normalize_features: bool = False
-    feature_weights: str = "uniform"  # "uniform" or "sensitivity" (per-pair weights from the map)
-    freeze_sensitive: int = 0  # freeze the modules of the N most sensitive kept layer units
-    # overrides of workbench.sensitivity.Calibration for the map (empty: the defaults)
-    sensitivity_settings: dict[str, Any] = dataclasses.field(default_factory=dict)
-    stage_teacher: str = "original"
-    mixed_precision: str = "no"
-    teacher_dtype: str = "fp32"
-    gradient_checkpointing: bool = False
-    uncond_prob: float = 0.1
-    seed: int = 0
-    device: str = "auto"  # "auto", "cpu" or "cuda"
-    log_every: int = 1
-    checkpoint_every: int = 100
-    keep_checkpoints: int = 2
-    sample_every: int = 0  # 0: samples only at the end
-    sample_steps: int = 20
-    sample_guidance: float = 5.0
-    sample_prompts: tuple[str, ...] = ()
-    teacher_image_steps: int = 20  # for prompt-file data: steps the teacher draws with
-
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> DistillConfig:
-        names = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(data) - names)
-        if unknown:
-            raise WorkbenchError(f"job.json has unknown keys {unknown}; it was written by another version")
-        data = dict(data)
-        data["stages"] = tuple(data["stages"])
-        data["sample_prompts"] = tuple(data.get("sample_prompts", ()))
-        return cls(**data)
-
-    @property
-    def needs_sensitivity(self) -> bool:
-        return self.feature_weights == "sensitivity" or self.freeze_sensitive != 0
-
-    @property
-    def weights(self) -> LossWeights:
-        return LossWeights(self.w_task, self.w_out, self.w_feat)
-
-    def plans(self) -> list[PruningPlan]:
-        return [PruningPlan.from_dict(s, origin=f"stage {i + 1} plan") for i, s in enumerate(self.stages)]
-
-
-def validate(config: DistillConfig) -> None:
-    """Reject bad options before anything is loaded or trained (precise messages)."""
-    checks = [
-        (config.steps > 0, f"--steps must be > 0, got {config.steps}"),
-        (config.batch_size > 0, f"--batch-size must be > 0, got {config.batch_size}"),
-        (config.grad_accum > 0, f"--grad-accum must be > 0, got {config.grad_accum}"),
-        (config.lr > 0, f"--lr must be > 0, got {config.lr}"),
-        (config.toy_samples > 0, f"--toy-samples must be > 0, got {config.toy_samples}"),
-        (config.feature_mode in FEATURE_MODES,
-         f"unknown feature mode {config.feature_mode!r}; choose one of {', '.join(FEATURE_MODES)}"),
-        (config.mixed_precision in PRECISIONS,
-         f"unknown --mixed-precision {config.mixed_precision!r}; choose one of {', '.join(PRECISIONS)}"),
-        (config.teacher_dtype in TEACHER_DTYPES,
-         f"unknown --teacher-dtype {config.teacher_dtype!r}; choose one of {', '.join(TEACHER_DTYPES)}"),
-        (config.stage_teacher in STAGE_TEACHERS,
-         f"unknown --stage-teacher {config.stage_teacher!r}; choose one of {', '.join(STAGE_TEACHERS)}"),
-        (config.lr_schedule in LR_SCHEDULES,
-         f"unknown --lr-schedule {config.lr_schedule!r}; choose one of {', '.join(LR_SCHEDULES)}"),
-        (0.0 <= config.uncond_prob < 1.0, f"--uncond-prob must be in [0, 1), got {config.uncond_prob}"),
-        (config.device in ("auto", "cpu", "cuda"), f"--device must be auto, cpu or cuda, got {config.device!r}"),
-        (config.log_every > 0 and config.checkpoint_every > 0 and config.keep_checkpoints > 0,
-         "--log-every, --checkpoint-every and --keep-checkpoints must be > 0"),
-        (config.sample_every >= 0, "--sample-every must be >= 0 (0: only at the end)"),
-        (len(config.stages) > 0, "a run needs at least one stage (a --preset)"),
-        (config.feature_weights in FEATURE_WEIGHTS,
-         f"unknown --feature-weights {config.feature_weights!r}; "
-         f"choose one of {', '.join(FEATURE_WEIGHTS)}"),
-        (isinstance(config.freeze_sensitive, int) and config.freeze_sensitive >= 0,
-         f"--freeze-sensitive must be a whole number >= 0 (0: freeze nothing), "
-         f"got {config.freeze_sensitive!r}"),
-        (config.feature_weights != "sensitivity" or (config.feature_mode != "none" and config.w_feat > 0),
-         "--feature-weights sensitivity weights the feature KD terms, but there are none "
-         "(--feature-mode none or --w-feat 0); use --feature-weights uniform"),
-    ]  # fmt: skip
-    for name in ("w_task", "w_out", "w_feat"):
-        value = getattr(config, name)
-        checks.append(
-            (value >= 0 and math.isfinite(value), f"--{name.replace('_', '-')} must be >= 0, got {value}")
-        )
-    checks.append(
-        (config.w_task + config.w_out + config.w_feat > 0, "all loss weights are 0: nothing to train")
-    )
-    for ok, message in checks:
-        if not ok:
-            raise WorkbenchError(message)
-    if config.needs_sensitivity or config.sensitivity_settings:
-        sensitivity_settings(config)
-    if config.device == "cuda" and not torch.cuda.is_available():
-        raise WorkbenchError("--device cuda was asked for but no CUDA GPU is available; use --device cpu")
-    if config.mixed_precision == "fp16" and not _use_cuda(config):
-        raise WorkbenchError("--mixed-precision fp16 needs a CUDA GPU; on CPU use bf16 or no")
-    if config.teacher_dtype == "fp16" and not _use_cuda(config):
-        raise WorkbenchError("--teacher-dtype fp16 needs a CUDA GPU; on CPU use bf16 or fp32")
-
-
-def sensitivity_settings(config: DistillConfig):
-    """The calibration settings of the run's sensitivity map (checked)."""
-    from workbench.sensitivity import Calibration
-
-    names = {f.name for f in dataclasses.fields(Calibration)}
-    unknown = sorted(set(config.sensitivity_settings) - names)
-    if unknown:
-        raise WorkbenchError(f"unknown sensitivity settings {unknown}; known: {', '.join(sorted(names))}")
-    return Calibration(**config.sensitivity_settings).check()
-
-
-def check_guidance(config: DistillConfig, specs: list[Any]) -> None:
-    """``freeze_sensitive`` must leave each stage's student something to freeze from."""
-    from workbench.sensitivity_kd import kept_layer_units
-
-    n = config.freeze_sensitive
-    for k, spec in enumerate(specs):
-        kept = len(kept_layer_units(spec))
-        if n > kept:
-            raise WorkbenchError(
-                f"--freeze-sensitive {n}: stage {k + 1}'s student (plan {spec.plan.name!r}) keeps only "
-                f"{kept} layer units (down/up layers, the mid block's ResNet and attention); "
-                f"choose 0 to {kept}"
-            )
-
-
-def _use_cuda(config: DistillConfig) -> bool:
-    return config.device == "cuda" or (config.device == "auto" and torch.cuda.is_available())
-
-
-def check_plans(config: DistillConfig, teacher_config: dict[str, Any]) -> list[Any]:
-    """Compile every stage against the teacher (errors before any weight moves)."""
-    from workbench.catalog import build_catalog
-    from workbench.surgery import compile_plan, derive_stage_plan
-
-    catalog = build_catalog(teacher_config)
-    specs = [compile_plan(catalog, plan) for plan in config.plans()]
-    for i in range(1, len(specs)):
-        derive_stage_plan(specs[i - 1], specs[i], name=f"stage-{i + 1}")
-    return specs
 
 
 # --------------------------------------------------------------------------- data
@@ -237,19 +71,6 @@ def build_examples(config: DistillConfig, pipe, resolution: int) -> list[Any]:
             pipe, prompts, config.seed, config.teacher_image_steps, config.sample_guidance
         )
     return data.folder_examples(path)
-
-
-def check_data(config: DistillConfig) -> None:
-    """Cheap checks of the data source before loading any model."""
-    from workbench import data
-
-    if config.data == "toy":
-        return
-    path = Path(config.data)
-    if path.suffix == ".txt" and not path.is_dir():
-        data.prompt_file(path)
-    else:
-        data.folder_examples(path)
 
 
 def batch_indices(n: int, global_batch: int, step: int, micro: int, accum: int, seed: int) -> torch.Tensor:
@@ -295,31 +116,12 @@ class Stopper:
 def run_distillation(config: DistillConfig, run_dir: str | Path, resume: bool = False) -> dict[str, Any]:
     """Validate, then train every stage; returns the final status. Errors before training
     raise ``WorkbenchError`` and leave no run folder behind (unless resuming)."""
-    from workbench.models import resolve_base
-
     run = RunDir(Path(run_dir))
     if resume:
-        if not run.job.exists():
-            raise WorkbenchError(f"--resume: {str(run.root)!r} holds no run (no job.json)")
+        check_run_dir(run.root, resume=True)
         config = DistillConfig.from_dict(run.read_job()["config"])
-    elif run.job.exists():
-        raise WorkbenchError(
-            f"{str(run.root)!r} already holds a run; use --resume to continue it or choose a new --run-dir"
-        )
-    validate(config)
-    check_data(config)
-    base = resolve_base(config.base)
-    if config.needs_sensitivity and not base.has_pipeline:
-        raise WorkbenchError(
-            f"--feature-weights sensitivity and --freeze-sensitive need the teacher's sensitivity map, "
-            f"measured by running its pipeline; base {base.name!r} has no pipeline (give a pipeline "
-            "folder or hub id, or drop these options)"
-        )
-    if not base.has_pipeline:
-        raise WorkbenchError(f"base {base.name!r} has no pipeline; distillation needs a teacher with weights")
-    specs = check_plans(config, base.unet_config)
-    check_guidance(config, specs)
-    trainer = Trainer(config, run, base, specs)
+    checked = preflight(config, run_dir=run.root, resume=resume)
+    trainer = Trainer(checked.config, run, checked.base, checked.specs)
     return trainer.run(resume)
 
 
@@ -342,7 +144,7 @@ class Trainer:
         self.accelerator = Accelerator(
             mixed_precision=cfg.mixed_precision,
             gradient_accumulation_steps=1,  # we accumulate by hand: the data stream is ours
-            cpu=not _use_cuda(cfg),
+            cpu=not use_cuda(cfg),
         )
         self.main = self.accelerator.is_main_process
         if self.main:

@@ -5,7 +5,8 @@ from __future__ import annotations
 import argparse
 
 from workbench.commands._common import add_base, emit_json
-from workbench.distill import (
+from workbench.distill import run_distillation
+from workbench.distill_config import (
     FEATURE_MODES,
     FEATURE_WEIGHTS,
     LR_SCHEDULES,
@@ -13,7 +14,6 @@ from workbench.distill import (
     STAGE_TEACHERS,
     TEACHER_DTYPES,
     DistillConfig,
-    run_distillation,
 )
 from workbench.errors import WorkbenchError
 from workbench.presets import load_preset
@@ -70,7 +70,7 @@ _CHOICES: list[tuple[str, tuple[str, ...], str]] = [
         "who teaches stage 2+: the original teacher or the previous stage's student",
     ),
     ("--mixed-precision", PRECISIONS, "student mixed precision (fp16 needs CUDA)"),
-    ("--teacher-dtype", tuple(TEACHER_DTYPES), "teacher precision (it runs without gradients)"),
+    ("--teacher-dtype", TEACHER_DTYPES, "teacher precision (it runs without gradients)"),
     ("--device", ("auto", "cpu", "cuda"), "where to train"),
 ]
 
@@ -104,8 +104,6 @@ def config_from_args(args: argparse.Namespace) -> DistillConfig:
     """A DistillConfig from CLI flags (unset flags keep the defaults)."""
     if bool(args.preset) == bool(args.stages):
         raise WorkbenchError("give exactly one of --preset (one stage) or --stages (comma-separated presets)")
-    if args.steps is None:
-        raise WorkbenchError("--steps is required (optimizer steps per stage, > 0)")
     names = [args.preset] if args.preset else [s.strip() for s in args.stages.split(",") if s.strip()]
     fields: dict = {
         "stages": tuple(load_preset(n).to_dict() for n in names),
