@@ -75,7 +75,9 @@ def test_checks_that_read_files_carry_the_field_too(changes, field, message):
 
 
 def test_a_good_config_passes_and_the_specs_come_back():
-    checked = preflight(_config(stages=(load_preset("ssd-1b").to_dict(), load_preset("segmind-vega").to_dict())))
+    checked = preflight(
+        _config(stages=(load_preset("ssd-1b").to_dict(), load_preset("segmind-vega").to_dict()))
+    )
     assert [s.plan.name for s in checked.specs] == ["ssd-1b", "segmind-vega"]
     assert checked.base.name == "toy"
 
