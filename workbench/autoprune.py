@@ -278,6 +278,26 @@ def search(
         return probe.deviation(removed)
 
     measure = measure_plan if method == "rescored" else None
+    current, dev, trace = _remove_until_met(catalog, budgets, smap, measure, candidates, name, progress)
+    current, dev = _put_back(catalog, budgets, smap, current, dev, measure, trace)
+    plan = current.plan.with_removed(current.plan.removed, name=name, description=_describe(budgets, method))
+    spec = compile_plan(catalog, plan)
+    report(progress, 1.0, "done")
+    return Result(
+        spec=spec,
+        method=method,
+        budgets=budgets,
+        deviation=dev if measure is not None else None,
+        estimated_cost=sum(_lone(smap, u) for u in spec.plan.removed),
+        trace=trace,
+        evaluations=calls[0],
+        sensitivity_map=smap,
+    )
+
+
+def _remove_until_met(catalog, budgets, smap, measure, candidates, name, progress):
+    """The greedy phase: add the best move until every budget is met -> (spec, deviation, trace).
+    Without ``measure`` the best is the top-ranked move and the deviation a sum of lone scores."""
     current = compile_plan(catalog, PruningPlan.empty(catalog, name))
     dev = 0.0
     trace: list[dict[str, Any]] = []
@@ -303,20 +323,7 @@ def search(
         )
         done = 1 - _shortfall(budgets, current.removed_atoms) / start_gap
         report(progress, 0.9 * done, f"removed {', '.join(chosen.units)}")
-    current, dev = _put_back(catalog, budgets, smap, current, dev, measure, trace)
-    plan = current.plan.with_removed(current.plan.removed, name=name, description=_describe(budgets, method))
-    spec = compile_plan(catalog, plan)
-    report(progress, 1.0, "done")
-    return Result(
-        spec=spec,
-        method=method,
-        budgets=budgets,
-        deviation=dev if measure is not None else None,
-        estimated_cost=sum(_lone(smap, u) for u in spec.plan.removed),
-        trace=trace,
-        evaluations=calls[0],
-        sensitivity_map=smap,
-    )
+    return current, dev, trace
 
 
 def _best_measured(pool, budgets, current, dev, measure) -> tuple[Move, float]:

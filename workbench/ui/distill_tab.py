@@ -11,6 +11,7 @@ import os
 import shutil
 import threading
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -224,107 +225,152 @@ def student_zip(run_dir: str | None) -> str:
 # --------------------------------------------------------------------------- layout
 
 
+@dataclass
+class Form:
+    """The New run column; ``fields`` holds one input per ``FORM_KEYS`` entry."""
+
+    plan_choice: Any
+    stages: Any
+    name: Any
+    fields: dict[str, Any]
+    start: Any
+    message: Any
+
+
+@dataclass
+class Watch:
+    """The run column: pick a run, see its status, losses and samples; stop, resume, download."""
+
+    picker: Any
+    refresh: Any
+    status: Any
+    per_layer: Any
+    losses: Any
+    sample: Any
+    stop: Any
+    resume: Any
+    download: Any
+    student_file: Any
+
+
 def build(ctx: Shared) -> None:
-    limits = ctx.settings.limits
-    D = FORM_DEFAULTS
     with gr.Row():
         with gr.Column(scale=2):
-            gr.Markdown(
-                "### New run\nTrains the student of a plan against the loaded teacher (its own process)."
-            )
-            plan_choice = gr.Dropdown(
-                [CURRENT_PLAN, *list_presets()], value=CURRENT_PLAN, label="plan", elem_id="wb-distill-plan"
-            )
-            stages = gr.Textbox(
-                label="progressive stages (optional)", placeholder="e.g. ssd-1b, segmind-vega"
-            )
-            with gr.Row():
-                data = gr.Textbox(
-                    D["data"], label="data: toy, an image folder, or a .txt prompt file", scale=3
-                )
-                toy_samples = gr.Number(
-                    D["toy_samples"], label="toy images", precision=0, elem_id="wb-distill-toy-samples"
-                )
-            with gr.Row():
-                steps = gr.Number(min(D["steps"], limits.max_distill_steps or D["steps"]), label="steps", precision=0,
-                                  elem_id="wb-distill-steps")  # fmt: skip
-                batch = gr.Number(D["batch_size"], label="batch", precision=0, elem_id="wb-distill-batch")
-                lr = gr.Number(D["lr"], label="learning rate")
-            with gr.Row():
-                w_task = gr.Number(D["w_task"], label="λ task")
-                w_out = gr.Number(D["w_out"], label="λ output KD")
-                w_feat = gr.Number(D["w_feat"], label="λ feature KD")
-            with gr.Row():
-                feature_mode = gr.Dropdown(list(FEATURE_MODES), value=D["feature_mode"], label="feature loss")
-                precision = gr.Dropdown(list(PRECISIONS), value=D["mixed_precision"], label="mixed precision")
-                stage_teacher = gr.Dropdown(
-                    list(STAGE_TEACHERS), value=D["stage_teacher"], label="stage teacher"
-                )
-            with gr.Row():
-                feature_weights = gr.Dropdown(
-                    list(FEATURE_WEIGHTS), value=D["feature_weights"], label="feature weights",
-                    info="sensitivity: weight each feature term by how much removing its teacher layer "
-                    "hurts (map measured once per teacher, then cached)",
-                    elem_id="wb-distill-feature-weights",
-                )  # fmt: skip
-                freeze_sensitive = gr.Number(
-                    D["freeze_sensitive"], label="freeze most sensitive", precision=0, minimum=0,
-                    info="freeze the student layers inherited from the N most sensitive teacher layers",
-                    elem_id="wb-distill-freeze",
-                )  # fmt: skip
-            with gr.Row():
-                sample_every = gr.Number(D["sample_every"], label="samples every", precision=0)
-                checkpoint_every = gr.Number(D["checkpoint_every"], label="checkpoint every", precision=0)
-                name = gr.Textbox(label="run name (optional)", elem_id="wb-distill-name")
-            start = gr.Button("Launch run", variant="primary", elem_id="wb-distill-launch")
-            launch_msg = gr.Markdown(elem_id="wb-distill-message")
+            form = _form(ctx.settings.limits)
         with gr.Column(scale=3):
-            with gr.Row():
-                picker = gr.Dropdown(run_choices(), label="run", scale=4, allow_custom_value=False)
-                refresh = gr.Button("↻", scale=0, min_width=40)
-            status = gr.Markdown(status_md(None), elem_id="wb-run-status")
-            per_layer = gr.Checkbox(False, label="show per-layer feature terms")
-            losses = gr.Plot(label="losses", elem_id="wb-loss-plot")
-            sample = gr.Image(label="latest samples: teacher (top) vs student (bottom)", type="filepath")
-            with gr.Row():
-                stop = gr.Button("Stop", elem_id="wb-distill-stop")
-                resume = gr.Button("Resume")
-                download = gr.Button("Download student (zip)")
-            student_file = gr.File(label="student", visible=True)
-    # in FORM_KEYS order
-    form_inputs = [steps, toy_samples, batch, lr, w_task, w_out, w_feat, feature_mode, precision,
-                   stage_teacher, sample_every, checkpoint_every, feature_weights, freeze_sensitive,
-                   data]  # fmt: skip
+            watch = _watch()
+    _wire_launch(ctx, form, watch)
+    _wire_watch(ctx, form, watch)
+
+
+def _form(limits: Limits) -> Form:
+    D = FORM_DEFAULTS
+    gr.Markdown("### New run\nTrains the student of a plan against the loaded teacher (its own process).")
+    plan_choice = gr.Dropdown(
+        [CURRENT_PLAN, *list_presets()], value=CURRENT_PLAN, label="plan", elem_id="wb-distill-plan"
+    )
+    stages = gr.Textbox(label="progressive stages (optional)", placeholder="e.g. ssd-1b, segmind-vega")
+    f: dict[str, Any] = {}
+    with gr.Row():
+        f["data"] = gr.Textbox(D["data"], label="data: toy, an image folder, or a .txt prompt file", scale=3)
+        f["toy_samples"] = gr.Number(D["toy_samples"], label="toy images", precision=0,
+                                     elem_id="wb-distill-toy-samples")  # fmt: skip
+    with gr.Row():
+        f["steps"] = gr.Number(min(D["steps"], limits.max_distill_steps or D["steps"]), label="steps",
+                               precision=0, elem_id="wb-distill-steps")  # fmt: skip
+        f["batch_size"] = gr.Number(D["batch_size"], label="batch", precision=0, elem_id="wb-distill-batch")
+        f["lr"] = gr.Number(D["lr"], label="learning rate")
+    with gr.Row():
+        f["w_task"] = gr.Number(D["w_task"], label="λ task")
+        f["w_out"] = gr.Number(D["w_out"], label="λ output KD")
+        f["w_feat"] = gr.Number(D["w_feat"], label="λ feature KD")
+    with gr.Row():
+        f["feature_mode"] = gr.Dropdown(list(FEATURE_MODES), value=D["feature_mode"], label="feature loss")
+        f["mixed_precision"] = gr.Dropdown(
+            list(PRECISIONS), value=D["mixed_precision"], label="mixed precision"
+        )
+        f["stage_teacher"] = gr.Dropdown(
+            list(STAGE_TEACHERS), value=D["stage_teacher"], label="stage teacher"
+        )
+    with gr.Row():
+        f["feature_weights"] = gr.Dropdown(
+            list(FEATURE_WEIGHTS), value=D["feature_weights"], label="feature weights",
+            info="sensitivity: weight each feature term by how much removing its teacher layer "
+            "hurts (map measured once per teacher, then cached)",
+            elem_id="wb-distill-feature-weights",
+        )  # fmt: skip
+        f["freeze_sensitive"] = gr.Number(
+            D["freeze_sensitive"], label="freeze most sensitive", precision=0, minimum=0,
+            info="freeze the student layers inherited from the N most sensitive teacher layers",
+            elem_id="wb-distill-freeze",
+        )  # fmt: skip
+    with gr.Row():
+        f["sample_every"] = gr.Number(D["sample_every"], label="samples every", precision=0)
+        f["checkpoint_every"] = gr.Number(D["checkpoint_every"], label="checkpoint every", precision=0)
+        name = gr.Textbox(label="run name (optional)", elem_id="wb-distill-name")
+    start = gr.Button("Launch run", variant="primary", elem_id="wb-distill-launch")
+    message = gr.Markdown(elem_id="wb-distill-message")
+    return Form(plan_choice, stages, name, f, start, message)
+
+
+def _watch() -> Watch:
+    with gr.Row():
+        picker = gr.Dropdown(run_choices(), label="run", scale=4, allow_custom_value=False)
+        refresh = gr.Button("↻", scale=0, min_width=40)
+    status = gr.Markdown(status_md(None), elem_id="wb-run-status")
+    per_layer = gr.Checkbox(False, label="show per-layer feature terms")
+    losses = gr.Plot(label="losses", elem_id="wb-loss-plot")
+    sample = gr.Image(label="latest samples: teacher (top) vs student (bottom)", type="filepath")
+    with gr.Row():
+        stop = gr.Button("Stop", elem_id="wb-distill-stop")
+        resume = gr.Button("Resume")
+        download = gr.Button("Download student (zip)")
+    student_file = gr.File(label="student", visible=True)
+    return Watch(picker, refresh, status, per_layer, losses, sample, stop, resume, download, student_file)
+
+
+def _wire_launch(ctx: Shared, form: Form, watch: Watch) -> None:
+    limits = ctx.settings.limits
 
     def on_launch(view, removed, choice, stage_text, run_name, *values):
-        form = dict(zip(FORM_KEYS, values))
-        form["data"] = (form["data"] or "").strip() or D["data"]
+        fields = dict(zip(FORM_KEYS, values))
+        fields["data"] = (fields["data"] or "").strip() or FORM_DEFAULTS["data"]
         try:
-            run_dir = launch(ctx.store, view["base"], choice, removed, form, stage_text, run_name, limits)
+            run_dir = launch(ctx.store, view["base"], choice, removed, fields, stage_text, run_name, limits)
         except WorkbenchError as err:
             return f"<div class='wb-error'>{fmt.escape(str(err))}</div>", gr.skip()
         return (f"<div class='wb-ok'>started {Path(run_dir).name}</div>",
                 gr.update(choices=run_choices(), value=run_dir))  # fmt: skip
 
-    start.click(on_launch, [ctx.view, ctx.plan, plan_choice, stages, name, *form_inputs],
-                [launch_msg, picker], api_visibility="private")  # fmt: skip
+    inputs = [
+        ctx.view,
+        ctx.plan,
+        form.plan_choice,
+        form.stages,
+        form.name,
+        *(form.fields[k] for k in FORM_KEYS),
+    ]
+    form.start.click(on_launch, inputs, [form.message, watch.picker], api_visibility="private")
+
+
+def _wire_watch(ctx: Shared, form: Form, w: Watch) -> None:
+    private = {"api_visibility": "private"}
 
     def on_tick(run_dir, layers):
         if not run_dir:
             return status_md(None), gr.skip(), gr.skip()
         return status_md(run_dir), plot(loss_figure(metrics_rows(run_dir), layers)), latest_sample(run_dir)
 
-    outputs = [status, losses, sample]
-    timer = gr.Timer(POLL_S)
-    timer.tick(on_tick, [picker, per_layer], outputs, api_visibility="private", show_progress="hidden")
-    picker.change(on_tick, [picker, per_layer], outputs, api_visibility="private")
-    per_layer.change(on_tick, [picker, per_layer], outputs, api_visibility="private")
-    refresh.click(lambda: gr.update(choices=run_choices()), None, picker, api_visibility="private")
+    outputs = [w.status, w.losses, w.sample]
+    gr.Timer(POLL_S).tick(on_tick, [w.picker, w.per_layer], outputs, show_progress="hidden", **private)
+    w.picker.change(on_tick, [w.picker, w.per_layer], outputs, **private)
+    w.per_layer.change(on_tick, [w.picker, w.per_layer], outputs, **private)
+    w.refresh.click(lambda: gr.update(choices=run_choices()), None, w.picker, **private)
     # Runs started from a shell or before a reload/restart appear when the page opens.
-    ctx.demo.load(lambda: gr.update(choices=run_choices()), None, picker, api_visibility="private")
-    stop.click(user_errors(_stop), picker, launch_msg, api_visibility="private")
-    resume.click(user_errors(_resume), picker, launch_msg, api_visibility="private")
-    download.click(user_errors(student_zip), picker, student_file, api_visibility="private")
+    ctx.demo.load(lambda: gr.update(choices=run_choices()), None, w.picker, **private)
+    w.stop.click(user_errors(_stop), w.picker, form.message, **private)
+    w.resume.click(user_errors(_resume), w.picker, form.message, **private)
+    w.download.click(user_errors(student_zip), w.picker, w.student_file, **private)
 
 
 def _stop(run_dir: str | None) -> str:
