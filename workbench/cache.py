@@ -4,8 +4,9 @@
 ROOT/            $WORKBENCH_CACHE_DIR, or ~/.cache/sdxl-workbench
   latency/       teacher latency profiles (workbench.latency): model, device, dtype, px, batch
   sensitivity/   sensitivity maps (workbench.sensitivity): weights, calibration, device
-  flops/         FLOP counts per module (kept for figures that are slow to recount)
 ```
+
+A new kind of entry is a new folder: add its name to ``KINDS``.
 
 Each entry is one JSON file with a ``schema`` number, written atomically. An entry that is
 missing, unreadable or of another schema reads as ``None``: the caller measures again.
@@ -21,7 +22,7 @@ from typing import Any
 from workbench.files import write_json_atomic
 
 ENV = "WORKBENCH_CACHE_DIR"
-KINDS = ("latency", "sensitivity", "flops")
+KINDS = ("latency", "sensitivity")
 
 
 def root() -> Path:
