@@ -196,7 +196,7 @@ class Distillation:
         weights = sensitivity_kd.pair_weights(guidance, pairs, acc.device)
         setup = losses.KDSetup(cfg.weights, pairs, cfg.normalize_features, weights)
         raw = acc.unwrap_model(wrapped)  # hooks on the unwrapped model: names survive DDP
-        return Stage(k, "kd", wrapped, raw, teacher, setup, optimizer, schedule, acc, first)
+        return Stage(k, cfg.stage_kind(k), wrapped, raw, teacher, setup, optimizer, schedule, acc, first)
 
     def load_stage_student(self, k: int):
         from diffusers import UNet2DConditionModel
@@ -218,7 +218,7 @@ class Distillation:
                 g = k * cfg.steps + s  # global step, monotonic across stages
                 if g == self.fault_step:
                     raise RuntimeError(f"injected fault at step {g} (WORKBENCH_FAULT_STEP)")
-                terms = self.step(stage, g)
+                terms = train_step(stage, self.batches, g, cfg)
                 done = s == cfg.steps - 1
                 if main and (g % cfg.log_every == 0 or done):
                     metrics.write({"step": g, "stage": k + 1, "time": round(time.time() - self.report.started, 3),
@@ -240,29 +240,7 @@ class Distillation:
             atomic_dir(self.run_dir.stage_dir(k), lambda tmp: save_student(stage.raw, spec, tmp))
         return True
 
-    # 4. one optimizer step: the teacher's targets, the stage's objective, backward (gradients
-    #    accumulated over micro-batches), update
-    def step(self, stage: Stage, g: int) -> dict[str, float]:
-        cfg, acc = self.config, stage.accelerator
-        objective, totals = losses.OBJECTIVES[stage.kind], {}
-        for micro in range(cfg.grad_accum):
-            batch = self.batches(g, micro)
-            targets = losses.teacher_targets(stage.teacher, batch, stage.setup)
-            # Only the last micro-batch syncs gradients across processes.
-            sync = contextlib.nullcontext() if micro == cfg.grad_accum - 1 else acc.no_sync(stage.student)
-            with sync, acc.autocast():
-                terms = objective(batch, stage.student, stage.raw, targets, stage.setup)
-                acc.backward(terms["loss/total"] / cfg.grad_accum)
-            for key, value in terms.items():
-                totals[key] = totals.get(key, 0.0) + value.detach().float().item() / cfg.grad_accum
-        if cfg.max_grad_norm > 0:
-            acc.clip_grad_norm_(stage.student.parameters(), cfg.max_grad_norm)
-        stage.optimizer.step()
-        stage.schedule.step()
-        stage.optimizer.zero_grad(set_to_none=True)
-        return mean_across(acc, totals)
-
-    # 5. checkpoints: every process saves its state into step_N.tmp, the main one completes it
+    # 4. checkpoints: every process saves its state into step_N.tmp, the main one completes it
     def checkpoint(self, stage: Stage, s: int, g: int) -> None:
         acc, tmp = stage.accelerator, self.run_dir.checkpoint_dir(g + 1).with_suffix(".tmp")
         acc.wait_for_everyone()
@@ -274,7 +252,7 @@ class Distillation:
             self.report.status("running", checkpoint=final.name)
         acc.wait_for_everyone()
 
-    # 6. export: the last stage's student with its plan, layer map and model card
+    # 5. export: the last stage's student with its plan, layer map and model card
     def export(self) -> None:
         from workbench.card import model_card
 
@@ -289,3 +267,29 @@ class Distillation:
 
         atomic_dir(self.run_dir.student, write)
         self.report.log(f"student saved to {self.run_dir.student}")
+
+
+# The step the loop takes: the teacher's targets, the stage's objective, backward (gradients
+# accumulated over micro-batches), update. A function of the stage alone, so that other tools
+# (a memory estimate) can take the very same step.
+def train_step(stage: Stage, batches, g: int, cfg: DistillConfig) -> dict[str, float]:
+    """Optimizer step ``g`` of a stage (``batches(g, micro)`` gives its micro-batches); the
+    terms averaged over micro-batches and processes."""
+    acc = stage.accelerator
+    objective, totals = losses.OBJECTIVES[stage.kind], {}
+    for micro in range(cfg.grad_accum):
+        batch = batches(g, micro)
+        targets = losses.teacher_targets(stage.teacher, batch, stage.setup)
+        # Only the last micro-batch syncs gradients across processes.
+        sync = contextlib.nullcontext() if micro == cfg.grad_accum - 1 else acc.no_sync(stage.student)
+        with sync, acc.autocast():
+            terms = objective(batch, stage.student, stage.raw, targets, stage.setup)
+            acc.backward(terms["loss/total"] / cfg.grad_accum)
+        for key, value in terms.items():
+            totals[key] = totals.get(key, 0.0) + value.detach().float().item() / cfg.grad_accum
+    if cfg.max_grad_norm > 0:
+        acc.clip_grad_norm_(stage.student.parameters(), cfg.max_grad_norm)
+    stage.optimizer.step()
+    stage.schedule.step()
+    stage.optimizer.zero_grad(set_to_none=True)
+    return mean_across(acc, totals)

@@ -100,6 +100,10 @@ class DistillConfig:
     def weights(self) -> LossWeights:
         return LossWeights(self.w_task, self.w_out, self.w_feat)
 
+    def stage_kind(self, k: int) -> str:
+        """What stage ``k`` optimises (a key of ``losses.OBJECTIVES``): block-removal KD today."""
+        return "kd"
+
     def plans(self) -> list[PruningPlan]:
         return [PruningPlan.from_dict(s, origin=f"stage {i + 1} plan") for i, s in enumerate(self.stages)]
 
