@@ -46,7 +46,7 @@ def log(msg: str) -> None:
     print(f"[{time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
 
 
-def main() -> None:
+def parse_args() -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--base", default="toy")
     p.add_argument("--preset", default="segmind-vega", help="the hand-made plan to compare with")
@@ -60,22 +60,11 @@ def main() -> None:
     p.add_argument("--seeds", type=int, default=3)
     p.add_argument("--refresh-map", action="store_true", help="measure the sensitivity map again")
     p.add_argument("--out", default="runs/autoprune")
-    args = p.parse_args()
-    torch.set_flush_denormal(True)
-    out = Path(args.out)
-    base = resolve_base(args.base)
-    catalog = build_catalog(base.unet_config)
-    preset = load_preset(args.preset)
-    preset_spec = compile_plan(catalog, preset)
-    budget = args.budget or preset_spec.student_params / preset_spec.teacher_params
-    tag = f"{budget:.3f}"
-    report: dict = {
-        "base": args.base,
-        "preset": args.preset,
-        "budget": budget,
-        "threads": torch.get_num_threads(),
-    }
+    return p.parse_args()
 
+
+def run_searches(args, base, catalog, budget: float, tag: str, report: dict) -> tuple[dict, Probe]:
+    """The sensitivity map, then both searches at the budget: (plans by name, probe)."""
     started = time.perf_counter()
     smap = sensitivity(base, fidelity=True, refresh=args.refresh_map, progress=lambda f, m: None)
     report["map"] = {"seconds_measured": smap.seconds, "from_cache": smap.from_cache,
@@ -83,8 +72,7 @@ def main() -> None:
                      "scored": sum(u.scored for u in smap.units.values())}  # fmt: skip
     log(f"sensitivity map: {report['map']}")
     probe = Probe(base)
-
-    plans = {args.preset: preset}
+    plans = {}
     report["search"] = {}
     for method in ("static", "rescored"):
         t0 = time.perf_counter()
@@ -94,40 +82,39 @@ def main() -> None:
                                     "removed": list(result.spec.plan.removed)}  # fmt: skip
         plans[f"auto-{method}"] = result.spec.plan
         log(f"{method}: {report['search'][method]['seconds']:.1f} s, {result.evaluations} evaluations")
+    return plans, probe
 
-    teacher = load_unet(args.base)
-    rows = []
-    for name, plan in plans.items():
-        spec = compile_plan(catalog, plan)
-        folder = out / tag / name / "undistilled"
-        if not (folder / "config.json").exists():
-            student, _ = build_student(teacher, plan)
-            save_student(student, spec, folder)
-        row = {"student": name, "params": spec.student_params, "fraction": spec.student_params / spec.teacher_params,
-               "deviation": probe.deviation(plan.removed)}  # fmt: skip
-        row["undistilled"] = score(args, folder)
-        log(f"{name} undistilled: {json.dumps(row)}")
-        if args.steps:
-            run_dir = out / tag / name / f"distill-{args.steps}"
-            if not (run_dir / "student" / "config.json").exists():
-                config = DistillConfig(
-                    stages=(plan.to_dict(),), steps=args.steps, base=args.base, toy_samples=args.samples,
-                    batch_size=args.batch_size, lr=args.lr, checkpoint_every=max(50, args.steps // 4),
-                    log_every=10, seed=0, device="cpu",
-                )  # fmt: skip
-                t0 = time.time()
-                run_distillation(config, run_dir, resume=(run_dir / "job.json").exists())
-                (run_dir / "wall_s.txt").write_text(f"{time.time() - t0:.1f}\n")
-            row["distilled"] = score(args, run_dir / "student")
-            log(f"{name} distilled: {json.dumps(row['distilled'])}")
-        rows.append(row)
-    report["rows"] = rows
-    (out / tag).mkdir(parents=True, exist_ok=True)
-    (out / tag / "report.json").write_text(json.dumps(report, indent=1) + "\n")
 
+def score_plan(args, teacher, catalog, probe, name: str, plan, folder: Path) -> dict:
+    """One student's row: params, deviation, and scores before (and after) distillation."""
+    spec = compile_plan(catalog, plan)
+    if not (folder / "undistilled" / "config.json").exists():
+        student, _ = build_student(teacher, plan)
+        save_student(student, spec, folder / "undistilled")
+    row = {"student": name, "params": spec.student_params, "fraction": spec.student_params / spec.teacher_params,
+           "deviation": probe.deviation(plan.removed)}  # fmt: skip
+    row["undistilled"] = score(args, folder / "undistilled")
+    log(f"{name} undistilled: {json.dumps(row)}")
+    if args.steps:
+        run_dir = folder / f"distill-{args.steps}"
+        if not (run_dir / "student" / "config.json").exists():
+            config = DistillConfig(
+                stages=(plan.to_dict(),), steps=args.steps, base=args.base, toy_samples=args.samples,
+                batch_size=args.batch_size, lr=args.lr, checkpoint_every=max(50, args.steps // 4),
+                log_every=10, seed=0, device="cpu",
+            )  # fmt: skip
+            t0 = time.time()
+            run_distillation(config, run_dir, resume=(run_dir / "job.json").exists())
+            (run_dir / "wall_s.txt").write_text(f"{time.time() - t0:.1f}\n")
+        row["distilled"] = score(args, run_dir / "student")
+        log(f"{name} distilled: {json.dumps(row['distilled'])}")
+    return row
+
+
+def print_table(args, report: dict, rows: list[dict], preset_fraction: float) -> None:
     fid = rows[0]["undistilled"]["fidelity"]
-    print(f"\n{args.base}, params budget {budget:.3f} ({args.preset}'s fraction: "
-          f"{preset_spec.student_params / preset_spec.teacher_params:.3f}); teacher fidelity {fid:.3f} on "
+    print(f"\n{args.base}, params budget {report['budget']:.3f} ({args.preset}'s fraction: "
+          f"{preset_fraction:.3f}); teacher fidelity {fid:.3f} on "
           f"{rows[0]['undistilled']['samples']} held-out samples; distillation {args.steps} steps\n")  # fmt: skip
     head = "| student | params | deviation | fidelity | PSNR dB | SSIM |"
     if args.steps:
@@ -145,6 +132,36 @@ def main() -> None:
     for method, s in report["search"].items():
         print(f"\n{method} search: {s['seconds']:.1f} s, {s['evaluations']} measured plans")
     print(f"sensitivity map: {report['map']}")
+
+
+def main() -> None:
+    args = parse_args()
+    torch.set_flush_denormal(True)
+    out = Path(args.out)
+    base = resolve_base(args.base)
+    catalog = build_catalog(base.unet_config)
+    preset = load_preset(args.preset)
+    preset_spec = compile_plan(catalog, preset)
+    preset_fraction = preset_spec.student_params / preset_spec.teacher_params
+    budget = args.budget or preset_fraction
+    tag = f"{budget:.3f}"
+    report: dict = {
+        "base": args.base,
+        "preset": args.preset,
+        "budget": budget,
+        "threads": torch.get_num_threads(),
+    }
+    found, probe = run_searches(args, base, catalog, budget, tag, report)
+    plans = {args.preset: preset, **found}
+    teacher = load_unet(args.base)
+    rows = [
+        score_plan(args, teacher, catalog, probe, name, plan, out / tag / name)
+        for name, plan in plans.items()
+    ]
+    report["rows"] = rows
+    (out / tag).mkdir(parents=True, exist_ok=True)
+    (out / tag / "report.json").write_text(json.dumps(report, indent=1) + "\n")
+    print_table(args, report, rows, preset_fraction)
 
 
 if __name__ == "__main__":

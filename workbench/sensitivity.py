@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import time
 from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass, field
@@ -34,6 +33,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
+from workbench import cache
 from workbench.catalog import Catalog, build_catalog, natural_key
 from workbench.errors import WorkbenchError
 from workbench.models import Base, resolve_base
@@ -356,13 +356,6 @@ def lone_plan(catalog: Catalog, unit_id: str) -> tuple[StudentSpec | None, str |
 # --------------------------------------------------------------------------- map
 
 
-def cache_dir() -> Path:
-    """``$WORKBENCH_CACHE_DIR/sensitivity`` or ``~/.cache/sdxl-workbench/sensitivity``."""
-    env = os.environ.get("WORKBENCH_CACHE_DIR")
-    root = Path(env).expanduser() if env else Path.home() / ".cache" / "sdxl-workbench"
-    return root / "sensitivity"
-
-
 def weights_fingerprint(base: Base) -> str:
     """Name, config and (for local folders) the UNet weight files' sizes and times."""
     from workbench.latency import model_identity
@@ -388,25 +381,22 @@ def map_path(base: Base, settings: Calibration, device: str) -> Path:
     )
     digest = hashlib.sha256(key.encode()).hexdigest()[:16]
     stem = "".join(c if c.isalnum() else "-" for c in Path(base.name).name.lower())[:40] or "model"
-    return cache_dir() / f"{stem}-{digest}.json"
+    return cache.path("sensitivity", f"{stem}-{digest}.json")
 
 
 def read_map(path: Path) -> SensitivityMap | None:
+    data = cache.read(path, SCHEMA)
     try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-        if data.get("schema") != SCHEMA:
-            return None
-        smap = SensitivityMap.from_dict(data)
-    except (OSError, ValueError, TypeError, KeyError):  # missing or corrupt: measure again
+        smap = None if data is None else SensitivityMap.from_dict(data)
+    except (ValueError, TypeError, KeyError):  # corrupt: measure again
         return None
-    smap.path, smap.from_cache = str(path), True
+    if smap is not None:
+        smap.path, smap.from_cache = str(path), True
     return smap
 
 
 def write_map(smap: SensitivityMap, path: Path) -> None:
-    from workbench.runs import write_json_atomic
-
-    write_json_atomic(path, smap.to_dict())  # a reader never sees half a map
+    cache.write(path, smap.to_dict())
     smap.path = str(path)
 
 

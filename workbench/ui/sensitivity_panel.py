@@ -22,6 +22,7 @@ import gradio as gr
 from workbench import autoprune, sensitivity
 from workbench.catalog import natural_key
 from workbench.errors import WorkbenchError
+from workbench.progress import Progress
 from workbench.ui import format as fmt
 from workbench.ui import plan_view, plots
 from workbench.ui.shared import ProgressAdapter, Shared, inline_errors, panel_updates, plot, user_errors
@@ -147,12 +148,9 @@ def _map(
     )
 
 
-def _adapter(progress: Any, lo: float, hi: float) -> Any:
-    return ProgressAdapter(progress, lo, hi) if progress is not None else _no_progress
-
-
-def _no_progress(*args: Any, **kwargs: Any) -> None:
-    return None
+def _adapter(progress: Any, lo: float, hi: float) -> Progress | None:
+    """A core progress callback driving a gr.Progress bar over [lo, hi] (None: no bar)."""
+    return ProgressAdapter(progress, lo, hi) if progress is not None else None
 
 
 def keep_fraction(value: Any) -> float:
@@ -172,8 +170,7 @@ def make_budget(
         atom_flops = store.pricing(name, px).atom_flops
         return autoprune.Budget("flops", fraction, {a: float(n) for a, n in atom_flops.items()})
     if kind == "latency":
-        latency = plan_view.latency_module()
-        profile = None if latency is None else plan_view.cached_profile(store, latency, view, device, dtype)
+        profile = plan_view.cached_profile(store, view, device, dtype)
         if profile is None:
             raise WorkbenchError(
                 f"a latency budget needs this machine's latency profile at {px} px ({device}, {dtype}): "
@@ -201,31 +198,15 @@ def run_autoprune(
     dtype: str,
     progress: Any = None,
 ) -> tuple[Pruned, sensitivity.SensitivityMap]:
-    """Budget (checked feasible before any weight loads), map, then the search."""
+    """``autoprune.autoprune`` on what the store holds: its budget (FLOPs, profile), its
+    calibration and its probe (the loaded teacher, kept for the next run)."""
     name = view["base"]
-    if method not in autoprune.METHODS:
-        raise WorkbenchError(
-            f"unknown auto-prune method {method!r}; choose one of {', '.join(autoprune.METHODS)}"
-        )
     budget = make_budget(store, view, kind, keep_fraction(fraction), device, dtype)
-    catalog = store.catalog(name)
-    autoprune.check_feasible(catalog, [budget])  # names the smallest reachable size
-    smap = cached(store, name)
-    probe = None
-    if smap is None or method == "rescored":
-        probe = store.probe(name, _adapter(progress, 0.0, 0.05))
-    if smap is None:
-        smap = _map(store, name, False, progress, 0.05, 0.4)
-    result = autoprune.search(
-        catalog,
-        [budget],
-        smap,
-        method=method,
-        probe=probe,
-        name="auto",
-        progress=_adapter(progress, 0.4 if not smap.from_cache else 0.05, 1.0),
-    )
-    return Pruned(result, budget), smap
+    result, _ = autoprune.autoprune(
+        store.base(name), {kind: budget.target}, method=method, settings=store.calibration, name="auto",
+        budgets=[budget], probe=lambda p: store.probe(name, p), progress=_adapter(progress, 0.0, 1.0),
+    )  # fmt: skip
+    return Pruned(result, budget), result.sensitivity_map
 
 
 def summary_md(pruned: Pruned) -> str:
