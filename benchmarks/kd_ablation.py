@@ -98,6 +98,7 @@ def main() -> None:
     args = parse_args()
     torch.set_flush_denormal(True)
     out = Path(args.out) / f"{args.preset}-{args.steps}-seed{args.train_seed}"
+    scoring.claim(out, args.base)
     plan = load_preset(args.preset)
     e = scoring.evaluator(args.base, args.prompts, args.seeds)
     students: dict[str, Path] = {"undistilled": out / "undistilled"}
@@ -121,7 +122,9 @@ def print_report(args: argparse.Namespace, e, report: dict) -> None:
     teacher, students = report["teacher"], report["students"]
     print(f"\n{args.preset} student of {args.base}, {args.steps} steps, batch {args.batch_size}, lr {args.lr}, "
           f"training seed {args.train_seed}\n{scoring.header(e, args.base)}\n")  # fmt: skip
-    print(f"teacher: full prompt {scoring.cell(teacher.get('full'))}, fidelity {scoring.cell(teacher.get('fidelity'))}\n")
+    print(
+        f"teacher: full prompt {scoring.cell(teacher.get('full'))}, fidelity {scoring.cell(teacher.get('fidelity'))}\n"
+    )
     head = ["variant", "train min", "full prompt", "vs teacher", "fidelity", "PSNR dB", "SSIM"]
     rows = []
     for name, f in students.items():

@@ -19,7 +19,25 @@ from workbench.stats import Estimate
 
 def add_sample_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--prompts", type=int, default=None, help="held-out prompts (default: all 81)")
-    p.add_argument("--seeds", type=int, default=ev.TOY_SEEDS, help=f"seeds per prompt (default {ev.TOY_SEEDS})")
+    p.add_argument(
+        "--seeds", type=int, default=ev.TOY_SEEDS, help=f"seeds per prompt (default {ev.TOY_SEEDS})"
+    )
+
+
+def claim(out: Path, base: str) -> None:
+    """Tie an output folder to the teacher's weights: the students and cached scores in it
+    are only valid for those, so a folder made from other weights is refused."""
+    resolved = resolve_base(base)
+    if resolved.kind not in ("toy", "pipeline"):
+        return
+    digest = ev.weights_digest(Path(resolved.location) / "unet")
+    stamp = out / "teacher-unet.sha256"
+    if stamp.exists() and stamp.read_text().strip() != digest:
+        raise SystemExit(
+            f"{out} holds students and scores of other teacher weights than {base!r} has now; give a new --out"
+        )
+    out.mkdir(parents=True, exist_ok=True)
+    stamp.write_text(f"{digest}\n")
 
 
 def evaluator(base: str, prompts: int | None, seeds: int) -> ev.Evaluator:

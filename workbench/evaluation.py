@@ -321,6 +321,21 @@ def result(evaluator: Evaluator, base, teacher: Scores, student: Scores | None, 
     }
 
 
+def write_record(path: str | Path, data: dict[str, Any]) -> None:
+    """Write a result atomically as readable JSON with one line per sample."""
+    import json
+    import os
+
+    head = json.dumps({k: v for k, v in data.items() if k != "per_sample"}, indent=2)
+    rows = ",\n".join("    " + json.dumps(r, separators=(", ", ": ")) for r in data["per_sample"])
+    text = head[: head.rindex("}")].rstrip() + ',\n  "per_sample": [\n' + rows + "\n  ]\n}\n"
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(text, encoding="utf-8")
+    os.replace(tmp, path)
+
+
 def read_record(path: str | Path) -> dict[str, Any]:
     """A saved evaluation (``evaluate --save``), checked strictly: schema, keys, samples."""
     import json

@@ -89,9 +89,7 @@ def run(args: argparse.Namespace) -> int:
     torch.set_flush_denormal(True)  # tiny models hit denormals, which are slow on CPU
     result = evaluate(args)
     if args.save:
-        from workbench.runs import write_json_atomic
-
-        write_json_atomic(Path(args.save), result)
+        ev.write_record(args.save, result)
     summary = {k: v for k, v in result.items() if k != "per_sample"}
     if args.json:
         emit_json(summary)
