@@ -139,7 +139,8 @@ def main() -> None:
         scores = {name: scoring.student_scores(e, f[stage]) for name, f in folders.items()}
         for row in report["rows"]:
             row[stage] = scoring.figures(e, scores[row["student"]], scores[args.preset])
-            log(f"{row['student']} {stage}: {json.dumps(row[stage]['summary'])}")
+            means = ", ".join(f"{k} {v['mean']:.3f}" for k, v in row[stage]["summary"].items())
+            log(f"{row['student']} {stage}: {means}")
     (out / tag).mkdir(parents=True, exist_ok=True)
     (out / tag / "report.json").write_text(json.dumps(report, indent=1) + "\n")
     print_report(args, e, report, preset_spec)

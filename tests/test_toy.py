@@ -16,7 +16,7 @@ from workbench import evaluation, quality
 from workbench.cli import main
 from workbench.models import TOY_DIR
 from workbench.sampling import generate
-from workbench.stats import Bootstrap
+from workbench.stats import Bootstrap, Estimate
 from workbench.toy import checker, world
 
 
@@ -251,6 +251,15 @@ def test_recorded_evaluation_is_of_the_shipped_weights_and_adds_up():
     assert interval == boot.describe()
     for key, est in data["teacher"].items():
         assert boot.mean(teacher.values[key]).to_dict() == pytest.approx(est, abs=1e-12), key
+
+
+@_NO_RECORD
+def test_the_model_card_quotes_the_recorded_figures():
+    """README.md beside the weights shows each figure as `evaluate` prints it: 0.912 [0.887, 0.934]."""
+    card = (TOY_DIR / "README.md").read_text(encoding="utf-8")
+    data = evaluation.read_record(RECORD)
+    missing = [k for k, est in data["teacher"].items() if Estimate.from_dict(est).format() not in card]
+    assert not missing, f"workbench/assets/toy-sdxl/README.md lacks the recorded {missing}"
 
 
 @_NO_RECORD

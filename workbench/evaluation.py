@@ -85,7 +85,9 @@ def _spread(items: Sequence[str], n: int | None, what: str) -> list[str]:
     if n is None:
         return list(items)
     if not 1 <= n <= len(items):
-        raise WorkbenchError(f"--prompts must be between 1 and {len(items)} ({what}), got {n}")
+        raise WorkbenchError(
+            f"{n} prompts asked for, but there are {len(items)} {what}; give a number between 1 and {len(items)}"
+        )
     return [items[i * len(items) // n] for i in range(n)]
 
 
