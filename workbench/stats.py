@@ -19,7 +19,8 @@ on the same samples (a teacher and a student, two students) compare *paired*: th
 interval of their difference or ratio is much narrower than their two intervals suggest.
 
 Scores can be 0/1 (an attribute judged right) or real (PSNR, SSIM). Everything is
-vectorised: 2,000 resamples of 500 samples take a few milliseconds.
+vectorised: 2,000 resamples of 648 samples take 0.02-0.2 s on one
+thread of a busy 2-core CPU.
 """
 
 from __future__ import annotations
