@@ -73,7 +73,7 @@ def run(args: argparse.Namespace) -> int:
     print(f"{args.base}: {args.method} auto-prune kept {fr}")
     print(f"  params {human(spec.teacher_params)} -> {human(spec.student_params)}")
     if result.deviation is not None:
-        print(f"  deviation {result.deviation:.4f} (relative MSE of the noise prediction)")
+        print(f"  deviation {result.deviation:.4f} (relative MSE of the UNet's prediction)")
     print(f"  estimated cost {result.estimated_cost:.4f} (sum of lone-removal deviations)")
     print(f"  student: {spec.topology.describe()}")
     print(f"  removes: {', '.join(spec.plan.removed)}")

@@ -1,7 +1,7 @@
 """Blocks tab, top: the sensitivity heatmap over the block map, and auto-prune as a slider.
 
 The heatmap colours every removable unit by what removing it alone does to the teacher's
-noise prediction (``workbench.sensitivity``); a cached map is shown as soon as its base is,
+prediction (noise or v; ``workbench.sensitivity``); a cached map is shown as soon as its base is,
 and *Measure sensitivity* measures one (minutes on a real model; cached on disk after).
 
 *Auto-prune* finds the least damaging valid plan that keeps at most a fraction of the
@@ -38,7 +38,7 @@ METHOD_CHOICES = [
 DEFAULT_KEEP = 0.5
 INTRO = (
     "**Sensitivity** — each square is a removable unit, laid out like the toggles below; colour is how "
-    "much the teacher's noise prediction changes when that unit alone is removed (relative MSE, log "
+    "much the teacher's prediction (noise or v) changes when that unit alone is removed (relative MSE, log "
     "scale: pale is nearly free, dark red hurts). Hatched units cannot be removed on their own; hover "
     "for why. **Auto-prune** ticks the least damaging units that meet the budget."
 )
@@ -75,7 +75,9 @@ def map_md(smap: sensitivity.SensitivityMap) -> str:
         if ranked
         else ""
     )
-    fidelity = " With the toy checker's fidelity drop." if smap.teacher_fidelity is not None else ""
+    fidelity = (
+        " With the toy checker's fidelity and full-prompt drops." if smap.teacher_fidelity is not None else ""
+    )
     return (
         f"<span class='wb-muted'>Sensitivity of {fmt.escape(smap.base)}: {len(scored)} units scored"
         f"{f', {blocked} cannot be removed (hatched)' if blocked else ''}; {how}; {where}.{fidelity}"
@@ -281,7 +283,7 @@ def build(ctx: Shared) -> Parts:
         note = gr.Markdown(elem_id="wb-heat-note")
         with gr.Row(equal_height=True):
             fidelity = gr.Checkbox(
-                value=False, label="with fidelity drop (toy only, slower)", scale=2, min_width=160
+                value=False, label="with fidelity drops (toy only, slower)", scale=2, min_width=160
             )
             measure = gr.Button("Measure sensitivity", size="sm", scale=1, min_width=160)
         with gr.Row(equal_height=False):
