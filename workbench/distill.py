@@ -110,7 +110,7 @@ class Distillation:
 
         torch.set_flush_denormal(True)
         cfg = self.config
-        self.acc = make_accelerator(self.config)
+        self.acc = make_accelerator(cfg)
         self.report = Reporter(self.run_dir, main=self.acc.is_main_process, started=self.report.started)
         if self.report.main:
             self.start_run_folder(resume)
@@ -167,10 +167,8 @@ class Distillation:
     def stage(self, k: int, checkpoint: Path | None) -> Stage:
         from workbench.models import as_teacher
 
-        cfg, acc = (
-            self.config,
-            make_accelerator(self.config),
-        )  # its own: a checkpoint holds one stage's objects
+        cfg = self.config
+        acc = make_accelerator(cfg)  # the stage's own: its checkpoints hold this stage's objects
         previous = self.load_stage_student(k - 1) if k else None
         student, teacher, pairs = stage_models(self.pipe.unet, self.specs, k, previous, cfg.stage_teacher,
                                                cfg.feature_mode)  # fmt: skip
