@@ -91,7 +91,7 @@ def measure(name: str, workdir: Path) -> dict:
     import torch
 
     from workbench import memory
-    from workbench.distill import check_plans
+    from workbench.distill_config import check_plans
     from workbench.models import resolve_base
 
     torch.set_num_threads(1)

@@ -25,8 +25,16 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout
 import torch.nn.functional as F
 
-from workbench.data import LatentCache, _to_tensor, encode_examples, encode_text, toy_examples
-from workbench.distill import DistillConfig, batch_indices, run_distillation, step_generator
+from workbench.data import (
+    LatentCache,
+    _to_tensor,
+    batch_indices,
+    encode_examples,
+    encode_text,
+    step_generator,
+    toy_examples,
+)
+from workbench.distill import DistillConfig, run_distillation
 from workbench.models import load_pipeline
 from workbench.presets import load_preset
 from workbench.runs import read_metrics

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -67,3 +70,25 @@ def test_rank_must_be_positive(tiny_teacher):
     student, spec = build_student(tiny_teacher, load_preset("ssd-1b"))
     with pytest.raises(WorkbenchError, match="LoRA rank must be a whole number >= 1, got 0"):
         lora_kd.add_adapters(student, spec, rank=0)
+
+
+def test_a_lora_run_trains_adapters_and_exports_a_stock_student(tmp_path):
+    from diffusers import UNet2DConditionModel
+
+    from workbench.distill import DistillConfig, run_distillation
+    from workbench.runs import RunDir, read_metrics
+    from workbench.testing import tiny_pipeline
+
+    base = str(tiny_pipeline(tmp_path / "pipe"))
+    config = DistillConfig(stages=(load_preset("ssd-1b").to_dict(),), steps=2, base=base, toy_samples=8,
+                           batch_size=2, sample_steps=1, checkpoint_every=2, device="cpu", lora_rank=2)  # fmt: skip
+    assert run_distillation(config, tmp_path / "run")["state"] == "done"
+    rows, _ = read_metrics(tmp_path / "run" / "metrics.jsonl")
+    assert len(rows) == 2 and all(torch.isfinite(torch.tensor(r["loss/total"])) for r in rows)
+    run = RunDir(tmp_path / "run")
+    unet, info = UNet2DConditionModel.from_pretrained(run.student, output_loading_info=True)
+    assert all(not v for v in info.values())  # merged: no adapter keys, nothing missing
+    from workbench.surgery import student_spec
+
+    spec = student_spec(json.loads((Path(base) / "unet" / "config.json").read_text()), load_preset("ssd-1b"))
+    assert sum(p.numel() for p in unet.parameters()) == spec.student_params

@@ -166,14 +166,14 @@ def test_cli_json(tiny_base, capsys):
 def test_8bit_adamw_layout_is_bitsandbytes(tiny_base):
     """The estimate's 8-bit AdamW states take the bytes bitsandbytes' own states take."""
     bnb = pytest.importorskip("bitsandbytes")
-    from workbench.optimizers import make_optimizer
+    from workbench.optim import make_optimizer
 
     spec_config = json.loads(open(f"{tiny_base}/config.json").read())
     model = memory._unet(spec_config, None, torch.float32)
     params = list(model.parameters())
     for p in params:
         p.grad = torch.zeros_like(p)
-    real = make_optimizer("adamw8bit", params, 1e-4, 0.0)
+    real = make_optimizer(params, DistillConfig(stages=({},), steps=1, lr=1e-4, optimizer="adamw8bit"))
     assert isinstance(real, bnb.optim.AdamW8bit)
     real.step()
     layout = memory._AdamW8bitLayout(params, lr=1e-4)

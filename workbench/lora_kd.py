@@ -63,6 +63,18 @@ def changed_input_atoms(spec) -> list[str]:
     return changed
 
 
+def init_spec(specs: list[Any], k: int):
+    """The spec that maps stage ``k``'s student to the model it was built from: the teacher
+    for the first stage, the previous stage's student after that."""
+    from workbench.catalog import build_catalog
+    from workbench.surgery import compile_plan, derive_stage_plan
+
+    if k == 0:
+        return specs[0]
+    plan = derive_stage_plan(specs[k - 1], specs[k], name=f"stage-{k + 1}")
+    return compile_plan(build_catalog(specs[k - 1].config), plan)
+
+
 def lora_targets(student: torch.nn.Module, spec) -> list[str]:
     """Linear and convolution modules outside the changed atoms: they get adapters."""
     changed = set(changed_input_atoms(spec))

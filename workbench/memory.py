@@ -169,6 +169,7 @@ class _Tracker(TorchDispatchMode):
         self.total = 0
         self.category = "activations"
         self.phase = "setup"
+        self.label = ""  # the micro-batch, when there are several
         self.peaks: dict[str, tuple[int, dict[str, int]]] = {}
         self._live: dict[int, list[Any]] = {}  # id(storage) -> [bytes, category, weakref]
 
@@ -203,17 +204,13 @@ class _Tracker(TorchDispatchMode):
 
         return release
 
-    @contextlib.contextmanager
-    def during(self, phase: str, category: str = "activations"):
-        before = (self.phase, self.category)
-        self.phase, self.category = phase, category
-        best = self.peaks.get(phase)
+    def enter(self, phase: str, category: str = "activations") -> None:
+        """From now on the step is in ``phase`` (plus the micro-batch ``label``); new tensors
+        go to ``category``."""
+        self.phase, self.category = phase + self.label, category
+        best = self.peaks.get(self.phase)
         if best is None or self.total > best[0]:
-            self.peaks[phase] = (self.total, dict(self.current))
-        try:
-            yield
-        finally:
-            self.phase, self.category = before
+            self.peaks[self.phase] = (self.total, dict(self.current))
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
@@ -453,19 +450,14 @@ class _Stage:
 
 
 def _stage_models(config, base, specs, k: int, mode) -> _Stage:
-    from workbench.catalog import build_catalog
     from workbench.distill import TEACHER_DTYPES
-    from workbench.surgery import compile_plan, derive_stage_plan
+    from workbench.lora_kd import init_spec
 
-    spec = init = specs[k]
+    spec, init = specs[k], init_spec(specs, k)  # init: the student's map to what it starts from
     dtype = TEACHER_DTYPES[config.teacher_dtype]
     teacher_config, pairs, extra = base.unet_config, spec.feature_pairs(config.feature_mode), 0
-    if k > 0:  # the student starts from the previous stage's: LoRA follows that map
-        previous = specs[k - 1]
-        plan = derive_stage_plan(previous, spec, f"stage-{k + 1}")
-        init = compile_plan(build_catalog(previous.config), plan)
     if k > 0 and config.stage_teacher == "previous":
-        teacher_config, pairs = previous.config, init.feature_pairs(config.feature_mode)
+        teacher_config, pairs = specs[k - 1].config, init.feature_pairs(config.feature_mode)
         extra = spec.teacher_params * torch.empty((), dtype=dtype).element_size()
     teacher = _unet(teacher_config, mode, dtype).eval().requires_grad_(False)
     adapt = None
@@ -486,9 +478,14 @@ def _stage_models(config, base, specs, k: int, mode) -> _Stage:
 def _optimizer(config, params: list[torch.Tensor], target: str) -> torch.optim.Optimizer:
     """The run's optimizer: AdamW with the target's default implementation (foreach on
     CUDA), or 8-bit AdamW's states as bitsandbytes lays them out."""
+    from workbench.optim import make_optimizer
+
     if config.optimizer == "adamw8bit":
         return _AdamW8bitLayout(params, lr=config.lr)
-    return torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay, foreach=target == "cuda")
+    optimizer = make_optimizer(params, config)
+    for group in optimizer.param_groups:  # torch's default differs by device: CUDA's is foreach
+        group["foreach"] = target == "cuda"
+    return optimizer
 
 
 class _AdamW8bitLayout(torch.optim.Optimizer):
@@ -502,7 +499,7 @@ class _AdamW8bitLayout(torch.optim.Optimizer):
         self._qmaps: tuple[torch.Tensor, torch.Tensor] | None = None
 
     def _init_state(self, p: torch.Tensor) -> dict[str, Any]:
-        from workbench.optimizers import BLOCK, MIN_8BIT_SIZE
+        from workbench.optim import BLOCK, MIN_8BIT_SIZE
 
         if p.numel() < MIN_8BIT_SIZE:
             return {"step": 0, "state1": torch.zeros_like(p), "state2": torch.zeros_like(p)}
@@ -526,55 +523,70 @@ class _AdamW8bitLayout(torch.optim.Optimizer):
                 p.add_(p.grad, alpha=-group["lr"])
 
 
+class _Accelerator:
+    """What ``distill.train_step`` asks of accelerate, for one process on ``target``; it
+    also tells the tracker where in the step it is."""
+
+    num_processes = 1
+
+    def __init__(self, config, target: str, tracker: _Tracker) -> None:
+        self.config, self.target, self.tracker = config, target, tracker
+
+    def no_sync(self, _model):
+        return contextlib.nullcontext()
+
+    def autocast(self):
+        return _autocast(self.config.mixed_precision, self.target)
+
+    def backward(self, loss: torch.Tensor) -> None:
+        self.tracker.enter("backward")
+        loss.backward()
+
+    def clip_grad_norm_(self, params, max_norm: float):
+        self.tracker.enter("optimizer step", "optimizer")
+        return torch.nn.utils.clip_grad_norm_(params, max_norm, foreach=self.target == "cuda")
+
+
 def _train_step(config, models: _Stage, optimizer, shapes: _Shapes, target: str, tracker: _Tracker) -> None:
-    """The recipe's optimizer step (``Trainer._step``), phase by phase under the tracker.
+    """The recipe's own optimizer step (``distill.train_step``), phases marked for the tracker.
 
     Two micro-batches stand for any gradient accumulation: from the second on, the
     gradients of the earlier ones are resident while the next runs.
     """
-    from workbench.distill import _cast
-    from workbench.hooks import FeatureCapture
-    from workbench.losses import distillation_loss
+    from workbench import distill, losses, optim
 
-    student, teacher = models.student, models.teacher
+    config = dataclasses.replace(config, grad_accum=min(config.grad_accum, 2))
+    labels = config.grad_accum > 1
+
+    def batches(_g: int, micro: int) -> dict[str, Any]:
+        tracker.label = f" (micro-batch {micro + 1})" if labels else ""
+        tracker.enter("batch")
+        return _batch(shapes, config.batch_size)
+
     pairs = models.pairs if config.w_feat > 0 else []
-    micro_batches = min(config.grad_accum, 2)
-    for micro in range(micro_batches):
-        label = f" (micro-batch {micro + 1})" if micro_batches > 1 else ""
-        with tracker.during("batch" + label):
-            batch = _batch(shapes, config.batch_size)
-        t_pred, t_feats = None, {}
-        if config.w_out > 0 or pairs:  # task-only runs need no teacher
-            with tracker.during("teacher forward" + label), torch.no_grad():
-                with FeatureCapture(teacher, [t for _, t in pairs]) as t_feats:
-                    t_pred = teacher(**_cast(batch["inputs"], teacher.dtype)).sample.float()
-        with (
-            _autocast(config.mixed_precision, target),
-            FeatureCapture(student, [s for s, _ in pairs]) as s_feats,
-        ):
-            with tracker.during("student forward" + label):
-                s_pred = student(**batch["inputs"]).sample.float()
-                terms = distillation_loss(
-                    s_pred, t_pred if config.w_out > 0 else None, batch["target"], s_feats, t_feats,
-                    pairs, config.weights, config.normalize_features,
-                )  # fmt: skip
-            with tracker.during("backward" + label):
-                (terms["loss/total"] / config.grad_accum).backward()
-    with tracker.during("optimizer step", category="optimizer"):
-        if config.max_grad_norm > 0:
-            torch.nn.utils.clip_grad_norm_(
-                student.parameters(), config.max_grad_norm, foreach=target == "cuda"
-            )
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
+    setup = losses.KDSetup(config.weights, pairs, config.normalize_features, None)
+    handles = [
+        models.teacher.register_forward_pre_hook(lambda *_: tracker.enter("teacher forward")),
+        models.student.register_forward_pre_hook(lambda *_: tracker.enter("student forward")),
+        optimizer.register_step_pre_hook(lambda *_: tracker.enter("optimizer step", "optimizer")),
+    ]
+    stage = distill.Stage(0, config.stage_kind(0), models.student, models.student, models.teacher, setup,
+                          optimizer, optim.make_schedule(optimizer, config), _Accelerator(config, target, tracker), 0)  # fmt: skip
+    try:
+        distill.train_step(stage, batches, 0, config)
+    finally:
+        for handle in handles:
+            handle.remove()
 
 
 def _stage_peak(
     config, base, specs, k: int, shapes: _Shapes, target: str, encoders: int, fake: bool = True
 ) -> StagePeak:
     from torch._subclasses.fake_tensor import FakeTensorMode
+    from torch.fx.experimental.symbolic_shapes import ShapeEnv
 
-    mode = FakeTensorMode() if fake else None
+    # a shape environment lets the step read its loss terms (``.item()``) as symbols
+    mode = FakeTensorMode(shape_env=ShapeEnv()) if fake else None
     models = _stage_models(config, base, specs, k, mode)
     trainable = [p for p in models.student.parameters() if p.requires_grad]
     tracker = _Tracker()
@@ -640,7 +652,7 @@ def _steady_peak(
     best: tuple[str, int, dict[str, int]] | None = None
     for phase, (total, categories) in peaks.items():
         categories = dict(categories)
-        if phase != "optimizer step":
+        if not phase.startswith("optimizer step"):
             categories["optimizer"] += states
             total += states
         if best is None or total > best[1]:
@@ -679,7 +691,7 @@ def estimate(config, target: str = "cuda", fake: bool = True) -> MemoryEstimate:
     on real tensors (random weights, on the CPU) under the same tracker: the tests compare
     the two.
     """
-    from workbench.distill import check_plans
+    from workbench.distill_config import check_plans
     from workbench.models import resolve_base
 
     started = time.perf_counter()
@@ -709,8 +721,7 @@ def estimate(config, target: str = "cuda", fake: bool = True) -> MemoryEstimate:
 
 def _check(config) -> None:
     """The options the estimate reads, checked as the recipe checks them (device aside)."""
-    from workbench.distill import PRECISIONS, STAGE_TEACHERS, TEACHER_DTYPES
-    from workbench.optimizers import OPTIMIZERS
+    from workbench.distill_config import OPTIMIZERS, PRECISIONS, STAGE_TEACHERS, TEACHER_DTYPES
     from workbench.surgery import FEATURE_MODES
 
     checks = [

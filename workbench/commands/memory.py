@@ -5,9 +5,8 @@ from __future__ import annotations
 import argparse
 
 from workbench.commands._common import add_base, add_json, emit_json
-from workbench.distill import PRECISIONS, STAGE_TEACHERS, TEACHER_DTYPES, DistillConfig
+from workbench.distill_config import OPTIMIZERS, PRECISIONS, STAGE_TEACHERS, TEACHER_DTYPES, DistillConfig
 from workbench.errors import WorkbenchError
-from workbench.optimizers import OPTIMIZERS
 from workbench.presets import load_preset
 from workbench.surgery import FEATURE_MODES
 
