@@ -160,13 +160,22 @@ def time_sdxl() -> dict:
     return row
 
 
+# fmt: off
 TABLE_OPTIONS = {
     "as is (fp32 teacher, fp32 AdamW)": {},
     "teacher bf16": {"teacher_dtype": "bf16"},
     "bf16 mixed precision": {"mixed_precision": "bf16"},
     "gradient checkpointing": {"gradient_checkpointing": True},
-    "all of the above": {"teacher_dtype": "bf16", "mixed_precision": "bf16", "gradient_checkpointing": True},
+    "teacher bf16 + bf16 mixed precision + checkpointing": {"teacher_dtype": "bf16", "mixed_precision": "bf16",
+                                                           "gradient_checkpointing": True},
+    "8-bit AdamW": {"optimizer": "adamw8bit"},
+    "LoRA rank 64": {"lora_rank": 64},
+    "all: bf16 teacher + bf16 + checkpointing + 8-bit AdamW": {"teacher_dtype": "bf16", "mixed_precision": "bf16",
+                                                               "gradient_checkpointing": True, "optimizer": "adamw8bit"},
+    "all + LoRA rank 64": {"teacher_dtype": "bf16", "mixed_precision": "bf16", "gradient_checkpointing": True,
+                           "optimizer": "adamw8bit", "lora_rank": 64},
 }
+# fmt: on
 
 
 def table(presets: list[str], batches: list[int], options: dict[str, dict]) -> list[dict]:
