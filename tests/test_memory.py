@@ -180,3 +180,23 @@ def test_8bit_adamw_layout_is_bitsandbytes(tiny_base):
     layout.step()
     # equal, and below AdamW's 8 bytes per weight (tiny tensors keep 32-bit states)
     assert memory._state_bytes(layout) == memory._state_bytes(real) < 2 * memory._storage_bytes(params)
+
+
+def test_a_run_out_of_memory_fails_with_the_options_that_would_help(tmp_path, monkeypatch):
+    from workbench.distill import run_distillation
+    from workbench.runs import RunDir
+    from workbench.testing import tiny_pipeline
+
+    base = str(tiny_pipeline(tmp_path / "pipe"))
+    monkeypatch.setenv("WORKBENCH_FAULT_STEP", "1")
+    monkeypatch.setenv("WORKBENCH_FAULT_KIND", "oom")  # torch.OutOfMemoryError, as a full GPU raises it
+    config = DistillConfig(stages=(load_preset("ssd-1b").to_dict(),), steps=3, base=base, toy_samples=8,
+                           batch_size=2, sample_steps=1, device="cpu")  # fmt: skip
+    with pytest.raises(WorkbenchError) as err:
+        run_distillation(config, tmp_path / "run")
+    message = str(err.value)
+    assert "\n" not in message and message.startswith("out of memory on cpu: try, cheapest first, ")
+    assert "--teacher-dtype bf16" in message and "--gradient-checkpointing" in message
+    assert "--optimizer adamw8bit" in message and "python -m workbench memory" in message
+    status = RunDir(tmp_path / "run").read_status()
+    assert status["state"] == "failed" and status["error"] == message

@@ -889,3 +889,28 @@ def report(result: MemoryEstimate, hints: list[dict[str, Any]] | None = None) ->
             lines.append(f"  {row['gpu_gb']} GB: does not fit with the options the estimate knows")
     lines.extend(f"  note: {n}" for n in result.notes)
     return "\n".join(lines)
+
+
+def out_of_memory(config, accelerator=None) -> str:
+    """The one-line error of a run that ran out of memory: on a GPU, the cheapest options the
+    estimate says fit it; otherwise (or if none does) the options not tried yet."""
+    device = getattr(accelerator, "device", None)
+    untried = [o.flags for o in LEAN_OPTIONS if o.applies(config)]
+    where = f"out of memory on {device}" if device is not None else "out of memory"
+    if device is not None and torch.device(device).type == "cuda":
+        capacity = torch.cuda.get_device_properties(device).total_memory / GIB
+        where += f" ({capacity:.0f} GiB)"
+        try:
+            rows = suggestions(config, estimate(config), sizes_gb=(capacity,))
+        except (WorkbenchError, RuntimeError):
+            rows = []
+        if rows and rows[0]["fits"]:
+            return f"{where}: the memory estimate says it fits with {rows[0]['flags']} (peak {rows[0]['total_gb']:.1f} GiB)"
+    if not untried:
+        return (
+            f"{where}, with every memory-lean option on: use a larger GPU or several (see README, Sharding)"
+        )
+    return (
+        f"{where}: try, cheapest first, {', '.join(untried)}; `python -m workbench memory` with the run's "
+        "options says which of them fit"
+    )
