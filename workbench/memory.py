@@ -907,9 +907,7 @@ def out_of_memory(config, accelerator=None) -> str:
         if rows and rows[0]["fits"]:
             return f"{where}: the memory estimate says it fits with {rows[0]['flags']} (peak {rows[0]['total_gb']:.1f} GiB)"
     if not untried:
-        return (
-            f"{where}, with every memory-lean option on: use a GPU with more memory"
-        )
+        return f"{where}, with every memory-lean option on: use a GPU with more memory"
     return (
         f"{where}: try, cheapest first, {', '.join(untried)}; `python -m workbench memory` with the run's "
         "options says which of them fit"
