@@ -19,6 +19,9 @@ they are: the student shares the teacher's text encoders.
 from __future__ import annotations
 
 import json
+import logging
+import re
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -192,16 +195,38 @@ def _wrong_base(file: Path, base: Base, why: str) -> str:
 
 
 def _first_line(err: Exception) -> str:
-    return (str(err).strip().splitlines() or [type(err).__name__])[0][:300]
+    """The informative line of a loader error: a shape mismatch if there is one."""
+    text = str(err)
+    m = re.search(
+        r"size mismatch for (\S+?)\.lora_[AB]\.\w+\.weight: copying a param with shape torch\.Size\(\[(.*?)\]\) "
+        r"from checkpoint, the shape in current model is torch\.Size\(\[(.*?)\]\)",
+        text,
+    )
+    if m:
+        return f"its pair for {m[1]} has shape [{m[2]}] where the teacher's module needs [{m[3]}]"
+    return (text.strip().splitlines() or [type(err).__name__])[0][:300]
+
+
+@contextmanager
+def _quiet_loader():
+    """diffusers logs a failed adapter load on its own before re-raising; the error says it once."""
+    log = logging.getLogger("diffusers.loaders.peft")
+    level = log.level
+    log.setLevel(logging.CRITICAL)
+    try:
+        yield
+    finally:
+        log.setLevel(level)
 
 
 def _load_unet_part(mixin, state, alphas, metadata, teacher, file: Path, base: Base) -> dict[str, Pair]:
     from peft.tuners.lora import LoraLayer
 
     try:
-        mixin.load_lora_into_unet(
-            state, alphas, teacher, adapter_name=ADAPTER, metadata=metadata, low_cpu_mem_usage=True
-        )
+        with _quiet_loader():
+            mixin.load_lora_into_unet(
+                state, alphas, teacher, adapter_name=ADAPTER, metadata=metadata, low_cpu_mem_usage=True
+            )
     except (RuntimeError, ValueError) as err:  # peft: size mismatch, or no target module found
         raise WorkbenchError(_wrong_base(file, base, _first_line(err))) from None
     pairs = {}
@@ -231,15 +256,16 @@ def _load_text_parts(mixin, state, alphas, metadata, base: Base, file: Path) -> 
             continue
         encoder = _empty_text_encoder(base, name, file)
         try:
-            mixin.load_lora_into_text_encoder(
-                state,
-                alphas,
-                encoder,
-                prefix=name,
-                adapter_name=ADAPTER,
-                metadata=metadata,
-                low_cpu_mem_usage=True,
-            )
+            with _quiet_loader():
+                mixin.load_lora_into_text_encoder(
+                    state,
+                    alphas,
+                    encoder,
+                    prefix=name,
+                    adapter_name=ADAPTER,
+                    metadata=metadata,
+                    low_cpu_mem_usage=True,
+                )
         except (RuntimeError, ValueError) as err:
             raise WorkbenchError(_wrong_base(file, base, f"{name}: {_first_line(err)}")) from None
         weights = get_peft_model_state_dict(encoder, adapter_name=ADAPTER)
