@@ -200,6 +200,7 @@ class ExportResult:
     dtype: str
     files: tuple[str, ...]  # relative paths, sorted
     weights_file: str | None  # the single .safetensors of the file formats
+    lora_report: Any = None  # lora.LoraReport, when a teacher LoRA was remapped into lora/
 
 
 def export(
@@ -209,20 +210,28 @@ def export(
     dtype: str | None = None,
     pipeline=None,
     evaluation: dict[str, Any] | None = None,
+    lora_file: str | Path | None = None,
     progress: Progress = _no_progress,
 ) -> ExportResult:
     """Write ``student`` in format ``fmt`` to the new folder ``out`` (atomically).
 
     ``pipeline`` is the teacher's loaded pipeline, if the caller has one (the pipeline and
     checkpoint formats load it otherwise). ``evaluation`` holds toy evaluation figures for
-    the card.
+    the card. ``lora_file``, a LoRA trained on the teacher, is remapped onto the student and
+    written to ``lora/`` (``load_lora_weights(out / "lora")``).
     """
+    from workbench import lora
     from workbench.modelcard import model_card
 
     check_format(fmt)
     dtype = check_dtype(dtype or default_dtype(fmt))
     check_base_for(fmt, student.base)
     out = check_out(out)
+    remapped = None
+    if lora_file is not None:  # a LoRA of another teacher fails here, before anything is written
+        progress(0.05, "remapping the LoRA")
+        teacher_lora = lora.read_lora(lora_file, student.base)
+        remapped = (teacher_lora, *lora.remap(teacher_lora, student.spec.layer_map))
     if fmt in NEEDS_PIPELINE and pipeline is None:
         progress(0.1, "loading the teacher's pipeline")
         pipeline = load_pipeline(student.base)
@@ -232,7 +241,10 @@ def export(
         progress(0.3, f"writing the {fmt} format")
         weights_file = _WRITERS[fmt](student, tmp, dtype, pipeline, _file_stem(out))
         save_plan_files(student.spec, tmp if fmt != "pipeline" else tmp / "unet")
-        card = model_card(student, fmt, dtype, weights_file, evaluation)
+        if remapped is not None:
+            lora.save_lora(*remapped, tmp / "lora")
+        report = remapped[2] if remapped else None
+        card = model_card(student, fmt, dtype, weights_file, evaluation, lora_report=report)
         (tmp / "README.md").write_text(card, encoding="utf-8")
         progress(0.9, "checking the files")
         finish_folder(tmp, _local_paths(student))
@@ -242,7 +254,7 @@ def export(
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     files = tuple(sorted(str(p.relative_to(out)) for p in out.rglob("*") if p.is_file()))
-    return ExportResult(out, fmt, dtype, files, weights_file)
+    return ExportResult(out, fmt, dtype, files, weights_file, report)
 
 
 def _file_stem(out: Path) -> str:

@@ -90,8 +90,10 @@ def model_card(
     dtype: str = "fp32",
     weights_file: str | None = None,
     evaluation: dict[str, Any] | None = None,
+    lora_report: Any = None,
 ) -> str:
-    """README.md for ``student`` exported as ``fmt`` (``weights_file`` for the single-file ones)."""
+    """README.md for ``student`` exported as ``fmt`` (``weights_file`` for the single-file ones);
+    ``lora_report`` when a remapped teacher LoRA travels in ``lora/``."""
     sections = [
         _front_matter(student),
         _summary(student),
@@ -101,7 +103,7 @@ def model_card(
         _evaluation(student, evaluation),
         _loading(student, fmt, dtype, weights_file),
         _clients(student),
-        _loras(student),
+        _loras(student, lora_report),
     ]
     return "\n\n".join(s for s in sections if s) + "\n"
 
@@ -363,7 +365,7 @@ def lora_summary(layer_map: dict[str, str], teacher_atoms: set[str]) -> tuple[in
     return kept, moved, removed
 
 
-def _loras(student: Student) -> str:
+def _loras(student: Student, report: Any = None) -> str:
     catalog = build_catalog(student.base.unet_config)
     atoms = set(catalog.atom_params) - {REST}
     kept, moved, removed = lora_summary(student.spec.layer_map, atoms)
@@ -377,4 +379,12 @@ def _loras(student: Student) -> str:
         "python -m workbench lora --lora teacher_lora.safetensors --student path/to/this/folder --out remapped/\n"
         '```\n\nThen `pipe.load_lora_weights("remapped")`: every pair sits on the module that inherited '
         "its teacher module, and the report says what share of the LoRA survived."
+    ) + (_included_lora(report) if report is not None else "")
+
+
+def _included_lora(report: Any) -> str:
+    return (
+        "\n\nThis folder's `lora/` holds a teacher LoRA remapped that way "
+        '(`pipe.load_lora_weights("path/to/this/folder/lora")`; `lora/lora_report.json` has the details):\n\n'
+        + "\n".join(f"- {line}" for line in report.lines())
     )

@@ -30,6 +30,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--dtype", default=None, help="fp32, fp16 or bf16 (default: fp16 for single files, fp32 for folders)"
     )
+    p.add_argument(
+        "--lora", default=None, help="a LoRA trained on the teacher, remapped into the export's lora/"
+    )
     p.add_argument("--out", required=True, help="output folder (must not exist, or be empty)")
     add_json(p)
     p.set_defaults(func=run)
@@ -41,6 +44,10 @@ def validate(args: argparse.Namespace) -> None:
     if args.dtype is not None:
         export.check_dtype(args.dtype)
     export.check_out(args.out)
+    if args.lora:
+        from workbench.lora import check_lora_file
+
+        check_lora_file(args.lora)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -54,12 +61,13 @@ def run(args: argparse.Namespace) -> int:
         base = resolve_base(args.base or DEFAULT_BASE)
         export.check_base_for(args.format, base)
         student = export.student_from_plan(base, load_preset(args.preset))
-    result = export.export(student, args.format, args.out, args.dtype)
+    result = export.export(student, args.format, args.out, args.dtype, lora_file=args.lora)
     spec = student.spec
     if args.json:
         emit_json(
             {"out": str(result.out), "format": result.fmt, "dtype": result.dtype, "files": list(result.files)}
             | spec.summary()
+            | ({"lora": result.lora_report.to_dict()} if result.lora_report is not None else {})
         )
         return 0
     what = "trained student" if student.trained else "student"
@@ -68,4 +76,7 @@ def run(args: argparse.Namespace) -> int:
     )
     for note in spec.notes:
         print(f"  note: {note}")
+    if result.lora_report is not None:
+        for line in result.lora_report.lines():
+            print(f"  LoRA: {line}")
     return 0
