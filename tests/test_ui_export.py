@@ -44,7 +44,7 @@ def test_formats_say_which_clients_read_the_plan(store):
     text = export_tab.formats_md(store, view, SSD_1B)
     assert "published **SSD-1B** structure" in text and "ComfyUI recognises the structure" in text
     text = export_tab.formats_md(store, view, ["down_blocks.2.attentions.0.transformer_blocks.9"])
-    assert "matches no published model" in text and "needs a custom loader" in text
+    assert "no published structure" in text and "needs a custom loader" in text
     assert "pipeline and checkpoint formats need a teacher with a full pipeline" in text
     assert "at least one layer" in export_tab.formats_md(
         store, view, ["down_blocks.0.layers.0", "down_blocks.0.layers.1"]

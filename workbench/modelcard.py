@@ -324,24 +324,26 @@ def _read_scheduler(base: Base) -> dict[str, Any]:
         return {}
 
 
-def _clients(student: Student) -> str:
+def client_notes(base: Base, spec) -> list[str]:
+    """Which single-file clients read this student, one sentence each. The toy's widths are its
+    own, so for the toy the same plan is judged on the real SDXL config."""
     from workbench.sgm import client_support
 
-    if student.base.kind != "toy":
-        support = client_support(student.spec.config)
-        return "## Single-file clients\n\n" + "\n".join(f"- {line}" for line in support.lines())
-    head = (
-        "## Single-file clients\n\nThe toy's widths match no published model, so only diffusers (given "
-        "the config) reads these single files."
-    )
-    sdxl = _on_sdxl(student.spec.plan)
+    if base.kind != "toy":
+        return client_support(spec.config).lines()
+    head = "The toy's widths match no published model, so only diffusers (given the config) reads its single files."
+    sdxl = _on_sdxl(spec.plan)
     if sdxl is None:
-        return head
-    return (
-        head
-        + " On SDXL itself, this plan's student would be read as follows:\n\n"
-        + "\n".join(f"- {line}" for line in sdxl.lines())
-    )
+        return [head]
+    shape = f"the published {sdxl.structure} structure" if sdxl.structure else "no published structure"
+    return [f"{head} On SDXL itself this plan gives {shape}:", *sdxl.lines()]
+
+
+def _clients(student: Student) -> str:
+    notes = client_notes(student.base, student.spec)
+    if student.base.kind == "toy":
+        return "## Single-file clients\n\n" + notes[0] + "\n\n" + "\n".join(f"- {n}" for n in notes[1:])
+    return "## Single-file clients\n\n" + "\n".join(f"- {n}" for n in notes)
 
 
 def _on_sdxl(plan):

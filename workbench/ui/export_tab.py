@@ -18,6 +18,7 @@ import gradio as gr
 
 from workbench import export, lora
 from workbench.errors import WorkbenchError
+from workbench.modelcard import client_notes
 from workbench.runs import RunDir, list_runs
 from workbench.sgm import client_support
 from workbench.ui import format as fmt
@@ -151,32 +152,19 @@ def summary_md(student: export.Student, result: export.ExportResult, folder_name
         "Load it: " + _how_to_load(result, folder_name),
     ]
     if result.fmt in export.FILE_FORMATS:
-        lines.append("**Single-file clients**\n\n" + fmt.bullets(fmt.escape(s) for s in clients(student)))
+        lines.append("**Single-file clients**\n\n" + fmt.bullets(client_notes(student.base, student.spec)))
     if result.lora_report is not None:
-        lines.append(
-            "**LoRA** (remapped into `lora/`)\n\n"
-            + fmt.bullets(fmt.escape(s) for s in result.lora_report.lines())
-        )
+        lines.append("**LoRA** (remapped into `lora/`)\n\n" + fmt.bullets(result.lora_report.lines()))
     return "\n\n".join(lines)
 
 
 def _how_to_load(result: export.ExportResult, folder: str) -> str:
     return {
-        "diffusers": f'`UNet2DConditionModel.from_pretrained("{folder}")`, passed as `unet=` to the teacher\'s pipeline.',
-        "pipeline": f'`DiffusionPipeline.from_pretrained("{folder}")`: the stock pipeline class, no custom code.',
-        "single-file": f'`UNet2DConditionModel.from_single_file("{folder}/{result.weights_file}", config="{folder}")`.',
-        "checkpoint": f"ComfyUI's 'Load Checkpoint' with `{result.weights_file}` (see the clients below).",
+        "diffusers": f'`UNet2DConditionModel.from_pretrained("{folder}")`, passed as `unet=` to the teacher\'s pipeline',
+        "pipeline": f'`DiffusionPipeline.from_pretrained("{folder}")`: the stock pipeline class, no custom code',
+        "single-file": f'`UNet2DConditionModel.from_single_file("{folder}/{result.weights_file}", config="{folder}")`',
+        "checkpoint": f"ComfyUI's 'Load Checkpoint' with `{result.weights_file}` (see the clients below)",
     }[result.fmt]
-
-
-def clients(student: export.Student) -> list[str]:
-    lines = client_support(student.spec.config).lines()
-    if student.base.kind == "toy":
-        return [
-            "The toy's widths match no published model: only diffusers (given the config) reads its single files.",
-            *lines[2:],
-        ]
-    return lines
 
 
 def formats_md(store: Store, view: dict[str, Any], plan: list[str]) -> str:
@@ -187,19 +175,16 @@ def formats_md(store: Store, view: dict[str, Any], plan: list[str]) -> str:
         return f"Plan not exportable: {fmt.escape(str(err))}"
     base = store.base(view["base"])
     support = client_support(spec.config)
-    head = f"Structure: {fmt.escape(spec.topology.describe())}. " + (
-        f"It is the published **{support.structure}** structure."
-        if support.structure
-        else "It matches no published model."
+    shape = (
+        f"the published **{support.structure}** structure" if support.structure else "no published structure"
     )
-    if base.kind == "toy":
-        head += " (The toy's widths are its own: no single-file client but diffusers reads them.)"
+    head = f"Structure: {fmt.escape(spec.topology.describe())}: {shape}."
     needs = (
         ""
         if base.has_pipeline
         else " The pipeline and checkpoint formats need a teacher with a full pipeline."
     )
-    return head + needs + "\n\n" + fmt.bullets(fmt.escape(s) for s in support.lines())
+    return head + needs + "\n\n" + fmt.bullets(client_notes(base, spec))
 
 
 def lora_md(
