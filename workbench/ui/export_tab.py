@@ -178,7 +178,9 @@ def formats_md(store: Store, view: dict[str, Any], plan: list[str]) -> str:
     shape = (
         f"the published **{support.structure}** structure" if support.structure else "no published structure"
     )
-    head = f"Structure: {fmt.escape(spec.topology.describe())}: {shape}."
+    head = f"Structure: {fmt.escape(spec.topology.describe())}" + (
+        "." if base.kind == "toy" else f": {shape}."
+    )
     needs = (
         ""
         if base.has_pipeline
