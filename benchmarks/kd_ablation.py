@@ -5,13 +5,20 @@ Variants (weights task / output / feature):
 - task-only (1 / 0 / 0), output-only (0 / 1 / 0),
 - block-level (1 / 0.5 / 0.5, stage outputs as BK-SDM),
 - layer-level (1 / 0.5 / 0.5, every kept ResNet and attention output as SSD-1B; our default);
+- layer-normalized: layer-level with each feature term divided by the teacher feature's
+  mean square (LAPTOP-Diff, arXiv 2404.11098: unnormalised, a few numerically large
+  feature terms dominate the loss);
 - layer-sensitivity / layer-freeze2: layer-level, guided by the sensitivity map (feature
   terms weighted by sensitivity; the 2 most sensitive kept layers frozen).
 
-Each student is scored on the toy's held-out prompts (fidelity: colour and shape judged
-right) and against the teacher's images on the same seeds (PSNR, SSIM).
+Every student is scored on the same held-out samples (toy checker: each attribute,
+full prompt, fidelity; PSNR / SSIM against the teacher's image of the same sample), each
+figure a mean with a 95% interval (cluster bootstrap over prompts), and compared *paired*
+with the reference variant (default ``layer``): differences whose interval excludes 0 are
+in bold. Intervals cover the evaluation samples, not training: each variant trains once.
 
-    python benchmarks/kd_ablation.py [--steps 400] [--variants task,output,block,layer]
+    python benchmarks/kd_ablation.py [--preset segmind-vega] [--steps 400] [--seeds 8]
+        [--variants layer,layer-normalized,task,output,block]
 """
 
 from __future__ import annotations
@@ -25,83 +32,118 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from workbench.commands.evaluate import evaluate
+import scoring
+
 from workbench.distill import DistillConfig, run_distillation
+from workbench.evaluation import ACCURACIES, LABELS
 from workbench.models import load_unet
 from workbench.presets import load_preset
 from workbench.surgery import build_student, save_student
 
+LAYER = {"w_task": 1.0, "w_out": 0.5, "w_feat": 0.5, "feature_mode": "layer"}
 VARIANTS = {
     "task": {"w_task": 1.0, "w_out": 0.0, "w_feat": 0.0, "feature_mode": "none"},
     "output": {"w_task": 0.0, "w_out": 1.0, "w_feat": 0.0, "feature_mode": "none"},
     "block": {"w_task": 1.0, "w_out": 0.5, "w_feat": 0.5, "feature_mode": "block"},
-    "layer": {"w_task": 1.0, "w_out": 0.5, "w_feat": 0.5, "feature_mode": "layer"},
+    "layer": LAYER,
+    "layer-normalized": LAYER | {"normalize_features": True},
     # sensitivity-guided (HierarchicalPrune): feature terms weighted by the sensitivity map,
     # or the 2 most sensitive kept layers frozen at the teacher's weights
-    "layer-sensitivity": {"w_task": 1.0, "w_out": 0.5, "w_feat": 0.5, "feature_mode": "layer",
-                          "feature_weights": "sensitivity"},
-    "layer-freeze2": {"w_task": 1.0, "w_out": 0.5, "w_feat": 0.5, "feature_mode": "layer",
-                      "freeze_sensitive": 2},
-}  # fmt: skip
+    "layer-sensitivity": LAYER | {"feature_weights": "sensitivity"},
+    "layer-freeze2": LAYER | {"freeze_sensitive": 2},
+}
 
 
-def score(args, unet_dir: Path | None) -> dict:
-    ns = argparse.Namespace(base=args.base, unet=str(unet_dir) if unet_dir else None,
-                            prompts=args.prompts, seeds=args.seeds, steps=20, guidance=5.0)  # fmt: skip
-    return evaluate(ns)
-
-
-def main() -> None:
+def parse_args() -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--base", default="toy")
-    p.add_argument("--preset", default="ssd-1b")
+    p.add_argument("--preset", default="segmind-vega")
     p.add_argument("--steps", type=int, default=400)
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--lr", type=float, default=2e-4)
-    p.add_argument("--samples", type=int, default=2048, help="cached toy training images")
-    p.add_argument("--prompts", type=int, default=20)
-    p.add_argument("--seeds", type=int, default=3)
-    p.add_argument("--variants", default="layer,task,output,block")
+    p.add_argument("--samples", type=int, default=1024, help="cached toy training images")
+    p.add_argument("--train-seed", type=int, default=0, help="seed of every distillation run")
+    scoring.add_sample_options(p)
+    p.add_argument("--variants", default="layer,layer-normalized,task,output,block")
+    p.add_argument("--reference", default="layer", help="the variant the others are compared with")
     p.add_argument("--out", default="runs/kd_ablation")
     args = p.parse_args()
+    names = args.variants.split(",")
+    unknown = [n for n in names if n not in VARIANTS]
+    if unknown:
+        p.error(f"unknown variants {unknown}; choose from {', '.join(VARIANTS)}")
+    if args.reference not in ("undistilled", *names):
+        p.error(f"--reference {args.reference!r} is not among the variants run")
+    return args
+
+
+def train(args: argparse.Namespace, plan, name: str, run_dir: Path) -> float:
+    """Distil one variant (or resume it); its wall time in minutes."""
+    if not (run_dir / "student" / "config.json").exists():
+        config = DistillConfig(
+            stages=(plan.to_dict(),), steps=args.steps, base=args.base, toy_samples=args.samples,
+            batch_size=args.batch_size, lr=args.lr, checkpoint_every=max(50, args.steps // 4),
+            log_every=10, seed=args.train_seed, device="cpu", **VARIANTS[name],
+        )  # fmt: skip
+        started = time.time()
+        run_distillation(config, run_dir, resume=(run_dir / "job.json").exists())
+        (run_dir / "wall_s.txt").write_text(f"{time.time() - started:.1f}\n")
+    wall = run_dir / "wall_s.txt"
+    return float(wall.read_text()) / 60 if wall.exists() else float("nan")
+
+
+def main() -> None:
+    args = parse_args()
     torch.set_flush_denormal(True)
-    out = Path(args.out)
+    out = Path(args.out) / f"{args.preset}-{args.steps}-seed{args.train_seed}"
+    scoring.claim(out, args.base)
     plan = load_preset(args.preset)
-    table = []
-    undistilled = out / "undistilled"
-    if not (undistilled / "config.json").exists():
+    e = scoring.evaluator(args.base, args.prompts, args.seeds)
+    students: dict[str, Path] = {"undistilled": out / "undistilled"}
+    minutes = {"undistilled": 0.0}
+    if not (students["undistilled"] / "config.json").exists():
         student, spec = build_student(load_unet(args.base), plan)
-        save_student(student, spec, undistilled)
-    table.append({"variant": "undistilled", "minutes": 0.0, **score(args, undistilled)})
-    print(json.dumps(table[-1]), flush=True)
+        save_student(student, spec, students["undistilled"])
     for name in args.variants.split(","):
-        run_dir = out / name
-        if not (run_dir / "student" / "config.json").exists():
-            config = DistillConfig(
-                stages=(plan.to_dict(),), steps=args.steps, base=args.base, toy_samples=args.samples,
-                batch_size=args.batch_size, lr=args.lr, checkpoint_every=max(50, args.steps // 4),
-                log_every=10, seed=0, device="cpu", **VARIANTS[name],
-            )  # fmt: skip
-            started = time.time()
-            run_distillation(config, run_dir, resume=(run_dir / "job.json").exists())
-            (run_dir / "wall_s.txt").write_text(f"{time.time() - started:.1f}\n")
-        minutes = (
-            float((run_dir / "wall_s.txt").read_text()) / 60
-            if (run_dir / "wall_s.txt").exists()
-            else float("nan")
-        )
-        table.append({"variant": name, "minutes": minutes, **score(args, run_dir / "student")})
-        print(json.dumps(table[-1]), flush=True)
-    teacher = table[0]["fidelity"]
-    print(f"\n{args.preset} student of {args.base}, {args.steps} steps, batch {args.batch_size}, lr {args.lr}, seed 0; "
-          f"{table[0]['samples']} held-out samples; teacher fidelity {teacher:.3f}\n")  # fmt: skip
+        minutes[name] = train(args, plan, name, out / name)
+        students[name] = out / name / "student"
+    scores = {name: scoring.student_scores(e, folder) for name, folder in students.items()}
+    reference = scores[args.reference]
+    report = {"args": vars(args), "settings": e.settings, "interval": e.bootstrap.describe(),
+              "teacher": scoring.ev.as_dicts(e.summary(e.teacher())), "minutes": minutes,
+              "students": {n: scoring.figures(e, s, reference) for n, s in scores.items()}}  # fmt: skip
+    (out / "report.json").write_text(json.dumps(report, indent=1) + "\n")
+    print_report(args, e, report)
+
+
+def print_report(args: argparse.Namespace, e, report: dict) -> None:
+    teacher, students = report["teacher"], report["students"]
+    print(f"\n{args.preset} student of {args.base}, {args.steps} steps, batch {args.batch_size}, lr {args.lr}, "
+          f"training seed {args.train_seed}\n{scoring.header(e, args.base)}\n")  # fmt: skip
     print(
-        "| variant | train min | student fidelity | vs teacher | PSNR dB | SSIM |\n|---|---|---|---|---|---|"
+        f"teacher: full prompt {scoring.cell(teacher.get('full'))}, fidelity {scoring.cell(teacher.get('fidelity'))}\n"
     )
-    for row in table:
-        print(f"| {row['variant']} | {row['minutes']:.1f} | {row['student_fidelity']:.3f} | "
-              f"{row['student_fidelity'] / teacher:.0%} | {row['psnr']:.2f} | {row['ssim']:.3f} |")  # fmt: skip
+    head = ["variant", "train min", "full prompt", "vs teacher", "fidelity", "PSNR dB", "SSIM"]
+    rows = []
+    for name, f in students.items():
+        s, vs = f["summary"], f["vs_teacher"]
+        rows.append((name, [f"{report['minutes'][name]:.1f}", scoring.cell(s.get("full")),
+                            scoring.cell(vs.get("full"), 2), scoring.cell(s.get("fidelity")),
+                            scoring.cell(s["psnr"], 2), scoring.cell(s["ssim"])]))  # fmt: skip
+    print("\n".join(scoring.table(rows, head)))
+    attributes = [a for a in ACCURACIES[:5] if a in teacher]
+    if attributes:
+        print("\nper attribute:\n")
+        rows = [("teacher", [scoring.cell(teacher[a]) for a in attributes])]
+        rows += [(n, [scoring.cell(f["summary"][a]) for a in attributes]) for n, f in students.items()]
+        print("\n".join(scoring.table(rows, ["variant", *[LABELS[a] for a in attributes]])))
+    print(f"\npaired with {args.reference} on the same samples (bold: the interval excludes 0):\n")
+    keys = [k for k in ("full", "fidelity", "psnr", "ssim") if k in students[args.reference]["summary"]]
+    rows = [(n, [scoring.diff_cell(f["minus_reference"].get(k), 2 if k == "psnr" else 3) for k in keys])
+            for n, f in students.items() if n != args.reference]  # fmt: skip
+    print("\n".join(scoring.table(rows, ["variant", *[f"{LABELS[k]} - {args.reference}" for k in keys]])))
 
 
 if __name__ == "__main__":

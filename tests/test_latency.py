@@ -94,9 +94,11 @@ def test_estimate_removes_exactly_the_removed_atoms(profile, tiny_config):
 
 def test_profile_is_cached_and_keyed_by_dtype_and_resolution(tiny_base, cache):
     messages = []
+    assert latency.cached_profile(tiny_base, dtype="fp32", resolution=RES) is None  # never measures
     first = latency.get_profile(tiny_base, dtype="fp32", resolution=RES)
     path = Path(first.path)
-    assert path.parent == cache
+    assert path.parent == cache / "latency"
+    assert latency.cached_profile(tiny_base, dtype="fp32", resolution=RES).to_dict() == first.to_dict()
     mtime = path.stat().st_mtime_ns
     again = latency.get_profile(
         tiny_base, dtype="fp32", resolution=RES, progress=lambda f, m: messages.append(m)
@@ -109,7 +111,7 @@ def test_profile_is_cached_and_keyed_by_dtype_and_resolution(tiny_base, cache):
     other_res = latency.get_profile(tiny_base, dtype="fp32", resolution=2 * RES)
     assert not other_dtype.from_cache and not other_res.from_cache
     assert len({first.path, other_dtype.path, other_res.path}) == 3
-    assert len(list(cache.glob("*.json"))) == 3
+    assert len(list((cache / "latency").glob("*.json"))) == 3  # the cache's layout: <root>/latency/
     refreshed = latency.get_profile(tiny_base, dtype="fp32", resolution=RES, refresh=True)
     assert not refreshed.from_cache and refreshed.path == first.path
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+import dataclasses
 import json
 import math
 
@@ -109,6 +111,30 @@ def test_the_map_is_cached_and_a_hit_does_not_measure(base, smap, cache, monkeyp
 def test_fidelity_is_refused_without_a_checker(base):
     with pytest.raises(WorkbenchError, match="checker"):
         sens.sensitivity(base, FAST, fidelity=True)
+
+
+def test_checker_drops_fidelity_and_full_prompt(base, probe, smap):
+    """The toy checker's path on two units: fidelity and full-prompt accuracy, teacher and students."""
+    fast = dataclasses.replace(FAST, fidelity_prompts=3, fidelity_steps=3)
+    checked = sens.Probe(base, fast, pipe=probe.pipe)
+    small = copy.deepcopy(smap)
+    keep = [u for u in small.units if small.units[u].scored][:2]
+    small.units = {u: small.units[u] for u in keep}
+    assert not small.has_fidelity
+    sens._measure_fidelity(checked, small, None)
+    assert small.has_fidelity
+    assert 0 <= small.teacher_full <= small.teacher_fidelity <= 1  # full needs colour and shape too
+    for unit in keep:
+        score = small.units[unit]
+        assert 0 <= score.full <= score.fidelity <= 1
+        assert small.full_drop(unit) == pytest.approx(small.teacher_full - score.full)
+        assert small.fidelity_drop(unit) == pytest.approx(small.teacher_fidelity - score.fidelity)
+    # the empty plan's student is the teacher: the same images, the same verdicts
+    assert checked.accuracy((), 3, 3) == checked.accuracy(None, 3, 3)
+    again = sens.SensitivityMap.from_dict(json.loads(json.dumps(small.to_dict())))
+    assert again.units == small.units and again.teacher_full == small.teacher_full
+    rows = sens.heat_rows(small, checked.catalog)
+    assert [r["full_drop"] for r in rows] == [small.full_drop(u) for u in keep]
 
 
 def test_weightless_bases_are_refused():

@@ -154,8 +154,6 @@ def test_resolution_reprices_and_rejects_bad_sizes(store, tiny_unet_dir):
 
 
 def test_profile_then_measure_on_a_real_tiny_pipeline(pipeline_dir, tmp_path, monkeypatch):
-    if plan_view.latency_module() is None:
-        pytest.skip("workbench.latency is not in this version")
     monkeypatch.setenv("WORKBENCH_CACHE_DIR", str(tmp_path / "latency"))
     store, view = Store(), plan_view.new_view(pipeline_dir, 64)
     assert plan_view.LATENCY_MISSING in blocks_tab.on_toggle(store, view, "cpu", "fp32", SSD_1B)[1]

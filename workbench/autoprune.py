@@ -24,12 +24,12 @@ Two searches, compared in ``benchmarks/autoprune.py``:
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
 from workbench.catalog import Catalog, build_catalog
-from workbench.errors import WorkbenchError
+from workbench.errors import ConfigError, WorkbenchError
 from workbench.models import Base, resolve_base
 from workbench.plan import PruningPlan
 from workbench.progress import Progress, report, scaled
@@ -42,13 +42,21 @@ CANDIDATES = 8  # moves measured per step by the rescored search
 
 
 def check_target(kind: str, target: float) -> None:
-    """A budget kind and a kept fraction in (0, 1], or a precise error."""
+    """A budget kind and a kept fraction in (0, 1], or a precise error (about ``target_<kind>``)."""
     if kind not in BUDGETS:
-        raise WorkbenchError(f"unknown budget {kind!r}; choose one of {', '.join(BUDGETS)}")
+        raise ConfigError("budget", "unknown {field} {got!r}; choose one of {choices}", got=kind,
+                          choices=", ".join(BUDGETS))  # fmt: skip
     if not isinstance(target, (int, float)) or math.isnan(target) or not 0 < target <= 1:
-        raise WorkbenchError(
-            f"--target-{kind} {target!r} must be a fraction of the teacher in (0, 1], e.g. 0.5 for half"
-        )
+        raise ConfigError(
+            f"target_{kind}", "{field} {got!r} must be a fraction of the teacher in (0, 1], e.g. 0.5 for half",
+            got=target,
+        )  # fmt: skip
+
+
+def check_method(method: str) -> None:
+    if method not in METHODS:
+        raise ConfigError("method", "unknown auto-prune {field} {got!r}; choose one of {choices}", got=method,
+                          choices=", ".join(METHODS))  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -221,6 +229,7 @@ class Result:
     estimated_cost: float  # sum of lone deviations of the plan's units
     trace: list[dict[str, Any]]
     evaluations: int
+    sensitivity_map: SensitivityMap | None = field(default=None, repr=False, compare=False)  # the search's
 
     def to_dict(self, base: str) -> dict[str, Any]:
         spec = self.spec
@@ -254,8 +263,7 @@ def search(
     progress: Progress | None = None,
 ) -> Result:
     """Find a plan meeting every budget; ``rescored`` needs a ``probe`` to measure plans."""
-    if method not in METHODS:
-        raise WorkbenchError(f"unknown auto-prune method {method!r}; choose one of {', '.join(METHODS)}")
+    check_method(method)
     if not budgets:
         raise WorkbenchError("give at least one budget, e.g. --target-params 0.5")
     if method == "rescored" and probe is None:
@@ -270,6 +278,26 @@ def search(
         return probe.deviation(removed)
 
     measure = measure_plan if method == "rescored" else None
+    current, dev, trace = _remove_until_met(catalog, budgets, smap, measure, candidates, name, progress)
+    current, dev = _put_back(catalog, budgets, smap, current, dev, measure, trace)
+    plan = current.plan.with_removed(current.plan.removed, name=name, description=_describe(budgets, method))
+    spec = compile_plan(catalog, plan)
+    report(progress, 1.0, "done")
+    return Result(
+        spec=spec,
+        method=method,
+        budgets=budgets,
+        deviation=dev if measure is not None else None,
+        estimated_cost=sum(_lone(smap, u) for u in spec.plan.removed),
+        trace=trace,
+        evaluations=calls[0],
+        sensitivity_map=smap,
+    )
+
+
+def _remove_until_met(catalog, budgets, smap, measure, candidates, name, progress):
+    """The greedy phase: add the best move until every budget is met -> (spec, deviation, trace).
+    Without ``measure`` the best is the top-ranked move and the deviation a sum of lone scores."""
     current = compile_plan(catalog, PruningPlan.empty(catalog, name))
     dev = 0.0
     trace: list[dict[str, Any]] = []
@@ -295,19 +323,7 @@ def search(
         )
         done = 1 - _shortfall(budgets, current.removed_atoms) / start_gap
         report(progress, 0.9 * done, f"removed {', '.join(chosen.units)}")
-    current, dev = _put_back(catalog, budgets, smap, current, dev, measure, trace)
-    plan = current.plan.with_removed(current.plan.removed, name=name, description=_describe(budgets, method))
-    spec = compile_plan(catalog, plan)
-    report(progress, 1.0, "done")
-    return Result(
-        spec=spec,
-        method=method,
-        budgets=budgets,
-        deviation=dev if measure is not None else None,
-        estimated_cost=sum(_lone(smap, u) for u in spec.plan.removed),
-        trace=trace,
-        evaluations=calls[0],
-    )
+    return current, dev, trace
 
 
 def _best_measured(pool, budgets, current, dev, measure) -> tuple[Move, float]:
@@ -354,45 +370,51 @@ def _describe(budgets: list[Budget], method: str) -> str:
 
 def autoprune(
     base: Base | str,
-    targets: dict[str, float],
+    targets: dict[str, float | None],
     *,
     method: str = "rescored",
     settings: Calibration = Calibration(),
     resolution: int | None = None,
     device: str = "cpu",
+    dtype: str = "bf16",
     candidates: int = CANDIDATES,
     name: str = "auto",
     progress: Progress | None = None,
+    budgets: list[Budget] | None = None,
+    probe: Callable[[Progress | None], Probe] | None = None,
 ) -> tuple[Result, Probe | None]:
-    """Budgets from ``targets`` ({"params": 0.3}), then the sensitivity map, then the search.
+    """Budgets from ``targets`` ({"params": 0.3}), then the sensitivity map (cached, or
+    measured on the probe), then the search. Options and budgets are checked (feasible too)
+    before any model loads; ``result.sensitivity_map`` is the map searched over.
 
-    The budget is checked for feasibility before any model loads.
+    The sources can be given: ``budgets`` (else made here: FLOPs counted at ``resolution``,
+    latency from the profile cached or measured on ``device`` in ``dtype``) and ``probe``, a
+    function of a progress callback that returns the loaded teacher with its calibration
+    calls recorded for ``settings`` (else loaded here). The app passes what it holds.
     """
+    check_method(method)
+    for kind, target in targets.items():
+        if target is not None:
+            check_target(kind, target)  # before a latency budget profiles anything
     base = resolve_base(base) if isinstance(base, str) else base
-    if method not in METHODS:
-        raise WorkbenchError(f"unknown auto-prune method {method!r}; choose one of {', '.join(METHODS)}")
     catalog = build_catalog(base.unet_config)
-    budgets = [
-        budget(kind, t, catalog, base=base, resolution=resolution, device=device)
-        for kind, t in targets.items()
-        if t is not None
-    ]
+    if budgets is None:
+        budgets = [budget(kind, t, catalog, base=base, resolution=resolution, device=device, dtype=dtype)
+                   for kind, t in targets.items() if t is not None]  # fmt: skip
     if not budgets:
         raise WorkbenchError("give a budget: --target-params F, --target-flops F and/or --target-latency F")
     check_feasible(catalog, budgets)
     from workbench.sensitivity import cached_map, sensitivity
 
+    load = probe or (lambda p: Probe(base, settings, device=device, progress=p))
     smap = cached_map(base, settings, device=device)
-    probe = None
-    if smap is None or method == "rescored":
-        probe = Probe(base, settings, device=device, progress=scaled(progress, 0.0, 0.05))
+    loaded = load(scaled(progress, 0.0, 0.05)) if smap is None or method == "rescored" else None
     if smap is None:
         smap = sensitivity(
-            base, settings, fidelity=False, device=device, probe=probe, progress=scaled(progress, 0.05, 0.4)
+            base, settings, fidelity=False, device=device, probe=loaded, progress=scaled(progress, 0.05, 0.4)
         )
-    lo = 0.05 if smap.from_cache else 0.4
     result = search(
-        catalog, budgets, smap, method=method, probe=probe, candidates=candidates, name=name,
-        progress=scaled(progress, lo, 1.0),
+        catalog, budgets, smap, method=method, probe=loaded, candidates=candidates, name=name,
+        progress=scaled(progress, 0.05 if smap.from_cache else 0.4, 1.0),
     )  # fmt: skip
-    return result, probe
+    return result, loaded

@@ -10,6 +10,10 @@ The VAE latents (mean and std of the posterior, so each step can draw a fresh sa
 and the text embeddings are computed once and saved; training steps run neither the VAE
 nor the text encoders. SDXL's micro-conditioning is kept per image: original size, crop
 top-left and target size (``time_ids``).
+
+Training batches (``Batches``) are a pure function of (seed, step, micro-batch, rank): a
+seeded permutation per epoch picks the examples, a generator seeded from the same numbers
+draws the latent sample, noise, timesteps and prompt dropout. Resuming needs no loader state.
 """
 
 from __future__ import annotations
@@ -23,10 +27,11 @@ from typing import Any
 import torch
 
 from workbench.errors import WorkbenchError
+from workbench.files import atomic_write, write_json_atomic
+from workbench.progress import Progress, report
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 CACHE_VERSION = 1
-Progress = Callable[[float, str], None]
 
 
 @dataclass
@@ -48,12 +53,10 @@ class LatentCache:
     def save(self, folder: Path, fingerprint: dict[str, Any]) -> None:
         from safetensors.torch import save_file
 
-        folder.mkdir(parents=True, exist_ok=True)
         tensors = {k: v.contiguous() for k, v in self._tensors().items() if v is not None}
-        save_file(tensors, folder / "data.safetensors.tmp")
-        (folder / "data.safetensors.tmp").replace(folder / "data.safetensors")
+        atomic_write(folder / "data.safetensors", lambda tmp: save_file(tensors, tmp))
         meta = {"version": CACHE_VERSION, "fingerprint": fingerprint, "captions": self.captions}
-        (folder / "data.json").write_text(json.dumps(meta), encoding="utf-8")
+        write_json_atomic(folder / "data.json", meta, indent=None)
 
     def _tensors(self) -> dict[str, torch.Tensor | None]:
         return {
@@ -167,6 +170,45 @@ def prompt_file(path: str | Path) -> list[str]:
     return prompts
 
 
+def data_fingerprint(config, base_location: str, resolution: int) -> dict[str, Any]:
+    """What the cached tensors of a run (a ``DistillConfig``) were built from."""
+    data = config.data
+    if data != "toy":
+        path = Path(data)
+        data = {"path": str(path.resolve()), "mtime": path.stat().st_mtime if path.exists() else None}
+    return {
+        "base": base_location,
+        "data": data,
+        "n": config.toy_samples,
+        "seed": config.seed,
+        "res": resolution,
+    }
+
+
+def build_examples(config, pipe, resolution: int) -> list[Example]:
+    """The examples a run (a ``DistillConfig``) trains on, not yet encoded."""
+    if config.data == "toy":
+        return toy_examples(config.toy_samples, config.seed)
+    path = Path(config.data)
+    if path.suffix == ".txt" and not path.is_dir():
+        prompts = prompt_file(path)
+        return teacher_examples(
+            pipe, prompts, config.seed, config.teacher_image_steps, config.sample_guidance
+        )
+    return folder_examples(path)
+
+
+def check_source(source: str) -> None:
+    """Cheap checks of a data source (``toy``, an image folder, a prompt file); loads no model."""
+    if source == "toy":
+        return
+    path = Path(source)
+    if path.suffix == ".txt" and not path.is_dir():
+        prompt_file(path)
+    else:
+        folder_examples(path)
+
+
 def teacher_examples(pipe, prompts: list[str], seed: int, steps: int, guidance: float) -> list[Example]:
     """The teacher draws one image per prompt (seed + line number), kept in memory."""
     from workbench.sampling import generate
@@ -243,3 +285,104 @@ def encode_examples(
         torch.cat(parts["time"]) if parts["time"] else None, uncond, uncond_pooled,
         [e.caption for e in examples],
     )  # fmt: skip
+
+
+def training_data(config, pipe, resolution: int, base_location: str, folder: Path, *, encode: bool,
+                  progress: Progress | None = None) -> LatentCache:  # fmt: skip
+    """A run's (a ``DistillConfig``) encoded examples, read from ``folder``; if they are missing
+    or stale and ``encode``, encoded now (once) and saved there."""
+    fingerprint = data_fingerprint(config, base_location, resolution)
+    cache = LatentCache.load(folder, fingerprint)
+    if cache is None and encode:
+        report(progress, 0.0, f"encoding training data once ({config.data})")
+        examples = build_examples(config, pipe, resolution)
+        cache = encode_examples(pipe, examples, resolution, progress=progress)
+        cache.save(folder, fingerprint)
+    if cache is None:
+        raise WorkbenchError(f"the training data in {folder} is missing or was built from other data")
+    return cache
+
+
+# --------------------------------------------------------------------------- batches
+
+
+def batch_indices(n: int, global_batch: int, step: int, micro: int, accum: int, seed: int) -> torch.Tensor:
+    """Example indices of micro-batch ``micro`` of optimizer step ``step`` (all processes).
+
+    Consecutive slices of an endless stream of per-epoch permutations, so any step's data
+    is known from the step number alone: resuming needs no data-loader state.
+    """
+    start = (step * accum + micro) * global_batch
+    idx = []
+    while len(idx) < global_batch:
+        epoch, offset = divmod(start + len(idx), n)
+        perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 100_003 + epoch))
+        idx.extend(perm[offset : offset + global_batch - len(idx)].tolist())
+    return torch.tensor(idx)
+
+
+def step_generator(seed: int, step: int, micro: int, rank: int) -> torch.Generator:
+    return torch.Generator().manual_seed((((seed * 1_000_003 + step) * 64 + micro) * 1024 + rank) % 2**63)
+
+
+def noise_and_target(scheduler, latents: torch.Tensor, noise: torch.Tensor, t: torch.Tensor):
+    """Noisy latents and the training target the scheduler's prediction type asks for."""
+    noisy = scheduler.add_noise(latents, noise, t)
+    kind = scheduler.config.prediction_type
+    if kind == "epsilon":
+        return noisy, noise
+    if kind == "v_prediction":
+        return noisy, scheduler.get_velocity(latents, noise, t)
+    raise WorkbenchError(f"prediction type {kind!r} is not supported (epsilon or v_prediction)")
+
+
+@dataclass(frozen=True)
+class Batches:
+    """One process's training batches: ``batches(step, micro)`` is micro-batch ``micro`` of
+    optimizer step ``step``, noised, on ``device``."""
+
+    cache: LatentCache
+    noise_schedule: Any  # a DDPM scheduler with the teacher's noise schedule (add_noise, targets)
+    batch_size: int  # per process
+    accum: int
+    seed: int
+    uncond_prob: float
+    world: int = 1
+    rank: int = 0
+    device: Any = "cpu"
+
+    @staticmethod
+    def schedule_of(scheduler_config) -> Any:
+        """The training noise schedule of a pipeline's scheduler (whatever its sampler)."""
+        from diffusers import DDPMScheduler
+
+        return DDPMScheduler.from_config(scheduler_config)
+
+    def __call__(self, step: int, micro: int) -> dict[str, Any]:
+        c = self.cache
+        idx = batch_indices(len(c), self.batch_size * self.world, step, micro, self.accum, self.seed)
+        idx = idx[self.rank * self.batch_size : (self.rank + 1) * self.batch_size]
+        gen = step_generator(self.seed, step, micro, self.rank)
+        b = len(idx)
+        latents = c.latent_mean[idx] + c.latent_std[idx] * torch.randn(
+            c.latent_mean[idx].shape, generator=gen
+        )
+        noise = torch.randn(latents.shape, generator=gen)  # (B, C, h, w)
+        t = torch.randint(0, self.noise_schedule.config.num_train_timesteps, (b,), generator=gen)
+        drop = torch.rand(b, generator=gen) < self.uncond_prob  # classifier-free guidance dropout
+        embeds = torch.where(drop[:, None, None], c.uncond_embeds, c.prompt_embeds[idx])
+        noisy, target = noise_and_target(self.noise_schedule, latents, noise, t)
+        inputs: dict[str, Any] = {"sample": noisy, "timestep": t, "encoder_hidden_states": embeds}
+        if c.pooled is not None:
+            pooled = torch.where(drop[:, None], c.uncond_pooled, c.pooled[idx])
+            inputs["added_cond_kwargs"] = {"text_embeds": pooled, "time_ids": c.time_ids[idx]}
+        return {"inputs": to_device(inputs, self.device), "target": target.to(self.device)}
+
+
+def to_device(tree: Any, device) -> Any:
+    """Tensors of a nested dict moved to ``device``."""
+    if isinstance(tree, torch.Tensor):
+        return tree.to(device)
+    if isinstance(tree, dict):
+        return {k: to_device(v, device) for k, v in tree.items()}
+    return tree

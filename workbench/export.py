@@ -247,7 +247,7 @@ def export(
         card = model_card(student, fmt, dtype, weights_file, evaluation, lora_report=report)
         (tmp / "README.md").write_text(card, encoding="utf-8")
         progress(0.9, "checking the files")
-        finish_folder(tmp, _local_paths(student))
+        finish_folder(tmp, local_paths(student))
         if out.exists():
             out.rmdir()
         tmp.rename(out)
@@ -382,13 +382,15 @@ _WRITERS = {
 _TEXT_SUFFIXES = (".json", ".md", ".txt", ".yaml")
 
 
-def _local_paths(student: Student) -> list[str]:
+def local_paths(student: Student) -> list[str]:
     """Absolute local paths that must not leak into exported files."""
     paths = [tempfile.gettempdir(), str(Path.home()), os.getcwd()]
     if student.base.kind != "hub":
         paths.append(str(Path(student.base.location).resolve()))
     if student.folder is not None:
         paths.append(str(student.folder.resolve()))
+    if student.run is not None:
+        paths.append(str(Path(student.run.root).resolve()))
     return [p for p in paths if len(p) > 1]
 
 

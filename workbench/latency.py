@@ -36,6 +36,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
+from workbench import cache
 from workbench.catalog import REST, build_catalog, meta_unet
 from workbench.cost import dummy_inputs, flops_without, latent_size
 from workbench.errors import WorkbenchError
@@ -55,12 +56,6 @@ WARMUP = {"cpu": 1, "cuda": 3}
 
 
 # --------------------------------------------------------------------------- options
-
-
-def cache_dir() -> Path:
-    """Where profiles live: ``$WORKBENCH_CACHE_DIR`` or ``~/.cache/sdxl-workbench/latency``."""
-    env = os.environ.get("WORKBENCH_CACHE_DIR")
-    return Path(env).expanduser() if env else Path.home() / ".cache" / "sdxl-workbench" / "latency"
 
 
 def check_device(device: str) -> str:
@@ -140,7 +135,7 @@ def profile_path(base: Base, device: str, dtype: str, resolution: int, batch: in
         f"{_slug(Path(base.name).name or base.name)}-{model_identity(base)}-"
         f"{_slug(_device_label(device))}-{dtype}-{resolution}px-b{batch}.json"
     )
-    return cache_dir() / name
+    return cache.path("latency", name)
 
 
 @dataclass(frozen=True)
@@ -402,6 +397,18 @@ def get_profile(
     return profile_for(setup, refresh=refresh, progress=progress)
 
 
+def cached_profile(
+    base: str | Base, device: str = "cpu", dtype: str = "bf16", resolution: int | None = None, batch: int = 1
+) -> Profile | None:
+    """The teacher's profile if one was made earlier (cached on disk); never measures. ``None``
+    as well for options that cannot be profiled here (cuda on a CPU machine): profiling says why."""
+    try:
+        setup = latency_setup(base, device, dtype, resolution, batch)
+    except WorkbenchError:
+        return None
+    return _read_profile(profile_path(setup.base, setup.device, setup.dtype, setup.resolution, setup.batch))
+
+
 def profile_for(
     setup: LatencySetup, *, refresh: bool = False, progress: Progress | None = None, model=None
 ) -> Profile:
@@ -426,22 +433,18 @@ def profile_for(
 
 
 def _read_profile(path: Path) -> Profile | None:
+    data = cache.read(path, SCHEMA)
     try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-        if data.get("schema") != SCHEMA:
-            return None
-        profile = Profile.from_dict(data)
-    except (OSError, ValueError, TypeError):  # missing, corrupt or from an older layout: re-profile
+        profile = None if data is None else Profile.from_dict(data)
+    except (ValueError, TypeError):  # from an older layout: re-profile
         return None
-    profile.path, profile.from_cache = str(path), True
+    if profile is not None:
+        profile.path, profile.from_cache = str(path), True
     return profile
 
 
 def _write_profile(profile: Profile, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(f".{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(profile.to_dict(), indent=1, sort_keys=True) + "\n", encoding="utf-8")
-    os.replace(tmp, path)  # atomic: a reader never sees half a profile
+    cache.write(path, profile.to_dict())
     profile.path = str(path)
 
 

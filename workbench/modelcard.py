@@ -203,6 +203,7 @@ def _distillation(student: Student) -> str:
     if not student.trained:
         return ""
     from workbench.runs import read_json, read_metrics
+    from workbench.sensitivity_kd import GUIDANCE_FILE
 
     c = _job_config(student)
     rows, _ = read_metrics(student.run.metrics)
@@ -211,7 +212,7 @@ def _distillation(student: Student) -> str:
         f"| `{k}` | {v:.5f} |" for k, v in last.items() if k.startswith("loss/") and k.count("/") == 1
     )
     guided = ""
-    record = read_json(student.run.root / "sensitivity.json")
+    record = read_json(student.run.root / GUIDANCE_FILE)
     if record and record.get("stages"):
         final = record["stages"][-1]
         if final.get("feature_weights") is not None:

@@ -182,6 +182,22 @@ def load_pipeline(base: Base | str = DEFAULT_BASE, device: str = "cpu", dtype=No
     return pipe.to(device)
 
 
+def freeze_pipeline(pipe):
+    """The pipeline's models in eval mode without gradients (a teacher: it never trains)."""
+    for name in ("unet", "vae", "text_encoder", "text_encoder_2"):
+        module = getattr(pipe, name, None)
+        if module is not None:
+            module.requires_grad_(False).eval()
+    return pipe
+
+
+def as_teacher(unet, device, dtype):
+    """``unet`` as a teacher: eval mode, no gradients, on ``device`` in ``dtype``."""
+    unet = unet.to(device).eval().requires_grad_(False)
+    # Cast only when needed: diffusers warns about every dtype cast through .to().
+    return unet if unet.dtype == dtype else unet.to(dtype)
+
+
 def check_unet_folder(folder: str | Path) -> Path:
     """The folder as a path, if it looks like a saved UNet; cheap, so commands can reject
     a bad ``--unet`` before loading any model."""

@@ -108,12 +108,9 @@ class PruningPlan:
 
     def save(self, path: str | Path) -> Path:
         """Write atomically: a crash never leaves a half-written plan."""
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(path.suffix + ".tmp")
-        tmp.write_text(self.to_json(), encoding="utf-8")
-        tmp.replace(path)
-        return path
+        from workbench.files import write_text_atomic
+
+        return write_text_atomic(path, self.to_json())
 
     def check_fits(self, catalog: Catalog) -> None:
         """Raise unless this plan was made for ``catalog``'s topology and names only its units."""

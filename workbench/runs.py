@@ -6,41 +6,38 @@ RUN/
   status.json     state (queued/running/done/failed/stopped), step, pid, error; atomic
   metrics.jsonl   one flushed JSON line per logged step: step, time, lr, loss/...
   samples/        teacher-vs-student grids on fixed seeds: step_000100.png, ...
-  checkpoints/    step_000100/ (student, optimizer, scheduler, RNG, data position)
+  checkpoints/    step_000100/ (student, optimizer, scheduler, RNG, data position, checkpoint.json)
+  stages/         stage_1/, ...: each finished stage's student (the next stage starts from it)
   student/        the final diffusers UNet folder + plan.json + layer_map.json + README.md
   STOP            created by whoever wants the run to stop; the run checkpoints and exits
   log.txt         the process's stdout/stderr when started by `jobs.start`
 ```
 
-Writers replace whole files atomically (write a temporary file, then rename), so a reader
-never sees half a JSON file and a crash never corrupts what was already there.
+Writers replace whole files atomically (``workbench.files``), so a reader never sees half a
+JSON file and a crash never corrupts what was already there. A checkpoint is written into
+``step_N.tmp/`` and renamed when complete; the last ``keep`` are kept.
+
+This module also holds what a running process uses to talk through the folder: the
+``Stopper`` (STOP file and signals) and the ``Reporter`` (status, log lines, ETA).
 """
 
 from __future__ import annotations
 
 import json
 import os
+import signal
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from workbench.errors import WorkbenchError
+from workbench.files import remove_tree, write_json_atomic, write_text_atomic
+from workbench.progress import Progress
 
 STATES = ("queued", "running", "done", "failed", "stopped")
 ACTIVE = ("queued", "running")
-
-
-def write_json_atomic(path: Path, data: Any) -> None:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(data, f, indent=2)
-        f.write("\n")
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 def read_json(path: Path, default: Any = None) -> Any:
@@ -84,6 +81,21 @@ class RunDir:
     def read_job(self) -> dict[str, Any]:
         return read_json(self.job, default={}) or {}
 
+    def write_job(self, config: dict[str, Any], base, stages: list[dict[str, Any]]) -> None:
+        """job.json: the full configuration, the teacher (a ``models.Base``), each stage's
+        summary, and the command that started the run."""
+        job = {"config": config, "base": {"name": base.name, "location": base.location}, "stages": stages,
+               "command": " ".join(sys.argv), "created": time.time()}  # fmt: skip
+        write_json_atomic(self.job, job)
+
+    def record_resume(self, config: dict[str, Any], changed: list[dict[str, Any]]) -> None:
+        """A resume that changed the run: job.json gets the new config and, in its ``resumed``
+        list, what changed (``{"field", "was", "now"}``) and when."""
+        job = self.read_job()
+        job["config"] = config
+        job.setdefault("resumed", []).append({"time": time.time(), "changed": changed})
+        write_json_atomic(self.job, job)
+
     def stop_requested(self) -> bool:
         return self.stop_file.exists()
 
@@ -94,22 +106,72 @@ class RunDir:
     def clear_stop(self) -> None:
         self.stop_file.unlink(missing_ok=True)
 
+    # checkpoints and stage students
+    def stage_dir(self, k: int) -> Path:
+        """Where stage ``k`` (0-based)'s finished student is kept."""
+        return self.root / "stages" / f"stage_{k + 1}"
+
+    def stage_done(self, k: int) -> bool:
+        return (self.stage_dir(k) / "config.json").exists()
+
+    def checkpoint_dir(self, step: int) -> Path:
+        return self.checkpoints / f"step_{step:07d}"
+
+    def list_checkpoints(self) -> list[Path]:
+        """Complete checkpoints, oldest first (a ``.tmp`` one was interrupted)."""
+        if not self.checkpoints.is_dir():
+            return []
+        return sorted(p for p in self.checkpoints.iterdir() if p.is_dir() and not p.name.endswith(".tmp"))
+
+    def commit_checkpoint(self, tmp: Path, info: dict[str, Any], keep: int) -> Path:
+        """Complete a checkpoint written into ``tmp`` (``step_N.tmp``): add ``info``, rename it
+        to ``step_N``, and keep only the last ``keep`` checkpoints."""
+        write_json_atomic(tmp / "checkpoint.json", info)
+        final = tmp.with_name(tmp.name.removesuffix(".tmp"))
+        remove_tree(final)
+        tmp.rename(final)
+        for old in self.list_checkpoints()[:-keep]:
+            remove_tree(old)
+        return final
+
+    def resume_point(self, steps_per_stage: int) -> tuple[int, Path | None]:
+        """(stage to train next, checkpoint to start it from or None) for a resumed run."""
+        found = self.list_checkpoints()
+        if not found:
+            return 0, None
+        info = read_checkpoint_info(found[-1])
+        if info["stage_step"] == steps_per_stage - 1 and self.stage_done(info["stage"]):
+            return info["stage"] + 1, None
+        return info["stage"], found[-1]  # a finished stage whose student wasn't saved re-saves it
+
+
+def read_checkpoint_info(folder: Path) -> dict[str, Any]:
+    """What ``commit_checkpoint`` recorded: stage, stage_step, step, data_position."""
+    return json.loads((Path(folder) / "checkpoint.json").read_text(encoding="utf-8"))
+
 
 class MetricsWriter:
-    """Appends one JSON line per logged step, flushed, so readers and crashes see whole rows."""
+    """Appends one JSON line per logged step, flushed, so readers and crashes see whole rows.
 
-    def __init__(self, run: RunDir, truncate_after_step: int | None = None) -> None:
+    ``enabled=False`` (processes other than the main one) writes nothing."""
+
+    def __init__(self, run: RunDir, truncate_after_step: int | None = None, enabled: bool = True) -> None:
         self.path = run.metrics
+        self._file = None
+        if not enabled:
+            return
         if truncate_after_step is not None:
             _truncate_metrics(self.path, truncate_after_step)
         self._file = open(self.path, "a", encoding="utf-8")
 
     def write(self, row: dict[str, Any]) -> None:
-        self._file.write(json.dumps(row) + "\n")
-        self._file.flush()
+        if self._file is not None:
+            self._file.write(json.dumps(row) + "\n")
+            self._file.flush()
 
     def close(self) -> None:
-        self._file.close()
+        if self._file is not None:
+            self._file.close()
 
 
 def _truncate_metrics(path: Path, last_step: int) -> None:
@@ -118,9 +180,7 @@ def _truncate_metrics(path: Path, last_step: int) -> None:
         return
     rows, _ = read_metrics(path)
     kept = [r for r in rows if r.get("step", 0) <= last_step]
-    tmp = path.with_name(".metrics.jsonl.tmp")
-    tmp.write_text("".join(json.dumps(r) + "\n" for r in kept), encoding="utf-8")
-    os.replace(tmp, path)
+    write_text_atomic(path, "".join(json.dumps(r) + "\n" for r in kept))
 
 
 def read_metrics(path: Path, offset: int = 0) -> tuple[list[dict[str, Any]], int]:
@@ -186,3 +246,62 @@ def list_runs(root: str | Path) -> list[dict[str, Any]]:
             }
         )
     return sorted(runs, key=lambda r: r["updated"], reverse=True)
+
+
+# --------------------------------------------------------------------------- a running process
+
+
+class Stopper:
+    """Stop when the STOP file appears or SIGTERM/SIGINT arrives; checked between steps."""
+
+    def __init__(self, run: RunDir) -> None:
+        self.run = run
+        self.signalled = False
+
+    def install(self) -> None:
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, self._on_signal)
+
+    def _on_signal(self, signum: int, _frame: Any) -> None:
+        self.signalled = True
+
+    def should_stop(self) -> bool:
+        return self.signalled or self.run.stop_requested()
+
+
+class Reporter:
+    """What a run tells the world: status.json and timestamped log lines with elapsed time and
+    ETA. Only the main process reports (``main=False``: silent)."""
+
+    def __init__(self, run: RunDir, main: bool = True, started: float | None = None) -> None:
+        self.run, self.main = run, main
+        self.started = time.time() if started is None else started
+
+    def status(self, state: str, **fields: Any) -> dict[str, Any]:
+        if not self.main:
+            return {"state": state, "main": False}
+        return self.run.write_status(state=state, **fields)
+
+    def log(self, message: str) -> None:
+        if self.main:
+            print(f"[{time.strftime('%H:%M:%S')}] {message}", flush=True)
+
+    def progress(self, fraction: float, message: str) -> None:
+        """A log line: ``fraction`` done, elapsed and estimated remaining seconds."""
+        elapsed = time.time() - self.started
+        eta = elapsed / fraction * (1 - fraction) if fraction > 0 else float("nan")
+        self.log(f"{fraction:6.1%} {message} (elapsed {elapsed:.0f}s, eta {eta:.0f}s)")
+
+    def phase(self, lo: float, hi: float, what: str) -> Progress:
+        """A callback for measuring ``what``, one phase of a job (mapped onto [lo, hi]): the
+        status message at every call, a log line per 10%."""
+        shown = [-1]
+
+        def progress(fraction: float, message: str) -> None:
+            f = lo + (hi - lo) * fraction
+            self.status("running", message=f"measuring {what} {f:.0%}: {message}")
+            if int(f * 10) != shown[0]:
+                shown[0] = int(f * 10)
+                self.log(f"{what} {f:6.1%} {message}")
+
+        return progress

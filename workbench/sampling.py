@@ -7,6 +7,7 @@ makes same-seed teacher/student comparisons (PSNR, SSIM) meaningful.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -15,6 +16,7 @@ from diffusers import StableDiffusionXLPipeline, UNet2DConditionModel
 from PIL import Image
 
 from workbench.errors import WorkbenchError
+from workbench.files import atomic_write
 from workbench.models import check_unet_folder
 
 # What a swapped-in UNet must share with the pipeline's own for sampling to work.
@@ -99,3 +101,52 @@ def load_student_unet(folder: str | Path, like: UNet2DConditionModel) -> UNet2DC
             )
     unet = UNet2DConditionModel.from_pretrained(path, dtype=like.dtype)
     return unet.to(like.device).eval()
+
+
+# --------------------------------------------------------------------------- training sample grids
+
+
+def default_prompts(base: str, data: str) -> list[str]:
+    """Four prompts for a run's sample grids: held-out toy captions for the toy, else generic."""
+    if base == "toy" or data == "toy":
+        from workbench.toy import world
+
+        scenes = world.held_out_scenes()
+        return [s.caption for s in scenes[:: max(1, len(scenes) // 4)]][:4]
+    return ["a photo of a cat", "a watercolor landscape", "a red sports car", "a bowl of fruit"]
+
+
+def grid(rows: list[list[Image.Image]]) -> Image.Image:
+    """Images pasted edge to edge, one row per list."""
+    w, h = rows[0][0].size
+    out = Image.new("RGB", (w * len(rows[0]), h * len(rows)), "white")
+    for r, row in enumerate(rows):
+        for c, img in enumerate(row):
+            out.paste(img, (c * w, r * h))
+    return out
+
+
+class SampleGrids:
+    """Teacher (top row) vs student (bottom row) on fixed prompts and seeds, saved as
+    ``folder/step_NNNNNNN.png``. The teacher row is drawn once, when first needed."""
+
+    def __init__(self, pipe, folder: Path, prompts: Sequence[str], *, steps: int, guidance: float) -> None:
+        self.pipe, self.folder, self.prompts = pipe, Path(folder), list(prompts)
+        self.kw = {"steps": steps, "guidance": guidance}
+
+    @functools.cached_property
+    def teacher_row(self) -> list[Image.Image]:
+        return generate(self.pipe, self.prompts, range(len(self.prompts)), **self.kw)
+
+    def path(self, step: int) -> Path:
+        return self.folder / f"step_{step:07d}.png"
+
+    def save(self, student: UNet2DConditionModel, step: int) -> Path:
+        was_training = student.training
+        student.eval()
+        try:
+            row = generate(self.pipe, self.prompts, range(len(self.prompts)), unet=student, **self.kw)
+        finally:
+            student.train(was_training)
+        image = grid([self.teacher_row, row])
+        return atomic_write(self.path(step), lambda tmp: image.save(tmp, format="PNG"))

@@ -6,12 +6,14 @@ records the UNet's exact inputs and outputs at a few steps spread over the sched
 count). Those recorded calls are the test set for every student.
 
 *Deviation* of a plan: build its student from the teacher's weights and run it on the
-recorded calls; the score is the relative MSE of its noise prediction,
-``sum |eps_student - eps_teacher|^2 / sum |eps_teacher|^2``. Removing nothing scores 0
+recorded calls; the score is the relative MSE of its prediction (noise or v, whatever the
+scheduler's ``prediction_type`` makes the UNet predict),
+``sum |pred_student - pred_teacher|^2 / sum |pred_teacher|^2``. Removing nothing scores 0
 (the student is the teacher), a student that predicts zeros scores 1.
 
-*Fidelity drop* (toy only, where a checker judges images): the teacher's prompt
-fidelity on held-out prompts minus the student's.
+*Fidelity drop* and *full-prompt drop* (toy only, where a checker judges images): the
+teacher's fidelity (colour and shape right) and full-prompt accuracy (all five caption
+attributes right) on held-out prompts, minus the student's.
 
 A unit that diffusers cannot remove alone (an up layer needs its mirrored down layer to
 go too; a mid transformer block is tied to the last down stage's depth) is scored with
@@ -26,7 +28,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import time
 from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass, field
@@ -34,6 +35,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
+from workbench import cache
 from workbench.catalog import Catalog, build_catalog, natural_key
 from workbench.errors import WorkbenchError
 from workbench.models import Base, resolve_base
@@ -41,7 +43,7 @@ from workbench.plan import PruningPlan
 from workbench.progress import Progress, report, scaled
 from workbench.surgery import StudentSpec, compile_plan
 
-SCHEMA = 1  # bump when the map's JSON or the way it is measured changes
+SCHEMA = 2  # bump when the map's JSON or the way it is measured changes
 
 # Bases without a checker calibrate on varied prompts; any will do, as long as they are fixed.
 GENERIC_PROMPTS = (
@@ -65,7 +67,7 @@ class Calibration:
     timesteps: int = 4  # recorded UNet calls, spread evenly over those steps
     guidance: float = 5.0
     seed: int = 0
-    fidelity_prompts: int = 8  # toy only: held-out prompts (one seed each) for the fidelity drop
+    fidelity_prompts: int = 8  # toy only: held-out prompts (one seed each) for the fidelity drops
     fidelity_steps: int = 20
 
     def check(self) -> Calibration:
@@ -101,7 +103,8 @@ class UnitScore:
     companion: str | None = None  # the unit removed with it, when it cannot go alone
     removed: tuple[str, ...] = ()  # every unit the measured plan removes
     deviation: float | None = None  # relative MSE of the noise prediction
-    fidelity: float | None = None  # toy: the student's prompt fidelity
+    fidelity: float | None = None  # toy: the student's prompt fidelity (colour and shape right)
+    full: float | None = None  # toy: the student's full-prompt accuracy (every attribute right)
     reason: str | None = None  # why no plan can remove it (then there are no scores)
 
     @property
@@ -119,6 +122,7 @@ class SensitivityMap:
     teacher_params: int
     units: dict[str, UnitScore]
     teacher_fidelity: float | None = None
+    teacher_full: float | None = None
     baseline_deviation: float = 0.0  # the empty plan's deviation: 0 unless the method is broken
     samples: int = 0  # recorded UNet inputs per evaluation (calls x batch)
     seconds: float = 0.0
@@ -137,10 +141,19 @@ class SensitivityMap:
             return None
         return self.teacher_fidelity - score.fidelity
 
+    def full_drop(self, unit: str) -> float | None:
+        score = self.units[unit]
+        if score.full is None or self.teacher_full is None:
+            return None
+        return self.teacher_full - score.full
+
     @property
     def has_fidelity(self) -> bool:
-        return self.teacher_fidelity is not None and all(
-            u.fidelity is not None for u in self.units.values() if u.scored
+        """Whether the checker's scores (fidelity and full-prompt accuracy) are all there."""
+        return (
+            self.teacher_fidelity is not None
+            and self.teacher_full is not None
+            and all(u.fidelity is not None and u.full is not None for u in self.units.values() if u.scored)
         )
 
     def ranked(self) -> list[UnitScore]:
@@ -151,7 +164,12 @@ class SensitivityMap:
         data = asdict(self)
         del data["path"], data["from_cache"]
         data["units"] = {
-            k: {**asdict(v), "removed": list(v.removed), "fidelity_drop": self.fidelity_drop(k)}
+            k: {
+                **asdict(v),
+                "removed": list(v.removed),
+                "fidelity_drop": self.fidelity_drop(k),
+                "full_drop": self.full_drop(k),
+            }
             for k, v in self.units.items()
         }
         return data
@@ -161,7 +179,7 @@ class SensitivityMap:
         data = dict(data)
         units = {}
         for k, v in data.pop("units").items():
-            v = {f: x for f, x in v.items() if f != "fidelity_drop"}
+            v = {f: x for f, x in v.items() if f not in ("fidelity_drop", "full_drop")}
             units[k] = UnitScore(**{**v, "removed": tuple(v.get("removed", ()))})
         return cls(**data, units=units)
 
@@ -289,20 +307,22 @@ class Probe:
         student, _ = build_student(self.teacher, spec.plan)
         return student.eval()
 
-    def fidelity(self, removed: Iterable[str] | None, n_prompts: int, steps: int) -> float:
-        """Toy checker fidelity of the student of ``removed`` (``None``: the teacher)."""
+    def accuracy(self, removed: Iterable[str] | None, n_prompts: int, steps: int) -> dict[str, float]:
+        """Toy checker scores of the student of ``removed`` (``None``: the teacher):
+        ``fidelity`` (colour and shape right) and ``full`` (every attribute right), on
+        ``n_prompts`` held-out captions with one seed each."""
+        from workbench import evaluation
         from workbench.sampling import generate
-        from workbench.toy import checker, world
 
-        pairs = world.evaluation_set(n_prompts, 1)
-        prompts = [scene.caption for scene, _ in pairs]
-        seeds = [seed for _, seed in pairs]
+        samples = evaluation.samples(evaluation.toy_prompts(n_prompts), 1)
+        prompts = [s.prompt for s in samples]
         unet = None if removed is None else self.student(self.spec(removed))
         images = generate(
-            self.pipe, prompts, seeds, steps=steps, guidance=self.settings.guidance, unet=unet,
-            batch_size=len(prompts),
+            self.pipe, prompts, [s.seed for s in samples], steps=steps, guidance=self.settings.guidance,
+            unet=unet, batch_size=len(prompts),
         )  # fmt: skip
-        return checker.fidelity(images, prompts)
+        values, _ = evaluation.judge(images, samples)
+        return {"fidelity": float(values["fidelity"].mean()), "full": float(values["full"].mean())}
 
 
 def _detach(value: Any) -> Any:
@@ -356,13 +376,6 @@ def lone_plan(catalog: Catalog, unit_id: str) -> tuple[StudentSpec | None, str |
 # --------------------------------------------------------------------------- map
 
 
-def cache_dir() -> Path:
-    """``$WORKBENCH_CACHE_DIR/sensitivity`` or ``~/.cache/sdxl-workbench/sensitivity``."""
-    env = os.environ.get("WORKBENCH_CACHE_DIR")
-    root = Path(env).expanduser() if env else Path.home() / ".cache" / "sdxl-workbench"
-    return root / "sensitivity"
-
-
 def weights_fingerprint(base: Base) -> str:
     """Name, config and (for local folders) the UNet weight files' sizes and times."""
     from workbench.latency import model_identity
@@ -388,25 +401,22 @@ def map_path(base: Base, settings: Calibration, device: str) -> Path:
     )
     digest = hashlib.sha256(key.encode()).hexdigest()[:16]
     stem = "".join(c if c.isalnum() else "-" for c in Path(base.name).name.lower())[:40] or "model"
-    return cache_dir() / f"{stem}-{digest}.json"
+    return cache.path("sensitivity", f"{stem}-{digest}.json")
 
 
 def read_map(path: Path) -> SensitivityMap | None:
+    data = cache.read(path, SCHEMA)
     try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-        if data.get("schema") != SCHEMA:
-            return None
-        smap = SensitivityMap.from_dict(data)
-    except (OSError, ValueError, TypeError, KeyError):  # missing or corrupt: measure again
+        smap = None if data is None else SensitivityMap.from_dict(data)
+    except (ValueError, TypeError, KeyError):  # corrupt: measure again
         return None
-    smap.path, smap.from_cache = str(path), True
+    if smap is not None:
+        smap.path, smap.from_cache = str(path), True
     return smap
 
 
 def write_map(smap: SensitivityMap, path: Path) -> None:
-    from workbench.runs import write_json_atomic
-
-    write_json_atomic(path, smap.to_dict())  # a reader never sees half a map
+    cache.write(path, smap.to_dict())
     smap.path = str(path)
 
 
@@ -430,7 +440,8 @@ def sensitivity(
 ) -> SensitivityMap:
     """The sensitivity map of ``base``: from the cache, or measured now (then cached).
 
-    ``fidelity`` (default: on for the toy, which has a checker) adds the fidelity drop.
+    ``fidelity`` (default: on for the toy, which has a checker) adds the fidelity and
+    full-prompt drops.
     """
     base = resolve_base(base) if isinstance(base, str) else base
     settings = settings.check()
@@ -488,14 +499,15 @@ def _measure_deviations(probe: Probe, progress: Progress | None) -> SensitivityM
 def _measure_fidelity(probe: Probe, smap: SensitivityMap, progress: Progress | None) -> None:
     s = probe.settings
     report(progress, 0.0, "teacher fidelity")
-    smap.teacher_fidelity = probe.fidelity(None, s.fidelity_prompts, s.fidelity_steps)
-    todo = [u for u in smap.units.values() if u.scored and u.fidelity is None]
-    by_plan: dict[tuple[str, ...], float] = {}
+    teacher = probe.accuracy(None, s.fidelity_prompts, s.fidelity_steps)
+    smap.teacher_fidelity, smap.teacher_full = teacher["fidelity"], teacher["full"]
+    todo = [u for u in smap.units.values() if u.scored and (u.fidelity is None or u.full is None)]
+    by_plan: dict[tuple[str, ...], dict[str, float]] = {}
     for i, score in enumerate(todo):
         report(progress, (i + 1) / (len(todo) + 1), f"fidelity {i + 1}/{len(todo)}: {score.unit}")
         if score.removed not in by_plan:
-            by_plan[score.removed] = probe.fidelity(score.removed, s.fidelity_prompts, s.fidelity_steps)
-        score.fidelity = by_plan[score.removed]
+            by_plan[score.removed] = probe.accuracy(score.removed, s.fidelity_prompts, s.fidelity_steps)
+        score.fidelity, score.full = by_plan[score.removed]["fidelity"], by_plan[score.removed]["full"]
     report(progress, 1.0, "fidelity done")
 
 
@@ -514,6 +526,7 @@ def heat_rows(smap: SensitivityMap, catalog: Catalog) -> list[dict[str, Any]]:
                 "params": unit.params,
                 "deviation": score.deviation,
                 "fidelity_drop": smap.fidelity_drop(unit.id),
+                "full_drop": smap.full_drop(unit.id),
                 "with": score.companion,
                 "reason": score.reason,
             }

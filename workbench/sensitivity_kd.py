@@ -21,6 +21,10 @@ A unit that no plan can remove has no score and counts as the map's most sensiti
 Feature weights clip the pairs' scores below at 1% of their maximum and divide by their
 mean, so the weights average 1 and ``w_feat`` keeps its scale. Freezing picks the N most
 sensitive kept layer units (ties: earliest in the forward pass first).
+
+A run works its weights and frozen modules out once (``measure_guidance``) and keeps them in
+its folder (``GUIDANCE_FILE``): a resumed run trains with exactly these, whatever the cache
+holds by then.
 """
 
 from __future__ import annotations
@@ -32,6 +36,7 @@ from workbench.catalog import atom_of, natural_key
 from workbench.errors import WorkbenchError
 
 FEATURE_WEIGHTS = ("uniform", "sensitivity")
+GUIDANCE_FILE = "sensitivity.json"  # in the run folder
 CLIP = 0.01  # scores below this fraction of the pairs' maximum are raised to it
 
 _STAGE_MODULE = re.compile(r"^((?:down|up)_blocks\.\d+)\.(?:resnets|attentions)\.(\d+)(?:\.|$)")
@@ -153,3 +158,86 @@ def stage_guidance(spec, pairs: list[tuple[str, str]], smap, mode: str, n_freeze
         record["frozen_units"] = [{"unit": u, "score": unit_score[u]} for u in units]
         record["frozen_modules"] = frozen_modules(spec, units)
     return record
+
+
+# --------------------------------------------------------------------------- a run's guidance record
+
+
+def teacher_map(base, pipe, settings, device: str, report):
+    """The teacher's sensitivity map: from the cache, or measured now on the loaded ``pipe``
+    (then cached). ``report``: a ``runs.Reporter``."""
+    from workbench import sensitivity as sens
+
+    smap = sens.cached_map(base, settings, device)
+    if smap is None and device != "cpu":  # `workbench sensitivity` measures on the CPU by default
+        smap = sens.cached_map(base, settings, "cpu")
+    if smap is not None:
+        report.log(f"sensitivity map from the cache ({smap.path})")
+        return smap
+    report.log("measuring the teacher's sensitivity map (once per teacher and settings; then cached)")
+    probe = sens.Probe(
+        base, settings, device=device, pipe=pipe, progress=report.phase(0.0, 0.05, "sensitivity map")
+    )
+    smap = sens.sensitivity(base, settings, fidelity=False, device=device, probe=probe,
+                            progress=report.phase(0.05, 1.0, "sensitivity map"))  # fmt: skip
+    report.log(f"sensitivity map measured in {smap.seconds:.0f}s, cached as {smap.path}")
+    report.status("running", message=None)
+    return smap
+
+
+def measure_guidance(config, specs, smap) -> dict[str, Any]:
+    """The record a run keeps: per stage, feature weights and frozen modules (``config``: a
+    ``DistillConfig``; ``specs``: its stages' student specs)."""
+    stages = []
+    for k, spec in enumerate(specs):
+        pairs = spec.feature_pairs(config.feature_mode) if config.w_feat > 0 else []
+        record = stage_guidance(spec, pairs, smap, config.feature_weights, config.freeze_sensitive)
+        stages.append({"stage": k + 1, "plan": spec.plan.name, **record})
+    keys = ("path", "base", "identity", "device", "settings", "created")
+    return {
+        "feature_weights": config.feature_weights,
+        "freeze_sensitive": config.freeze_sensitive,
+        "map": {key: getattr(smap, key) for key in keys},
+        "stages": stages,
+    }
+
+
+def read_guidance(path, n_stages: int, log) -> list[dict[str, Any]]:
+    """The per-stage records kept in a run folder, each logged with ``log``."""
+    from workbench.runs import read_json
+
+    record = read_json(path)
+    if not record or len(record.get("stages", ())) != n_stages:
+        raise WorkbenchError(f"{path} does not match this run's {n_stages} stage(s); delete it")
+    for stage in record["stages"]:
+        for line in guidance_lines(stage):
+            log(line)
+    return record["stages"]
+
+
+def guidance_lines(stage: dict[str, Any]) -> list[str]:
+    k, lines = stage["stage"], []
+    if stage["feature_weights"] is not None:
+        weights = ", ".join(f"{m} {w:.3f}" for m, w in stage["feature_weights"].items())
+        lines.append(f"stage {k} feature weights (sensitivity, mean 1): {weights}")
+    if stage["frozen_units"]:
+        units = ", ".join(f"{u['unit']} ({u['score']:.4g})" for u in stage["frozen_units"])
+        lines.append(
+            f"stage {k} freezes the {len(stage['frozen_units'])} most sensitive layer units: {units}"
+        )
+        lines.append(f"stage {k} frozen modules: {', '.join(stage['frozen_modules'])}")
+    return lines
+
+
+def pair_weights(stage: dict[str, Any] | None, pairs: list[tuple[str, str]], device="cpu"):
+    """A stage's weight per feature pair, in the pairs' order, as a float32 tensor on ``device``
+    (None: the plain sum)."""
+    import torch
+
+    weights = stage["feature_weights"] if stage else None
+    if weights is None or not pairs:
+        return None
+    missing = [s for s, _ in pairs if s not in weights]
+    if missing:
+        raise WorkbenchError(f"{GUIDANCE_FILE} has no feature weight for {missing[:3]}; delete it")
+    return torch.tensor([weights[s] for s, _ in pairs], dtype=torch.float32, device=device)

@@ -417,6 +417,25 @@ def save_plan_files(spec: StudentSpec, out_dir: str | Path) -> Path:
     return out
 
 
+def stage_models(original, specs: list[StudentSpec], k: int, previous, stage_teacher: str,
+                 feature_mode: str):  # fmt: skip
+    """(student, teacher, feature pairs) of stage ``k`` of a progressive run.
+
+    Stage 1's student is built from ``original``; a later one from ``previous`` (the stage
+    before's trained student), taught by ``original`` or, with ``stage_teacher="previous"``,
+    by ``previous`` (then the pairs name ``previous``'s modules).
+    """
+    spec = specs[k]
+    if k == 0:
+        student, _ = build_student(original, spec.plan)
+        return student, original, spec.feature_pairs(feature_mode)
+    step_plan = derive_stage_plan(specs[k - 1], spec, name=f"stage-{k + 1}")
+    student, step_spec = build_student(previous, step_plan)
+    if stage_teacher == "previous":
+        return student, previous, step_spec.feature_pairs(feature_mode)
+    return student, original, spec.feature_pairs(feature_mode)
+
+
 def derive_stage_plan(prev: StudentSpec, nxt: StudentSpec, name: str) -> PruningPlan:
     """The plan over ``prev``'s student that yields ``nxt``'s (both compiled on one teacher).
 

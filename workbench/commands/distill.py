@@ -5,7 +5,8 @@ from __future__ import annotations
 import argparse
 
 from workbench.commands._common import add_base, emit_json
-from workbench.distill import (
+from workbench.distill import run_distillation
+from workbench.distill_config import (
     FEATURE_MODES,
     FEATURE_WEIGHTS,
     LR_SCHEDULES,
@@ -13,7 +14,6 @@ from workbench.distill import (
     STAGE_TEACHERS,
     TEACHER_DTYPES,
     DistillConfig,
-    run_distillation,
 )
 from workbench.errors import WorkbenchError
 from workbench.presets import load_preset
@@ -70,7 +70,7 @@ _CHOICES: list[tuple[str, tuple[str, ...], str]] = [
         "who teaches stage 2+: the original teacher or the previous stage's student",
     ),
     ("--mixed-precision", PRECISIONS, "student mixed precision (fp16 needs CUDA)"),
-    ("--teacher-dtype", tuple(TEACHER_DTYPES), "teacher precision (it runs without gradients)"),
+    ("--teacher-dtype", TEACHER_DTYPES, "teacher precision (it runs without gradients)"),
     ("--device", ("auto", "cpu", "cuda"), "where to train"),
 ]
 
@@ -78,6 +78,7 @@ _CHOICES: list[tuple[str, tuple[str, ...], str]] = [
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("distill", help="distil a pruned student from its teacher (layer-level KD)")
     add_base(p)
+    p.set_defaults(base=None)  # given or not: with --resume, a given --base must match the run's
     p.add_argument("--preset", help="the plan: a preset name or plan file (one stage)")
     p.add_argument("--stages", help="progressive run: comma-separated presets/plan files, each removing more")
     p.add_argument("--steps", type=int, help="optimizer steps per stage")
@@ -100,32 +101,40 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=run)
 
 
-def config_from_args(args: argparse.Namespace) -> DistillConfig:
-    """A DistillConfig from CLI flags (unset flags keep the defaults)."""
-    if bool(args.preset) == bool(args.stages):
-        raise WorkbenchError("give exactly one of --preset (one stage) or --stages (comma-separated presets)")
-    if args.steps is None:
-        raise WorkbenchError("--steps is required (optimizer steps per stage, > 0)")
-    names = [args.preset] if args.preset else [s.strip() for s in args.stages.split(",") if s.strip()]
-    fields: dict = {
-        "stages": tuple(load_preset(n).to_dict() for n in names),
-        "steps": args.steps,
-        "base": args.base,
-    }
-    for flag, *_ in (*_OPTIONS, *_CHOICES):
-        value = getattr(args, flag[2:].replace("-", "_"))
-        if value is not None:
-            fields[flag[2:].replace("-", "_")] = value
-    fields["normalize_features"] = args.normalize_features
-    fields["gradient_checkpointing"] = args.gradient_checkpointing
+def given_fields(args: argparse.Namespace) -> dict:
+    """The DistillConfig fields the flags set (flags not given are left out)."""
+    fields: dict = {}
+    if args.preset or args.stages:
+        if args.preset and args.stages:
+            raise WorkbenchError(
+                "give one of --preset (one stage) or --stages (comma-separated presets), not both"
+            )
+        names = [args.preset] if args.preset else [s.strip() for s in args.stages.split(",") if s.strip()]
+        fields["stages"] = tuple(load_preset(n).to_dict() for n in names)
+    for name in ("steps", "base", *(flag[2:].replace("-", "_") for flag, *_ in (*_OPTIONS, *_CHOICES))):
+        if getattr(args, name) is not None:
+            fields[name] = getattr(args, name)
+    for name in ("normalize_features", "gradient_checkpointing"):
+        if getattr(args, name):
+            fields[name] = True
     if args.sample_prompt:
         fields["sample_prompts"] = tuple(args.sample_prompt)
-    return DistillConfig(**fields)
+    return fields
+
+
+def config_from_args(args: argparse.Namespace) -> DistillConfig:
+    """A DistillConfig from CLI flags (unset flags keep the defaults)."""
+    fields = given_fields(args)
+    if "stages" not in fields:
+        raise WorkbenchError("give one of --preset (one stage) or --stages (comma-separated presets)")
+    return DistillConfig(**({"steps": None} | fields))
 
 
 def run(args: argparse.Namespace) -> int:
-    config = None if args.resume else config_from_args(args)
-    status = run_distillation(config, args.run_dir, resume=args.resume)
+    if args.resume:  # the run's own options; flags given too are changes (more --steps, or refused)
+        status = run_distillation(None, args.run_dir, resume=True, changes=given_fields(args))
+    else:
+        status = run_distillation(config_from_args(args), args.run_dir)
     if status.get("main") is False:  # other ranks of `accelerate launch` stay quiet
         pass
     elif args.json:

@@ -63,7 +63,7 @@ def stderr_progress(quiet: bool = False):
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "sensitivity",
-        help="per-unit removal cost: noise-prediction deviation (and, on the toy, fidelity drop)",
+        help="per-unit removal cost: prediction deviation (and, on the toy, fidelity and full-prompt drops)",
     )
     add_base(p)
     fid = p.add_mutually_exclusive_group()
@@ -72,7 +72,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         dest="fidelity",
         action="store_true",
         default=None,
-        help="also measure the fidelity drop (default on the toy, the only base with a checker)",
+        help="also measure the fidelity and full-prompt drops (default on the toy, the only base with a checker)",
     )
     fid.add_argument(
         "--no-fidelity",
@@ -108,17 +108,17 @@ def run(args: argparse.Namespace) -> int:
     where = "from cache" if smap.from_cache else f"measured in {smap.seconds:.0f} s"
     print(f"{smap.base}: sensitivity of {len(smap.units)} units ({where}; {smap.samples} samples per score)")
     if smap.teacher_fidelity is not None:
-        print(f"  teacher fidelity {smap.teacher_fidelity:.3f}")
-    print(f"  {'unit':<52} {'params':>8} {'deviation':>10} {'fid. drop':>9}")
+        print(f"  teacher fidelity {smap.teacher_fidelity:.3f}, full-prompt accuracy {smap.teacher_full:.3f}")
+    print(f"  {'unit':<52} {'params':>8} {'deviation':>10} {'fid. drop':>9} {'full drop':>9}")
     for unit_id, score in smap.units.items():
         if not score.scored:
-            print(f"  {unit_id:<52} {human(score.params):>8} {'-':>10} {'-':>9}  cannot be removed")
+            print(f"  {unit_id:<52} {human(score.params):>8} {'-':>10} {'-':>9} {'-':>9}  cannot be removed")
             continue
-        drop = smap.fidelity_drop(unit_id)
-        drop_s = "-" if drop is None else f"{drop:+.3f}"
+        drops = [smap.fidelity_drop(unit_id), smap.full_drop(unit_id)]
+        drop_s = " ".join("        -" if d is None else f"{d:+9.3f}" for d in drops)
         extra = f"  (with {score.companion})" if score.companion else ""
         dev = f"{score.deviation:.4f}" if score.deviation >= 1e-3 else f"{score.deviation:.1e}"
-        print(f"  {unit_id:<52} {human(score.params):>8} {dev:>10} {drop_s:>9}{extra}")
+        print(f"  {unit_id:<52} {human(score.params):>8} {dev:>10} {drop_s}{extra}")
     if smap.path:
         print(f"  cache: {smap.path}")
     return 0

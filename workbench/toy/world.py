@@ -141,18 +141,6 @@ def render_batch(rng: random.Random, scenes: list[Scene], n: int) -> tuple[np.nd
     return batch, [s.caption for s in picked]
 
 
-def evaluation_set(n_prompts: int = 20, seeds_per_prompt: int = 3) -> list[tuple[Scene, int]]:
-    """A fixed list of (held-out scene, seed) pairs for fidelity measurements.
-
-    Prompts are spread evenly over the held-out list (not random) so the set is the
-    same everywhere and covers many colours and shapes.
-    """
-    held = held_out_scenes()
-    step = max(1, len(held) // n_prompts)
-    chosen = held[::step][:n_prompts]
-    return [(scene, seed) for scene in chosen for seed in range(seeds_per_prompt)]
-
-
 def vocabulary() -> list[str]:
     """Every word the captions use, for building the tokenizer."""
     words: set[str] = {"a", "on", "background", ","}

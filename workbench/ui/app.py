@@ -8,8 +8,6 @@ model store.
 
 from __future__ import annotations
 
-import importlib
-import importlib.util
 import threading
 from typing import Any
 
@@ -87,7 +85,7 @@ def build_app(settings: AppSettings | None = None, store: Store | None = None) -
                     build(ctx)
                 # Plots drawn while their tab was hidden are sized for 700 px; plotly resizes on this.
                 tab.select(None, js=RESIZE_JS)
-            _optional_tabs(ctx)
+            _distill_tab(ctx)
         model_box.wire(ctx, box, load)
         _wire_page_load(ctx, notice)
     return demo
@@ -102,13 +100,12 @@ def _space_note(settings: AppSettings) -> str:
     )
 
 
-def _optional_tabs(ctx: Shared) -> None:
-    """The Distill tab joins when its module exists; it gets the same ``Shared`` as the others."""
-    if importlib.util.find_spec("workbench.ui.distill_tab") is None:
-        return
-    module = importlib.import_module("workbench.ui.distill_tab")
+def _distill_tab(ctx: Shared) -> None:
+    """The Distill tab; it gets the same ``Shared`` as the others."""
+    from workbench.ui import distill_tab
+
     with gr.Tab("Distill", id="distill") as tab:
-        module.build(ctx)
+        distill_tab.build(ctx)
     tab.select(None, js=RESIZE_JS)
 
 

@@ -175,13 +175,6 @@ def set_resolution(
     return (new, *panel_updates(store, new, list(plan), device, dtype))
 
 
-def _latency_or_explain(action: str):
-    latency = plan_view.latency_module()
-    if latency is None:
-        raise WorkbenchError(f"{action} needs the workbench.latency module, which this version does not have")
-    return latency
-
-
 def check_latency_resolution(view: dict[str, Any], max_px: int | None) -> None:
     if max_px is not None and view["resolution"] > max_px:
         raise WorkbenchError(
@@ -200,7 +193,8 @@ def profile_latency(
     progress: Any = None,
 ) -> tuple:
     """Profile the teacher's atoms on this machine (cached on disk by workbench.latency)."""
-    latency = _latency_or_explain("latency profiling")
+    from workbench import latency
+
     check_latency_resolution(view, max_px)
     name, px = view["base"], view["resolution"]
     adapter = ProgressAdapter(progress) if progress is not None else None
@@ -220,7 +214,8 @@ def measure_latency(
     progress: Any = None,
 ) -> str:
     """Time teacher and student side by side on this machine; Markdown with the result."""
-    latency = _latency_or_explain("measuring")
+    from workbench import latency
+
     check_latency_resolution(view, max_px)
     spec = store.spec(view["base"], plan)  # an impossible plan is refused before building anything
     adapter = ProgressAdapter(progress) if progress is not None else None

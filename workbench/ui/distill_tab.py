@@ -11,23 +11,23 @@ import os
 import shutil
 import threading
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import gradio as gr
 
 from workbench import jobs
-from workbench.distill import (
+from workbench.distill_config import (
     FEATURE_MODES,
     FEATURE_WEIGHTS,
     PRECISIONS,
     STAGE_TEACHERS,
+    WHOLE,
     DistillConfig,
-    check_data,
-    check_guidance,
-    validate,
+    preflight,
 )
-from workbench.errors import WorkbenchError
+from workbench.errors import ConfigError, WorkbenchError
 from workbench.plan import PruningPlan
 from workbench.presets import check_name, list_presets, load_preset
 from workbench.runs import RunDir, effective_state, list_runs, read_metrics
@@ -41,22 +41,23 @@ PLAN_FILE = "input-plan.json"
 MAX_POINTS = 400  # points per curve in the loss plot; longer runs are strided
 POLL_S = 2.0
 MAIN_TERMS = ("loss/total", "loss/task", "loss/out", "loss/feat")
-# Run options the form sets (DistillConfig fields and CLI flags of the same names).
-FORM_KEYS = ("data", "toy_samples", "batch_size", "lr", "w_task", "w_out", "w_feat", "feature_mode",
-             "mixed_precision", "stage_teacher", "sample_every", "checkpoint_every",
-             "feature_weights", "freeze_sensitive")  # fmt: skip
-# Form keys a caller may leave out: the run's defaults (today's behaviour) apply.
-FORM_DEFAULTS = {"feature_weights": "uniform", "freeze_sensitive": 0}
+# Run options the form sets (DistillConfig fields and CLI flags of the same names), in form order.
+FORM_KEYS = ("steps", "toy_samples", "batch_size", "lr", "w_task", "w_out", "w_feat", "feature_mode",
+             "mixed_precision", "stage_teacher", "sample_every", "checkpoint_every", "feature_weights",
+             "freeze_sensitive", "data")  # fmt: skip
+# Where the app starts differently from the run's own defaults (short runs, frequent feedback).
+APP_DEFAULTS = {"steps": 200, "toy_samples": 512, "sample_every": 50, "checkpoint_every": 50}
+FORM_DEFAULTS = {k: v for k, v in (DistillConfig.defaults() | APP_DEFAULTS).items() if k in FORM_KEYS}
 
 
 def form_fields(form: dict[str, Any]) -> dict[str, Any]:
-    """The DistillConfig fields of a form (whole numbers where the config wants them)."""
-    fields = {k: form.get(k, FORM_DEFAULTS.get(k)) for k in FORM_KEYS}
-    value = fields["freeze_sensitive"]
-    if isinstance(value, float) and value.is_integer():  # a Number box may hand back 2.0
-        fields["freeze_sensitive"] = int(value)
-    elif value is None:
-        fields["freeze_sensitive"] = 0
+    """The DistillConfig fields of a form; keys it leaves out take the defaults. A Number box
+    hands back 2.0 for 2: whole numbers become ints; 2.5 and empty boxes (None) stay as they
+    are, for the preflight to reject."""
+    fields = {k: form.get(k, FORM_DEFAULTS[k]) for k in FORM_KEYS}
+    for key, value in fields.items():
+        if key in WHOLE and isinstance(value, float) and value.is_integer():
+            fields[key] = int(value)
     return fields
 
 
@@ -80,7 +81,7 @@ def plan_for(store: Store, base: str, choice: str, removed: list[str]) -> Prunin
 
 def launch_argv(base: str, form: dict[str, Any], stages: str) -> list[str]:
     """CLI arguments for ``distill``; the plan file is written into the run folder."""
-    argv = ["--base", base, "--steps", str(int(form["steps"]))]
+    argv = ["--base", base]
     argv += ["--stages", stages] if stages else ["--preset", "{run}/" + PLAN_FILE]
     for key, value in form_fields(form).items():
         argv += [f"--{key.replace('_', '-')}", str(value)]
@@ -90,27 +91,19 @@ def launch_argv(base: str, form: dict[str, Any], stages: str) -> list[str]:
 def check_launch(
     store: Store, base: str, plan: PruningPlan, form: dict[str, Any], stages: str, limits: Limits
 ) -> None:
-    """Everything the run itself would reject, said here before any process starts."""
-    from workbench.distill import check_plans
-
+    """Everything the run itself would reject (the preflight), then the app's own limits."""
     names = [s.strip() for s in stages.split(",") if s.strip()] if stages else []
     plans = [load_preset(n).to_dict() for n in names] or [plan.to_dict()]
-    config = DistillConfig(stages=tuple(plans), steps=int(form["steps"]), base=base, **form_fields(form))
-    validate(config)
-    check_data(config)
-    specs = check_plans(config, store.base(base).unet_config)
-    check_guidance(config, specs)
+    config = DistillConfig(stages=tuple(plans), base=base, **form_fields(form))
+    specs = preflight(config, base=store.base(base)).specs
     if limits.max_distill_steps and config.steps * len(specs) > limits.max_distill_steps:
-        raise WorkbenchError(
-            f"this app runs at most {limits.max_distill_steps} distillation steps; ask for fewer"
-        )
+        raise ConfigError(
+            "steps", "this app runs at most {limit} distillation steps in all; ask for fewer {field}",
+            limit=limits.max_distill_steps,
+        )  # fmt: skip
     if limits.max_distill_params and specs[0].teacher_params > limits.max_distill_params:
         raise WorkbenchError(
             f"this app distils teachers up to {fmt.params(limits.max_distill_params)} parameters; run it locally"
-        )
-    if not store.base(base).has_pipeline:
-        raise WorkbenchError(
-            f"base {base!r} has no pipeline (text encoders, VAE): distillation needs its weights"
         )
 
 
@@ -232,103 +225,152 @@ def student_zip(run_dir: str | None) -> str:
 # --------------------------------------------------------------------------- layout
 
 
+@dataclass
+class Form:
+    """The New run column; ``fields`` holds one input per ``FORM_KEYS`` entry."""
+
+    plan_choice: Any
+    stages: Any
+    name: Any
+    fields: dict[str, Any]
+    start: Any
+    message: Any
+
+
+@dataclass
+class Watch:
+    """The run column: pick a run, see its status, losses and samples; stop, resume, download."""
+
+    picker: Any
+    refresh: Any
+    status: Any
+    per_layer: Any
+    losses: Any
+    sample: Any
+    stop: Any
+    resume: Any
+    download: Any
+    student_file: Any
+
+
 def build(ctx: Shared) -> None:
-    limits = ctx.settings.limits
     with gr.Row():
         with gr.Column(scale=2):
-            gr.Markdown(
-                "### New run\nTrains the student of a plan against the loaded teacher (its own process)."
-            )
-            plan_choice = gr.Dropdown(
-                [CURRENT_PLAN, *list_presets()], value=CURRENT_PLAN, label="plan", elem_id="wb-distill-plan"
-            )
-            stages = gr.Textbox(
-                label="progressive stages (optional)", placeholder="e.g. ssd-1b, segmind-vega"
-            )
-            with gr.Row():
-                data = gr.Textbox("toy", label="data: toy, an image folder, or a .txt prompt file", scale=3)
-                toy_samples = gr.Number(
-                    512, label="toy images", precision=0, elem_id="wb-distill-toy-samples"
-                )
-            with gr.Row():
-                steps = gr.Number(min(200, limits.max_distill_steps or 200), label="steps", precision=0,
-                                  elem_id="wb-distill-steps")  # fmt: skip
-                batch = gr.Number(8, label="batch", precision=0, elem_id="wb-distill-batch")
-                lr = gr.Number(1e-4, label="learning rate")
-            with gr.Row():
-                w_task = gr.Number(1.0, label="λ task")
-                w_out = gr.Number(0.5, label="λ output KD")
-                w_feat = gr.Number(0.5, label="λ feature KD")
-            with gr.Row():
-                feature_mode = gr.Dropdown(list(FEATURE_MODES), value="layer", label="feature loss")
-                precision = gr.Dropdown(list(PRECISIONS), value="no", label="mixed precision")
-                stage_teacher = gr.Dropdown(list(STAGE_TEACHERS), value="original", label="stage teacher")
-            with gr.Row():
-                feature_weights = gr.Dropdown(
-                    list(FEATURE_WEIGHTS), value="uniform", label="feature weights",
-                    info="sensitivity: weight each feature term by how much removing its teacher layer "
-                    "hurts (map measured once per teacher, then cached)",
-                    elem_id="wb-distill-feature-weights",
-                )  # fmt: skip
-                freeze_sensitive = gr.Number(
-                    0, label="freeze most sensitive", precision=0, minimum=0,
-                    info="freeze the student layers inherited from the N most sensitive teacher layers",
-                    elem_id="wb-distill-freeze",
-                )  # fmt: skip
-            with gr.Row():
-                sample_every = gr.Number(50, label="samples every", precision=0)
-                checkpoint_every = gr.Number(50, label="checkpoint every", precision=0)
-                name = gr.Textbox(label="run name (optional)", elem_id="wb-distill-name")
-            start = gr.Button("Launch run", variant="primary", elem_id="wb-distill-launch")
-            launch_msg = gr.Markdown(elem_id="wb-distill-message")
+            form = _form(ctx.settings.limits)
         with gr.Column(scale=3):
-            with gr.Row():
-                picker = gr.Dropdown(run_choices(), label="run", scale=4, allow_custom_value=False)
-                refresh = gr.Button("↻", scale=0, min_width=40)
-            status = gr.Markdown(status_md(None), elem_id="wb-run-status")
-            per_layer = gr.Checkbox(False, label="show per-layer feature terms")
-            losses = gr.Plot(label="losses", elem_id="wb-loss-plot")
-            sample = gr.Image(label="latest samples: teacher (top) vs student (bottom)", type="filepath")
-            with gr.Row():
-                stop = gr.Button("Stop", elem_id="wb-distill-stop")
-                resume = gr.Button("Resume")
-                download = gr.Button("Download student (zip)")
-            student_file = gr.File(label="student", visible=True)
-    form_inputs = [steps, toy_samples, batch, lr, w_task, w_out, w_feat, feature_mode, precision,
-                   stage_teacher, sample_every, checkpoint_every, feature_weights,
-                   freeze_sensitive]  # fmt: skip
-    keys = ["steps", "toy_samples", "batch_size", "lr", "w_task", "w_out", "w_feat", "feature_mode",
-            "mixed_precision", "stage_teacher", "sample_every", "checkpoint_every", "feature_weights",
-            "freeze_sensitive"]  # fmt: skip
+            watch = _watch()
+    _wire_launch(ctx, form, watch)
+    _wire_watch(ctx, form, watch)
 
-    def on_launch(view, removed, choice, stage_text, data_text, run_name, *values):
-        form = dict(zip(keys, values)) | {"data": (data_text or "").strip() or "toy"}
+
+def _form(limits: Limits) -> Form:
+    D = FORM_DEFAULTS
+    gr.Markdown("### New run\nTrains the student of a plan against the loaded teacher (its own process).")
+    plan_choice = gr.Dropdown(
+        [CURRENT_PLAN, *list_presets()], value=CURRENT_PLAN, label="plan", elem_id="wb-distill-plan"
+    )
+    stages = gr.Textbox(label="progressive stages (optional)", placeholder="e.g. ssd-1b, segmind-vega")
+    f: dict[str, Any] = {}
+    with gr.Row():
+        f["data"] = gr.Textbox(D["data"], label="data: toy, an image folder, or a .txt prompt file", scale=3)
+        f["toy_samples"] = gr.Number(D["toy_samples"], label="toy images", precision=0,
+                                     elem_id="wb-distill-toy-samples")  # fmt: skip
+    with gr.Row():
+        f["steps"] = gr.Number(min(D["steps"], limits.max_distill_steps or D["steps"]), label="steps",
+                               precision=0, elem_id="wb-distill-steps")  # fmt: skip
+        f["batch_size"] = gr.Number(D["batch_size"], label="batch", precision=0, elem_id="wb-distill-batch")
+        f["lr"] = gr.Number(D["lr"], label="learning rate")
+    with gr.Row():
+        f["w_task"] = gr.Number(D["w_task"], label="λ task")
+        f["w_out"] = gr.Number(D["w_out"], label="λ output KD")
+        f["w_feat"] = gr.Number(D["w_feat"], label="λ feature KD")
+    with gr.Row():
+        f["feature_mode"] = gr.Dropdown(list(FEATURE_MODES), value=D["feature_mode"], label="feature loss")
+        f["mixed_precision"] = gr.Dropdown(
+            list(PRECISIONS), value=D["mixed_precision"], label="mixed precision"
+        )
+        f["stage_teacher"] = gr.Dropdown(
+            list(STAGE_TEACHERS), value=D["stage_teacher"], label="stage teacher"
+        )
+    with gr.Row():
+        f["feature_weights"] = gr.Dropdown(
+            list(FEATURE_WEIGHTS), value=D["feature_weights"], label="feature weights",
+            info="sensitivity: weight each feature term by how much removing its teacher layer "
+            "hurts (map measured once per teacher, then cached)",
+            elem_id="wb-distill-feature-weights",
+        )  # fmt: skip
+        f["freeze_sensitive"] = gr.Number(
+            D["freeze_sensitive"], label="freeze most sensitive", precision=0, minimum=0,
+            info="freeze the student layers inherited from the N most sensitive teacher layers",
+            elem_id="wb-distill-freeze",
+        )  # fmt: skip
+    with gr.Row():
+        f["sample_every"] = gr.Number(D["sample_every"], label="samples every", precision=0)
+        f["checkpoint_every"] = gr.Number(D["checkpoint_every"], label="checkpoint every", precision=0)
+        name = gr.Textbox(label="run name (optional)", elem_id="wb-distill-name")
+    start = gr.Button("Launch run", variant="primary", elem_id="wb-distill-launch")
+    message = gr.Markdown(elem_id="wb-distill-message")
+    return Form(plan_choice, stages, name, f, start, message)
+
+
+def _watch() -> Watch:
+    with gr.Row():
+        picker = gr.Dropdown(run_choices(), label="run", scale=4, allow_custom_value=False)
+        refresh = gr.Button("↻", scale=0, min_width=40)
+    status = gr.Markdown(status_md(None), elem_id="wb-run-status")
+    per_layer = gr.Checkbox(False, label="show per-layer feature terms")
+    losses = gr.Plot(label="losses", elem_id="wb-loss-plot")
+    sample = gr.Image(label="latest samples: teacher (top) vs student (bottom)", type="filepath")
+    with gr.Row():
+        stop = gr.Button("Stop", elem_id="wb-distill-stop")
+        resume = gr.Button("Resume")
+        download = gr.Button("Download student (zip)")
+    student_file = gr.File(label="student", visible=True)
+    return Watch(picker, refresh, status, per_layer, losses, sample, stop, resume, download, student_file)
+
+
+def _wire_launch(ctx: Shared, form: Form, watch: Watch) -> None:
+    limits = ctx.settings.limits
+
+    def on_launch(view, removed, choice, stage_text, run_name, *values):
+        fields = dict(zip(FORM_KEYS, values))
+        fields["data"] = (fields["data"] or "").strip() or FORM_DEFAULTS["data"]
         try:
-            run_dir = launch(ctx.store, view["base"], choice, removed, form, stage_text, run_name, limits)
+            run_dir = launch(ctx.store, view["base"], choice, removed, fields, stage_text, run_name, limits)
         except WorkbenchError as err:
             return f"<div class='wb-error'>{fmt.escape(str(err))}</div>", gr.skip()
         return (f"<div class='wb-ok'>started {Path(run_dir).name}</div>",
                 gr.update(choices=run_choices(), value=run_dir))  # fmt: skip
 
-    start.click(on_launch, [ctx.view, ctx.plan, plan_choice, stages, data, name, *form_inputs],
-                [launch_msg, picker], api_visibility="private")  # fmt: skip
+    inputs = [
+        ctx.view,
+        ctx.plan,
+        form.plan_choice,
+        form.stages,
+        form.name,
+        *(form.fields[k] for k in FORM_KEYS),
+    ]
+    form.start.click(on_launch, inputs, [form.message, watch.picker], api_visibility="private")
+
+
+def _wire_watch(ctx: Shared, form: Form, w: Watch) -> None:
+    private = {"api_visibility": "private"}
 
     def on_tick(run_dir, layers):
         if not run_dir:
             return status_md(None), gr.skip(), gr.skip()
         return status_md(run_dir), plot(loss_figure(metrics_rows(run_dir), layers)), latest_sample(run_dir)
 
-    outputs = [status, losses, sample]
-    timer = gr.Timer(POLL_S)
-    timer.tick(on_tick, [picker, per_layer], outputs, api_visibility="private", show_progress="hidden")
-    picker.change(on_tick, [picker, per_layer], outputs, api_visibility="private")
-    per_layer.change(on_tick, [picker, per_layer], outputs, api_visibility="private")
-    refresh.click(lambda: gr.update(choices=run_choices()), None, picker, api_visibility="private")
+    outputs = [w.status, w.losses, w.sample]
+    gr.Timer(POLL_S).tick(on_tick, [w.picker, w.per_layer], outputs, show_progress="hidden", **private)
+    w.picker.change(on_tick, [w.picker, w.per_layer], outputs, **private)
+    w.per_layer.change(on_tick, [w.picker, w.per_layer], outputs, **private)
+    w.refresh.click(lambda: gr.update(choices=run_choices()), None, w.picker, **private)
     # Runs started from a shell or before a reload/restart appear when the page opens.
-    ctx.demo.load(lambda: gr.update(choices=run_choices()), None, picker, api_visibility="private")
-    stop.click(user_errors(_stop), picker, launch_msg, api_visibility="private")
-    resume.click(user_errors(_resume), picker, launch_msg, api_visibility="private")
-    download.click(user_errors(student_zip), picker, student_file, api_visibility="private")
+    ctx.demo.load(lambda: gr.update(choices=run_choices()), None, w.picker, **private)
+    w.stop.click(user_errors(_stop), w.picker, form.message, **private)
+    w.resume.click(user_errors(_resume), w.picker, form.message, **private)
+    w.download.click(user_errors(student_zip), w.picker, w.student_file, **private)
 
 
 def _stop(run_dir: str | None) -> str:

@@ -9,10 +9,8 @@ rebuilds the page.
 
 from __future__ import annotations
 
-import importlib
 from collections.abc import Callable
 from dataclasses import dataclass
-from types import ModuleType
 from typing import Any
 
 from workbench.cost import latent_size
@@ -49,16 +47,6 @@ def resolution_choices(store: Store, name: str) -> list[int]:
         except WorkbenchError:
             continue
     return valid
-
-
-def latency_module() -> ModuleType | None:
-    """``workbench.latency`` if it is installed; None while it does not exist."""
-    try:
-        return importlib.import_module("workbench.latency")
-    except ModuleNotFoundError as err:
-        if err.name in ("workbench.latency", "workbench"):
-            return None
-        raise
 
 
 @dataclass(frozen=True)
@@ -139,33 +127,24 @@ def arch_map(store: Store, name: str, resolution: int) -> plots.ArchMap:
 def estimate_latency(
     store: Store, view: dict[str, Any], spec: StudentSpec, device: str, dtype: str
 ) -> dict[str, float] | str:
-    """The latency estimate from this process's profile, or a line saying why there is none."""
-    module = latency_module()
-    if module is None:
-        return LATENCY_MISSING
+    """The latency estimate from a profile made earlier, or a line saying why there is none."""
+    from workbench import latency
+
     try:
-        profile = cached_profile(store, module, view, device, dtype)
-        return LATENCY_MISSING if profile is None else module.estimate_plan(profile, spec)
+        profile = cached_profile(store, view, device, dtype)
+        return LATENCY_MISSING if profile is None else latency.estimate_plan(profile, spec)
     except WorkbenchError as err:
         return f"latency: {err}"
 
 
-def cached_profile(store: Store, latency: ModuleType, view: dict[str, Any], device: str, dtype: str) -> Any:
-    """This process's profile, or one profiled earlier and cached on disk; never profiles."""
+def cached_profile(store: Store, view: dict[str, Any], device: str, dtype: str) -> Any:
+    """This process's profile, or one made earlier and cached on disk; never profiles."""
+    from workbench import latency
+
     name, px = view["base"], int(view["resolution"])
-    profile = store.profile(name, px, device, dtype)
+    profile = store.profile(name, px, device, dtype) or latency.cached_profile(name, device, dtype, px)
     if profile is not None:
-        return profile
-    try:
-        setup = latency.latency_setup(name, device, dtype, px)
-    except WorkbenchError:
-        return None  # e.g. cuda on a CPU machine: the Profile button says why
-    if not latency.profile_path(
-        setup.base, setup.device, setup.dtype, setup.resolution, setup.batch
-    ).exists():
-        return None
-    profile = latency.get_profile(name, device=device, dtype=dtype, resolution=px)  # a cache hit
-    store.set_profile(name, px, device, dtype, profile)
+        store.set_profile(name, px, device, dtype, profile)
     return profile
 
 

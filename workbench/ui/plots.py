@@ -288,9 +288,11 @@ def _wrap(text: str, width: int = 72) -> str:
 def _heat_hover(row: dict[str, Any]) -> str:
     lines = [f"<b>{row['unit']}</b>", f"{row['kind'].replace('_', ' ')} · {fmt.params(row['params'])} params"]
     if row.get("deviation") is not None:
-        lines.append(f"deviation {row['deviation']:.3g} (relative MSE of the noise prediction)")
+        lines.append(f"deviation {row['deviation']:.3g} (relative MSE of the UNet's prediction)")
     if row.get("fidelity_drop") is not None:
         lines.append(f"fidelity drop {row['fidelity_drop']:+.3f}")
+    if row.get("full_drop") is not None:
+        lines.append(f"full-prompt drop {row['full_drop']:+.3f}")
     if row.get("with"):
         lines.append(f"measured with {row['with']} (it cannot go alone)")
     if row.get("reason"):

@@ -1,7 +1,7 @@
 """Blocks tab, top: the sensitivity heatmap over the block map, and auto-prune as a slider.
 
 The heatmap colours every removable unit by what removing it alone does to the teacher's
-noise prediction (``workbench.sensitivity``); a cached map is shown as soon as its base is,
+prediction (noise or v; ``workbench.sensitivity``); a cached map is shown as soon as its base is,
 and *Measure sensitivity* measures one (minutes on a real model; cached on disk after).
 
 *Auto-prune* finds the least damaging valid plan that keeps at most a fraction of the
@@ -22,6 +22,7 @@ import gradio as gr
 from workbench import autoprune, sensitivity
 from workbench.catalog import natural_key
 from workbench.errors import WorkbenchError
+from workbench.progress import Progress
 from workbench.ui import format as fmt
 from workbench.ui import plan_view, plots
 from workbench.ui.shared import ProgressAdapter, Shared, inline_errors, panel_updates, plot, user_errors
@@ -37,7 +38,7 @@ METHOD_CHOICES = [
 DEFAULT_KEEP = 0.5
 INTRO = (
     "**Sensitivity** — each square is a removable unit, laid out like the toggles below; colour is how "
-    "much the teacher's noise prediction changes when that unit alone is removed (relative MSE, log "
+    "much the teacher's prediction (noise or v) changes when that unit alone is removed (relative MSE, log "
     "scale: pale is nearly free, dark red hurts). Hatched units cannot be removed on their own; hover "
     "for why. **Auto-prune** ticks the least damaging units that meet the budget."
 )
@@ -74,7 +75,9 @@ def map_md(smap: sensitivity.SensitivityMap) -> str:
         if ranked
         else ""
     )
-    fidelity = " With the toy checker's fidelity drop." if smap.teacher_fidelity is not None else ""
+    fidelity = (
+        " With the toy checker's fidelity and full-prompt drops." if smap.teacher_fidelity is not None else ""
+    )
     return (
         f"<span class='wb-muted'>Sensitivity of {fmt.escape(smap.base)}: {len(scored)} units scored"
         f"{f', {blocked} cannot be removed (hatched)' if blocked else ''}; {how}; {where}.{fidelity}"
@@ -147,12 +150,9 @@ def _map(
     )
 
 
-def _adapter(progress: Any, lo: float, hi: float) -> Any:
-    return ProgressAdapter(progress, lo, hi) if progress is not None else _no_progress
-
-
-def _no_progress(*args: Any, **kwargs: Any) -> None:
-    return None
+def _adapter(progress: Any, lo: float, hi: float) -> Progress | None:
+    """A core progress callback driving a gr.Progress bar over [lo, hi] (None: no bar)."""
+    return ProgressAdapter(progress, lo, hi) if progress is not None else None
 
 
 def keep_fraction(value: Any) -> float:
@@ -172,8 +172,7 @@ def make_budget(
         atom_flops = store.pricing(name, px).atom_flops
         return autoprune.Budget("flops", fraction, {a: float(n) for a, n in atom_flops.items()})
     if kind == "latency":
-        latency = plan_view.latency_module()
-        profile = None if latency is None else plan_view.cached_profile(store, latency, view, device, dtype)
+        profile = plan_view.cached_profile(store, view, device, dtype)
         if profile is None:
             raise WorkbenchError(
                 f"a latency budget needs this machine's latency profile at {px} px ({device}, {dtype}): "
@@ -201,31 +200,15 @@ def run_autoprune(
     dtype: str,
     progress: Any = None,
 ) -> tuple[Pruned, sensitivity.SensitivityMap]:
-    """Budget (checked feasible before any weight loads), map, then the search."""
+    """``autoprune.autoprune`` on what the store holds: its budget (FLOPs, profile), its
+    calibration and its probe (the loaded teacher, kept for the next run)."""
     name = view["base"]
-    if method not in autoprune.METHODS:
-        raise WorkbenchError(
-            f"unknown auto-prune method {method!r}; choose one of {', '.join(autoprune.METHODS)}"
-        )
     budget = make_budget(store, view, kind, keep_fraction(fraction), device, dtype)
-    catalog = store.catalog(name)
-    autoprune.check_feasible(catalog, [budget])  # names the smallest reachable size
-    smap = cached(store, name)
-    probe = None
-    if smap is None or method == "rescored":
-        probe = store.probe(name, _adapter(progress, 0.0, 0.05))
-    if smap is None:
-        smap = _map(store, name, False, progress, 0.05, 0.4)
-    result = autoprune.search(
-        catalog,
-        [budget],
-        smap,
-        method=method,
-        probe=probe,
-        name="auto",
-        progress=_adapter(progress, 0.4 if not smap.from_cache else 0.05, 1.0),
-    )
-    return Pruned(result, budget), smap
+    result, _ = autoprune.autoprune(
+        store.base(name), {kind: budget.target}, method=method, settings=store.calibration, name="auto",
+        budgets=[budget], probe=lambda p: store.probe(name, p), progress=_adapter(progress, 0.0, 1.0),
+    )  # fmt: skip
+    return Pruned(result, budget), result.sensitivity_map
 
 
 def summary_md(pruned: Pruned) -> str:
@@ -300,7 +283,7 @@ def build(ctx: Shared) -> Parts:
         note = gr.Markdown(elem_id="wb-heat-note")
         with gr.Row(equal_height=True):
             fidelity = gr.Checkbox(
-                value=False, label="with fidelity drop (toy only, slower)", scale=2, min_width=160
+                value=False, label="with fidelity drops (toy only, slower)", scale=2, min_width=160
             )
             measure = gr.Button("Measure sensitivity", size="sm", scale=1, min_width=160)
         with gr.Row(equal_height=False):

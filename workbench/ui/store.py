@@ -18,14 +18,10 @@ from workbench import cost, models, sensitivity
 from workbench.catalog import Catalog, build_catalog
 from workbench.errors import WorkbenchError
 from workbench.plan import PruningPlan
+from workbench.progress import Progress, report
 from workbench.surgery import StudentSpec, build_student, compile_plan
 
-Progress = Callable[[float, str], None]
 T = TypeVar("T")
-
-
-def _no_progress(fraction: float, desc: str) -> None:
-    return None
 
 
 @dataclass(frozen=True)
@@ -140,7 +136,7 @@ class Store:
             for name in loaded[: max(0, len(loaded) - self.max_loaded)]:
                 del self._weights[name]
 
-    def pipeline(self, name: str, progress: Progress = _no_progress):
+    def pipeline(self, name: str, progress: Progress | None = None):
         """The base's diffusers pipeline, loaded once."""
         base = self.base(name)
         if not base.has_pipeline:
@@ -148,13 +144,13 @@ class Store:
         with self._key_lock(("weights", name)):
             entry = self._entry(name)
             if entry.pipeline is None:
-                progress(0.0, f"loading the {name} pipeline")
+                report(progress, 0.0, f"loading the {name} pipeline")
                 entry.pipeline = _loading(base, lambda: models.load_pipeline(base))
                 entry.unet = entry.pipeline.unet
                 self._evict()
             return entry.pipeline
 
-    def teacher_unet(self, name: str, progress: Progress = _no_progress):
+    def teacher_unet(self, name: str, progress: Progress | None = None):
         """The base's UNet with weights (from its pipeline when it has one)."""
         base = self.base(name)
         if base.has_pipeline:
@@ -167,12 +163,12 @@ class Store:
         with self._key_lock(("weights", name)):
             entry = self._entry(name)
             if entry.unet is None:
-                progress(0.0, f"loading the {name} UNet")
+                report(progress, 0.0, f"loading the {name} UNet")
                 entry.unet = _loading(base, lambda: models.load_unet(base))
                 self._evict()
             return entry.unet
 
-    def student(self, name: str, removed: list[str] | tuple[str, ...], progress: Progress = _no_progress):
+    def student(self, name: str, removed: list[str] | tuple[str, ...], progress: Progress | None = None):
         """(student UNet, spec) for the plan, built from the teacher's weights; the last one is kept."""
         spec = self.spec(name, removed)  # reject an impossible plan before touching weights
         teacher = self.teacher_unet(name, progress)
@@ -180,13 +176,13 @@ class Store:
         with self._key_lock(("weights", name)):
             entry = self._entry(name)
             if entry.student_key != key:
-                progress(0.5, "building the student from the teacher's weights")
+                report(progress, 0.5, "building the student from the teacher's weights")
                 entry.student, entry.spec = build_student(teacher, spec.plan)
                 entry.student.eval()
                 entry.student_key = key
             return entry.student, entry.spec
 
-    def probe(self, name: str, progress: Progress = _no_progress) -> sensitivity.Probe:
+    def probe(self, name: str, progress: Progress | None = None) -> sensitivity.Probe:
         """The base's teacher with its calibration calls recorded (``self.calibration``), kept
         with its pipeline so repeated sensitivity and auto-prune runs neither reload nor
         re-record. A base without a pipeline gets the probe's own error, before any load."""

@@ -1,0 +1,101 @@
+"""Shared scoring for the quality benchmarks: every student on the same held-out samples.
+
+The teacher draws its images once per process; each student's per-sample scores are kept
+beside its UNet (``eval-<settings>.json``), so a re-run scores only what is new, and any
+two students compare paired (same prompts, same seeds, same bootstrap resamples).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+from typing import Any
+
+from workbench import evaluation as ev
+from workbench.models import load_pipeline, resolve_base
+from workbench.stats import Estimate
+
+
+def add_sample_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--prompts", type=int, default=None, help="held-out prompts (default: all 81)")
+    p.add_argument(
+        "--seeds", type=int, default=ev.TOY_SEEDS, help=f"seeds per prompt (default {ev.TOY_SEEDS})"
+    )
+
+
+def claim(out: Path, base: str) -> None:
+    """Tie an output folder to the teacher's weights: the students and cached scores in it
+    are only valid for those, so a folder made from other weights is refused."""
+    resolved = resolve_base(base)
+    if resolved.kind not in ("toy", "pipeline"):
+        return
+    digest = ev.weights_digest(Path(resolved.location) / "unet")
+    stamp = out / "teacher-unet.sha256"
+    if stamp.exists() and stamp.read_text().strip() != digest:
+        raise SystemExit(
+            f"{out} holds students and scores of other teacher weights than {base!r} has now; give a new --out"
+        )
+    out.mkdir(parents=True, exist_ok=True)
+    stamp.write_text(f"{digest}\n")
+
+
+def evaluator(base: str, prompts: int | None, seeds: int) -> ev.Evaluator:
+    resolved = resolve_base(base)
+    samples = ev.default_samples(resolved.kind == "toy", prompts, seeds)
+    return ev.Evaluator(load_pipeline(resolved), samples, checker=resolved.kind == "toy")
+
+
+def _cache_name(e: ev.Evaluator) -> str:
+    s = e.settings
+    return f"eval-{s['prompts']}x{s['seeds']}-{s['steps']}steps-g{s['guidance']:g}.json"
+
+
+def student_scores(e: ev.Evaluator, unet_dir: Path) -> ev.Scores:
+    """Per-sample scores of the UNet in ``unet_dir``, from its cache file or drawn now."""
+    from workbench.sampling import load_student_unet
+
+    cache = unet_dir.parent / f"{unet_dir.name}-{_cache_name(e)}"
+    if cache.exists():
+        return ev.Scores.from_rows(json.loads(cache.read_text()), e.samples)
+    scores = e.student(load_student_unet(unet_dir, e.pipe.unet))
+    cache.write_text(json.dumps(scores.rows()) + "\n")
+    return scores
+
+
+def figures(e: ev.Evaluator, scores: ev.Scores, reference: ev.Scores | None = None) -> dict[str, Any]:
+    """Every figure of a student with its interval; with a reference, paired comparisons too."""
+    out: dict[str, Any] = {"summary": ev.as_dicts(e.summary(scores))}
+    out["vs_teacher"] = ev.as_dicts(e.versus(scores, e.teacher()))
+    if reference is not None:
+        out["minus_reference"] = ev.as_dicts(e.difference(scores, reference))
+    return out
+
+
+def cell(est: dict[str, Any] | None, digits: int = 3) -> str:
+    """``0.912 [0.887, 0.934]`` for a table cell, ``-`` for none."""
+    return "-" if est is None else Estimate.from_dict(est).format(digits)
+
+
+def diff_cell(est: dict[str, Any] | None, digits: int = 3) -> str:
+    """A paired difference; bold where its interval excludes 0 (the two really differ)."""
+    if est is None:
+        return "-"
+    e = Estimate.from_dict(est)
+    text = f"{e.mean:+.{digits}f} [{e.low:+.{digits}f}, {e.high:+.{digits}f}]"
+    return f"**{text}**" if e.low > 0 or e.high < 0 else text
+
+
+def header(e: ev.Evaluator, base: str) -> str:
+    s, iv = e.settings, e.bootstrap.describe()
+    return (
+        f"{base}: {s['samples']} held-out samples ({s['prompts']} prompts x {s['seeds']} seeds), "
+        f"{s['steps']} steps, guidance {s['guidance']:g}; mean [{iv['level']:.0%} interval: {iv['method']}, "
+        f"{iv['resamples']} resamples]"
+    )
+
+
+def table(rows: list[tuple[str, list[str]]], head: list[str]) -> list[str]:
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    lines += ["| " + " | ".join([name, *cells]) + " |" for name, cells in rows]
+    return lines

@@ -1,0 +1,56 @@
+"""The workbench's disk cache: one root, one layout, one way to read and write an entry.
+
+```
+ROOT/            $WORKBENCH_CACHE_DIR, or ~/.cache/sdxl-workbench
+  latency/       teacher latency profiles (workbench.latency): model, device, dtype, px, batch
+  sensitivity/   sensitivity maps (workbench.sensitivity): weights, calibration, device
+```
+
+A new kind of entry is a new folder: add its name to ``KINDS``.
+
+Each entry is one JSON file with a ``schema`` number, written atomically. An entry that is
+missing, unreadable or of another schema reads as ``None``: the caller measures again.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+from workbench.files import write_json_atomic
+
+ENV = "WORKBENCH_CACHE_DIR"
+KINDS = ("latency", "sensitivity")
+
+
+def root() -> Path:
+    """``$WORKBENCH_CACHE_DIR`` or ``~/.cache/sdxl-workbench``."""
+    env = os.environ.get(ENV)
+    return Path(env).expanduser() if env else Path.home() / ".cache" / "sdxl-workbench"
+
+
+def folder(kind: str) -> Path:
+    """Where entries of ``kind`` (one of ``KINDS``) live; nothing is created."""
+    if kind not in KINDS:
+        raise ValueError(f"unknown cache kind {kind!r}; one of {', '.join(KINDS)}")
+    return root() / kind
+
+
+def path(kind: str, name: str) -> Path:
+    return folder(kind) / name
+
+
+def read(entry: Path, schema: int) -> dict[str, Any] | None:
+    """The entry's JSON if it is there, readable and of ``schema``; else ``None``."""
+    try:
+        data = json.loads(Path(entry).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    return data if isinstance(data, dict) and data.get("schema") == schema else None
+
+
+def write(entry: Path, data: dict[str, Any]) -> Path:
+    """Write an entry atomically (a reader never sees half of it)."""
+    return write_json_atomic(entry, data, indent=1)

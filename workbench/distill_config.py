@@ -1,0 +1,429 @@
+"""What a distillation run is asked to do (``DistillConfig``) and the one preflight that
+checks it before any model is loaded: used by the recipe, the CLI and the app alike.
+
+Every bad value raises a ``ConfigError`` that carries the field it is about, so the CLI
+names its flag and the app its label.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from workbench.errors import ConfigError, WorkbenchError, flag
+from workbench.losses import LossWeights
+from workbench.plan import PruningPlan
+from workbench.runs import RunDir
+from workbench.sensitivity_kd import FEATURE_WEIGHTS
+from workbench.surgery import FEATURE_MODES
+
+PRECISIONS = ("no", "bf16", "fp16")
+TEACHER_DTYPES = ("fp32", "bf16", "fp16")
+STAGE_TEACHERS = ("original", "previous")
+LR_SCHEDULES = ("constant", "cosine")
+DEVICES = ("auto", "cpu", "cuda")
+
+
+@dataclass(frozen=True)
+class DistillConfig:
+    """Everything a run needs; saved as job.json and reloaded on resume."""
+
+    stages: tuple[dict[str, Any], ...]  # plans (dicts) over the teacher, each removing more
+    steps: int  # optimizer steps per stage
+    base: str = "toy"
+    data: str = "toy"  # "toy", an image folder, or a .txt prompt file
+    toy_samples: int = 2048
+    resolution: int | None = None  # training resolution (px); default: the pipeline's
+    batch_size: int = 8
+    grad_accum: int = 1
+    lr: float = 1e-4
+    lr_schedule: str = "constant"
+    warmup_steps: int = 0
+    weight_decay: float = 0.0
+    max_grad_norm: float = 1.0
+    w_task: float = 1.0
+    w_out: float = 0.5
+    w_feat: float = 0.5
+    feature_mode: str = "layer"
+    normalize_features: bool = False
+    feature_weights: str = "uniform"  # "uniform" or "sensitivity" (per-pair weights from the map)
+    freeze_sensitive: int = 0  # freeze the modules of the N most sensitive kept layer units
+    # overrides of workbench.sensitivity.Calibration for the map (empty: the defaults)
+    sensitivity_settings: dict[str, Any] = dataclasses.field(default_factory=dict)
+    stage_teacher: str = "original"
+    mixed_precision: str = "no"
+    teacher_dtype: str = "fp32"
+    gradient_checkpointing: bool = False
+    uncond_prob: float = 0.1
+    seed: int = 0
+    device: str = "auto"  # "auto", "cpu" or "cuda"
+    log_every: int = 1
+    checkpoint_every: int = 100
+    keep_checkpoints: int = 2
+    sample_every: int = 0  # 0: samples only at the end
+    sample_steps: int = 20
+    sample_guidance: float = 5.0
+    sample_prompts: tuple[str, ...] = ()
+    teacher_image_steps: int = 20  # for prompt-file data: steps the teacher draws with
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> DistillConfig:
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - names)
+        if unknown:
+            raise WorkbenchError(f"job.json has unknown keys {unknown}; it was written by another version")
+        data = dict(data)
+        data["stages"] = tuple(data["stages"])
+        data["sample_prompts"] = tuple(data.get("sample_prompts", ()))
+        return cls(**data)
+
+    @classmethod
+    def defaults(cls) -> dict[str, Any]:
+        """The default of every field that has one (for forms and flags: no hand copies)."""
+        return {
+            f.name: f.default if f.default_factory is dataclasses.MISSING else f.default_factory()
+            for f in dataclasses.fields(cls)
+            if f.default is not dataclasses.MISSING or f.default_factory is not dataclasses.MISSING
+        }
+
+    @property
+    def needs_sensitivity(self) -> bool:
+        return self.feature_weights == "sensitivity" or self.freeze_sensitive != 0
+
+    @property
+    def weights(self) -> LossWeights:
+        return LossWeights(self.w_task, self.w_out, self.w_feat)
+
+    def stage_kind(self, k: int) -> str:
+        """What stage ``k`` optimises (a key of ``losses.OBJECTIVES``): block-removal KD today."""
+        return "kd"
+
+    def plans(self) -> list[PruningPlan]:
+        return [PruningPlan.from_dict(s, origin=f"stage {i + 1} plan") for i, s in enumerate(self.stages)]
+
+
+# --------------------------------------------------------------------------- field checks
+
+# whole-number fields: (smallest valid value, what a valid value is)
+WHOLE = {
+    "steps": (1, "> 0"),
+    "batch_size": (1, "> 0"),
+    "grad_accum": (1, "> 0"),
+    "toy_samples": (1, "> 0"),
+    "warmup_steps": (0, ">= 0"),
+    "seed": (0, ">= 0"),
+    "log_every": (1, "> 0"),
+    "checkpoint_every": (1, "> 0"),
+    "keep_checkpoints": (1, "> 0"),
+    "sample_every": (0, ">= 0 (0: only at the end)"),
+    "sample_steps": (1, "> 0"),
+    "teacher_image_steps": (1, "> 0"),
+    "freeze_sensitive": (0, "a whole number >= 0 (0: freeze nothing)"),
+}
+# real-number fields: (lowest value, whether it is allowed, highest value (excluded), text)
+REAL = {
+    "lr": (0.0, False, None, "> 0"),
+    "weight_decay": (0.0, True, None, ">= 0"),
+    "max_grad_norm": (0.0, True, None, ">= 0 (0: no clipping)"),
+    "w_task": (0.0, True, None, ">= 0"),
+    "w_out": (0.0, True, None, ">= 0"),
+    "w_feat": (0.0, True, None, ">= 0"),
+    "uncond_prob": (0.0, True, 1.0, "in [0, 1)"),
+    "sample_guidance": (0.0, True, None, ">= 0"),
+}
+CHOICES = {
+    "feature_mode": FEATURE_MODES,
+    "feature_weights": FEATURE_WEIGHTS,
+    "mixed_precision": PRECISIONS,
+    "teacher_dtype": TEACHER_DTYPES,
+    "stage_teacher": STAGE_TEACHERS,
+    "lr_schedule": LR_SCHEDULES,
+    "device": DEVICES,
+}
+FLAGS = ("normalize_features", "gradient_checkpointing")
+
+
+def _is_whole(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_real(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def check_whole(field: str, value: Any) -> None:
+    low, text = WHOLE[field]
+    kind = text if text.startswith("a whole number") else f"a whole number {text}"
+    if value is None:
+        raise ConfigError(field, f"{{field}} is missing; give {kind}")
+    if not _is_whole(value):
+        raise ConfigError(field, f"{{field}} must be {kind}, got {{got!r}}", got=value)
+    if value < low:
+        raise ConfigError(field, f"{{field}} must be {text}, got {{got}}", got=value)
+
+
+def check_real(field: str, value: Any) -> None:
+    low, low_ok, high, text = REAL[field]
+    if value is None:
+        raise ConfigError(field, f"{{field}} is missing; give a number {text}")
+    if not _is_real(value):
+        raise ConfigError(field, f"{{field}} must be a number {text}, got {{got!r}}", got=value)
+    if value < low or (value == low and not low_ok) or (high is not None and value >= high):
+        raise ConfigError(field, f"{{field}} must be {text}, got {{got}}", got=value)
+
+
+def check_choice(field: str, value: Any) -> None:
+    choices = CHOICES[field]
+    if value not in choices:
+        what = "feature mode {got!r} ({field})" if field == "feature_mode" else "{field} {got!r}"
+        raise ConfigError(
+            field, f"unknown {what}; choose one of {{choices}}", got=value, choices=", ".join(choices)
+        )
+
+
+def check_fields(config: DistillConfig) -> None:
+    """Each field on its own: type, range, choices (the first bad one raises)."""
+    for name in ("base", "data"):
+        value = getattr(config, name)
+        if not isinstance(value, str) or not value.strip():
+            raise ConfigError(name, "{field} is missing; give one")
+    if not config.stages:
+        raise ConfigError("stages", "a run needs at least one stage (a plan: {stages})")
+    for name in WHOLE:
+        check_whole(name, getattr(config, name))
+    for name in REAL:
+        check_real(name, getattr(config, name))
+    for name in CHOICES:
+        check_choice(name, getattr(config, name))
+    for name in FLAGS:
+        if not isinstance(getattr(config, name), bool):
+            raise ConfigError(
+                name, "{field} is a switch: true or false, got {got!r}", got=getattr(config, name)
+            )
+    if config.resolution is not None:
+        value = config.resolution
+        if not _is_whole(value) or value < 32 or value % 32:
+            raise ConfigError(
+                "resolution", "{resolution} must be a multiple of 32 (px), or empty for the "
+                "pipeline's own, got {got!r}", got=value,
+            )  # fmt: skip
+    if not all(isinstance(p, str) and p.strip() for p in config.sample_prompts):
+        raise ConfigError("sample_prompts", "{sample_prompts}: every sample prompt needs some text")
+
+
+def check_combination(config: DistillConfig) -> None:
+    """Fields that are fine alone but not together, and what this machine can run."""
+    if config.w_task + config.w_out + config.w_feat <= 0:
+        raise ConfigError("w_task", "{w_task}, {w_out} and {w_feat} are all 0: nothing to train")
+    if config.feature_weights == "sensitivity" and (config.feature_mode == "none" or config.w_feat == 0):
+        raise ConfigError(
+            "feature_weights", "{feature_weights} sensitivity weights the feature KD terms, but there "
+            "are none ({feature_mode} none or {w_feat} 0); use {feature_weights} uniform",
+        )  # fmt: skip
+    if config.needs_sensitivity or config.sensitivity_settings:
+        sensitivity_settings(config)
+    if config.device == "cuda" and not _cuda_available():
+        raise ConfigError("device", "{device} cuda was asked for but no CUDA GPU is available; use cpu")
+    if config.mixed_precision == "fp16" and not use_cuda(config):
+        raise ConfigError("mixed_precision", "{mixed_precision} fp16 needs a CUDA GPU; on CPU use bf16 or no")
+    if config.teacher_dtype == "fp16" and not use_cuda(config):
+        raise ConfigError("teacher_dtype", "{teacher_dtype} fp16 needs a CUDA GPU; on CPU use bf16 or fp32")
+
+
+def validate(config: DistillConfig) -> None:
+    """Reject bad options before anything is loaded or trained (precise messages)."""
+    check_fields(config)
+    check_combination(config)
+
+
+def _cuda_available() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
+def use_cuda(config: DistillConfig) -> bool:
+    return config.device == "cuda" or (config.device == "auto" and _cuda_available())
+
+
+def sensitivity_settings(config: DistillConfig):
+    """The calibration settings of the run's sensitivity map (checked)."""
+    from workbench.sensitivity import Calibration
+
+    names = {f.name for f in dataclasses.fields(Calibration)}
+    settings = config.sensitivity_settings
+    unknown = sorted(set(settings) - names) if isinstance(settings, dict) else None
+    if unknown is None or unknown:
+        raise ConfigError(
+            "sensitivity_settings", "unknown sensitivity settings {got}; known: {known}",
+            got=unknown, known=", ".join(sorted(names)),
+        )  # fmt: skip
+    try:
+        return Calibration(**settings).check()
+    except WorkbenchError as err:
+        raise ConfigError.about("sensitivity_settings", err) from None
+
+
+# --------------------------------------------------------------------------- checks that read files
+
+
+def check_data(config: DistillConfig) -> None:
+    """Cheap checks of the data source before loading any model."""
+    from workbench import data
+
+    try:
+        data.check_source(config.data)
+    except WorkbenchError as err:
+        raise ConfigError.about("data", err) from None
+
+
+def check_plans(config: DistillConfig, teacher_config: dict[str, Any]) -> list[Any]:
+    """Compile every stage against the teacher (errors before any weight moves)."""
+    from workbench.catalog import build_catalog
+    from workbench.surgery import compile_plan, derive_stage_plan
+
+    try:
+        catalog = build_catalog(teacher_config)
+        specs = [compile_plan(catalog, plan) for plan in config.plans()]
+        for i in range(1, len(specs)):
+            derive_stage_plan(specs[i - 1], specs[i], name=f"stage-{i + 1}")
+    except WorkbenchError as err:
+        raise ConfigError.about("stages", err) from None
+    return specs
+
+
+def check_guidance(config: DistillConfig, specs: list[Any]) -> None:
+    """``freeze_sensitive`` must leave each stage's student something to freeze from."""
+    from workbench.sensitivity_kd import kept_layer_units
+
+    n = config.freeze_sensitive
+    for k, spec in enumerate(specs):
+        kept = len(kept_layer_units(spec))
+        if n > kept:
+            raise ConfigError(
+                "freeze_sensitive",
+                "{freeze_sensitive} {n}: stage {k}'s student (plan {plan!r}) keeps only {kept} layer "
+                "units (down/up layers, the mid block's ResNet and attention); choose 0 to {kept}",
+                n=n, k=k + 1, plan=spec.plan.name, kept=kept,
+            )  # fmt: skip
+
+
+def check_base(config: DistillConfig, base=None):
+    """The teacher, resolved (no weights loaded): it must have a pipeline to distil from."""
+    from workbench.models import resolve_base
+
+    if base is None:
+        try:
+            base = resolve_base(config.base)
+        except WorkbenchError as err:
+            raise ConfigError.about("base", err) from None
+    if config.needs_sensitivity and not base.has_pipeline:
+        raise ConfigError(
+            "base", "{feature_weights} sensitivity and {freeze_sensitive} need the teacher's sensitivity "
+            "map, measured by running its pipeline; base {name!r} has no pipeline (give a pipeline folder "
+            "or hub id, or drop these options)", name=base.name,
+        )  # fmt: skip
+    if not base.has_pipeline:
+        raise ConfigError(
+            "base", "base {name!r} has no pipeline (text encoders, VAE); distillation needs a teacher "
+            "with weights", name=base.name,
+        )  # fmt: skip
+    return base
+
+
+def check_run_dir(run_dir: str | Path, resume: bool) -> RunDir:
+    """The run folder can hold this run: new (without resume) or an existing run (with it)."""
+    run = RunDir(Path(run_dir))
+    if run.root.exists() and not run.root.is_dir():
+        raise ConfigError(
+            "run_dir", "{field} {path!r} is a file, not a folder; choose a folder", path=str(run.root)
+        )
+    if resume and not run.job.exists():
+        raise ConfigError(
+            "run_dir", "{field} {path!r} holds no run to resume (no job.json)", path=str(run.root)
+        )
+    if not resume and run.job.exists():
+        raise ConfigError(
+            "run_dir", "{field} {path!r} already holds a run; resume it with {resume} or choose a new folder",
+            path=str(run.root),
+        )  # fmt: skip
+    return run
+
+
+# --------------------------------------------------------------------------- resume
+
+
+def _shown(field: str, value: Any) -> str:
+    if field == "stages":
+        return ", ".join(str(p.get("name")) if isinstance(p, dict) else str(p) for p in value)
+    return f"{value:g}" if isinstance(value, float) else str(value)
+
+
+def resume_config(
+    stored: DistillConfig, changes: dict[str, Any]
+) -> tuple[DistillConfig, list[dict[str, Any]]]:
+    """The run's stored config with ``changes`` (field -> value: the options given with resume)
+    applied where a resumed run can take them, and a record of what changed.
+
+    Only ``steps`` can change: it can grow, on a one-stage run (global step numbers and the
+    cosine schedule's horizon follow it; later stages would renumber the steps already
+    taken). Any other change is refused by name; values equal to the stored ones are no change.
+    """
+    applied = []
+    for name, value in changes.items():
+        if name not in stored.__dataclass_fields__:
+            raise ConfigError(name, "{field} is not an option of a distillation run")
+        was = getattr(stored, name)
+        if value == was:
+            continue
+        shown = {"was": _shown(name, was), "given": _shown(name, value)}
+        if name != "steps":
+            raise ConfigError(
+                name, "{field} cannot change on resume (was {was}, given {given}); start a new run", **shown
+            )
+        check_whole("steps", value)
+        if value < was:
+            raise ConfigError("steps", "{field} can only grow on resume (was {was}, given {given})", **shown)
+        if len(stored.stages) > 1:
+            raise ConfigError(
+                "steps", "{field} can change on resume only for a one-stage run (this one has {n}; was {was}, "
+                "given {given}); start a new run", n=len(stored.stages), **shown,
+            )  # fmt: skip
+        applied.append({"field": name, "was": was, "now": value})
+    return dataclasses.replace(stored, **{c["field"]: c["now"] for c in applied}), applied
+
+
+def describe_changes(config: DistillConfig, changed: list[dict[str, Any]]) -> str:
+    """One log line for what a resume changed."""
+    parts = [f"{flag(c['field'])} {c['now']} (was {c['was']})" for c in changed]
+    note = "; the cosine schedule's horizon moves with it" if config.lr_schedule == "cosine" else ""
+    return f"resumed with {', '.join(parts)}{note}"
+
+
+@dataclass(frozen=True)
+class Checked:
+    """A config that passed the preflight, with what the preflight worked out."""
+
+    config: DistillConfig
+    base: Any  # workbench.models.Base
+    specs: list[Any]  # one StudentSpec per stage
+
+
+def preflight(config: DistillConfig, *, base=None, run_dir: str | Path | None = None,
+              resume: bool = False) -> Checked:  # fmt: skip
+    """Every check a run makes before loading a model, in one order: run folder, fields,
+    data, teacher, plans, guidance. ``base`` is the resolved teacher if the caller has it."""
+    if run_dir is not None:
+        check_run_dir(run_dir, resume)
+    validate(config)
+    check_data(config)
+    base = check_base(config, base)
+    specs = check_plans(config, base.unet_config)
+    check_guidance(config, specs)
+    return Checked(config, base, specs)

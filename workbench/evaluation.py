@@ -1,0 +1,408 @@
+"""Held-out evaluation: a teacher and its students scored on the same (prompt, seed) samples.
+
+A *sample* is one prompt with one seed; teacher and student draw it from the same starting
+noise. On the toy, the prompts are the held-out captions (never seen in training) and the
+toy checker judges every attribute of every image; on other bases there is no checker, and
+only the student's similarity to the teacher (PSNR, SSIM per image) is scored.
+
+Scores are kept per sample (:class:`Scores`), so any two sets scored on one sample list
+compare paired; summaries are means with 95% intervals from a cluster bootstrap over
+prompts (:mod:`workbench.stats`).
+
+How many samples? The default, all 81 held-out toy captions x 8 seeds = 648, gives a
+full-prompt accuracy near 0.9 an interval of about +/-0.023 if a prompt's errors are no
+more likely than another's (binomial: 1.96 x sqrt(0.9 x 0.1 / 648)). Errors that cluster on
+some prompts widen it: +/-0.03 still holds while the prompt effect is at most ~8% of the
+score variance; beyond that only more prompts help, and the toy has no more held-out ones.
+The interval printed is the measured one, whatever the case.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from workbench.errors import WorkbenchError
+from workbench.stats import Bootstrap, Estimate
+
+TOY_SEEDS = 8
+GENERIC_SEEDS = 2
+STEPS = 20
+GUIDANCE = 5.0
+# Bases without a checker: similarity only, so any varied prompts will do.
+GENERIC_PROMPTS = (
+    "a photograph of a red apple on a wooden table",
+    "a lighthouse on a cliff at sunset",
+    "a watercolor painting of a small village",
+    "a close-up portrait of a cat",
+    "a bowl of fruit on a kitchen counter, morning light",
+    "an astronaut riding a horse on the moon",
+    "a city street in the rain at night, neon signs",
+    "a pencil sketch of an old oak tree",
+)
+ACCURACIES = ("colour", "shape", "background", "position", "size", "full", "fidelity")
+SIMILARITIES = ("psnr", "ssim")
+LABELS = {
+    "colour": "colour",
+    "shape": "shape",
+    "background": "background",
+    "position": "position",
+    "size": "size",
+    "full": "full prompt",
+    "fidelity": "fidelity (colour+shape)",
+    "psnr": "PSNR dB",
+    "ssim": "SSIM",
+}
+
+
+@dataclass(frozen=True)
+class Sample:
+    """One image to draw: ``group`` is its prompt's index (its seeds are resampled together)."""
+
+    prompt: str
+    seed: int
+    group: int
+
+
+def sample_seed(prompt: str, index: int) -> int:
+    """The seed of a prompt's ``index``-th sample.
+
+    Every sample gets its own starting noise (no two prompts share seed 0), so seeds are
+    nested in prompts as the bootstrap assumes; and a sample's seed depends only on its
+    prompt and index, so a subset of prompts draws exactly the samples the full set did.
+    """
+    digest = hashlib.sha256(f"{prompt}\n{index}".encode()).digest()
+    return int.from_bytes(digest[:4], "big") & 0x7FFFFFFF
+
+
+def _spread(items: Sequence[str], n: int | None, what: str) -> list[str]:
+    """``n`` items spread evenly over ``items`` (all of them for ``None``)."""
+    if n is None:
+        return list(items)
+    if not 1 <= n <= len(items):
+        raise WorkbenchError(
+            f"{n} prompts asked for, but there are {len(items)} {what}; give a number between 1 and {len(items)}"
+        )
+    return [items[i * len(items) // n] for i in range(n)]
+
+
+def toy_prompts(n: int | None = None) -> list[str]:
+    """Held-out toy captions, spread evenly over the held-out list (all by default)."""
+    from workbench.toy import world
+
+    return _spread([s.caption for s in world.held_out_scenes()], n, "held-out toy captions")
+
+
+def samples(prompts: Sequence[str], seeds: int) -> list[Sample]:
+    if seeds < 1:
+        raise WorkbenchError(f"--seeds must be a positive integer, got {seeds}")
+    return [Sample(p, sample_seed(p, j), g) for g, p in enumerate(prompts) for j in range(seeds)]
+
+
+def default_samples(is_toy: bool, n_prompts: int | None, seeds: int | None) -> list[Sample]:
+    """The evaluation samples of a base: held-out captions on the toy, generic prompts elsewhere."""
+    if is_toy:
+        return samples(toy_prompts(n_prompts), seeds or TOY_SEEDS)
+    return samples(_spread(GENERIC_PROMPTS, n_prompts, "generic prompts"), seeds or GENERIC_SEEDS)
+
+
+@dataclass
+class Scores:
+    """Per-sample scores of one UNet on a sample list (0/1 accuracies, real similarities).
+
+    ``seen`` (toy) is what the checker read from each image, for reports and re-checks.
+    """
+
+    samples: list[Sample]
+    values: dict[str, np.ndarray]
+    seen: list[dict[str, str | None]] | None = None
+
+    def rows(self) -> list[dict[str, Any]]:
+        """One JSON-ready dict per sample."""
+        out = []
+        for i, s in enumerate(self.samples):
+            row: dict[str, Any] = {"prompt": s.prompt, "seed": s.seed}
+            row |= {k: _plain(v[i]) for k, v in self.values.items()}
+            if self.seen is not None:
+                row["seen"] = self.seen[i]
+            out.append(row)
+        return out
+
+    @classmethod
+    def from_rows(cls, rows: list[dict[str, Any]], samples_: list[Sample]) -> Scores:
+        """Scores written by :meth:`rows`, checked against the samples they must belong to."""
+        got = [(r["prompt"], r["seed"]) for r in rows]
+        if got != [(s.prompt, s.seed) for s in samples_]:
+            raise WorkbenchError("saved per-sample scores are for other samples (prompts or seeds differ)")
+        keys = [k for k in rows[0] if k not in ("prompt", "seed", "seen")] if rows else []
+        values = {k: np.array([float(r[k]) for r in rows]) for k in keys}
+        seen = [r["seen"] for r in rows] if rows and "seen" in rows[0] else None
+        return cls(list(samples_), values, seen)
+
+
+def _plain(x: Any) -> Any:
+    x = x.item() if hasattr(x, "item") else x
+    return int(x) if isinstance(x, float) and x in (0.0, 1.0) else x
+
+
+def judge(images, samples_: Sequence[Sample]) -> tuple[dict[str, np.ndarray], list[dict[str, str | None]]]:
+    """The toy checker's per-sample verdicts: 1.0 where an attribute (or the whole prompt,
+    or colour and shape: fidelity) is right, else 0.0; and what it saw."""
+    from workbench.toy import checker
+
+    judgements = checker.judge_all(list(images), [s.prompt for s in samples_])
+    for j, s in zip(judgements, samples_):
+        if set(j.wanted) != set(checker.ATTRIBUTES):
+            raise WorkbenchError(f"toy evaluation prompts must name all five attributes: {s.prompt!r}")
+    values = {a: np.array([float(j.right(a)) for j in judgements]) for a in checker.ATTRIBUTES}
+    values["full"] = np.array([float(j.full_ok) for j in judgements])
+    values["fidelity"] = np.array([float(j.ok) for j in judgements])
+    return values, [dict(j.seen) for j in judgements]
+
+
+def similarity(student_images, teacher_images) -> dict[str, np.ndarray]:
+    """Per-image PSNR (dB) and SSIM of student images against same-sample teacher images."""
+    from workbench import quality
+
+    if len(student_images) != len(teacher_images) or not student_images:
+        raise WorkbenchError("need the same, non-zero number of student and teacher images")
+    a, b = quality.to_tensor(student_images), quality.to_tensor(teacher_images)
+    return {"psnr": quality.psnr(a, b).numpy(), "ssim": quality.ssim(a, b).numpy()}
+
+
+@dataclass
+class Evaluator:
+    """A teacher pipeline and a fixed sample list; the teacher's images are drawn once.
+
+    ``student(unet)`` draws and scores any UNet that fits the pipeline on the same
+    samples; ``summary`` and ``versus`` turn scores into intervals, all from one set of
+    bootstrap resamples (so comparisons are paired).
+    """
+
+    pipe: Any
+    samples: list[Sample]
+    checker: bool
+    steps: int = STEPS
+    guidance: float = GUIDANCE
+    batch_size: int = 16
+    bootstrap: Bootstrap = field(init=False)
+    _teacher_images: list | None = field(default=None, init=False, repr=False)
+    _teacher: Scores | None = field(default=None, init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        if not self.samples:
+            raise WorkbenchError("an evaluation needs at least one sample")
+        self.bootstrap = Bootstrap([s.group for s in self.samples])
+
+    @property
+    def settings(self) -> dict[str, Any]:
+        return {
+            "steps": self.steps,
+            "guidance": self.guidance,
+            "prompts": len({s.group for s in self.samples}),
+            "seeds": len(self.samples) // len({s.group for s in self.samples}),
+            "samples": len(self.samples),
+        }
+
+    def draw(self, unet=None) -> list:
+        from workbench.sampling import generate
+
+        return generate(
+            self.pipe, [s.prompt for s in self.samples], [s.seed for s in self.samples],
+            steps=self.steps, guidance=self.guidance, unet=unet, batch_size=self.batch_size,
+        )  # fmt: skip
+
+    def teacher_images(self) -> list:
+        if self._teacher_images is None:
+            self._teacher_images = self.draw()
+        return self._teacher_images
+
+    def teacher(self) -> Scores:
+        """The teacher's own scores (checker verdicts on the toy; nothing to score elsewhere)."""
+        if self._teacher is None:
+            values, seen = judge(self.teacher_images(), self.samples) if self.checker else ({}, None)
+            self._teacher = Scores(self.samples, values, seen)
+        return self._teacher
+
+    def student(self, unet) -> Scores:
+        """A student UNet's scores: checker verdicts (toy) and PSNR/SSIM against the teacher."""
+        images = self.draw(unet)
+        values, seen = judge(images, self.samples) if self.checker else ({}, None)
+        values |= similarity(images, self.teacher_images())
+        return Scores(self.samples, values, seen)
+
+    def summary(self, scores: Scores) -> dict[str, Estimate]:
+        """Mean and interval of every score, in a fixed order."""
+        order = [k for k in (*ACCURACIES, *SIMILARITIES) if k in scores.values]
+        return {k: self.bootstrap.mean(scores.values[k], k) for k in order}
+
+    def versus(self, scores: Scores, reference: Scores) -> dict[str, Estimate]:
+        """Paired ratios ``scores / reference`` of full-prompt accuracy and fidelity."""
+        out = {}
+        for k in ("full", "fidelity"):
+            if k in scores.values and k in reference.values and reference.values[k].mean() > 0:
+                out[k] = self.bootstrap.ratio(scores.values[k], reference.values[k])
+        return out
+
+    def difference(self, scores: Scores, reference: Scores) -> dict[str, Estimate]:
+        """Paired differences ``scores - reference`` of every score both have."""
+        shared = [k for k in (*ACCURACIES, *SIMILARITIES) if k in scores.values and k in reference.values]
+        return {k: self.bootstrap.difference(scores.values[k], reference.values[k]) for k in shared}
+
+
+def as_dicts(estimates: dict[str, Estimate]) -> dict[str, dict[str, float | int]]:
+    return {k: v.to_dict() for k, v in estimates.items()}
+
+
+# --------------------------------------------------------------------------- results and records
+
+RECORD_SCHEMA = 1
+_RECORD_KEYS = {
+    "schema_version", "base", "unet", "settings", "interval", "teacher", "student",
+    "student_vs_teacher", "weights", "software", "per_sample",
+}  # fmt: skip
+
+
+def weights_digest(folder: str | Path | None) -> str | None:
+    """SHA-256 over a UNet folder's weight files (names and bytes); ``None`` if there are none."""
+    if folder is None:
+        return None
+    files = sorted(Path(folder).glob("*.safetensors")) + sorted(Path(folder).glob("*.bin"))
+    if not files:
+        return None
+    h = hashlib.sha256()
+    for f in files:
+        h.update(f.name.encode())
+        with open(f, "rb") as stream:
+            for block in iter(lambda: stream.read(1 << 20), b""):
+                h.update(block)
+    return h.hexdigest()
+
+
+def _software() -> dict[str, Any]:
+    import diffusers
+    import torch
+
+    return {
+        "torch": torch.__version__,
+        "diffusers": diffusers.__version__,
+        "threads": torch.get_num_threads(),
+    }
+
+
+def result(evaluator: Evaluator, base, teacher: Scores, student: Scores | None, unet: str | None) -> dict:
+    """Everything one evaluation found, JSON-ready; ``per_sample`` holds every sample's scores.
+
+    This is also the format of a model's recorded evaluation (``evaluation.json`` beside
+    the toy teacher): ``read_record`` loads it strictly.
+    """
+    teacher_unet = Path(base.location) / "unet" if base.kind in ("toy", "pipeline") else None
+    rows = [{"prompt": s.prompt, "seed": s.seed} for s in evaluator.samples]
+    for row, t in zip(rows, teacher.rows()):
+        row["teacher"] = {k: v for k, v in t.items() if k not in ("prompt", "seed")}
+    if student is not None:
+        for row, s in zip(rows, student.rows()):
+            row["student"] = {k: v for k, v in s.items() if k not in ("prompt", "seed")}
+    return {
+        "schema_version": RECORD_SCHEMA,
+        "base": base.name,
+        "unet": str(unet) if unet else None,
+        "settings": evaluator.settings,
+        "interval": evaluator.bootstrap.describe(),
+        "teacher": as_dicts(evaluator.summary(teacher)),
+        "student": as_dicts(evaluator.summary(student)) if student is not None else None,
+        "student_vs_teacher": as_dicts(evaluator.versus(student, teacher)) if student is not None else None,
+        "weights": {"teacher": weights_digest(teacher_unet), "student": weights_digest(unet)},
+        "software": _software(),
+        "per_sample": rows,
+    }
+
+
+def write_record(path: str | Path, data: dict[str, Any]) -> None:
+    """Write a result atomically as readable JSON with one line per sample."""
+    import json
+    import os
+
+    head = json.dumps({k: v for k, v in data.items() if k != "per_sample"}, indent=2)
+    rows = ",\n".join("    " + json.dumps(r, separators=(", ", ": ")) for r in data["per_sample"])
+    text = head[: head.rindex("}")].rstrip() + ',\n  "per_sample": [\n' + rows + "\n  ]\n}\n"
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(text, encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def read_record(path: str | Path) -> dict[str, Any]:
+    """A saved evaluation (``evaluate --save``), checked strictly: schema, keys, samples."""
+    import json
+
+    try:
+        data = json.loads(Path(path).read_text(encoding="utf-8"))
+    except (OSError, ValueError) as err:
+        raise WorkbenchError(f"cannot read the evaluation record {str(path)!r}: {err}") from None
+    if not isinstance(data, dict) or data.get("schema_version") != RECORD_SCHEMA:
+        raise WorkbenchError(f"{str(path)!r} is not an evaluation record of schema {RECORD_SCHEMA}")
+    if set(data) != _RECORD_KEYS:
+        missing, unknown = _RECORD_KEYS - set(data), set(data) - _RECORD_KEYS
+        raise WorkbenchError(
+            f"evaluation record {str(path)!r}: missing keys {sorted(missing)}, unknown keys {sorted(unknown)}"
+        )
+    if len(data["per_sample"]) != data["settings"]["samples"]:
+        raise WorkbenchError(
+            f"evaluation record {str(path)!r} lists {len(data['per_sample'])} samples but its settings say "
+            f"{data['settings']['samples']}"
+        )
+    return data
+
+
+def record_samples(data: dict[str, Any]) -> list[Sample]:
+    """The samples of a record, grouped by prompt as they were evaluated."""
+    groups: dict[str, int] = {}
+    return [
+        Sample(r["prompt"], r["seed"], groups.setdefault(r["prompt"], len(groups)))
+        for r in data["per_sample"]
+    ]
+
+
+def record_scores(data: dict[str, Any], who: str = "teacher") -> Scores:
+    """``who``'s (``teacher`` or ``student``) per-sample scores from a record."""
+    rows = [{"prompt": r["prompt"], "seed": r["seed"], **r[who]} for r in data["per_sample"]]
+    return Scores.from_rows(rows, record_samples(data))
+
+
+# --------------------------------------------------------------------------- text
+
+
+def format_result(result: dict[str, Any]) -> list[str]:
+    """Lines of a human-readable table of a result (``per_sample`` not needed)."""
+    s, iv = result["settings"], result["interval"]
+    lines = [
+        f"{result['base']}: {s['samples']} samples ({s['prompts']} prompts x {s['seeds']} seeds), "
+        f"{s['steps']} steps, guidance {s['guidance']:g}; mean [{iv['level']:.0%} interval, {iv['method']}]"
+    ]
+    student, ratio = result["student"] or {}, result["student_vs_teacher"] or {}
+    head = f"  {'':<24} {'teacher':<22}"
+    if result["student"] is not None:
+        head += f" {'student':<22} student / teacher"
+    lines.append(head)
+    for key in (*ACCURACIES, *SIMILARITIES):
+        if key not in result["teacher"] and key not in student:
+            continue
+        cells = [_cell(result["teacher"].get(key))]
+        if result["student"] is not None:
+            cells += [_cell(student.get(key)), _cell(ratio.get(key))]
+        lines.append(f"  {LABELS[key]:<24} " + " ".join(f"{c:<22}" for c in cells).rstrip())
+    return lines
+
+
+def _cell(est: dict[str, Any] | None) -> str:
+    if est is None:
+        return "-"
+    e = Estimate.from_dict(est)
+    return e.format(2 if abs(e.mean) >= 10 else 3)

@@ -1,0 +1,36 @@
+"""A run's processes (accelerate): one process on a CPU or GPU, or several under
+``accelerate launch`` (DDP). The recipe asks three things of them, all here."""
+
+from __future__ import annotations
+
+import torch
+
+
+def make_accelerator(config):
+    """A fresh ``Accelerator`` for a run (a ``DistillConfig``). Each stage takes its own, so
+    a checkpoint holds that stage's model, optimizer and schedule only. Gradients are
+    accumulated by hand (the data stream is the recipe's), so accelerate's is 1."""
+    from accelerate import Accelerator
+
+    from workbench.distill_config import use_cuda
+
+    return Accelerator(
+        mixed_precision=config.mixed_precision, gradient_accumulation_steps=1, cpu=not use_cuda(config)
+    )
+
+
+def mean_across(acc, totals: dict[str, float]) -> dict[str, float]:
+    """Each value averaged over the processes (the logged loss terms of a step)."""
+    if acc.num_processes == 1:
+        return totals
+    keys = sorted(totals)
+    values = torch.tensor([totals[k] for k in keys], device=acc.device)
+    return dict(zip(keys, acc.reduce(values, reduction="mean").tolist()))
+
+
+def any_across(acc, flag: bool) -> bool:
+    """True on every process if it is true on any (so all stop at the same step)."""
+    if acc.num_processes == 1:
+        return flag
+    t = torch.tensor([1.0 if flag else 0.0], device=acc.device)
+    return bool(acc.reduce(t, reduction="sum").item() > 0)
