@@ -334,3 +334,15 @@ def test_bad_export_input_is_one_line(argv, message, tmp_path, capsys):
     err = capsys.readouterr().err.strip()
     assert err.startswith("error: ") and message in err and "\n" not in err
     assert not (tmp_path / "o").exists()
+
+
+@pytest.mark.slow
+def test_card_carries_the_toy_evaluation(toy_students, tmp_path):
+    student = toy_students["segmind-vega"]
+    pipe = export.load_pipeline(student.base)
+    found = export.evaluate(student, pipe, prompts=2, seeds=1)
+    result = export.export(student, "diffusers", tmp_path / "v", pipeline=pipe, evaluation=found)
+    card = (result.out / "README.md").read_text()
+    section = card.split("## Evaluation")[1].split("## ")[0]
+    assert "2 samples (2 prompts x 1 seeds)" in section and "full prompt" in section and "SSIM" in section
+    assert str(TOY_DIR) not in card

@@ -190,6 +190,23 @@ def _read_json(path: Path) -> dict[str, Any]:
     return data
 
 
+def evaluate(student: Student, pipeline, prompts: int = 20, seeds: int = 2) -> dict[str, Any]:
+    """Teacher and student on the same held-out samples, for the card: the toy checker's
+    verdicts and PSNR/SSIM on the toy, PSNR/SSIM against the teacher elsewhere."""
+    from workbench import evaluation
+    from workbench.modelcard import public_name
+
+    is_toy = student.base.kind == "toy"
+    evaluator = evaluation.Evaluator(
+        pipeline, evaluation.default_samples(is_toy, prompts, seeds), checker=is_toy
+    )
+    found = evaluation.result(
+        evaluator, student.base, evaluator.teacher(), evaluator.student(student.unet), None
+    )
+    found.pop("per_sample")
+    return found | {"base": public_name(student.base), "weights": None}
+
+
 # --------------------------------------------------------------------------- export
 
 

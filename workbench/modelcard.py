@@ -238,25 +238,22 @@ def _data_name(data: str) -> str:
 
 
 def _evaluation(student: Student, evaluation: dict[str, Any] | None) -> str:
+    from workbench.evaluation import format_result
+
+    if evaluation:
+        lines = "\n".join(format_result(evaluation))
+        what = "the toy checker's verdicts on held-out prompts and" if student.base.kind == "toy" else ""
+        return (
+            f"## Evaluation\n\nMeasured at export ({what} PSNR/SSIM of the student's images against the "
+            f"teacher's on the same samples; mean and 95% interval):\n\n```text\n{lines}\n```"
+        )
     if student.base.kind != "toy":
         return ""
-    if not evaluation:
-        return (
-            "## Toy evaluation\n\nNot measured for this export. `python -m workbench evaluate --unet "
-            "<this folder>` judges held-out toy prompts with the toy checker and compares the student's "
-            "images with the teacher's (PSNR/SSIM)."
-        )
-    rows = "\n".join(
-        f"| {k} | {_figure(v)} |" for k, v in evaluation.items() if not isinstance(v, dict | list)
-    )
     return (
-        "## Toy evaluation\n\nMeasured with `python -m workbench evaluate` on held-out toy prompts "
-        f"(the toy checker judges each image):\n\n| figure | value |\n|---|---|\n{rows}"
+        "## Evaluation\n\nNot measured for this export: `python -m workbench export ... --evaluate` puts "
+        "the toy checker's verdicts and PSNR/SSIM against the teacher here; `python -m workbench evaluate "
+        "--unet <this folder>` prints them."
     )
-
-
-def _figure(value: Any) -> str:
-    return f"{value:.3f}" if isinstance(value, float) else str(value)
 
 
 def _loading(student: Student, fmt: str, dtype: str, weights_file: str | None) -> str:

@@ -6,7 +6,8 @@ import argparse
 
 from workbench import export
 from workbench.commands._common import add_json, emit_json, human
-from workbench.models import DEFAULT_BASE, resolve_base
+from workbench.errors import WorkbenchError
+from workbench.models import DEFAULT_BASE, load_pipeline, resolve_base
 from workbench.presets import load_preset
 
 
@@ -33,6 +34,11 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--lora", default=None, help="a LoRA trained on the teacher, remapped into the export's lora/"
     )
+    p.add_argument(
+        "--evaluate", action="store_true", help="score teacher and student on held-out samples for the card"
+    )
+    p.add_argument("--eval-prompts", type=int, default=20, help="prompts for --evaluate")
+    p.add_argument("--eval-seeds", type=int, default=2, help="seeds per prompt for --evaluate")
     p.add_argument("--out", required=True, help="output folder (must not exist, or be empty)")
     add_json(p)
     p.set_defaults(func=run)
@@ -44,10 +50,20 @@ def validate(args: argparse.Namespace) -> None:
     if args.dtype is not None:
         export.check_dtype(args.dtype)
     export.check_out(args.out)
+    if args.evaluate and (args.eval_prompts < 1 or args.eval_seeds < 1):
+        raise WorkbenchError("--eval-prompts and --eval-seeds must be positive numbers of prompts and seeds")
     if args.lora:
         from workbench.lora import check_lora_file
 
         check_lora_file(args.lora)
+
+
+def _check_base(args: argparse.Namespace, base) -> None:
+    export.check_base_for(args.format, base)
+    if args.evaluate and not base.has_pipeline:
+        raise WorkbenchError(
+            f"--evaluate draws images, but base {base.name!r} has no pipeline; give a pipeline folder"
+        )
 
 
 def run(args: argparse.Namespace) -> int:
@@ -55,13 +71,19 @@ def run(args: argparse.Namespace) -> int:
     if args.student:
         info = export.read_student_folder(args.student)  # a folder without layer_map.json fails here
         base = resolve_base(args.base or info.base_name() or DEFAULT_BASE)
-        export.check_base_for(args.format, base)
+        _check_base(args, base)
         student = export.student_from_folder(args.student, base)
     else:
         base = resolve_base(args.base or DEFAULT_BASE)
-        export.check_base_for(args.format, base)
+        _check_base(args, base)
         student = export.student_from_plan(base, load_preset(args.preset))
-    result = export.export(student, args.format, args.out, args.dtype, lora_file=args.lora)
+    pipe, evaluation = None, None
+    if args.evaluate:
+        pipe = load_pipeline(base)
+        evaluation = export.evaluate(student, pipe, args.eval_prompts, args.eval_seeds)
+    result = export.export(
+        student, args.format, args.out, args.dtype, pipeline=pipe, evaluation=evaluation, lora_file=args.lora
+    )
     spec = student.spec
     if args.json:
         emit_json(

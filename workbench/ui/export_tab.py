@@ -76,9 +76,11 @@ def export_student(
     dtype: str = DTYPE_AUTO,
     source: str = CURRENT_PLAN,
     lora_file: str | None = None,
+    evaluate: bool = False,
     progress: Any = None,
 ) -> tuple[str, str]:
-    """Export the student in ``fmt_name`` and zip the folder: (zip path, summary Markdown)."""
+    """Export the student in ``fmt_name`` and zip the folder: (zip path, summary Markdown).
+    ``evaluate`` scores teacher and student on held-out samples for the card first."""
     report = ProgressAdapter(progress) if progress is not None else (lambda *a, **k: None)
     export.check_format(fmt_name)
     chosen = None if dtype in (None, DTYPE_AUTO) else export.check_dtype(dtype)
@@ -86,14 +88,19 @@ def export_student(
         lora.check_lora_file(lora_file)
     base = store.base(view["base"] if source in (None, CURRENT_PLAN) else _run_base(source, view))
     export.check_base_for(fmt_name, base)  # before loading anything
+    if evaluate and not base.has_pipeline:
+        raise WorkbenchError(f"scoring for the card draws images, but {base.name!r} has no pipeline")
     student, name = _student(store, view, plan, source or CURRENT_PLAN, report)
-    pipe = (
-        store.pipeline(name, ProgressAdapter(report, 0.5, 0.6)) if fmt_name in export.NEEDS_PIPELINE else None
-    )
+    needs_pipe = evaluate or fmt_name in export.NEEDS_PIPELINE
+    pipe = store.pipeline(name, ProgressAdapter(report, 0.5, 0.6)) if needs_pipe else None
+    evaluation = None
+    if evaluate:
+        report(0.55, "scoring teacher and student on held-out samples")
+        evaluation = export.evaluate(student, pipe)
     folder_name = _folder_name(student, fmt_name)
     work = _fresh_workdir()
     result = export.export(
-        student, fmt_name, work / folder_name, chosen, pipeline=pipe, lora_file=lora_file,
+        student, fmt_name, work / folder_name, chosen, pipeline=pipe, evaluation=evaluation, lora_file=lora_file,
         progress=ProgressAdapter(report, 0.6, 0.9),
     )  # fmt: skip
     report(0.92, "zipping")
@@ -228,6 +235,10 @@ def build(ctx: Shared) -> None:
             lora_in = gr.File(
                 label="Teacher LoRA (.safetensors, optional)", file_types=[".safetensors"], type="filepath"
             )
+            scored = gr.Checkbox(
+                False,
+                label="Score teacher and student for the card (20 held-out prompts x 2 seeds; minutes on a CPU)",
+            )
             go = gr.Button("Export and zip", variant="primary")
         with gr.Column(scale=2):
             formats = gr.Markdown(elem_id="wb-export-formats")
@@ -238,8 +249,10 @@ def build(ctx: Shared) -> None:
     store = ctx.store
 
     @user_errors
-    def on_export(view, plan, fmt_name, dtype_name, source_dir, lora_path, progress=gr.Progress()):
-        return export_student(store, view, plan, fmt_name, dtype_name, source_dir, lora_path, progress)
+    def on_export(view, plan, fmt_name, dtype_name, source_dir, lora_path, scores, progress=gr.Progress()):
+        return export_student(
+            store, view, plan, fmt_name, dtype_name, source_dir, lora_path, scores, progress
+        )
 
     @user_errors
     def on_lora(view, plan, lora_path, source_dir):
@@ -249,7 +262,7 @@ def build(ctx: Shared) -> None:
         return formats_md(store, view, plan)
 
     go.click(
-        on_export, [ctx.view, ctx.plan, fmt_box, dtype, source, lora_in], [archive, summary],
+        on_export, [ctx.view, ctx.plan, fmt_box, dtype, source, lora_in, scored], [archive, summary],
         api_visibility="private", **ctx.model_event(),
     )  # fmt: skip
     lora_in.change(on_lora, [ctx.view, ctx.plan, lora_in, source], lora_report, api_visibility="private")
