@@ -397,6 +397,7 @@ _WRITERS = {
 # --------------------------------------------------------------------------- hygiene
 
 _TEXT_SUFFIXES = (".json", ".md", ".txt", ".yaml")
+_TOKENIZER_DATA = {"vocab.json", "merges.txt", "tokenizer.json"}  # vocabularies, not paths
 
 
 def local_paths(student: Student) -> list[str]:
@@ -421,7 +422,7 @@ def finish_folder(folder: Path, local_paths: list[str]) -> None:
             data.pop("name_or_path", None)
             path.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n", encoding="utf-8")
     for path in folder.rglob("*"):
-        if path.is_file() and path.suffix in _TEXT_SUFFIXES:
+        if path.is_file() and path.suffix in _TEXT_SUFFIXES and path.name not in _TOKENIZER_DATA:
             text = path.read_text(encoding="utf-8", errors="replace")
             leaked = next((p for p in local_paths if p in text), None)
             if leaked:
