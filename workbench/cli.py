@@ -14,7 +14,18 @@ import sys
 from workbench.errors import WorkbenchError
 
 # Order is the order shown in --help.
-COMMANDS = ["units", "plan", "export", "sample", "evaluate", "distill", "latency", "sensitivity", "autoprune"]
+COMMANDS = [
+    "units",
+    "plan",
+    "export",
+    "lora",
+    "sample",
+    "evaluate",
+    "distill",
+    "latency",
+    "sensitivity",
+    "autoprune",
+]
 
 
 def build_parser() -> argparse.ArgumentParser:
