@@ -120,7 +120,7 @@ class Distillation:
         self.guidance = self.load_guidance(resume)
         prompts = list(cfg.sample_prompts) or default_prompts(cfg.base, cfg.data)
         self.grids = SampleGrids(self.pipe, self.run_dir.samples, prompts, steps=cfg.sample_steps,
-                                 guidance=cfg.sample_guidance)  # fmt: skip
+                                 guidance=cfg.guidance)  # fmt: skip
 
     def start_run_folder(self, resume: bool) -> None:
         self.run_dir.root.mkdir(parents=True, exist_ok=True)
