@@ -43,7 +43,9 @@ def claim(out: Path, base: str) -> None:
 def evaluator(base: str, prompts: int | None, seeds: int) -> ev.Evaluator:
     resolved = resolve_base(base)
     samples = ev.default_samples(resolved.kind == "toy", prompts, seeds)
-    return ev.Evaluator(load_pipeline(resolved), samples, checker=resolved.kind == "toy")
+    return ev.Evaluator(
+        load_pipeline(resolved), samples, checker=resolved.kind == "toy", guidance=resolved.guidance
+    )
 
 
 def _cache_name(e: ev.Evaluator) -> str:

@@ -64,7 +64,11 @@ def test_run_writes_metrics_samples_and_a_stock_student(base, tmp_path):
     pipe = StableDiffusionXLPipeline.from_pretrained(base, unet=unet)
     image = pipe("a red circle", num_inference_steps=2, output_type="np").images[0]
     assert image.shape == (64, 64, 3)
-    assert (run.student / "README.md").read_text().startswith("---")
+    card = (run.student / "README.md").read_text()
+    assert card.startswith("---") and "distillation" in card.split("---")[1] and "4 optimizer steps" in card
+    for path in run.student.iterdir():  # no local path (config.json's _name_or_path too); readable
+        assert str(tmp_path) not in path.read_text(errors="replace") or path.suffix == ".safetensors"
+        assert path.stat().st_mode & 0o044 == 0o044
     assert json.loads((run.student / "plan.json").read_text())["name"] == "ssd-1b"
 
 

@@ -177,7 +177,8 @@ def test_cli_evaluate_with_teacher_as_student(tmp_path, capsys):
     assert main([*args, "--json", "--unet", str(TOY_DIR / "unet"), "--save", str(save)]) == 0
     result = json.loads(capsys.readouterr().out)
     assert "per_sample" not in result  # printed: the summary; saved: everything
-    assert result["settings"] == {"steps": 4, "guidance": 5.0, "prompts": 2, "seeds": 2, "samples": 4}
+    # the toy samples with its own guidance (2) unless told otherwise
+    assert result["settings"] == {"steps": 4, "guidance": 2.0, "prompts": 2, "seeds": 2, "samples": 4}
     assert list(result["teacher"]) == list(evaluation.ACCURACIES)
     assert list(result["student"]) == [*evaluation.ACCURACIES, *evaluation.SIMILARITIES]
     for key in evaluation.ACCURACIES:  # the teacher as its own student: same images, same verdicts

@@ -15,8 +15,18 @@ from workbench.errors import WorkbenchError
 
 # Order is the order shown in --help.
 COMMANDS = [
-    "units", "plan", "export", "sample", "evaluate", "distill", "memory", "latency", "sensitivity", "autoprune",
-]  # fmt: skip
+    "units",
+    "plan",
+    "export",
+    "lora",
+    "sample",
+    "evaluate",
+    "distill",
+    "memory",
+    "latency",
+    "sensitivity",
+    "autoprune",
+]
 
 
 def build_parser() -> argparse.ArgumentParser:

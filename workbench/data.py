@@ -192,9 +192,7 @@ def build_examples(config, pipe, resolution: int) -> list[Example]:
     path = Path(config.data)
     if path.suffix == ".txt" and not path.is_dir():
         prompts = prompt_file(path)
-        return teacher_examples(
-            pipe, prompts, config.seed, config.teacher_image_steps, config.sample_guidance
-        )
+        return teacher_examples(pipe, prompts, config.seed, config.teacher_image_steps, config.guidance)
     return folder_examples(path)
 
 

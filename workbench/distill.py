@@ -122,7 +122,7 @@ class Distillation:
         self.guidance = self.load_guidance(resume)
         prompts = list(cfg.sample_prompts) or default_prompts(cfg.base, cfg.data)
         self.grids = SampleGrids(self.pipe, self.run_dir.samples, prompts, steps=cfg.sample_steps,
-                                 guidance=cfg.sample_guidance)  # fmt: skip
+                                 guidance=cfg.guidance)  # fmt: skip
 
     def start_run_folder(self, resume: bool) -> None:
         self.run_dir.root.mkdir(parents=True, exist_ok=True)
@@ -259,16 +259,19 @@ class Distillation:
 
     # 5. export: the last stage's student with its plan, layer map and model card
     def export(self) -> None:
-        from workbench.card import model_card
+        from workbench.export import Student, finish_folder, local_paths
+        from workbench.modelcard import model_card
 
         student, spec = self.load_stage_student(len(self.specs) - 1), self.specs[-1]
         if not self.grids.path(self.total_steps).exists():
             self.grids.save(student, self.total_steps)
-        card = model_card(self.config, self.base, spec, self.run_dir)
+        trained = Student(spec=spec, base=self.base, unet=student, run=self.run_dir)
+        card = model_card(trained)
 
         def write(tmp: Path) -> None:
             save_student(student, spec, tmp)
             (tmp / "README.md").write_text(card, encoding="utf-8")
+            finish_folder(tmp, local_paths(trained) + [str(tmp.resolve())])
 
         atomic_dir(self.run_dir.student, write)
         self.report.log(f"student saved to {self.run_dir.student}")

@@ -66,11 +66,18 @@ class DistillConfig:
     keep_checkpoints: int = 2
     sample_every: int = 0  # 0: samples only at the end
     sample_steps: int = 20
-    sample_guidance: float = 5.0
+    sample_guidance: float | None = None  # None: the base's own (models.Base.guidance)
     sample_prompts: tuple[str, ...] = ()
     teacher_image_steps: int = 20  # for prompt-file data: steps the teacher draws with
     optimizer: str = "adamw"  # "adamw" or "adamw8bit" (bitsandbytes): workbench.optim
     lora_rank: int = 0  # > 0: LoRA-enhanced distillation (workbench.lora_kd); 0: full weights
+
+    @property
+    def guidance(self) -> float:
+        """The guidance scale samples are drawn with: ``sample_guidance``, else the base's."""
+        from workbench.models import resolve_base
+
+        return self.sample_guidance if self.sample_guidance is not None else resolve_base(self.base).guidance
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -141,6 +148,7 @@ REAL = {
     "uncond_prob": (0.0, True, 1.0, "in [0, 1)"),
     "sample_guidance": (0.0, True, None, ">= 0"),
 }
+OPTIONAL_REAL = ("sample_guidance",)  # None: a default that depends on the base
 CHOICES = {
     "feature_mode": FEATURE_MODES,
     "feature_weights": FEATURE_WEIGHTS,
@@ -203,6 +211,8 @@ def check_fields(config: DistillConfig) -> None:
     for name in WHOLE:
         check_whole(name, getattr(config, name))
     for name in REAL:
+        if name in OPTIONAL_REAL and getattr(config, name) is None:
+            continue
         check_real(name, getattr(config, name))
     for name in CHOICES:
         check_choice(name, getattr(config, name))

@@ -33,7 +33,7 @@ from workbench.stats import Bootstrap, Estimate
 TOY_SEEDS = 8
 GENERIC_SEEDS = 2
 STEPS = 20
-GUIDANCE = 5.0
+GUIDANCE = 5.0  # SDXL usage; callers pass the base's own (models.Base.guidance)
 # Bases without a checker: similarity only, so any varied prompts will do.
 GENERIC_PROMPTS = (
     "a photograph of a red apple on a wooden table",

@@ -29,6 +29,12 @@ BUILTIN_CONFIGS = {
     "sd21-base": "sd21-unet.json",
 }
 DEFAULT_BASE = "toy"
+# Classifier-free guidance scales a base samples with unless told otherwise. SDXL's usual 5;
+# the toy teacher (v-prediction, zero terminal SNR) follows its prompts best at 2: full-prompt
+# accuracy on 243 held-out samples was 0.93 / 0.955 / 0.963 / 0.947 / 0.942 / 0.905 / 0.815 /
+# 0.679 at guidance 1 / 1.5 / 2 / 2.5 / 3 / 4 / 7.5 / 10 (stronger guidance blurs small shapes).
+DEFAULT_GUIDANCE = 5.0
+TOY_GUIDANCE = 2.0
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
 
@@ -49,6 +55,11 @@ class Base:
     @property
     def has_pipeline(self) -> bool:
         return self.kind in ("toy", "pipeline", "hub")
+
+    @property
+    def guidance(self) -> float:
+        """The guidance scale this base samples with by default."""
+        return TOY_GUIDANCE if self.kind == "toy" else DEFAULT_GUIDANCE
 
 
 def resolve_base(name: str | None = None) -> Base:

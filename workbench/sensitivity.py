@@ -65,7 +65,7 @@ class Calibration:
     prompts: int = 8  # calibration prompts (toy: training captions; else GENERIC_PROMPTS)
     steps: int = 20  # steps of the teacher's calibration sampling
     timesteps: int = 4  # recorded UNet calls, spread evenly over those steps
-    guidance: float = 5.0
+    guidance: float | None = None  # None: the base's own (toy 2, others 5)
     seed: int = 0
     fidelity_prompts: int = 8  # toy only: held-out prompts (one seed each) for the fidelity drops
     fidelity_steps: int = 20
@@ -81,7 +81,7 @@ class Calibration:
             )
         if self.prompts > len(GENERIC_PROMPTS) * 4:
             raise WorkbenchError(f"sensitivity prompts must be at most {len(GENERIC_PROMPTS) * 4}")
-        if self.guidance < 0:
+        if self.guidance is not None and self.guidance < 0:
             raise WorkbenchError(f"sensitivity guidance must be >= 0, got {self.guidance}")
         return self
 
@@ -225,6 +225,7 @@ class Probe:
 
         self.base = resolve_base(base) if isinstance(base, str) else base
         self.settings = settings.check()
+        self.guidance = settings.guidance if settings.guidance is not None else self.base.guidance
         if not self.base.has_pipeline:
             raise WorkbenchError(
                 f"base {self.base.name!r} has no pipeline with trained weights (text encoders, VAE): "
@@ -268,7 +269,9 @@ class Probe:
 
         handle = self.teacher.register_forward_hook(hook, with_kwargs=True)
         try:
-            generate(self.pipe, prompts, seeds, steps=s.steps, guidance=s.guidance, batch_size=len(prompts))
+            generate(
+                self.pipe, prompts, seeds, steps=s.steps, guidance=self.guidance, batch_size=len(prompts)
+            )
         finally:
             handle.remove()
         if len(calls) != len(wanted):
@@ -318,7 +321,7 @@ class Probe:
         prompts = [s.prompt for s in samples]
         unet = None if removed is None else self.student(self.spec(removed))
         images = generate(
-            self.pipe, prompts, [s.seed for s in samples], steps=steps, guidance=self.settings.guidance,
+            self.pipe, prompts, [s.seed for s in samples], steps=steps, guidance=self.guidance,
             unet=unet, batch_size=len(prompts),
         )  # fmt: skip
         values, _ = evaluation.judge(images, samples)

@@ -398,6 +398,13 @@ def save_student(student, spec: StudentSpec, out_dir: str | Path) -> Path:
     """A stock diffusers UNet folder, with the plan and layer map beside the weights."""
     out = Path(out_dir)
     student.save_pretrained(out)
+    return save_plan_files(spec, out)
+
+
+def save_plan_files(spec: StudentSpec, out_dir: str | Path) -> Path:
+    """``plan.json`` and ``layer_map.json`` (student module -> the teacher module it inherits)."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
     spec.plan.save(out / "plan.json")
     (out / "layer_map.json").write_text(
         json.dumps(

@@ -95,3 +95,46 @@ def tiny_pipeline(folder, perturb: bool = False):
     pipe = build.assemble(build.vae(), encoders, tok, unet)
     pipe.save_pretrained(folder)
     return Path(folder)
+
+
+def teacher_lora(
+    pipeline_dir, out, rank: int = 4, alpha: float = 8.0, text_encoder: bool = True, seed: int = 0
+):
+    """A LoRA made with peft on a pipeline's UNet (and first text encoder), saved the way
+    diffusers saves one (``pytorch_lora_weights.safetensors`` with adapter metadata).
+
+    Both A and B are random (peft's ``init_lora_weights=False``), so every pair changes its
+    module's output: a LoRA fresh from training would have B = 0 and change nothing.
+    Returns the file's path.
+    """
+    from pathlib import Path
+
+    import torch
+    from diffusers import DiffusionPipeline
+    from peft import LoraConfig
+    from peft.utils import get_peft_model_state_dict
+
+    torch.manual_seed(seed)
+    pipe = DiffusionPipeline.from_pretrained(pipeline_dir)
+    unet_targets = ["to_q", "to_k", "to_v", "to_out.0", "proj_in", "conv1", "time_emb_proj"]
+    config = LoraConfig(r=rank, lora_alpha=alpha, target_modules=unet_targets, init_lora_weights=False)
+    pipe.unet.add_adapter(config)
+    kwargs = {
+        "unet_lora_layers": get_peft_model_state_dict(pipe.unet),
+        "unet_lora_adapter_metadata": _metadata(pipe.unet.peft_config["default"]),
+    }
+    if text_encoder:
+        te_config = LoraConfig(
+            r=rank, lora_alpha=alpha, target_modules=["q_proj", "v_proj"], init_lora_weights=False
+        )
+        pipe.text_encoder.add_adapter(te_config)
+        kwargs |= {
+            "text_encoder_lora_layers": get_peft_model_state_dict(pipe.text_encoder),
+            "text_encoder_lora_adapter_metadata": _metadata(pipe.text_encoder.peft_config["default"]),
+        }
+    type(pipe).save_lora_weights(str(out), **kwargs)
+    return Path(out) / "pytorch_lora_weights.safetensors"
+
+
+def _metadata(config) -> dict[str, Any]:
+    return {k: sorted(v) if isinstance(v, set) else v for k, v in config.to_dict().items()}

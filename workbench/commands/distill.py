@@ -44,7 +44,7 @@ _OPTIONS: list[tuple[str, type, str]] = [
     ("--keep-checkpoints", int, "keep the last N checkpoints"),
     ("--sample-every", int, "teacher-vs-student sample grid every N steps (0: at the end only)"),
     ("--sample-steps", int, "denoising steps for sample grids"),
-    ("--sample-guidance", float, "guidance scale for sample grids"),
+    ("--sample-guidance", float, "guidance scale for sample grids (default: the base's, toy 2, others 5)"),
     (
         "--freeze-sensitive",
         int,

@@ -42,7 +42,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--steps", type=int, default=ev.STEPS, help=f"denoising steps (default {ev.STEPS})")
     p.add_argument(
-        "--guidance", type=float, default=ev.GUIDANCE, help=f"guidance scale (default {ev.GUIDANCE:g})"
+        "--guidance", type=float, default=None, help="guidance scale (default: the base's, toy 2, others 5)"
     )
     p.add_argument(
         "--save", default=None, help="also write the full result, per-sample scores included, as JSON"
@@ -56,7 +56,7 @@ def validate(args: argparse.Namespace) -> None:
         value = getattr(args, name)
         if value is not None and value <= 0:
             raise WorkbenchError(f"--{name} must be a positive integer, got {value}")
-    if args.guidance < 0:
+    if args.guidance is not None and args.guidance < 0:
         raise WorkbenchError(f"--guidance must be >= 0, got {args.guidance}")
     if args.unet:  # before any model loads: a wrong --unet fails in a blink
         check_unet_folder(args.unet)
@@ -78,7 +78,8 @@ def evaluate(args: argparse.Namespace) -> dict[str, Any]:
 
     pipe = load_pipeline(base)
     student = load_student_unet(args.unet, pipe.unet) if args.unet else None
-    evaluator = ev.Evaluator(pipe, samples, checker=is_toy, steps=args.steps, guidance=args.guidance)
+    guidance = args.guidance if args.guidance is not None else base.guidance
+    evaluator = ev.Evaluator(pipe, samples, checker=is_toy, steps=args.steps, guidance=guidance)
     teacher = evaluator.teacher()
     scores = evaluator.student(student) if student is not None else None
     return ev.result(evaluator, base, teacher, scores, args.unet)

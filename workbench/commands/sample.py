@@ -9,7 +9,7 @@ import torch
 
 from workbench.commands._common import add_base
 from workbench.errors import WorkbenchError
-from workbench.models import check_unet_folder, load_pipeline
+from workbench.models import check_unet_folder, load_pipeline, resolve_base
 
 _IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp")
 
@@ -21,7 +21,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--negative-prompt", default=None, help="what to steer away from (optional)")
     p.add_argument("--seed", type=int, default=0, help="noise seed (default 0)")
     p.add_argument("--steps", type=int, default=20, help="denoising steps (default 20)")
-    p.add_argument("--guidance", type=float, default=5.0, help="classifier-free guidance scale (default 5)")
+    p.add_argument(
+        "--guidance", type=float, default=None,
+        help="classifier-free guidance scale (default: the base's, toy 2, others 5)",
+    )  # fmt: skip
     p.add_argument("--unet", default=None, help="student UNet folder to sample with instead of the base's")
     p.add_argument("--out", required=True, help="image file to write (.png, .jpg or .webp)")
     p.set_defaults(func=run)
@@ -35,7 +38,7 @@ def validate(args: argparse.Namespace) -> None:
         )
     if args.steps <= 0:
         raise WorkbenchError(f"--steps must be a positive number of denoising steps, got {args.steps}")
-    if args.guidance < 0:
+    if args.guidance is not None and args.guidance < 0:
         raise WorkbenchError(f"--guidance must be >= 0 (1 or less disables guidance), got {args.guidance}")
     if args.unet:  # before any model loads: a wrong --unet fails in a blink
         check_unet_folder(args.unet)
@@ -48,14 +51,15 @@ def run(args: argparse.Namespace) -> int:
     from workbench.sampling import generate, load_student_unet  # heavy: only when sampling
 
     torch.set_flush_denormal(True)  # tiny models hit denormals, which are slow on CPU
-    pipe = load_pipeline(args.base)
+    base = resolve_base(args.base)
+    pipe = load_pipeline(base)
     unet = load_student_unet(args.unet, pipe.unet) if args.unet else None
     (image,) = generate(
         pipe,
         [args.prompt],
         [args.seed],
         steps=args.steps,
-        guidance=args.guidance,
+        guidance=args.guidance if args.guidance is not None else base.guidance,
         negative_prompt=args.negative_prompt,
         unet=unet,
     )

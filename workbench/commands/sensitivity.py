@@ -37,7 +37,7 @@ def add_calibration(p: argparse.ArgumentParser) -> None:
         help=f"recorded steps per prompt (default {d.timesteps})",
     )
     g.add_argument(
-        "--guidance", type=float, default=d.guidance, help=f"guidance scale (default {d.guidance:g})"
+        "--guidance", type=float, default=None, help="guidance scale (default: the base's, toy 2, others 5)"
     )
 
 

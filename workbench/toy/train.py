@@ -19,7 +19,6 @@ import argparse
 import json
 import math
 import random
-import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -306,8 +305,9 @@ def export(args: argparse.Namespace, vae: AutoencoderKL, models: Models, ema: Em
     # the tokenizer stays readable and loadable by older tooling too.
     for folder in ("tokenizer", "tokenizer_2"):
         toy_tokenizer.save(args.out / folder)
-    record = {
-        "command": "python -m workbench.toy.train " + " ".join(sys.argv[1:]),
+    _scrub_local_paths(args.out)
+    record = {  # the flags that decide the weights; no local paths
+        "command": reproduce_command(args),
         "seed": args.seed,
         "vae_steps": args.vae_steps,
         "unet_steps_scheduled": args.steps,
@@ -320,6 +320,26 @@ def export(args: argparse.Namespace, vae: AutoencoderKL, models: Models, ema: Em
     }
     (args.out / "training.json").write_text(json.dumps(record, indent=2) + "\n", encoding="utf-8")
     _log(f"saved pipeline to {args.out}")
+
+
+def reproduce_command(args: argparse.Namespace) -> str:
+    """The command that rebuilds these weights exactly (paths left at their defaults)."""
+    flags = ["--seed", args.seed, "--vae-steps", args.vae_steps, "--steps", args.steps, "--batch", args.batch,
+             "--lr", args.lr, "--cache-images", args.cache_images, "--threads", args.threads]  # fmt: skip
+    if args.unet_step < args.steps:
+        flags += ["--stop-at", args.unet_step]
+    return "python -m workbench.toy.train " + " ".join(str(f) for f in flags)
+
+
+def _scrub_local_paths(out: Path) -> None:
+    """Saved configs remember where their model was loaded from (``_name_or_path``, the
+    tokenizer's ``local_files_only``); a shipped asset must not carry this machine's paths."""
+    for path in out.glob("*/*config.json"):
+        data = json.loads(path.read_text(encoding="utf-8"))
+        data.pop("_name_or_path", None)
+        if "local_files_only" in data:
+            data["local_files_only"] = False
+        path.write_text(json.dumps(data, indent=2) + "\n", encoding="utf-8")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
