@@ -180,9 +180,7 @@ class Distillation:
         frozen = guidance["frozen_modules"] if guidance else []
         if cfg.lora_rank:  # LoRA-enhanced distillation: adapters where a layer's input held
             info = lora_kd.add_adapters(student, lora_kd.init_spec(self.specs, k), cfg.lora_rank)
-            self.report.log(
-                f"stage {k + 1}: LoRA {info['adapted_modules']} modules, {info['trainable']:,} trained"
-            )
+            self.report.log(f"stage {k + 1}: LoRA adapters on {info['adapted_modules']} modules")
         params = optim.trainable_parameters(
             student, frozen, log=lambda m: self.report.log(f"stage {k + 1}: {m}")
         )
@@ -240,8 +238,7 @@ class Distillation:
         finally:
             metrics.close()
         if main:  # the next stage starts from it (adapters merged: a stock UNet)
-            spec = self.specs[k]
-            student = lora_kd.merged(stage.raw, spec) if cfg.lora_rank else stage.raw
+            spec, student = self.specs[k], lora_kd.plain(stage.raw, self.specs[k])
             atomic_dir(self.run_dir.stage_dir(k), lambda tmp: save_student(student, spec, tmp))
         return True
 

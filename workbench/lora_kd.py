@@ -110,6 +110,11 @@ def add_adapters(student, spec, rank: int) -> dict[str, Any]:
     }
 
 
+def plain(student, spec):
+    """The student as a stock UNet: merged if it has adapters, itself otherwise."""
+    return merged(student, spec) if getattr(student, "_hf_peft_config_loaded", False) else student
+
+
 def merged(student, spec):
     """A stock ``UNet2DConditionModel`` of the student's config with the adapters folded
     into its weights (W + B A * alpha / r); the adapted student is left unchanged."""
