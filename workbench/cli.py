@@ -22,6 +22,7 @@ COMMANDS = [
     "sample",
     "evaluate",
     "distill",
+    "memory",
     "latency",
     "sensitivity",
     "autoprune",

@@ -24,7 +24,7 @@ from typing import Any
 
 import torch
 
-from workbench import data, losses, optim, sensitivity_kd
+from workbench import data, lora_kd, losses, memory, optim, runs, sensitivity_kd
 from workbench.distill_config import (
     Checked,
     DistillConfig,
@@ -42,8 +42,6 @@ from workbench.sensitivity_kd import GUIDANCE_FILE  # noqa: F401  (re-exported: 
 from workbench.surgery import save_student, stage_models
 
 TEACHER_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-# Crash drill for tests: WORKBENCH_FAULT_STEP=N raises inside the loop at global step N.
-FAULT_ENV = "WORKBENCH_FAULT_STEP"
 
 
 @dataclass(frozen=True)
@@ -82,7 +80,7 @@ class Distillation:
         self.config, self.base, self.specs = checked.config, checked.base, checked.specs
         self.run_dir, self.changed = run, changed
         self.report, self.stopper = Reporter(run), Stopper(run)
-        self.fault_step = int(os.environ.get(FAULT_ENV, "-1"))
+        self.fault_step = runs.fault_step()
         self.total_steps = self.config.steps * len(self.specs)
 
     def run(self, resume: bool) -> dict[str, Any]:
@@ -98,6 +96,10 @@ class Distillation:
         except WorkbenchError as err:
             self.report.status("failed", error=str(err))
             raise
+        except torch.OutOfMemoryError:  # one line naming the options that would fit: no CUDA traceback
+            error = memory.out_of_memory(self.config, getattr(self, "acc", None))
+            self.report.status("failed", error=error)
+            raise WorkbenchError(error) from None
         except Exception as err:
             error = f"{type(err).__name__}: {err}"
             self.report.status("failed", error=error, traceback=traceback.format_exc())
@@ -176,6 +178,9 @@ class Distillation:
         student = student.float().to(acc.device)
         guidance = self.guidance[k] if self.guidance else None
         frozen = guidance["frozen_modules"] if guidance else []
+        if cfg.lora_rank:  # LoRA-enhanced distillation: adapters where a layer's input held
+            info = lora_kd.add_adapters(student, lora_kd.init_spec(self.specs, k), cfg.lora_rank)
+            self.report.log(f"stage {k + 1}: LoRA adapters on {info['adapted_modules']} modules")
         params = optim.trainable_parameters(
             student, frozen, log=lambda m: self.report.log(f"stage {k + 1}: {m}")
         )
@@ -214,8 +219,7 @@ class Distillation:
         try:
             for s in range(stage.first, cfg.steps):
                 g = k * cfg.steps + s  # global step, monotonic across stages
-                if g == self.fault_step:
-                    raise RuntimeError(f"injected fault at step {g} (WORKBENCH_FAULT_STEP)")
+                runs.inject_fault(g, self.fault_step)  # the crash drill of the tests (runs.FAULT_ENV)
                 terms = train_step(stage, self.batches, g, cfg)
                 done = s == cfg.steps - 1
                 if main and (g % cfg.log_every == 0 or done):
@@ -233,9 +237,9 @@ class Distillation:
                     return False
         finally:
             metrics.close()
-        if main:  # the next stage starts from it
-            spec = self.specs[k]
-            atomic_dir(self.run_dir.stage_dir(k), lambda tmp: save_student(stage.raw, spec, tmp))
+        if main:  # the next stage starts from it (adapters merged: a stock UNet)
+            spec, student = self.specs[k], lora_kd.plain(stage.raw, self.specs[k])
+            atomic_dir(self.run_dir.stage_dir(k), lambda tmp: save_student(student, spec, tmp))
         return True
 
     # 4. checkpoints: every process saves its state into step_N.tmp, the main one completes it

@@ -25,6 +25,7 @@ TEACHER_DTYPES = ("fp32", "bf16", "fp16")
 STAGE_TEACHERS = ("original", "previous")
 LR_SCHEDULES = ("constant", "cosine")
 DEVICES = ("auto", "cpu", "cuda")
+OPTIMIZERS = ("adamw", "adamw8bit")
 
 
 @dataclass(frozen=True)
@@ -68,6 +69,8 @@ class DistillConfig:
     sample_guidance: float | None = None  # None: the base's own (models.Base.guidance)
     sample_prompts: tuple[str, ...] = ()
     teacher_image_steps: int = 20  # for prompt-file data: steps the teacher draws with
+    optimizer: str = "adamw"  # "adamw" or "adamw8bit" (bitsandbytes): workbench.optim
+    lora_rank: int = 0  # > 0: LoRA-enhanced distillation (workbench.lora_kd); 0: full weights
 
     @property
     def guidance(self) -> float:
@@ -132,6 +135,7 @@ WHOLE = {
     "sample_steps": (1, "> 0"),
     "teacher_image_steps": (1, "> 0"),
     "freeze_sensitive": (0, "a whole number >= 0 (0: freeze nothing)"),
+    "lora_rank": (0, "a whole number >= 0 (0: train full weights)"),
 }
 # real-number fields: (lowest value, whether it is allowed, highest value (excluded), text)
 REAL = {
@@ -153,6 +157,7 @@ CHOICES = {
     "stage_teacher": STAGE_TEACHERS,
     "lr_schedule": LR_SCHEDULES,
     "device": DEVICES,
+    "optimizer": OPTIMIZERS,
 }
 FLAGS = ("normalize_features", "gradient_checkpointing")
 
@@ -244,6 +249,13 @@ def check_combination(config: DistillConfig) -> None:
         raise ConfigError("mixed_precision", "{mixed_precision} fp16 needs a CUDA GPU; on CPU use bf16 or no")
     if config.teacher_dtype == "fp16" and not use_cuda(config):
         raise ConfigError("teacher_dtype", "{teacher_dtype} fp16 needs a CUDA GPU; on CPU use bf16 or fp32")
+    if config.optimizer != "adamw":
+        from workbench.optim import check_optimizer_device
+
+        try:
+            check_optimizer_device(config.optimizer, "cuda" if use_cuda(config) else "cpu")
+        except WorkbenchError as err:
+            raise ConfigError.about("optimizer", err) from None
 
 
 def validate(config: DistillConfig) -> None:

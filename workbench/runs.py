@@ -305,3 +305,20 @@ class Reporter:
                 self.log(f"{what} {f:6.1%} {message}")
 
         return progress
+
+
+# Crash drill for tests: WORKBENCH_FAULT_STEP=N raises inside the training loop at global step
+# N; WORKBENCH_FAULT_KIND=oom raises torch.OutOfMemoryError there (as a GPU out of memory would).
+FAULT_ENV, FAULT_KIND_ENV = "WORKBENCH_FAULT_STEP", "WORKBENCH_FAULT_KIND"
+
+
+def fault_step() -> int:
+    return int(os.environ.get(FAULT_ENV, "-1"))
+
+
+def inject_fault(step: int, at: int) -> None:
+    import torch
+
+    if step == at:
+        kind = torch.OutOfMemoryError if os.environ.get(FAULT_KIND_ENV) == "oom" else RuntimeError
+        raise kind(f"injected fault at step {step} ({FAULT_ENV})")

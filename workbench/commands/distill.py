@@ -10,6 +10,7 @@ from workbench.distill_config import (
     FEATURE_MODES,
     FEATURE_WEIGHTS,
     LR_SCHEDULES,
+    OPTIMIZERS,
     PRECISIONS,
     STAGE_TEACHERS,
     TEACHER_DTYPES,
@@ -50,6 +51,12 @@ _OPTIONS: list[tuple[str, type, str]] = [
         "freeze the student modules of the N most sensitive kept teacher layers (sensitivity map; "
         "ties: earliest first); 0 (default) freezes nothing",
     ),
+    (
+        "--lora-rank",
+        int,
+        "LoRA-enhanced distillation: adapters of this rank where a layer's input is unchanged, full "
+        "weights where the plan changed it; merged for export (0, default: full weights everywhere)",
+    ),
 ]
 _CHOICES: list[tuple[str, tuple[str, ...], str]] = [
     (
@@ -72,6 +79,7 @@ _CHOICES: list[tuple[str, tuple[str, ...], str]] = [
     ("--mixed-precision", PRECISIONS, "student mixed precision (fp16 needs CUDA)"),
     ("--teacher-dtype", TEACHER_DTYPES, "teacher precision (it runs without gradients)"),
     ("--device", ("auto", "cpu", "cuda"), "where to train"),
+    ("--optimizer", OPTIMIZERS, "adamw, or adamw8bit (bitsandbytes: a quarter of AdamW's state memory)"),
 ]
 
 

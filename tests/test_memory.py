@@ -1,0 +1,202 @@
+"""The memory estimate: fake-tensor run of the training step, categories, verdicts, CLI."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from workbench import memory
+from workbench.distill import DistillConfig
+from workbench.errors import WorkbenchError
+from workbench.presets import load_preset
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+@pytest.fixture(scope="module")
+def tiny_base(tmp_path_factory, tiny_config) -> str:
+    """A UNet folder (config only) of SDXL topology at tiny width: 64 px, latent 8x8."""
+    folder = tmp_path_factory.mktemp("tiny-unet")
+    config = {"_class_name": "UNet2DConditionModel", **tiny_config}
+    (folder / "config.json").write_text(json.dumps(config), encoding="utf-8")
+    return str(folder)
+
+
+def _config(base: str, **fields) -> DistillConfig:
+    fields = {"batch_size": 2} | fields
+    return DistillConfig(stages=(load_preset("ssd-1b").to_dict(),), steps=1, base=base, **fields)
+
+
+@pytest.fixture(scope="module")
+def plain(tiny_base) -> memory.MemoryEstimate:
+    return memory.estimate(_config(tiny_base), target="cpu")
+
+
+@pytest.mark.slow
+def test_categories_add_up_to_the_total(plain, tiny_base):
+    lean = memory.estimate(
+        _config(tiny_base, mixed_precision="bf16", gradient_checkpointing=True, grad_accum=2)
+    )
+    for result in (plain, lean):
+        for stage in result.stages:
+            assert set(stage.categories) == set(memory.CATEGORIES)
+            assert sum(stage.categories.values()) == stage.total > 0
+            assert all(v >= 0 for v in stage.categories.values())
+        assert result.total == max(s.total for s in result.stages)
+    assert lean.peak.phase.endswith("(micro-batch 2)") or lean.peak.phase == "optimizer step"
+
+
+def test_weights_and_optimizer_states_are_the_exact_arithmetic(plain, tiny_base):
+    from workbench.catalog import build_catalog
+    from workbench.surgery import compile_plan
+
+    spec = compile_plan(
+        build_catalog(json.loads(open(f"{tiny_base}/config.json").read())), load_preset("ssd-1b")
+    )
+    student = memory._unet(spec.config, None, torch.float32)
+    tensors = len(list(student.parameters()))
+    stage = plain.stages[0]
+    assert stage.student_params == stage.trainable_params == spec.student_params
+    assert stage.resident["weights"] == 4 * spec.student_params
+    assert stage.resident["teacher"] == 4 * spec.teacher_params  # fp32 teacher
+    # AdamW: exp_avg and exp_avg_sq in fp32 per element, plus a 4-byte step per tensor
+    assert stage.resident["optimizer_states"] == 8 * spec.student_params + 4 * tensors
+    assert stage.resident["encoders"] == 0  # a bare UNet folder has no text encoders
+    half = memory.estimate(_config(tiny_base, teacher_dtype="bf16", w_feat=0.0), target="cpu")
+    assert half.stages[0].resident["teacher"] == 2 * spec.teacher_params
+
+
+def test_estimate_tracks_the_real_step(plain, tiny_base):
+    """The same step on real tensors (random weights) under the same tracker."""
+    real = memory.estimate(_config(tiny_base), target="cpu", fake=False)
+    assert real.peak.phase == plain.peak.phase
+    assert abs(real.total - plain.total) <= 0.01 * real.total
+    for name in memory.CATEGORIES:
+        assert abs(real.categories[name] - plain.categories[name]) <= 0.01 * real.total
+
+
+def test_lean_options_lower_the_peak(plain, tiny_base):
+    checkpointed = memory.estimate(_config(tiny_base, gradient_checkpointing=True), target="cpu")
+    assert checkpointed.categories["activations"] < plain.categories["activations"]
+    no_teacher = memory.estimate(_config(tiny_base, w_out=0.0, w_feat=0.0), target="cpu")
+    assert no_teacher.total < plain.total
+
+
+def test_cuda_autocast_emulation_follows_cudas_lists():
+    x = torch.randn(1, 8, 4, 4)
+    conv = torch.nn.Conv2d(8, 8, 3, padding=1)
+    linear = torch.nn.Linear(4, 4)
+    with memory._CudaAutocast(torch.bfloat16):
+        h = conv(x)
+        assert h.dtype == torch.bfloat16  # convolutions and matmuls: low precision
+        assert linear(h).dtype == torch.bfloat16
+        assert F.group_norm(h, 4).dtype == torch.float32  # norms: fp32 on CUDA (bf16 on CPU)
+        assert F.layer_norm(h, (4,)).dtype == torch.float32
+        assert F.interpolate(h, scale_factor=2.0).dtype == torch.float32
+        assert h.softmax(-1).dtype == torch.float32
+        assert F.gelu(h).dtype == torch.bfloat16  # not listed: runs in its input's dtype
+        a, b = conv.weight, conv.weight
+        assert memory._CudaAutocast.__dict__  # the cache below is per context
+    with memory._CudaAutocast(torch.bfloat16) as mode:
+        assert mode._cast(a, torch.bfloat16) is mode._cast(b, torch.bfloat16)  # weights cast once
+    assert not mode._cache
+
+
+def _estimate(total: int) -> memory.MemoryEstimate:
+    stage = memory.StagePeak(1, "p", total, dict.fromkeys(memory.CATEGORIES, 0) | {"weights": total}, "backward",
+                             {}, 1, 1, 1)  # fmt: skip
+    return memory.MemoryEstimate("cuda", (stage,), {}, (), 0.0)
+
+
+def test_verdicts_keep_a_margin_for_the_cuda_context():
+    gib = memory.GIB
+    verdicts = {v["gpu_gb"]: v["verdict"] for v in _estimate(20 * gib).verdicts()}
+    assert verdicts == {16: "no", 24: "fits", 40: "fits", 48: "fits", 80: "fits"}
+    # 22.5 GiB of tensors + 1 GiB context fit 24 GiB only without the allocator margin
+    assert _estimate(int(22.5 * gib)).verdicts((24,))[0]["verdict"] == "tight"
+    assert _estimate(23 * gib + 1).verdicts((24,))[0]["verdict"] == "no"
+
+
+@pytest.mark.slow
+def test_suggestions_name_the_cheapest_options_that_fit(tiny_base):
+    config = _config(tiny_base, w_feat=0.0)
+    first = memory.estimate(config, target="cpu")
+    with_bf16 = memory.estimate(dataclasses.replace(config, teacher_dtype="bf16"), target="cpu")
+    size = (with_bf16.needed() + first.needed()) / 2 / memory.GIB  # between the two
+    rows = memory.suggestions(config, first, sizes_gb=(size,))
+    assert rows == [
+        {
+            "gpu_gb": size,
+            "fits": True,
+            "options": ["teacher in bf16"],
+            "flags": "--teacher-dtype bf16",
+            "total_gb": round(with_bf16.total / memory.GIB, 3),
+        }
+    ]
+
+
+def test_bad_inputs_are_one_line_errors(tiny_base):
+    with pytest.raises(WorkbenchError, match="multiple of 32 px"):
+        memory.estimate(_config(tiny_base, resolution=48))
+    with pytest.raises(WorkbenchError, match="unknown memory target 'tpu'"):
+        memory.estimate(_config(tiny_base), target="tpu")
+    with pytest.raises(WorkbenchError, match="batch size must be > 0"):
+        memory.estimate(_config(tiny_base, batch_size=0))
+
+
+@pytest.mark.slow
+def test_cli_json(tiny_base, capsys):
+    from workbench.cli import main
+
+    code = main(["memory", "--base", tiny_base, "--preset", "ssd-1b", "--batch-size", "1", "--target", "cpu",
+                 "--mixed-precision", "bf16", "--no-suggest", "--json"])  # fmt: skip
+    assert code == 0
+    out = json.loads(capsys.readouterr().out)
+    assert sum(out["categories_bytes"].values()) == out["total_bytes"]
+    assert [v["gpu_gb"] for v in out["verdicts"]] == [16, 24, 40, 48, 80]
+    assert out["settings"]["mixed_precision"] == "bf16" and out["suggestions"] is None
+    assert main(["memory", "--base", tiny_base, "--preset", "ssd-1b", "--resolution", "40"]) == 2
+    assert "multiple of 32 px" in capsys.readouterr().err
+
+
+def test_8bit_adamw_layout_is_bitsandbytes(tiny_base):
+    """The estimate's 8-bit AdamW states take the bytes bitsandbytes' own states take."""
+    bnb = pytest.importorskip("bitsandbytes")
+    from workbench.optim import make_optimizer
+
+    spec_config = json.loads(open(f"{tiny_base}/config.json").read())
+    model = memory._unet(spec_config, None, torch.float32)
+    params = list(model.parameters())
+    for p in params:
+        p.grad = torch.zeros_like(p)
+    real = make_optimizer(params, DistillConfig(stages=({},), steps=1, lr=1e-4, optimizer="adamw8bit"))
+    assert isinstance(real, bnb.optim.AdamW8bit)
+    real.step()
+    layout = memory._AdamW8bitLayout(params, lr=1e-4)
+    layout.step()
+    # equal, and below AdamW's 8 bytes per weight (tiny tensors keep 32-bit states)
+    assert memory._state_bytes(layout) == memory._state_bytes(real) < 2 * memory._storage_bytes(params)
+
+
+def test_a_run_out_of_memory_fails_with_the_options_that_would_help(tmp_path, monkeypatch):
+    from workbench.distill import run_distillation
+    from workbench.runs import RunDir
+    from workbench.testing import tiny_pipeline
+
+    base = str(tiny_pipeline(tmp_path / "pipe"))
+    monkeypatch.setenv("WORKBENCH_FAULT_STEP", "1")
+    monkeypatch.setenv("WORKBENCH_FAULT_KIND", "oom")  # torch.OutOfMemoryError, as a full GPU raises it
+    config = DistillConfig(stages=(load_preset("ssd-1b").to_dict(),), steps=3, base=base, toy_samples=8,
+                           batch_size=2, sample_steps=1, device="cpu")  # fmt: skip
+    with pytest.raises(WorkbenchError) as err:
+        run_distillation(config, tmp_path / "run")
+    message = str(err.value)
+    assert "\n" not in message and message.startswith("out of memory on cpu: try, cheapest first, ")
+    assert "--teacher-dtype bf16" in message and "--gradient-checkpointing" in message
+    assert "--optimizer adamw8bit" in message and "python -m workbench memory" in message
+    status = RunDir(tmp_path / "run").read_status()
+    assert status["state"] == "failed" and status["error"] == message
