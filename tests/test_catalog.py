@@ -15,7 +15,7 @@ def test_sdxl_catalog_counts_exactly(sdxl_config):
     kinds = Counter(u.kind for u in catalog.units)
     # 3 + 3 down/up stages: 6 + 9 layers; depths 2x2 + 10x2 down, 2x3 + 10x3 up, mid 10
     assert kinds == {"layer": 15, "transformer_block": 4 + 20 + 6 + 30 + 10, "stage_attention": 4,
-                     "mid_block": 1, "mid_attention": 1}  # fmt: skip
+                     "mid_block": 1, "mid_attention": 1, "stage": 3}  # fmt: skip
 
 
 def test_units_plus_rest_equal_total(sdxl_config):
@@ -53,3 +53,23 @@ def test_sd15_topology_catalogs():
         "down_blocks.0.layers.0",
         "down_blocks.0.layers.1",
     ]
+
+
+def test_stage_unit_is_a_stage_pair_and_its_samplers():
+    config = resolve_base("sd15-base").unet_config
+    catalog = build_catalog(config)
+    model = meta_unet(config)
+    inner = catalog.by_id["down_blocks.3"]
+    assert inner.kind == "stage"
+    # the innermost stage has no downsampler: the one leading into it goes
+    assert inner.params == sum(
+        _module_params(model, p) for p in ("down_blocks.3", "up_blocks.0", "down_blocks.2.downsamplers")
+    )
+    # the outermost up stage has no upsampler: the one of the up stage before it goes
+    outer = catalog.by_id["down_blocks.0"]
+    assert outer.params == sum(
+        _module_params(model, p) for p in ("down_blocks.0", "up_blocks.3", "up_blocks.2.upsamplers")
+    )
+    assert catalog.atom_params["up_blocks.0.upsamplers.0"] == _module_params(
+        model, "up_blocks.0.upsamplers.0"
+    )

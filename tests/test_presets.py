@@ -51,3 +51,39 @@ def test_student_flops_exact(name, sdxl_config):
 def test_ssd1b_layer_loss_has_26_terms(sdxl_config):
     spec = compile_plan(build_catalog(sdxl_config), load_preset("ssd-1b"))
     assert len(spec.feature_pairs("layer")) == 26  # as in the SSD-1B paper
+
+
+# BK-SDM (arXiv 2305.15798) on SD 1.x (SD 1.4 and 1.5 share this UNet config: 859,520,964
+# params) and SD 2.x (865,910,724): the published v1 students' counts, and the v2 ones
+# from the same removals on SD 2.1's config (block_out_channels and head dims lose the
+# innermost entry for Tiny).
+BK_SDM = {
+    ("sd15-base", "bk-sdm-base"): 579_384_964,
+    ("sd15-base", "bk-sdm-small"): 482_346_884,
+    ("sd15-base", "bk-sdm-tiny"): 323_384_964,
+    ("sd21-base", "bk-sdm-base"): 583_480_964,
+    ("sd21-base", "bk-sdm-small"): 485_787_524,
+    ("sd21-base", "bk-sdm-tiny"): 326_825_604,
+}
+
+
+@pytest.mark.parametrize("base, name", sorted(BK_SDM))
+def test_bk_sdm_presets_count_exactly(base, name):
+    from workbench.models import resolve_base
+
+    config = resolve_base(base).unet_config
+    spec = compile_plan(build_catalog(config), load_preset(name))
+    assert spec.notes == ()  # the preset names every up layer: nothing applied by default
+    assert spec.student_params == BK_SDM[(base, name)]
+    assert sum(p.numel() for p in meta_unet(spec.config).parameters()) == BK_SDM[(base, name)]
+    assert spec.config["layers_per_block"] == 1
+    assert spec.config["mid_block_type"] == (None if name != "bk-sdm-base" else "UNetMidBlock2DCrossAttn")
+    tiny = name == "bk-sdm-tiny"
+    assert spec.config["block_out_channels"] == ([320, 640, 1280] if tiny else [320, 640, 1280, 1280])
+    assert spec.config["down_block_types"] == ["CrossAttnDownBlock2D"] * 3 + ([] if tiny else ["DownBlock2D"])
+    if base == "sd21-base":
+        assert spec.config["attention_head_dim"] == [5, 10, 20, 20][: 3 if tiny else 4]
+    # BK-SDM's up stages keep their first and last layer
+    last = len(spec.config["block_out_channels"]) - 1
+    assert spec.layer_map[f"up_blocks.{last}.resnets.1"] == "up_blocks.3.resnets.2"
+    assert spec.layer_map[f"up_blocks.{last}.resnets.0"] == "up_blocks.3.resnets.0"

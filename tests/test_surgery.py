@@ -2,15 +2,16 @@ import pytest
 import torch
 from diffusers import UNet2DConditionModel
 
-from workbench.catalog import build_catalog
+from workbench.catalog import build_catalog, meta_unet
 from workbench.cost import dummy_inputs
 from workbench.errors import WorkbenchError
 from workbench.plan import PruningPlan
 from workbench.presets import load_preset
-from workbench.surgery import build_student, compile_plan
+from workbench.surgery import build_student, compile_plan, derive_stage_plan
 from workbench.testing import tiny_sd15_config, tiny_unet
 
 PRESETS = ["sdxl-base", "ssd-1b", "segmind-vega", "koala-1b", "koala-700m"]
+SD_PRESETS = ["bk-sdm-base", "bk-sdm-small", "bk-sdm-tiny"]
 
 
 def _out(unet, config, seed=0):
@@ -36,6 +37,16 @@ def test_preset_student_roundtrips_with_stock_diffusers(name, tiny_teacher, tmp_
     student.save_pretrained(tmp_path)
     loaded, info = UNet2DConditionModel.from_pretrained(tmp_path, output_loading_info=True)
     assert all(not v for v in info.values()), info  # no missing/unexpected/mismatched keys
+    assert torch.equal(_out(loaded.eval(), spec.config), _out(student, spec.config))
+
+
+@pytest.mark.parametrize("name", SD_PRESETS)
+def test_sd_preset_student_roundtrips_with_stock_diffusers(name, tiny_sd15_teacher, tmp_path):
+    student, spec = build_student(tiny_sd15_teacher, load_preset(name))
+    assert sum(p.numel() for p in student.parameters()) == spec.student_params
+    student.save_pretrained(tmp_path)
+    loaded, info = UNet2DConditionModel.from_pretrained(tmp_path, output_loading_info=True)
+    assert all(not v for v in info.values()), info
     assert torch.equal(_out(loaded.eval(), spec.config), _out(student, spec.config))
 
 
@@ -140,3 +151,91 @@ def test_feature_pairs_name_real_modules(mode, tiny_teacher):
         tiny_teacher.get_submodule(t)
     with pytest.raises(WorkbenchError, match="unknown feature mode"):
         spec.feature_pairs("everything")
+
+
+# --------------------------------------------------------------------------- whole stages
+
+
+def test_innermost_stage_removal_inherits_the_remaining_stages(tmp_path):
+    config = tiny_sd15_config()  # block_out_channels [8, 16, 16, 16]
+    teacher = tiny_unet(config)
+    student, spec = build_student(teacher, _plan(config, ["down_blocks.3"]))
+    assert spec.config["block_out_channels"] == [8, 16, 16]
+    assert spec.config["down_block_types"] == ["CrossAttnDownBlock2D"] * 3
+    assert spec.config["up_block_types"] == ["CrossAttnUpBlock2D"] * 3
+    assert sum(p.numel() for p in student.parameters()) == spec.student_params
+    # the teacher's up_blocks.1 is the student's up_blocks.0, upsampler included
+    assert spec.layer_map["up_blocks.0.attentions.2"] == "up_blocks.1.attentions.2"
+    assert spec.layer_map["up_blocks.0.upsamplers.0"] == "up_blocks.1.upsamplers.0"
+    assert "down_blocks.2.downsamplers.0" not in spec.layer_map.values()  # the sampler into the stage
+    for s, t in [("up_blocks.0.resnets.2.conv1.weight", "up_blocks.1.resnets.2.conv1.weight"),
+                 ("up_blocks.0.upsamplers.0.conv.weight", "up_blocks.1.upsamplers.0.conv.weight"),
+                 ("down_blocks.1.downsamplers.0.conv.weight", "down_blocks.1.downsamplers.0.conv.weight")]:  # fmt: skip
+        assert torch.equal(student.get_parameter(s), teacher.get_parameter(t))
+    student.save_pretrained(tmp_path)
+    loaded, info = UNet2DConditionModel.from_pretrained(tmp_path, output_loading_info=True)
+    assert all(not v for v in info.values()), info
+    assert torch.equal(_out(loaded.eval(), config), _out(student, config))
+
+
+@pytest.mark.parametrize("mode", ["layer", "block", "self-attention"])
+def test_feature_pairs_follow_a_removed_stage(mode):
+    config = tiny_sd15_config()
+    teacher = tiny_unet(config)
+    student, spec = build_student(teacher, load_preset("bk-sdm-tiny"))
+    pairs = spec.feature_pairs(mode)
+    assert pairs
+    for s, t in pairs:
+        student.get_submodule(s)
+        teacher.get_submodule(t)
+    if mode == "block":
+        assert ("up_blocks.0", "up_blocks.1") in pairs and ("down_blocks.2", "down_blocks.2") in pairs
+    assert not any("samplers" in s for s, _ in pairs)
+
+
+def test_stage_and_layer_counts_are_exact_for_every_stage():
+    config = tiny_sd15_config()
+    catalog = build_catalog(config)
+    built = []
+    for unit in (u for u in catalog.units if u.kind == "stage"):
+        try:
+            spec = compile_plan(catalog, _plan(config, [unit.id, "down_blocks.0.layers.1"]))
+        except WorkbenchError as err:
+            assert "removable alone here: down_blocks.2, down_blocks.3" in str(err)
+            continue
+        built.append(unit.id)
+        assert sum(p.numel() for p in meta_unet(spec.config).parameters()) == spec.student_params
+        assert spec.teacher_params - spec.student_params == unit.params + catalog.by_id[
+            "down_blocks.0.layers.1"].params + catalog.by_id["up_blocks.3.layers.1"].params  # fmt: skip
+    assert built == ["down_blocks.2", "down_blocks.3"]
+
+
+@pytest.mark.parametrize(
+    "config, removed, message",
+    [
+        ("sdxl", ["down_blocks.2"], r"the mid block works at 1280 channels but would follow a stage of 640"),
+        ("sdxl", ["down_blocks.2", "mid_block"], r"up_blocks.1.resnets.0 takes 1920 input channels but would get 1280"),
+        ("sdxl", ["down_blocks.0"], r"conv_in, the time embedding and conv_out work at 320 channels"),
+        ("tiny-sd15", ["down_blocks.1"], r"down_blocks.2.resnets.0 takes 16 input channels but would get 8.*removable alone here: down_blocks.2, down_blocks.3"),
+        ("tiny-sd15", [f"down_blocks.{i}" for i in range(4)], "removing every stage leaves no UNet"),
+    ],
+)  # fmt: skip
+def test_stage_removal_diffusers_cannot_build_is_refused(config, removed, message, sdxl_config):
+    config = sdxl_config if config == "sdxl" else tiny_sd15_config()
+    with pytest.raises(WorkbenchError, match=message) as err:
+        compile_plan(build_catalog(config), _plan(config, removed))
+    if config is sdxl_config:
+        assert "removable alone here: no stage" in str(err.value)
+
+
+def test_progressive_stages_reach_a_removed_stage():
+    config = tiny_sd15_config()
+    catalog = build_catalog(config)
+    small, tiny = (compile_plan(catalog, load_preset(n)) for n in ("bk-sdm-small", "bk-sdm-tiny"))
+    step = derive_stage_plan(small, tiny, name="stage-2")
+    assert "down_blocks.3" in step.removed
+    teacher = tiny_unet(config)
+    previous, _ = build_student(teacher, small.plan)
+    student, _ = build_student(previous, step)
+    direct, _ = build_student(teacher, tiny.plan)
+    assert torch.equal(_out(student, tiny.config), _out(direct, tiny.config))

@@ -4,18 +4,22 @@ Parameters are counted on the meta device (no weights, no memory). Each paramete
 assigned to exactly one *atom*: a ResNet (``down_blocks.1.resnets.0``), the shell of an
 attention module (its norm and projections: ``down_blocks.1.attentions.0``), one
 transformer block (``down_blocks.1.attentions.0.transformer_blocks.3``), or ``rest``
-(embeddings, conv in/out, samplers). A removable unit is a set of atoms, so the size of
-any plan is the total minus the atoms its units cover, computed exactly without building.
+(embeddings, conv in/out), or a stage's down/upsampler (``down_blocks.1.downsamplers.0``).
+A removable unit is a set of atoms, so the size of any plan is the total minus the atoms
+its units cover, computed exactly without building.
 
 Unit ids are diffusers' dotted module paths; the one pseudo-path is a *layer*,
 ``down_blocks.1.layers.0`` = ``resnets.0`` plus ``attentions.0`` of that stage (diffusers
-keeps them in two lists but removes them together).
+keeps them in two lists but removes them together). A *stage* unit, ``down_blocks.3``,
+is a whole down stage with its mirrored up stage and one sampler on each side: the
+student has one stage (one ``block_out_channels`` entry) fewer.
 """
 
 from __future__ import annotations
 
 import json
 import re
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from functools import lru_cache
 from typing import Any
@@ -24,7 +28,7 @@ from workbench.topology import Stage, Topology, topology_of
 
 REST = "rest"
 _ATOM = re.compile(
-    r"^((?:down_blocks|up_blocks)\.\d+|mid_block)\.(resnets|attentions)\.(\d+)"
+    r"^((?:down_blocks|up_blocks)\.\d+|mid_block)\.(resnets|attentions|downsamplers|upsamplers)\.(\d+)"
     r"(?:\.transformer_blocks\.(\d+))?"
 )
 
@@ -35,6 +39,8 @@ KINDS = {
     "stage_attention": "all attention of a stage (the block type loses its cross-attention)",
     "mid_attention": "the mid block's attention and second ResNet (leaves one ResNet)",
     "mid_block": "the whole mid block",
+    "stage": "a whole down stage with its mirrored up stage and the samplers between them "
+    "(block_out_channels loses an entry)",
 }
 
 
@@ -178,9 +184,31 @@ def _mid_units(topo: Topology, atom_params: dict[str, int]) -> list[Unit]:
     return units
 
 
+def whole_stage_atoms(topo: Topology, i: int, atoms: Iterable[str]) -> set[str]:
+    """Atoms of down stage ``i``, its mirrored up stage, and the sampler on each side.
+
+    One downsampler and one upsampler fewer: the stage's own (the innermost stage has no
+    downsampler, so the one leading into it goes; the outermost up stage has no upsampler,
+    so the one of the up stage before it goes).
+    """
+    n = len(topo.down)
+    k = n - 1 - i
+    down_sampler = f"down_blocks.{i if i < n - 1 else n - 2}.downsamplers.0"
+    up_sampler = f"up_blocks.{k if k < n - 1 else n - 2}.upsamplers.0"
+    prefixes = (f"down_blocks.{i}.", f"up_blocks.{k}.")
+    return {a for a in atoms if a.startswith(prefixes)} | {down_sampler, up_sampler}
+
+
+def _whole_stage_unit(topo: Topology, i: int, atom_params: dict[str, int]) -> Unit:
+    atoms = whole_stage_atoms(topo, i, atom_params)
+    return _unit(f"down_blocks.{i}", f"down_blocks.{i}", "stage", atoms, atom_params)
+
+
 def _units(topo: Topology, atom_params: dict[str, int]) -> list[Unit]:
     units: list[Unit] = []
-    for stage in topo.down:
+    for i, stage in enumerate(topo.down):
+        if len(topo.down) > 1:  # diffusers needs at least one stage
+            units.append(_whole_stage_unit(topo, i, atom_params))
         units.extend(_stage_units(stage, atom_params))
     units.extend(_mid_units(topo, atom_params))
     for stage in topo.up:

@@ -165,13 +165,21 @@ def student_from_folder(folder: str | Path, base: Base | None = None) -> Student
     info = read_student_folder(folder)
     base = base or resolve_base(info.base_name() or "toy")
     spec = compile_plan(build_catalog(base.unet_config), info.plan)
-    if spec.layer_map != info.layer_map or not _same_shapes(spec.config, info.config):
+    if _without_samplers(spec.layer_map) != _without_samplers(info.layer_map) or not _same_shapes(
+        spec.config, info.config
+    ):
         raise WorkbenchError(
             f"student {str(info.unet_dir)!r} was not made from base {base.name!r}: its plan gives a "
             "different layer map on this teacher; pass the teacher it was made from as --base"
         )
     unet = UNet2DConditionModel.from_pretrained(info.unet_dir).eval()
     return Student(spec=spec, base=base, unet=unet, folder=info.unet_dir, run=info.run)
+
+
+def _without_samplers(layer_map: dict[str, str]) -> dict[str, str]:
+    """The map without samplers that kept their place (folders written before samplers were atoms
+    list none)."""
+    return {s: t for s, t in layer_map.items() if not ("samplers." in s and s == t)}
 
 
 def _same_shapes(a: dict[str, Any], b: dict[str, Any]) -> bool:

@@ -307,7 +307,7 @@ def inverse_layer_map(layer_map: dict[str, str]) -> dict[str, str]:
 def student_module(teacher_module: str, inverse: dict[str, str]) -> str | None:
     """The student module that inherited ``teacher_module`` (None if it was removed)."""
     atom = atom_of(teacher_module)
-    if atom == REST:  # embeddings, conv in/out, samplers: every student has them, unchanged
+    if atom == REST:  # embeddings, conv in/out: every student has them, unchanged
         return teacher_module
     if atom not in inverse:
         return None

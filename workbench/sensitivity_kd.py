@@ -85,7 +85,8 @@ def pair_scores(spec, pairs: list[tuple[str, str]], smap) -> dict[str, float]:
     out = {}
     for student, _ in pairs:
         if _STAGE.match(student):  # block mode: a whole stage's output
-            members = [scores[u] for u in kept if u.startswith(student + ".layers.")]
+            stage = spec.teacher_stage(student)  # differs once a whole stage is gone
+            members = [scores[u] for u in kept if u.startswith(stage + ".layers.")]
             out[student] = sum(members) / len(members) if members else max(scores.values())
             continue
         teacher = spec.teacher_name(student)

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import itertools
 import json
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -66,17 +66,22 @@ class StudentSpec:
             return []
         if mode == "block":
             return self._block_pairs()
-        modules = sorted((s for s in self.layer_map if ".transformer_blocks." not in s), key=natural_key)
+        modules = sorted((s for s in self.layer_map if _is_layer_module(s)), key=natural_key)
         if mode == "layer":
             return [(s, self.layer_map[s]) for s in _in_forward_order(modules)]
         return self._self_attention_pairs(modules)
 
+    def teacher_stage(self, student_stage: str) -> str:
+        """The teacher stage a student stage inherits (``up_blocks.0`` <- ``up_blocks.1`` once
+        the innermost stage is gone)."""
+        return self.layer_map[f"{student_stage}.resnets.0"].rsplit(".resnets.", 1)[0]
+
     def _block_pairs(self) -> list[tuple[str, str]]:
-        n = len(self.topology.down)
-        pairs = [(f"down_blocks.{i}", f"down_blocks.{i}") for i in range(n)]
+        down = [s.path for s in self.topology.down]
+        pairs = [(p, self.teacher_stage(p)) for p in down]
         if self.topology.mid_type is not None:
             pairs.append(("mid_block", "mid_block"))
-        return pairs + [(f"up_blocks.{i}", f"up_blocks.{i}") for i in range(n)]
+        return pairs + [(s.path, self.teacher_stage(s.path)) for s in self.topology.up]
 
     def _self_attention_pairs(self, modules: list[str]) -> list[tuple[str, str]]:
         depths = _attention_depths(self.teacher_topology)
@@ -102,6 +107,11 @@ class StudentSpec:
             "student_params": self.student_params,
             "student_config": self.config,
         }
+
+
+def _is_layer_module(atom: str) -> bool:
+    """A ResNet or attention module (not a transformer block, not a sampler)."""
+    return ".transformer_blocks." not in atom and (".resnets." in atom or ".attentions." in atom)
 
 
 def _in_forward_order(paths: list[str]) -> list[str]:
@@ -138,20 +148,28 @@ def compile_plan(catalog: Catalog, plan: PruningPlan) -> StudentSpec:
     plan.check_fits(catalog)
     work = _Work(catalog, set(plan.removed))
     topo = catalog.topology
+    n = len(topo.down)
+    kept = _kept_stages(catalog, work.removed)  # teacher down stages, in order
+    up_kept = [n - 1 - i for i in reversed(kept)]  # their mirrored up stages, in order
     widths = _widths(catalog.config)
-    for i, stage in enumerate(topo.down):
-        _keep_down_layers(work, stage, widths.down_in(i))
-    for k, stage in enumerate(topo.up):
-        mirror = topo.down[len(topo.down) - 1 - k]
-        _keep_up_layers(work, stage, mirror, widths.up_in(k))
-    down = tuple(_student_stage(work, s, DOWN_ATTENTION_TWIN) for s in topo.down)
-    up = tuple(_student_stage(work, s, UP_ATTENTION_TWIN) for s in topo.up)
+    for i in kept:
+        _keep_down_layers(work, topo.down[i], widths.down_in(i))
+    for k in up_kept:
+        _keep_up_layers(work, topo.up[k], topo.down[n - 1 - k], widths.up_in(k))
+    down = tuple(_student_stage(work, topo.down[i], DOWN_ATTENTION_TWIN) for i in kept)
+    up = tuple(_student_stage(work, topo.up[k], UP_ATTENTION_TWIN) for k in up_kept)
     mid_type, mid_blocks = _student_mid(work, down[-1])
-    student_topo = Topology(down=down, up=up, mid_type=mid_type, mid_depth=len(mid_blocks))
-    layer_map = _layer_map(work, topo, mid_type, mid_blocks)
+    student_topo = Topology(
+        down=tuple(replace(s, path=f"down_blocks.{q}") for q, s in enumerate(down)),
+        up=tuple(replace(s, path=f"up_blocks.{q}") for q, s in enumerate(up)),
+        mid_type=mid_type,
+        mid_depth=len(mid_blocks),
+    )
+    layer_map = _layer_map(work, topo, kept, mid_type, mid_blocks)
     kept_atoms = set(layer_map.values()) | {REST}
     removed_atoms = frozenset(a for a in catalog.atom_params if a not in kept_atoms)
-    config = {**catalog.config, **to_config_fields(catalog.config, student_topo)}
+    reduced = without_stages(catalog.config, kept)
+    config = {**reduced, **to_config_fields(reduced, student_topo)}
     return StudentSpec(
         plan=plan,
         config=config,
@@ -165,6 +183,104 @@ def compile_plan(catalog: Catalog, plan: PruningPlan) -> StudentSpec:
         removed_atoms=removed_atoms,
         teacher_topology=topo,
     )
+
+
+# Config keys with one entry per stage (down order; diffusers reverses them for the up path).
+_PER_STAGE = (
+    "block_out_channels",
+    "down_block_types",
+    "layers_per_block",
+    "transformer_layers_per_block",
+    "attention_head_dim",
+    "num_attention_heads",
+    "cross_attention_dim",
+    "only_cross_attention",
+)
+_PER_UP_STAGE = ("up_block_types", "reverse_transformer_layers_per_block")
+
+
+def without_stages(config: dict[str, Any], kept: list[int]) -> dict[str, Any]:
+    """``config`` with only the down stages ``kept`` (and their mirrored up stages)."""
+    n = len(config["down_block_types"])
+    if list(kept) == list(range(n)):
+        return dict(config)
+    up_kept = [n - 1 - i for i in reversed(kept)]
+    out = dict(config)
+    for keys, order in ((_PER_STAGE, kept), (_PER_UP_STAGE, up_kept)):
+        for key in keys:
+            value = config.get(key)
+            if isinstance(value, (list, tuple)) and len(value) == n:
+                out[key] = [value[i] for i in order]
+    return out
+
+
+def _kept_stages(catalog: Catalog, removed: set[str]) -> list[int]:
+    """The teacher's down stages the student keeps; raise where a stage cannot go."""
+    topo = catalog.topology
+    n = len(topo.down)
+    gone = [i for i in range(n) if f"down_blocks.{i}" in removed]
+    kept = [i for i in range(n) if i not in gone]
+    if not gone:
+        return kept
+    ids = ", ".join(f"down_blocks.{i}" for i in gone)
+    if not kept:
+        raise WorkbenchError(
+            f"{ids}: removing every stage leaves no UNet (diffusers needs at least one entry in "
+            f"block_out_channels); keep one of them"
+        )
+    conflicts = stage_conflicts(catalog, kept, "mid_block" in removed)
+    if conflicts:
+        channels = list(catalog.config["block_out_channels"])
+        removable = removable_stages(catalog, "mid_block" in removed)
+        raise WorkbenchError(
+            f"{ids}: diffusers cannot build this student from the teacher's weights: "
+            f"{'; '.join(conflicts[:2])}. A stage can go only where its neighbours and the mid "
+            f"block keep their widths (block_out_channels {channels}); removable alone here: "
+            f"{', '.join(removable) or 'no stage'}"
+        )
+    return kept
+
+
+def removable_stages(catalog: Catalog, mid_removed: bool = False) -> list[str]:
+    """Stage units whose removal alone keeps every inherited module's widths."""
+    n = len(catalog.topology.down)
+    return [
+        f"down_blocks.{i}"
+        for i in range(n)
+        if n > 1 and not stage_conflicts(catalog, [j for j in range(n) if j != i], mid_removed)
+    ]
+
+
+def stage_conflicts(catalog: Catalog, kept: list[int], mid_removed: bool = False) -> list[str]:
+    """Why keeping only stages ``kept`` changes an inherited module's input width (empty: it doesn't)."""
+    topo = catalog.topology
+    channels = tuple(catalog.config["block_out_channels"])
+    n = len(channels)
+    teacher, student = _Widths(channels), _Widths(tuple(channels[i] for i in kept))
+    out = []
+    if channels[kept[0]] != channels[0]:
+        out.append(
+            f"conv_in, the time embedding and conv_out work at {channels[0]} channels, the first "
+            f"kept stage at {channels[kept[0]]}"
+        )
+    if topo.mid_type is not None and not mid_removed and channels[kept[-1]] != channels[-1]:
+        out.append(
+            f"the mid block works at {channels[-1]} channels but would follow a stage of "
+            f"{channels[kept[-1]]} (or remove mid_block too)"
+        )
+    up_kept = [n - 1 - i for i in reversed(kept)]
+    sides = (("down", topo.down, kept, teacher.down_in, student.down_in),
+             ("up", topo.up, up_kept, teacher.up_in, student.up_in))  # fmt: skip
+    for side, stages, order, t_in, s_in in sides:
+        for q, t in enumerate(order):
+            layers = stages[t].num_layers
+            for j in range(layers):
+                want, got = t_in(t)(j, layers), s_in(q)(j, layers)
+                if want != got:
+                    out.append(
+                        f"{side}_blocks.{t}.resnets.{j} takes {want} input channels but would get {got}"
+                    )
+    return out
 
 
 @dataclass(frozen=True)
@@ -337,19 +453,22 @@ def _student_mid(work: _Work, last_down: Stage) -> tuple[str | None, list[int]]:
     return topo.mid_type, blocks[:want]
 
 
-def _layer_map(work: _Work, topo: Topology, mid_type: str | None, mid_blocks: list[int]) -> dict[str, str]:
-    """Student atom -> teacher atom for every inherited ResNet, attention and block."""
+def _layer_map(
+    work: _Work, topo: Topology, kept: list[int], mid_type: str | None, mid_blocks: list[int]
+) -> dict[str, str]:
+    """Student atom -> teacher atom for every inherited ResNet, attention, block and sampler."""
+    n = len(topo.down)
+    up_kept = [n - 1 - i for i in reversed(kept)]
+    stages = [(topo.down[i], f"down_blocks.{q}") for q, i in enumerate(kept)]
+    stages += [(topo.up[k], f"up_blocks.{q}") for q, k in enumerate(up_kept)]
     mapping: dict[str, str] = {}
-    for stage in (*topo.down, *topo.up):
-        stage_attn = stage.depths is not None and f"{stage.path}.attentions" not in work.removed
-        for q, t in enumerate(work.kept_layers[stage.path]):
-            mapping[f"{stage.path}.resnets.{q}"] = f"{stage.path}.resnets.{t}"
-            if not stage_attn:
-                continue
-            s_attn, t_attn = f"{stage.path}.attentions.{q}", f"{stage.path}.attentions.{t}"
-            mapping[s_attn] = t_attn
-            for b, k in enumerate(_kept_blocks(work, t_attn, stage.depths[t])):
-                mapping[f"{s_attn}.transformer_blocks.{b}"] = f"{t_attn}.transformer_blocks.{k}"
+    for stage, path in stages:
+        mapping |= _stage_map(work, stage, path)
+    # every stage but the last has a downsampler, every up stage but the last an upsampler
+    for q, i in enumerate(kept[:-1]):
+        mapping[f"down_blocks.{q}.downsamplers.0"] = f"down_blocks.{i}.downsamplers.0"
+    for q, k in enumerate(up_kept[:-1]):
+        mapping[f"up_blocks.{q}.upsamplers.0"] = f"up_blocks.{k}.upsamplers.0"
     if mid_type is not None:
         mapping["mid_block.resnets.0"] = "mid_block.resnets.0"
     if mid_type == "UNetMidBlock2DCrossAttn":
@@ -359,6 +478,21 @@ def _layer_map(work: _Work, topo: Topology, mid_type: str | None, mid_blocks: li
             mapping[f"mid_block.attentions.0.transformer_blocks.{b}"] = (
                 f"mid_block.attentions.0.transformer_blocks.{k}"
             )
+    return mapping
+
+
+def _stage_map(work: _Work, stage: Stage, path: str) -> dict[str, str]:
+    """Student atom -> teacher atom within one kept stage (student stage ``path``)."""
+    mapping: dict[str, str] = {}
+    stage_attn = stage.depths is not None and f"{stage.path}.attentions" not in work.removed
+    for q, t in enumerate(work.kept_layers[stage.path]):
+        mapping[f"{path}.resnets.{q}"] = f"{stage.path}.resnets.{t}"
+        if not stage_attn:
+            continue
+        s_attn, t_attn = f"{path}.attentions.{q}", f"{stage.path}.attentions.{t}"
+        mapping[s_attn] = t_attn
+        for b, k in enumerate(_kept_blocks(work, t_attn, stage.depths[t])):
+            mapping[f"{s_attn}.transformer_blocks.{b}"] = f"{t_attn}.transformer_blocks.{k}"
     return mapping
 
 

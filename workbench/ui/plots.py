@@ -18,6 +18,7 @@ KIND_COLOURS = {
     "resnet": ("ResNet", "#4c78a8"),
     "attention": ("attention (norm, projections)", "#f58518"),
     "block": ("transformer block", "#54a24b"),
+    "sampler": ("down/upsampler", "#b279a2"),
 }
 REMOVED = ("removed", "#d9d9d9")
 AUTO_REMOVED = ("removed automatically (coupled)", "#f4a6a6")
@@ -45,6 +46,8 @@ class ArchMap:
 
 
 def _atom_kind(atom: str) -> str:
+    if "samplers." in atom:
+        return "sampler"
     if ".transformer_blocks." in atom:
         return "block"
     return "attention" if ".attentions." in atom else "resnet"
@@ -56,9 +59,12 @@ def _stage_atoms(catalog: Catalog, path: str) -> list[list[str]]:
     if path == "mid_block":  # one group in forward order: resnets.0, attention + blocks, resnets.1
         return [sorted(atoms, key=_mid_order)]
     layers: dict[int, list[str]] = {}
+    samplers = [a for a in atoms if "samplers." in a]  # drawn last, after the stage's layers
     for a in atoms:
-        layers.setdefault(int(a.split(".")[3]), []).append(a)
-    return [sorted(layers[j], key=lambda a: (".attentions." in a, natural_key(a))) for j in sorted(layers)]
+        if a not in samplers:
+            layers.setdefault(int(a.split(".")[3]), []).append(a)
+    groups = [sorted(layers[j], key=lambda a: (".attentions." in a, natural_key(a))) for j in sorted(layers)]
+    return groups + ([samplers] if samplers else [])
 
 
 def _mid_order(atom: str) -> tuple[int, list[Any]]:
@@ -252,6 +258,8 @@ def _heat_slot(unit_id: str, kind: str, stage: str) -> tuple[str, int]:
         return "attention", 0
     if kind == "mid_block":
         return "whole block", 0
+    if kind == "stage":
+        return "whole stage (with its mirrored up stage)", 0
     return rest or unit_id, 0
 
 
