@@ -146,6 +146,26 @@ def test_page_opens_on_the_start_model(page):
     page.screenshot(path=str(SHOTS / "01-start.png"), full_page=True)
 
 
+ERROR_OVERLAYS = (
+    "() => Array.from(document.querySelectorAll('.error')).filter(e => !e.closest('.toast-wrap')"
+    " && e.offsetParent !== null && e.textContent.trim() === 'Error').length"
+)
+
+
+def test_a_failed_load_explains_itself_and_leaves_no_error_overlay(page):
+    box = page.locator("#wb-model-row input").first
+    box.fill("/no/such/model")
+    page.get_by_role("button", name="Load", exact=True).click()
+    page.wait_for_function(
+        "() => document.querySelector('#wb-model-status')?.innerText.includes('Could not load')"
+    )
+    page.screenshot(path=str(SHOTS / "01a-failed-load.png"), full_page=False)
+    status = page.locator("#wb-model-status").inner_text()
+    assert "not a built-in name" in status and f"Teacher: {_start_base()}" in status
+    assert page.evaluate(ERROR_OVERLAYS) == 0  # Gradio's red "Error" over an output of a raising handler
+    assert page.locator('input[name="mid_block"]').count() == 1  # the toggles still serve the old teacher
+
+
 def test_sensitivity_section_shows_above_the_toggles(page):
     """No map is cached for the start model in this fresh cache: the section says how to get one."""
     page.wait_for_function(

@@ -210,6 +210,14 @@ def test_loading_a_bad_model_says_what_is_accepted(store, sdxl, tmp_path):
         model_box.load_model(store, Limits(), str(tmp_path / "empty"), sdxl, [], "cpu", "bf16")
 
 
+def test_a_failed_load_explains_itself_in_the_status_and_marks_no_output(store, sdxl, tmp_path):
+    with pytest.warns(UserWarning, match="not a built-in name"):
+        out = model_box.load_or_explain(store, Limits(), str(tmp_path / "nope"), sdxl, [], "cpu", "bf16", 4)
+    assert len(out) == 8 and all(v == SKIP for i, v in enumerate(out) if i != 2)
+    assert "Could not load that model" in out[2] and "not a built-in name" in out[2]
+    assert "Teacher: sdxl-base" in out[2]  # the page still works on the teacher it had
+
+
 def test_switching_model_keeps_a_plan_that_fits_and_drops_one_that_does_not(store, sdxl):
     view, plan, status, *_ = model_box.load_model(store, Limits(), "sd15-base", sdxl, SSD_1B, "cpu", "bf16")
     assert view["base"] == "sd15-base" and view["resolution"] == 512 and plan == []
@@ -377,13 +385,15 @@ def test_export_refuses_an_impossible_plan_before_loading_weights(store, sdxl):
 # ------------------------------------------------------------------ app, settings and errors
 
 
-def test_user_errors_become_visible_gradio_errors():
+def test_user_errors_become_a_toast_and_leave_the_outputs_unmarked():
+    """Raising gr.Error would draw a red "Error" over every output of the event."""
+
     @user_errors
     def handler():
         raise WorkbenchError("seed 'x' is not a whole number")
 
-    with pytest.raises(gr.Error, match="seed 'x'"):
-        handler()
+    with pytest.warns(UserWarning, match="seed 'x'"):  # gr.Warning outside an event: the toast's text
+        assert handler() == SKIP
 
 
 def test_inline_errors_show_in_the_status_and_skip_the_rest():

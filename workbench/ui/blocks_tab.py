@@ -19,7 +19,7 @@ from workbench.errors import WorkbenchError
 from workbench.topology import Stage
 from workbench.ui import format as fmt
 from workbench.ui import plan_view, sensitivity_panel
-from workbench.ui.shared import ProgressAdapter, Shared, panel_updates, user_errors
+from workbench.ui.shared import ProgressAdapter, Shared, inline_errors, panel_updates, user_errors
 from workbench.ui.store import Pricing, Store
 
 DEVICES = ["cpu", "cuda"]
@@ -336,7 +336,7 @@ def _wire_panel(ctx: Shared, profile_btn: gr.Button, measure_btn: gr.Button, mea
     def on_profile(view, plan, device, dtype, progress=gr.Progress()):
         return profile_latency(store, view, plan, device, dtype, limits.max_latency_px, progress)
 
-    @user_errors
+    @inline_errors(n_outputs=1, status_at=0)
     def on_measure(view, plan, device, dtype, progress=gr.Progress()):
         repeats = limits.measure_repeats
         return measure_latency(store, view, plan, device, dtype, repeats, limits.max_latency_px, progress)

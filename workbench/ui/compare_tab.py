@@ -18,7 +18,7 @@ from workbench.cost import latent_size
 from workbench.errors import WorkbenchError
 from workbench.ui import format as fmt
 from workbench.ui.settings import Limits
-from workbench.ui.shared import ProgressAdapter, Shared, user_errors
+from workbench.ui.shared import ProgressAdapter, Shared, inline_errors
 from workbench.ui.store import Store, native_resolution, no_pipeline_message
 
 MAX_SEED = 2**32 - 1
@@ -243,7 +243,7 @@ def build(ctx: Shared) -> None:
         )
     store = ctx.store
 
-    @user_errors
+    @inline_errors(n_outputs=3, status_at=2)
     def on_generate(view, plan, p, n, s, st, g, sz, progress=gr.Progress()):
         return compare(store, limits, view, plan, p, n, s, st, g, sz, progress)
 

@@ -33,7 +33,7 @@ from workbench.presets import check_name, list_presets, load_preset
 from workbench.runs import RunDir, effective_state, list_runs, read_metrics
 from workbench.ui import format as fmt
 from workbench.ui.settings import Limits
-from workbench.ui.shared import Shared, plot, user_errors
+from workbench.ui.shared import Shared, inline_errors, plot, user_errors
 from workbench.ui.store import Store
 
 CURRENT_PLAN = "(current plan)"
@@ -368,8 +368,8 @@ def _wire_watch(ctx: Shared, form: Form, w: Watch) -> None:
     w.refresh.click(lambda: gr.update(choices=run_choices()), None, w.picker, **private)
     # Runs started from a shell or before a reload/restart appear when the page opens.
     ctx.demo.load(lambda: gr.update(choices=run_choices()), None, w.picker, **private)
-    w.stop.click(user_errors(_stop), w.picker, form.message, **private)
-    w.resume.click(user_errors(_resume), w.picker, form.message, **private)
+    w.stop.click(inline_errors(1, 0)(_stop), w.picker, form.message, **private)
+    w.resume.click(inline_errors(1, 0)(_resume), w.picker, form.message, **private)
     w.download.click(user_errors(student_zip), w.picker, w.student_file, **private)
 
 

@@ -22,7 +22,7 @@ from workbench.modelcard import client_notes
 from workbench.runs import RunDir, list_runs
 from workbench.sgm import client_support
 from workbench.ui import format as fmt
-from workbench.ui.shared import ProgressAdapter, Shared, user_errors
+from workbench.ui.shared import ProgressAdapter, Shared, inline_errors
 from workbench.ui.store import Store
 
 CURRENT_PLAN = "current plan"
@@ -248,13 +248,13 @@ def build(ctx: Shared) -> None:
         summary = gr.Markdown(elem_id="wb-export-summary")
     store = ctx.store
 
-    @user_errors
+    @inline_errors(n_outputs=2, status_at=1)
     def on_export(view, plan, fmt_name, dtype_name, source_dir, lora_path, scores, progress=gr.Progress()):
         return export_student(
             store, view, plan, fmt_name, dtype_name, source_dir, lora_path, scores, progress
         )
 
-    @user_errors
+    @inline_errors(n_outputs=1, status_at=0)
     def on_lora(view, plan, lora_path, source_dir):
         return lora_md(store, view, plan, lora_path, source_dir)
 

@@ -11,7 +11,7 @@ from workbench.models import BUILTIN_CONFIGS, Base
 from workbench.ui import format as fmt
 from workbench.ui import plan_view
 from workbench.ui.settings import Limits
-from workbench.ui.shared import ProgressAdapter, Shared, panel_updates, user_errors
+from workbench.ui.shared import ProgressAdapter, Shared, panel_updates
 from workbench.ui.store import Store, native_resolution
 
 FALLBACK_BASE = "sdxl-base"
@@ -97,6 +97,20 @@ def load_model(
     return (new, kept, status, resolution, *panel_updates(store, new, kept, device, dtype))
 
 
+def load_or_explain(
+    store: Store, limits: Limits, text: str, view: dict[str, Any], plan: list[str], device: str,
+    dtype: str, n_panel: int, progress: Any = None,
+) -> tuple:  # fmt: skip
+    """``load_model``'s outputs; if the load fails, the reason in the status line above the
+    current teacher's, and every other output kept (nothing marked as errored)."""
+    try:
+        return load_model(store, limits, text, view, plan, device, dtype, progress)
+    except WorkbenchError as err:
+        gr.Warning(str(err))
+        status = fmt.error_md(str(err), "Could not load that model") + "\n\n" + status_md(store, view["base"])
+        return (gr.skip(), gr.skip(), status, *(gr.skip(),) * (1 + n_panel))
+
+
 def _load_weights(store: Store, limits: Limits, base: Base, report: ProgressAdapter) -> str | None:
     if not base.has_weights:
         return None
@@ -141,9 +155,8 @@ def build(start: str) -> tuple[gr.Dropdown, gr.Button]:
 def wire(ctx: Shared, box: gr.Dropdown, load: gr.Button) -> None:
     store, limits = ctx.store, ctx.settings.limits
 
-    @user_errors
     def on_load(text, view, plan, device, dtype, progress=gr.Progress()):
-        return load_model(store, limits, text, view, plan, device, dtype, progress)
+        return load_or_explain(store, limits, text, view, plan, device, dtype, len(ctx.panel), progress)
 
     gr.on(
         [load.click, box.select],

@@ -25,7 +25,7 @@ from workbench.errors import WorkbenchError
 from workbench.progress import Progress
 from workbench.ui import format as fmt
 from workbench.ui import plan_view, plots
-from workbench.ui.shared import ProgressAdapter, Shared, inline_errors, panel_updates, plot, user_errors
+from workbench.ui.shared import ProgressAdapter, Shared, inline_errors, panel_updates, plot
 from workbench.ui.store import Store
 
 BUDGET_WORDS = {"params": "parameters", "flops": "FLOPs", "latency": "estimated latency"}
@@ -310,7 +310,7 @@ def wire(ctx: Shared, parts: Parts) -> None:
     def on_show(view):
         return show_cached(store, view)
 
-    @user_errors
+    @inline_errors(n_outputs=2, status_at=1)
     def on_measure(view, fidelity, progress=gr.Progress()):
         return measure_sensitivity(store, view, fidelity, progress)
 

@@ -61,14 +61,20 @@ def panel_updates(store: Store, view: dict[str, Any], removed: list[str], device
 
 
 def user_errors(fn: Callable) -> Callable:
-    """Show a WorkbenchError (bad input, impossible plan, missing weights) as a red toast."""
+    """Show a WorkbenchError (bad input, impossible plan, missing weights) as a toast; keep every
+    output as it was.
+
+    Not ``raise gr.Error``: Gradio marks every output of an event that raised as errored and
+    draws a red "Error" over each one, until that output is next updated.
+    """
 
     @functools.wraps(fn)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         try:
             return fn(*args, **kwargs)
         except WorkbenchError as err:
-            raise gr.Error(str(err), print_exception=False) from err
+            gr.Warning(str(err))
+            return gr.skip()  # one skip for any number of outputs
 
     return wrapper
 
