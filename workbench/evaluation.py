@@ -175,6 +175,18 @@ def similarity(student_images, teacher_images) -> dict[str, np.ndarray]:
     return {"psnr": quality.psnr(a, b).numpy(), "ssim": quality.ssim(a, b).numpy()}
 
 
+@dataclass(frozen=True)
+class Sampler:
+    """How a student draws its images: scheduler (``sampling.SCHEDULERS``), steps, guidance."""
+
+    steps: int
+    guidance: float
+    scheduler: str = "default"
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"scheduler": self.scheduler, "steps": self.steps, "guidance": self.guidance}
+
+
 @dataclass
 class Evaluator:
     """A teacher pipeline and a fixed sample list; the teacher's images are drawn once.
@@ -209,12 +221,16 @@ class Evaluator:
             "samples": len(self.samples),
         }
 
-    def draw(self, unet=None) -> list:
+    def draw(self, unet=None, sampler: Sampler | None = None) -> list:
+        """The samples' images: the teacher's (``unet`` None) or a student's, with the
+        evaluation's steps and guidance unless ``sampler`` says otherwise."""
         from workbench.sampling import generate
 
+        sampler = sampler or Sampler(steps=self.steps, guidance=self.guidance)
         return generate(
             self.pipe, [s.prompt for s in self.samples], [s.seed for s in self.samples],
-            steps=self.steps, guidance=self.guidance, unet=unet, batch_size=self.batch_size,
+            steps=sampler.steps, guidance=sampler.guidance, unet=unet, batch_size=self.batch_size,
+            scheduler=sampler.scheduler,
         )  # fmt: skip
 
     def teacher_images(self) -> list:
@@ -229,9 +245,10 @@ class Evaluator:
             self._teacher = Scores(self.samples, values, seen)
         return self._teacher
 
-    def student(self, unet) -> Scores:
-        """A student UNet's scores: checker verdicts (toy) and PSNR/SSIM against the teacher."""
-        images = self.draw(unet)
+    def student(self, unet, sampler: Sampler | None = None) -> Scores:
+        """A student UNet's scores: checker verdicts (toy) and PSNR/SSIM against the teacher.
+        ``sampler`` draws it its own way (e.g. 4 LCM steps against the teacher's 20)."""
+        images = self.draw(unet, sampler)
         values, seen = judge(images, self.samples) if self.checker else ({}, None)
         values |= similarity(images, self.teacher_images())
         return Scores(self.samples, values, seen)
@@ -295,7 +312,8 @@ def _software() -> dict[str, Any]:
     }
 
 
-def result(evaluator: Evaluator, base, teacher: Scores, student: Scores | None, unet: str | None) -> dict:
+def result(evaluator: Evaluator, base, teacher: Scores, student: Scores | None, unet: str | None,
+           sampler: Sampler | None = None) -> dict:  # fmt: skip
     """Everything one evaluation found, JSON-ready; ``per_sample`` holds every sample's scores.
 
     This is also the format of a model's recorded evaluation (``evaluation.json`` beside
@@ -312,7 +330,7 @@ def result(evaluator: Evaluator, base, teacher: Scores, student: Scores | None, 
         "schema_version": RECORD_SCHEMA,
         "base": base.name,
         "unet": str(unet) if unet else None,
-        "settings": evaluator.settings,
+        "settings": evaluator.settings | ({"student_sampler": sampler.to_dict()} if sampler else {}),
         "interval": evaluator.bootstrap.describe(),
         "teacher": as_dicts(evaluator.summary(teacher)),
         "student": as_dicts(evaluator.summary(student)) if student is not None else None,
@@ -386,6 +404,9 @@ def format_result(result: dict[str, Any]) -> list[str]:
         f"{result['base']}: {s['samples']} samples ({s['prompts']} prompts x {s['seeds']} seeds), "
         f"{s['steps']} steps, guidance {s['guidance']:g}; mean [{iv['level']:.0%} interval, {iv['method']}]"
     ]
+    if s.get("student_sampler"):
+        o = s["student_sampler"]
+        lines.append(f"  student: {o['steps']} {o['scheduler']} steps, guidance {o['guidance']:g}")
     student, ratio = result["student"] or {}, result["student_vs_teacher"] or {}
     head = f"  {'':<24} {'teacher':<22}"
     if result["student"] is not None:

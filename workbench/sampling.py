@@ -3,6 +3,11 @@
 Each image gets its own freshly seeded generator, so image *i* depends only on its
 prompt and seed, never on batch composition or on what ran before. That is what
 makes same-seed teacher/student comparisons (PSNR, SSIM) meaningful.
+
+Schedulers (``workbench.schedulers``): ``default`` is the pipeline's own, ``lcm`` diffusers'
+``LCMScheduler`` on the pipeline's noise schedule. A student with LCM's w-conditioning
+(``time_cond_proj_dim``) gets the guidance scale as an embedding and is called once per step
+(the stock pipeline does this): guidance-free.
 """
 
 from __future__ import annotations
@@ -18,6 +23,7 @@ from PIL import Image
 from workbench.errors import WorkbenchError
 from workbench.files import atomic_write
 from workbench.models import check_unet_folder
+from workbench.schedulers import check_sampler, make_scheduler
 
 # What a swapped-in UNet must share with the pipeline's own for sampling to work.
 _INTERFACE_KEYS = (
@@ -50,14 +56,18 @@ def generate(
     height: int | None = None,
     width: int | None = None,
     batch_size: int = 16,
+    scheduler: str = "default",
 ) -> list[Image.Image]:
     """One image per (prompt, seed); with ``unet``, that UNet runs in place of the
-    pipeline's own (which is put back afterwards, even on error)."""
+    pipeline's own, with ``scheduler`` in place of its scheduler (both are put back
+    afterwards, even on error)."""
     if len(prompts) != len(seeds):
         raise ValueError(f"{len(prompts)} prompts but {len(seeds)} seeds; give one seed per prompt")
+    check_sampler(scheduler, steps)
     default = pipe.unet.config.sample_size * pipe.vae_scale_factor
     height, width = height or default, width or default
-    original = pipe.unet
+    original, original_scheduler = pipe.unet, pipe.scheduler
+    pipe.scheduler = make_scheduler(scheduler, original_scheduler)
     if unet is not None:
         if unet.dtype != original.dtype or unet.device != original.device:
             # Only when needed: diffusers warns about every dtype cast through .to().
@@ -81,7 +91,7 @@ def generate(
             ).images
         return images
     finally:
-        pipe.unet = original
+        pipe.unet, pipe.scheduler = original, original_scheduler
 
 
 def load_student_unet(folder: str | Path, like: UNet2DConditionModel) -> UNet2DConditionModel:
@@ -128,11 +138,15 @@ def grid(rows: list[list[Image.Image]]) -> Image.Image:
 
 class SampleGrids:
     """Teacher (top row) vs student (bottom row) on fixed prompts and seeds, saved as
-    ``folder/step_NNNNNNN.png``. The teacher row is drawn once, when first needed."""
+    ``folder/step_NNNNNNN.png``. The teacher row is drawn once, when first needed, with the
+    pipeline's scheduler; the student row with ``student_sampler`` ((scheduler, steps), e.g.
+    ``("lcm", 4)`` for a consistency-distilled student) when given, else the same."""
 
-    def __init__(self, pipe, folder: Path, prompts: Sequence[str], *, steps: int, guidance: float) -> None:
+    def __init__(self, pipe, folder: Path, prompts: Sequence[str], *, steps: int, guidance: float,
+                 student_sampler: tuple[str, int] | None = None) -> None:  # fmt: skip
         self.pipe, self.folder, self.prompts = pipe, Path(folder), list(prompts)
         self.kw = {"steps": steps, "guidance": guidance}
+        self.student_sampler = student_sampler
 
     @functools.cached_property
     def teacher_row(self) -> list[Image.Image]:
@@ -141,11 +155,15 @@ class SampleGrids:
     def path(self, step: int) -> Path:
         return self.folder / f"step_{step:07d}.png"
 
-    def save(self, student: UNet2DConditionModel, step: int) -> Path:
+    def save(self, student: UNet2DConditionModel, step: int, sampler: tuple[str, int] | None = None) -> Path:
+        """The grid of ``step``; ``sampler`` ((scheduler, steps)) overrides the student row's."""
         was_training = student.training
         student.eval()
+        kw = dict(self.kw)
+        if sampler or self.student_sampler:
+            kw["scheduler"], kw["steps"] = sampler or self.student_sampler
         try:
-            row = generate(self.pipe, self.prompts, range(len(self.prompts)), unet=student, **self.kw)
+            row = generate(self.pipe, self.prompts, range(len(self.prompts)), unet=student, **kw)
         finally:
             student.train(was_training)
         image = grid([self.teacher_row, row])

@@ -18,6 +18,7 @@ from workbench import evaluation as ev
 from workbench.commands._common import add_base, add_json, emit_json
 from workbench.errors import WorkbenchError
 from workbench.models import check_unet_folder, load_pipeline, resolve_base
+from workbench.schedulers import SCHEDULERS, check_sampler
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -45,6 +46,17 @@ def register(sub: argparse._SubParsersAction) -> None:
         "--guidance", type=float, default=None, help="guidance scale (default: the base's, toy 2, others 5)"
     )
     p.add_argument(
+        "--student-scheduler", default="default", choices=SCHEDULERS,
+        help="scheduler the student samples with: default (the pipeline's) or lcm (consistency-distilled "
+        "students, 1-8 steps); the teacher always uses the pipeline's",
+    )  # fmt: skip
+    p.add_argument("--student-steps", type=int, default=None, help="the student's steps (default: --steps)")
+    p.add_argument(
+        "--student-guidance", type=float, default=None,
+        help="the student's guidance scale (default: --guidance); a w-conditioned (LCD) student takes it "
+        "as an embedding, in one UNet call per step",
+    )  # fmt: skip
+    p.add_argument(
         "--save", default=None, help="also write the full result, per-sample scores included, as JSON"
     )
     add_json(p)
@@ -56,8 +68,15 @@ def validate(args: argparse.Namespace) -> None:
         value = getattr(args, name)
         if value is not None and value <= 0:
             raise WorkbenchError(f"--{name} must be a positive integer, got {value}")
-    if args.guidance is not None and args.guidance < 0:
-        raise WorkbenchError(f"--guidance must be >= 0, got {args.guidance}")
+    for name in ("guidance", "student_guidance"):
+        value = getattr(args, name)
+        if value is not None and value < 0:
+            raise WorkbenchError(f"--{name.replace('_', '-')} must be >= 0, got {value}")
+    if args.student_steps is not None or args.student_scheduler != "default":
+        if not args.unet:
+            raise WorkbenchError("--student-scheduler/--student-steps/--student-guidance need --unet")
+        steps = args.student_steps if args.student_steps is not None else args.steps
+        check_sampler(args.student_scheduler, steps, "--student-steps")
     if args.unet:  # before any model loads: a wrong --unet fails in a blink
         check_unet_folder(args.unet)
     if args.save and Path(args.save).suffix.lower() != ".json":
@@ -80,9 +99,22 @@ def evaluate(args: argparse.Namespace) -> dict[str, Any]:
     student = load_student_unet(args.unet, pipe.unet) if args.unet else None
     guidance = args.guidance if args.guidance is not None else base.guidance
     evaluator = ev.Evaluator(pipe, samples, checker=is_toy, steps=args.steps, guidance=guidance)
+    sampler = student_sampler(args, guidance)
     teacher = evaluator.teacher()
-    scores = evaluator.student(student) if student is not None else None
-    return ev.result(evaluator, base, teacher, scores, args.unet)
+    scores = evaluator.student(student, sampler) if student is not None else None
+    return ev.result(evaluator, base, teacher, scores, args.unet, sampler)
+
+
+def student_sampler(args: argparse.Namespace, guidance: float) -> ev.Sampler | None:
+    """The student's own way of sampling, if the flags give it one."""
+    given = (args.student_steps, args.student_guidance)
+    if args.student_scheduler == "default" and all(v is None for v in given):
+        return None
+    return ev.Sampler(
+        steps=args.student_steps if args.student_steps is not None else args.steps,
+        guidance=args.student_guidance if args.student_guidance is not None else guidance,
+        scheduler=args.student_scheduler,
+    )
 
 
 def run(args: argparse.Namespace) -> int:

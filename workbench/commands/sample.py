@@ -10,6 +10,7 @@ import torch
 from workbench.commands._common import add_base
 from workbench.errors import WorkbenchError
 from workbench.models import check_unet_folder, load_pipeline, resolve_base
+from workbench.schedulers import check_sampler
 
 _IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp")
 
@@ -20,7 +21,14 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--prompt", required=True, help='e.g. "a large red circle on a white background, center"')
     p.add_argument("--negative-prompt", default=None, help="what to steer away from (optional)")
     p.add_argument("--seed", type=int, default=0, help="noise seed (default 0)")
-    p.add_argument("--steps", type=int, default=20, help="denoising steps (default 20)")
+    p.add_argument(
+        "--steps", type=int, default=20, help="denoising steps (default 20; 1-8 with --scheduler lcm)"
+    )
+    p.add_argument(
+        "--scheduler", default="default",
+        help="default (the pipeline's) or lcm (LCMScheduler, for consistency-distilled students: 1-8 steps; "
+        "a w-conditioned student takes --guidance as an embedding, one UNet call per step)",
+    )  # fmt: skip
     p.add_argument(
         "--guidance", type=float, default=None,
         help="classifier-free guidance scale (default: the base's, toy 2, others 5)",
@@ -36,8 +44,7 @@ def validate(args: argparse.Namespace) -> None:
         raise WorkbenchError(
             "--prompt is empty; describe the image, e.g. 'a red circle on a white background'"
         )
-    if args.steps <= 0:
-        raise WorkbenchError(f"--steps must be a positive number of denoising steps, got {args.steps}")
+    check_sampler(args.scheduler, args.steps)
     if args.guidance is not None and args.guidance < 0:
         raise WorkbenchError(f"--guidance must be >= 0 (1 or less disables guidance), got {args.guidance}")
     if args.unet:  # before any model loads: a wrong --unet fails in a blink
@@ -62,6 +69,7 @@ def run(args: argparse.Namespace) -> int:
         guidance=args.guidance if args.guidance is not None else base.guidance,
         negative_prompt=args.negative_prompt,
         unet=unet,
+        scheduler=args.scheduler,
     )
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -16,6 +16,7 @@ import gradio as gr
 
 from workbench.cost import latent_size
 from workbench.errors import WorkbenchError
+from workbench.schedulers import SCHEDULERS, check_sampler
 from workbench.ui import format as fmt
 from workbench.ui.settings import Limits
 from workbench.ui.shared import ProgressAdapter, Shared, inline_errors
@@ -36,6 +37,13 @@ class Request:
     steps: int
     guidance: float
     size: int
+    student_scheduler: str = "default"
+    student_steps: int | None = None  # None: the teacher's steps
+
+    @property
+    def student_kw(self) -> dict[str, Any]:
+        """How the student column samples: its scheduler and steps."""
+        return {"scheduler": self.student_scheduler, "steps": self.student_steps or self.steps}
 
 
 def parse_seeds(text: str, max_seeds: int) -> list[int]:
@@ -73,8 +81,11 @@ def validate(
     steps: Any,
     guidance: Any,
     size: Any,
+    student_scheduler: str = "default",
+    student_steps: Any = None,
 ) -> Request:
-    """Check every field before any model is touched."""
+    """Check every field before any model is touched. The student samples with its own
+    scheduler (``schedulers.SCHEDULERS``) and steps (empty: the teacher's)."""
     if not (prompt or "").strip():
         raise WorkbenchError(
             "the prompt is empty; describe the image, e.g. 'a red circle on a white background'"
@@ -87,7 +98,13 @@ def validate(
         raise WorkbenchError(
             f"guidance must be between 0 and {MAX_GUIDANCE:g} (1 or less disables it), got {guidance}"
         )
+    own_steps = None if student_steps in (None, "", 0) else _number(student_steps, "student steps", int)
+    if own_steps is not None and not 1 <= own_steps <= limits.max_steps:
+        raise WorkbenchError(f"student steps must be between 1 and {limits.max_steps}, got {student_steps}")
+    check_sampler(student_scheduler, own_steps or n_steps, "student steps")
     return Request(
+        student_scheduler=student_scheduler,
+        student_steps=own_steps,
         prompt=prompt.strip(),
         negative=(negative or "").strip() or None,
         seeds=tuple(parse_seeds(str(seeds), limits.max_seeds)),
@@ -131,12 +148,15 @@ def compare(
     guidance: Any,
     size: Any,
     progress: Any = None,
+    student_scheduler: str = "default",
+    student_steps: Any = None,
 ) -> tuple[list, list, str]:
     """(teacher images, student images, summary Markdown), each image captioned with its time."""
     from workbench.sampling import generate  # imports diffusers pipelines: only when sampling
 
     name = view["base"]
-    request = validate(store, name, limits, prompt, negative, seeds, steps, guidance, size)
+    request = validate(store, name, limits, prompt, negative, seeds, steps, guidance, size,
+                       student_scheduler, student_steps)  # fmt: skip
     report = ProgressAdapter(progress) if progress is not None else (lambda *a, **k: None)
     pipe = store.pipeline(name, ProgressAdapter(report, 0.0, 0.05))  # says so if there are no weights
     student, spec = store.student(name, plan, ProgressAdapter(report, 0.05, 0.1))
@@ -149,11 +169,12 @@ def compare(
     }
     teacher_out, student_out = [], []
     total = 2 * len(request.seeds)
+    own = {"teacher": {}, "student": request.student_kw}
     for seed in request.seeds:  # interleaved: both columns see the same machine load
         for unet, out, who in ((None, teacher_out, "teacher"), (student, student_out, "student")):
             report(0.1 + 0.9 * (len(teacher_out) + len(student_out)) / total, f"{who}, seed {seed}")
             started = time.perf_counter()
-            (image,) = generate(pipe, [request.prompt], [seed], unet=unet, **kw)
+            (image,) = generate(pipe, [request.prompt], [seed], unet=unet, **(kw | own[who]))
             out.append((image, time.perf_counter() - started, seed))
     return _gallery(teacher_out), _gallery(student_out), summary_md(request, teacher_out, student_out, spec)
 
@@ -165,8 +186,11 @@ def _gallery(items: list[tuple[Any, float, int]]) -> list[tuple[Any, str]]:
 def summary_md(request: Request, teacher: list, student: list, spec: Any) -> str:
     t = sum(x[1] for x in teacher) / len(teacher)
     s = sum(x[1] for x in student) / len(student)
+    own = ""
+    if request.student_scheduler != "default" or request.student_steps:
+        own = f" (student: {request.student_kw['steps']} {request.student_scheduler} steps)"
     return (
-        f"**{len(request.seeds)} seed(s), {request.steps} steps, guidance {request.guidance:g}, "
+        f"**{len(request.seeds)} seed(s), {request.steps} steps{own}, guidance {request.guidance:g}, "
         f"{request.size}×{request.size} px.** Teacher {fmt.seconds(t)} per image, student "
         f"{fmt.seconds(s)} per image ({fmt.factor(t, s, 'faster')}); wall time including text "
         f"encoding and VAE decoding.  \nStudent: {len(spec.removed)} units removed, "
@@ -228,6 +252,15 @@ def build(ctx: Shared) -> None:
             guidance = gr.Slider(
                 0, MAX_GUIDANCE, value=5.0, step=0.5, label="Guidance", elem_id="wb-guidance"
             )
+        with gr.Column(scale=1):
+            student_scheduler = gr.Dropdown(
+                list(SCHEDULERS), value="default", label="Student scheduler", elem_id="wb-student-scheduler",
+                info="lcm: consistency-distilled students, 1-8 steps",
+            )  # fmt: skip
+            student_steps = gr.Number(
+                label="Student steps", value=None, precision=0, elem_id="wb-student-steps",
+                info="empty: the teacher's steps",
+            )  # fmt: skip
     go = gr.Button("Generate teacher and student", variant="primary")
     summary = gr.Markdown(elem_id="wb-compare-summary")
     with gr.Row():
@@ -244,8 +277,8 @@ def build(ctx: Shared) -> None:
     store = ctx.store
 
     @inline_errors(n_outputs=3, status_at=2)
-    def on_generate(view, plan, p, n, s, st, g, sz, progress=gr.Progress()):
-        return compare(store, limits, view, plan, p, n, s, st, g, sz, progress)
+    def on_generate(view, plan, p, n, s, st, g, sz, sch, sst, progress=gr.Progress()):
+        return compare(store, limits, view, plan, p, n, s, st, g, sz, progress, sch, sst)
 
     size_base = gr.State(None)  # the model the image size was chosen for
 
@@ -259,5 +292,16 @@ def build(ctx: Shared) -> None:
         [availability, size, size_base],
         api_visibility="private",
     )
-    inputs = [ctx.view, ctx.plan, prompt, negative, seeds, steps, guidance, size]
+    inputs = [
+        ctx.view,
+        ctx.plan,
+        prompt,
+        negative,
+        seeds,
+        steps,
+        guidance,
+        size,
+        student_scheduler,
+        student_steps,
+    ]
     go.click(on_generate, inputs, [teacher, student, summary], api_visibility="private", **ctx.model_event())
