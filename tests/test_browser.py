@@ -329,9 +329,22 @@ def test_distill_launch_watch_and_stop(page):
         timeout=300_000,
     )
     page.screenshot(path=str(SHOTS / "07-distill.png"), full_page=True)
+    # A reload (or a second visitor) finds the run in progress selected.
+    page.reload()
+    page.get_by_role("tab", name="Distill").click()
+    picker = page.locator("#wb-run-picker input")
+    page.wait_for_function(
+        "() => document.querySelector('#wb-run-picker input').value.startsWith('browser-run (running')"
+    )
+    page.wait_for_function("() => document.querySelector('#wb-run-status').innerText.includes('browser-run')")
     page.locator("#wb-distill-stop").click()
     page.wait_for_function(
         "() => document.querySelector('#wb-run-status').innerText.includes('stopped')", timeout=300_000
     )
     assert "browser-run" in page.locator("#wb-run-status").inner_text()
+    # the run list says so too, without pressing refresh
+    page.wait_for_function(
+        "() => document.querySelector('#wb-run-picker input').value.startsWith('browser-run (stopped')"
+    )
+    assert "running" not in picker.input_value()
     page.screenshot(path=str(SHOTS / "08-distill-stopped.png"), full_page=True)

@@ -2,6 +2,7 @@
 
 import html
 import json
+import os
 import time
 import zipfile
 
@@ -124,3 +125,23 @@ def test_bad_form_values_name_their_box_and_launch_nothing(base, tmp_path, key, 
 def test_whole_numbers_from_number_boxes_reach_the_run_as_integers(base):
     argv = dt.launch_argv(base, FORM | {"steps": 3.0, "batch_size": 2.0}, "")
     assert argv[argv.index("--steps") + 1] == "3" and argv[argv.index("--batch-size") + 1] == "2"
+
+
+def _run(root, name, **status):
+    run = RunDir(root / name)
+    run.root.mkdir()
+    run.write_status(**status)
+    return run
+
+
+def test_the_run_list_follows_live_states_and_a_reload_selects_the_running_run(tmp_path):
+    _run(tmp_path, "old", state="done", step=3, pid=None)
+    live = _run(tmp_path, "live", state="running", step=8, pid=os.getpid())  # a process that is alive
+    picker, shown = dt.picker_on_open(tmp_path)
+    assert picker["value"] == str(live.root)
+    assert ("live (running, step 8)", str(live.root)) in shown
+    assert dt.picker_refresh(shown, tmp_path) == (gr.skip(), gr.skip())  # nothing changed: left alone
+    live.write_status(state="stopped", step=8)
+    picker, shown = dt.picker_refresh(shown, tmp_path)
+    assert ("live (stopped, step 8)", str(live.root)) in picker["choices"] == shown
+    assert dt.picker_on_open(tmp_path)[0]["value"] is None  # nothing in progress: nothing selected

@@ -30,7 +30,7 @@ from workbench.distill_config import (
 from workbench.errors import ConfigError, WorkbenchError
 from workbench.plan import PruningPlan
 from workbench.presets import check_name, list_presets, load_preset
-from workbench.runs import RunDir, effective_state, list_runs, read_metrics
+from workbench.runs import ACTIVE, RunDir, effective_state, list_runs, read_metrics
 from workbench.ui import format as fmt
 from workbench.ui.settings import Limits
 from workbench.ui.shared import Shared, inline_errors, plot, user_errors
@@ -244,6 +244,26 @@ def run_choices(root: Path | None = None) -> list[tuple[str, str]]:
     ]
 
 
+def active_run(root: Path | None = None) -> str | None:
+    """The run in progress (queued or running), if any: one at a time on this machine."""
+    return next((r["run_dir"] for r in list_runs(root or runs_root()) if r["state"] in ACTIVE), None)
+
+
+def picker_on_open(root: Path | None = None) -> tuple[Any, list[tuple[str, str]]]:
+    """A page opens (or reloads): every run, the one in progress selected; and the list shown."""
+    choices = run_choices(root)
+    return gr.update(choices=choices, value=active_run(root)), choices
+
+
+def picker_refresh(shown: list[tuple[str, str]] | None, root: Path | None = None) -> tuple[Any, Any]:
+    """The run list with each run's live state and step; untouched while nothing changed (so
+    an open list stays open)."""
+    choices = run_choices(root)
+    if choices == shown:
+        return gr.skip(), gr.skip()
+    return gr.update(choices=choices), choices
+
+
 def student_zip(run_dir: str | None) -> str:
     """The run's trained student (diffusers folder + plan + layer map + model card) as a zip."""
     if not run_dir:
@@ -348,7 +368,9 @@ def _form(limits: Limits) -> Form:
 
 def _watch() -> Watch:
     with gr.Row():
-        picker = gr.Dropdown(run_choices(), label="run", scale=4, allow_custom_value=False)
+        picker = gr.Dropdown(
+            run_choices(), label="Run", scale=4, allow_custom_value=False, elem_id="wb-run-picker"
+        )
         refresh = gr.Button("↻", scale=0, min_width=40)
     status = gr.Markdown(status_md(None), elem_id="wb-run-status")
     per_layer = gr.Checkbox(False, label="show per-layer feature terms")
@@ -388,12 +410,17 @@ def _wire_watch(ctx: Shared, form: Form, w: Watch) -> None:
         return status_md(run_dir), plot(loss_figure(metrics_rows(run_dir), layers)), latest_sample(run_dir)
 
     outputs = [w.status, w.losses, w.sample]
-    gr.Timer(POLL_S).tick(on_tick, [w.picker, w.per_layer], outputs, show_progress="hidden", **private)
+    timer = gr.Timer(POLL_S)
+    timer.tick(on_tick, [w.picker, w.per_layer], outputs, show_progress="hidden", **private)
     w.picker.change(on_tick, [w.picker, w.per_layer], outputs, **private)
     w.per_layer.change(on_tick, [w.picker, w.per_layer], outputs, **private)
-    w.refresh.click(lambda: gr.update(choices=run_choices()), None, w.picker, **private)
-    # Runs started from a shell or before a reload/restart appear when the page opens.
-    ctx.demo.load(lambda: gr.update(choices=run_choices()), None, w.picker, **private)
+    shown = gr.State(None)  # the run list as this page shows it
+    listing = {"inputs": [shown], "outputs": [w.picker, shown], **private}
+    timer.tick(picker_refresh, show_progress="hidden", **listing)  # states change: stopped, done
+    w.refresh.click(picker_refresh, **listing)
+    # Runs started from a shell or before a reload/restart appear when the page opens, and
+    # the one in progress is selected.
+    ctx.demo.load(picker_on_open, None, [w.picker, shown], **private)
     w.stop.click(inline_errors(1, 0)(_stop), w.picker, form.message, **private)
     w.resume.click(inline_errors(1, 0)(_resume), w.picker, form.message, **private)
     w.download.click(user_errors(student_zip), w.picker, w.student_file, **private)
