@@ -257,6 +257,42 @@ def _loss_points(page) -> int:
     )
 
 
+def _launch_with(page, elem: str, value: str) -> str:
+    box = page.locator(f"#{elem} input[type='number']")
+    box.fill(value)
+    box.press("Tab")
+    said = "#wb-distill-message :is(.wb-error, .wb-ok)"
+    before = page.locator(said).inner_text() if page.locator(said).count() else ""
+    page.locator("#wb-distill-launch").click()
+    page.wait_for_function(
+        "([s, b]) => { const m = document.querySelector(s); return m && m.innerText !== b; }",
+        arg=[said, before],
+    )
+    return page.locator(said).inner_text()
+
+
+def test_distill_form_names_the_box_of_a_bad_value_and_launches_nothing(page):
+    page.get_by_role("tab", name="Distill").click()
+    page.locator("#wb-distill-plan input").click()
+    page.get_by_role("option", name="koala-700m").click()
+    for elem, value, says in (
+        ("wb-distill-steps", "2.5", "Steps must be a whole number > 0, got 2.5"),  # not rounded to 2
+        ("wb-distill-steps", "", "Steps is missing"),
+        ("wb-distill-steps", "-3", "Steps must be > 0, got -3"),
+        ("wb-distill-steps", "1e12", "Steps 1000000000000 is too large"),
+    ):
+        message = _launch_with(page, elem, value)
+        assert "Not launched" in message and says in message and "--" not in message, message
+    page.locator("#wb-distill-steps input[type='number']").fill("3")
+    page.locator("#wb-distill-steps input[type='number']").press("Tab")
+    message = _launch_with(page, "wb-distill-lr", "")
+    assert "Not launched" in message and "Learning rate is missing" in message, message
+    page.screenshot(path=str(SHOTS / "06b-distill-bad-value.png"), full_page=False)
+    assert page.evaluate(ERROR_OVERLAYS) == 0
+    page.locator("#wb-distill-lr input[type='number']").fill("0.0001")
+    page.locator("#wb-distill-lr input[type='number']").press("Tab")
+
+
 def test_distill_launch_watch_and_stop(page):
     if not _toy_available():
         pytest.skip("the embedded toy teacher is not there yet: nothing to distil")
@@ -266,7 +302,7 @@ def test_distill_launch_watch_and_stop(page):
     for elem, value in (
         ("wb-distill-steps", "400"),
         ("wb-distill-toy-samples", "32"),
-        ("wb-distill-batch", "2"),
+        ("wb-distill-batch-size", "2"),
     ):
         box = page.locator(f"#{elem} input[type='number']")
         box.fill(value)
@@ -293,9 +329,22 @@ def test_distill_launch_watch_and_stop(page):
         timeout=300_000,
     )
     page.screenshot(path=str(SHOTS / "07-distill.png"), full_page=True)
+    # A reload (or a second visitor) finds the run in progress selected.
+    page.reload()
+    page.get_by_role("tab", name="Distill").click()
+    picker = page.locator("#wb-run-picker input")
+    page.wait_for_function(
+        "() => document.querySelector('#wb-run-picker input').value.startsWith('browser-run (running')"
+    )
+    page.wait_for_function("() => document.querySelector('#wb-run-status').innerText.includes('browser-run')")
     page.locator("#wb-distill-stop").click()
     page.wait_for_function(
         "() => document.querySelector('#wb-run-status').innerText.includes('stopped')", timeout=300_000
     )
     assert "browser-run" in page.locator("#wb-run-status").inner_text()
+    # the run list says so too, without pressing refresh
+    page.wait_for_function(
+        "() => document.querySelector('#wb-run-picker input').value.startsWith('browser-run (stopped')"
+    )
+    assert "running" not in picker.input_value()
     page.screenshot(path=str(SHOTS / "08-distill-stopped.png"), full_page=True)

@@ -22,6 +22,7 @@ def _config(**changes):
         ("steps", 0, "steps must be > 0, got 0"),
         ("batch_size", 1.5, "batch_size must be a whole number > 0, got 1.5"),
         ("batch_size", None, "batch_size is missing"),
+        ("batch_size", 10**12, "batch_size 1000000000000 is too large; at most 2147483647"),
         ("checkpoint_every", 0, "checkpoint_every must be > 0, got 0"),
         ("sample_every", None, "sample_every is missing; give a whole number >= 0 (0: only at the end)"),
         ("freeze_sensitive", 0.5, "freeze_sensitive must be a whole number >= 0 (0: freeze nothing), got 0.5"),

@@ -1,9 +1,12 @@
 """Distill tab handlers, called as plain functions on a tiny real pipeline."""
 
+import html
 import json
+import os
 import time
 import zipfile
 
+import gradio as gr
 import pytest
 
 from workbench.errors import WorkbenchError
@@ -44,7 +47,7 @@ def test_status_of_a_dead_run_says_failed(tmp_path):
 
 @pytest.mark.parametrize(
     "changes, removed, message",
-    [({}, [], "current plan removes nothing"), ({"steps": 0}, ["mid_block"], "--steps must be > 0"),
+    [({}, [], "current plan removes nothing"), ({"steps": 0}, ["mid_block"], "steps must be > 0"),
      ({"data": "/no/such/folder"}, ["mid_block"], "does not exist"),
      ({"feature_mode": "x"}, ["mid_block"], "unknown feature mode")],
 )  # fmt: skip
@@ -92,3 +95,53 @@ def test_launch_watch_and_download(base, tmp_path):
         dt.launch(
             store, base, "koala-700m", [], FORM | {"steps": 500}, "", "big", Limits.for_space(), root=tmp_path
         )
+
+
+@pytest.mark.parametrize(
+    "key, value, says",
+    [("steps", None, "Steps is missing; give a whole number > 0"),
+     ("steps", 2.5, "Steps must be a whole number > 0, got 2.5"),
+     ("steps", 0, "Steps must be > 0, got 0"),
+     ("batch_size", -3, "Batch size must be > 0, got -3"),
+     ("lr", None, "Learning rate is missing"),
+     ("w_feat", -1.0, "λ feature KD must be >= 0, got -1.0"),
+     ("checkpoint_every", 0.0, "Checkpoint every must be > 0, got 0"),
+     ("freeze_sensitive", 0.5, "Freeze most sensitive must be a whole number >= 0"),
+     ("data", "", "Data is missing")],
+)  # fmt: skip
+def test_bad_form_values_name_their_box_and_launch_nothing(base, tmp_path, key, value, says):
+    form = dt.FORM_DEFAULTS | FORM | {key: value}
+    values = tuple(form[k] for k in dt.FORM_KEYS)
+    view = {"base": base}
+    message, picker = dt.launch_or_explain(
+        Store(), view, [], "koala-700m", "", "", values, Limits(), tmp_path
+    )
+    text = html.unescape(message)
+    assert "Not launched" in text and says in text and "--" not in text, text
+    assert picker == gr.skip()
+    assert not any(tmp_path.iterdir())
+
+
+def test_whole_numbers_from_number_boxes_reach_the_run_as_integers(base):
+    argv = dt.launch_argv(base, FORM | {"steps": 3.0, "batch_size": 2.0}, "")
+    assert argv[argv.index("--steps") + 1] == "3" and argv[argv.index("--batch-size") + 1] == "2"
+
+
+def _run(root, name, **status):
+    run = RunDir(root / name)
+    run.root.mkdir()
+    run.write_status(**status)
+    return run
+
+
+def test_the_run_list_follows_live_states_and_a_reload_selects_the_running_run(tmp_path):
+    _run(tmp_path, "old", state="done", step=3, pid=None)
+    live = _run(tmp_path, "live", state="running", step=8, pid=os.getpid())  # a process that is alive
+    picker, shown = dt.picker_on_open(tmp_path)
+    assert picker["value"] == str(live.root)
+    assert ("live (running, step 8)", str(live.root)) in shown
+    assert dt.picker_refresh(shown, tmp_path) == (gr.skip(), gr.skip())  # nothing changed: left alone
+    live.write_status(state="stopped", step=8)
+    picker, shown = dt.picker_refresh(shown, tmp_path)
+    assert ("live (stopped, step 8)", str(live.root)) in picker["choices"] == shown
+    assert dt.picker_on_open(tmp_path)[0]["value"] is None  # nothing in progress: nothing selected

@@ -137,6 +137,7 @@ WHOLE = {
     "freeze_sensitive": (0, "a whole number >= 0 (0: freeze nothing)"),
     "lora_rank": (0, "a whole number >= 0 (0: train full weights)"),
 }
+MAX_WHOLE = 2**31 - 1  # beyond any real run, and beyond the int32 counters and indices it would meet
 # real-number fields: (lowest value, whether it is allowed, highest value (excluded), text)
 REAL = {
     "lr": (0.0, False, None, "> 0"),
@@ -179,6 +180,8 @@ def check_whole(field: str, value: Any) -> None:
         raise ConfigError(field, f"{{field}} must be {kind}, got {{got!r}}", got=value)
     if value < low:
         raise ConfigError(field, f"{{field}} must be {text}, got {{got}}", got=value)
+    if value > MAX_WHOLE:
+        raise ConfigError(field, "{field} {got} is too large; at most {most}", got=value, most=MAX_WHOLE)
 
 
 def check_real(field: str, value: Any) -> None:

@@ -14,7 +14,7 @@ from typing import Any
 import gradio as gr
 
 from workbench.errors import WorkbenchError
-from workbench.ui import blocks_tab, compare_tab, export_tab, model_box, plan_view, presets_tab
+from workbench.ui import blocks_tab, compare_tab, distill_tab, export_tab, model_box, plan_view, presets_tab
 from workbench.ui.settings import AppSettings
 from workbench.ui.shared import Shared
 from workbench.ui.store import Store, get_store, native_resolution
@@ -102,8 +102,6 @@ def _space_note(settings: AppSettings) -> str:
 
 def _distill_tab(ctx: Shared) -> None:
     """The Distill tab; it gets the same ``Shared`` as the others."""
-    from workbench.ui import distill_tab
-
     with gr.Tab("Distill", id="distill") as tab:
         distill_tab.build(ctx)
     tab.select(None, js=RESIZE_JS)
@@ -151,4 +149,5 @@ def serve(settings: AppSettings) -> None:
         theme=theme(),
         css=CSS,
         show_error=True,
+        allowed_paths=[str(distill_tab.runs_root())],  # sample grids of runs kept outside the project
     )

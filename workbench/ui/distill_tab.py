@@ -30,7 +30,7 @@ from workbench.distill_config import (
 from workbench.errors import ConfigError, WorkbenchError
 from workbench.plan import PruningPlan
 from workbench.presets import check_name, list_presets, load_preset
-from workbench.runs import RunDir, effective_state, list_runs, read_metrics
+from workbench.runs import ACTIVE, RunDir, effective_state, list_runs, read_metrics
 from workbench.ui import format as fmt
 from workbench.ui.settings import Limits
 from workbench.ui.shared import Shared, inline_errors, plot, user_errors
@@ -48,6 +48,26 @@ FORM_KEYS = ("steps", "toy_samples", "batch_size", "lr", "w_task", "w_out", "w_f
 # Where the app starts differently from the run's own defaults (short runs, frequent feedback).
 APP_DEFAULTS = {"steps": 200, "toy_samples": 512, "sample_every": 50, "checkpoint_every": 50}
 FORM_DEFAULTS = {k: v for k, v in (DistillConfig.defaults() | APP_DEFAULTS).items() if k in FORM_KEYS}
+# What the page calls each option: the form's labels, and the boxes that set the others.
+LABELS = {
+    "steps": "Steps", "toy_samples": "Toy images", "batch_size": "Batch size", "lr": "Learning rate",
+    "w_task": "λ task", "w_out": "λ output KD", "w_feat": "λ feature KD", "feature_mode": "Feature loss",
+    "mixed_precision": "Mixed precision", "stage_teacher": "Stage teacher", "sample_every": "Samples every",
+    "checkpoint_every": "Checkpoint every", "feature_weights": "Feature weights",
+    "freeze_sensitive": "Freeze most sensitive", "data": "Data",
+    "base": "Teacher model", "stages": "Plan / progressive stages",
+}  # fmt: skip
+
+
+def label_of(field: str) -> str:
+    """The page's name for a DistillConfig field (one the form does not show: in words)."""
+    return LABELS.get(field, field.replace("_", " "))
+
+
+def explain(err: WorkbenchError) -> str:
+    """An error as the page says it: options named by their labels, not their CLI flags."""
+    text = err.phrased(label_of) if isinstance(err, ConfigError) else str(err)
+    return text[:1].upper() + text[1:] if text[:1].isascii() else text  # not λ -> Λ
 
 
 def form_fields(form: dict[str, Any]) -> dict[str, Any]:
@@ -119,6 +139,20 @@ def launch(store: Store, base: str, choice: str, removed: list[str], form: dict[
     files = {PLAN_FILE: plan.to_json()} if plan else {}
     run = jobs.start_run(root or runs_root(), name, launch_argv(base, form, stages), files=files)
     return str(run.root)
+
+
+def launch_or_explain(store: Store, view: dict[str, Any], removed: list[str], choice: str, stages: str,
+                      name: str, values: tuple, limits: Limits, root: Path | None = None) -> tuple:  # fmt: skip
+    """Launch from the form's values (in ``FORM_KEYS`` order): (message, run picker update).
+    A bad value is named by its label, and nothing starts."""
+    fields = dict(zip(FORM_KEYS, values))
+    fields["data"] = (fields["data"] or "").strip()
+    try:
+        run_dir = launch(store, view["base"], choice, removed, fields, stages, name, limits, root)
+    except WorkbenchError as err:
+        return fmt.error_md(explain(err), "Not launched"), gr.skip()
+    started = fmt.ok_md(f"started {Path(run_dir).name}")
+    return started, gr.update(choices=run_choices(root), value=run_dir)
 
 
 # --------------------------------------------------------------------------- watch
@@ -210,6 +244,26 @@ def run_choices(root: Path | None = None) -> list[tuple[str, str]]:
     ]
 
 
+def active_run(root: Path | None = None) -> str | None:
+    """The run in progress (queued or running), if any: one at a time on this machine."""
+    return next((r["run_dir"] for r in list_runs(root or runs_root()) if r["state"] in ACTIVE), None)
+
+
+def picker_on_open(root: Path | None = None) -> tuple[Any, list[tuple[str, str]]]:
+    """A page opens (or reloads): every run, the one in progress selected; and the list shown."""
+    choices = run_choices(root)
+    return gr.update(choices=choices, value=active_run(root)), choices
+
+
+def picker_refresh(shown: list[tuple[str, str]] | None, root: Path | None = None) -> tuple[Any, Any]:
+    """The run list with each run's live state and step; untouched while nothing changed (so
+    an open list stays open)."""
+    choices = run_choices(root)
+    if choices == shown:
+        return gr.skip(), gr.skip()
+    return gr.update(choices=choices), choices
+
+
 def student_zip(run_dir: str | None) -> str:
     """The run's trained student (diffusers folder + plan + layer map + model card) as a zip."""
     if not run_dir:
@@ -267,47 +321,46 @@ def _form(limits: Limits) -> Form:
     D = FORM_DEFAULTS
     gr.Markdown("### New run\nTrains the student of a plan against the loaded teacher (its own process).")
     plan_choice = gr.Dropdown(
-        [CURRENT_PLAN, *list_presets()], value=CURRENT_PLAN, label="plan", elem_id="wb-distill-plan"
+        [CURRENT_PLAN, *list_presets()], value=CURRENT_PLAN, label="Plan", elem_id="wb-distill-plan"
     )
-    stages = gr.Textbox(label="progressive stages (optional)", placeholder="e.g. ssd-1b, segmind-vega")
+    stages = gr.Textbox(label="Progressive stages (optional)", placeholder="e.g. ssd-1b, segmind-vega")
     f: dict[str, Any] = {}
+
+    def number(key: str, value: Any = None, **kw: Any) -> gr.Number:
+        # No precision and no minimum: Gradio would round 2.5 to 2, or refuse -1 with its own
+        # error; the run's preflight judges every value and the page names the box.
+        value = D[key] if value is None else value
+        return gr.Number(value, label=LABELS[key], elem_id="wb-distill-" + key.replace("_", "-"), **kw)
+
     with gr.Row():
-        f["data"] = gr.Textbox(D["data"], label="data: toy, an image folder, or a .txt prompt file", scale=3)
-        f["toy_samples"] = gr.Number(D["toy_samples"], label="toy images", precision=0,
-                                     elem_id="wb-distill-toy-samples")  # fmt: skip
-    with gr.Row():
-        f["steps"] = gr.Number(min(D["steps"], limits.max_distill_steps or D["steps"]), label="steps",
-                               precision=0, elem_id="wb-distill-steps")  # fmt: skip
-        f["batch_size"] = gr.Number(D["batch_size"], label="batch", precision=0, elem_id="wb-distill-batch")
-        f["lr"] = gr.Number(D["lr"], label="learning rate")
-    with gr.Row():
-        f["w_task"] = gr.Number(D["w_task"], label="λ task")
-        f["w_out"] = gr.Number(D["w_out"], label="λ output KD")
-        f["w_feat"] = gr.Number(D["w_feat"], label="λ feature KD")
-    with gr.Row():
-        f["feature_mode"] = gr.Dropdown(list(FEATURE_MODES), value=D["feature_mode"], label="feature loss")
-        f["mixed_precision"] = gr.Dropdown(
-            list(PRECISIONS), value=D["mixed_precision"], label="mixed precision"
+        f["data"] = gr.Textbox(
+            D["data"], label=LABELS["data"], info="toy, an image folder, or a .txt prompt file", scale=3
         )
-        f["stage_teacher"] = gr.Dropdown(
-            list(STAGE_TEACHERS), value=D["stage_teacher"], label="stage teacher"
-        )
+        f["toy_samples"] = number("toy_samples")
+    with gr.Row():
+        f["steps"] = number("steps", min(D["steps"], limits.max_distill_steps or D["steps"]))
+        f["batch_size"] = number("batch_size")
+        f["lr"] = number("lr")
+    with gr.Row():
+        f["w_task"], f["w_out"], f["w_feat"] = number("w_task"), number("w_out"), number("w_feat")
+    with gr.Row():
+        for key, choices in (("feature_mode", FEATURE_MODES), ("mixed_precision", PRECISIONS),
+                             ("stage_teacher", STAGE_TEACHERS)):  # fmt: skip
+            f[key] = gr.Dropdown(list(choices), value=D[key], label=LABELS[key])
     with gr.Row():
         f["feature_weights"] = gr.Dropdown(
-            list(FEATURE_WEIGHTS), value=D["feature_weights"], label="feature weights",
+            list(FEATURE_WEIGHTS), value=D["feature_weights"], label=LABELS["feature_weights"],
             info="sensitivity: weight each feature term by how much removing its teacher layer "
             "hurts (map measured once per teacher, then cached)",
             elem_id="wb-distill-feature-weights",
         )  # fmt: skip
-        f["freeze_sensitive"] = gr.Number(
-            D["freeze_sensitive"], label="freeze most sensitive", precision=0, minimum=0,
+        f["freeze_sensitive"] = number(
+            "freeze_sensitive",
             info="freeze the student layers inherited from the N most sensitive teacher layers",
-            elem_id="wb-distill-freeze",
-        )  # fmt: skip
+        )
     with gr.Row():
-        f["sample_every"] = gr.Number(D["sample_every"], label="samples every", precision=0)
-        f["checkpoint_every"] = gr.Number(D["checkpoint_every"], label="checkpoint every", precision=0)
-        name = gr.Textbox(label="run name (optional)", elem_id="wb-distill-name")
+        f["sample_every"], f["checkpoint_every"] = number("sample_every"), number("checkpoint_every")
+        name = gr.Textbox(label="Run name (optional)", elem_id="wb-distill-name")
     start = gr.Button("Launch run", variant="primary", elem_id="wb-distill-launch")
     message = gr.Markdown(elem_id="wb-distill-message")
     return Form(plan_choice, stages, name, f, start, message)
@@ -315,7 +368,9 @@ def _form(limits: Limits) -> Form:
 
 def _watch() -> Watch:
     with gr.Row():
-        picker = gr.Dropdown(run_choices(), label="run", scale=4, allow_custom_value=False)
+        picker = gr.Dropdown(
+            run_choices(), label="Run", scale=4, allow_custom_value=False, elem_id="wb-run-picker"
+        )
         refresh = gr.Button("↻", scale=0, min_width=40)
     status = gr.Markdown(status_md(None), elem_id="wb-run-status")
     per_layer = gr.Checkbox(False, label="show per-layer feature terms")
@@ -333,14 +388,7 @@ def _wire_launch(ctx: Shared, form: Form, watch: Watch) -> None:
     limits = ctx.settings.limits
 
     def on_launch(view, removed, choice, stage_text, run_name, *values):
-        fields = dict(zip(FORM_KEYS, values))
-        fields["data"] = (fields["data"] or "").strip() or FORM_DEFAULTS["data"]
-        try:
-            run_dir = launch(ctx.store, view["base"], choice, removed, fields, stage_text, run_name, limits)
-        except WorkbenchError as err:
-            return f"<div class='wb-error'>{fmt.escape(str(err))}</div>", gr.skip()
-        return (f"<div class='wb-ok'>started {Path(run_dir).name}</div>",
-                gr.update(choices=run_choices(), value=run_dir))  # fmt: skip
+        return launch_or_explain(ctx.store, view, removed, choice, stage_text, run_name, values, limits)
 
     inputs = [
         ctx.view,
@@ -362,12 +410,17 @@ def _wire_watch(ctx: Shared, form: Form, w: Watch) -> None:
         return status_md(run_dir), plot(loss_figure(metrics_rows(run_dir), layers)), latest_sample(run_dir)
 
     outputs = [w.status, w.losses, w.sample]
-    gr.Timer(POLL_S).tick(on_tick, [w.picker, w.per_layer], outputs, show_progress="hidden", **private)
+    timer = gr.Timer(POLL_S)
+    timer.tick(on_tick, [w.picker, w.per_layer], outputs, show_progress="hidden", **private)
     w.picker.change(on_tick, [w.picker, w.per_layer], outputs, **private)
     w.per_layer.change(on_tick, [w.picker, w.per_layer], outputs, **private)
-    w.refresh.click(lambda: gr.update(choices=run_choices()), None, w.picker, **private)
-    # Runs started from a shell or before a reload/restart appear when the page opens.
-    ctx.demo.load(lambda: gr.update(choices=run_choices()), None, w.picker, **private)
+    shown = gr.State(None)  # the run list as this page shows it
+    listing = {"inputs": [shown], "outputs": [w.picker, shown], **private}
+    timer.tick(picker_refresh, show_progress="hidden", **listing)  # states change: stopped, done
+    w.refresh.click(picker_refresh, **listing)
+    # Runs started from a shell or before a reload/restart appear when the page opens, and
+    # the one in progress is selected.
+    ctx.demo.load(picker_on_open, None, [w.picker, shown], **private)
     w.stop.click(inline_errors(1, 0)(_stop), w.picker, form.message, **private)
     w.resume.click(inline_errors(1, 0)(_resume), w.picker, form.message, **private)
     w.download.click(user_errors(student_zip), w.picker, w.student_file, **private)
