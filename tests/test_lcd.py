@@ -261,3 +261,35 @@ def test_lcd_run_resumes_exactly_and_exports_a_w_conditioned_student(base, tmp_p
     assert "LCMScheduler" in (tmp_path / "exported" / "scheduler" / "scheduler_config.json").read_text()
     with pytest.raises(WorkbenchError, match="guidance embedding"):
         export(student, "single-file", tmp_path / "single")
+
+
+@pytest.mark.slow
+def test_lcm_lora_run_exports_a_lora_that_load_lora_weights_takes(base, tmp_path):
+    from diffusers import UNet2DConditionModel
+
+    from workbench.distill import LCM_LORA_DIR, run_distillation
+    from workbench.models import load_unet
+    from workbench.presets import load_preset
+    from workbench.runs import RunDir
+    from workbench.surgery import build_student
+
+    with pytest.raises(WorkbenchError, match="no stage is lcd"):
+        run_distillation(_config(base, objectives=(), lcd_lora_rank=4), tmp_path / "bad")
+    status = run_distillation(_config(base, steps=2, lcd_lora_rank=4, lr=1e-2), tmp_path / "lora")
+    assert status["state"] == "done"
+    run = RunDir(tmp_path / "lora")
+    assert (run.root / LCM_LORA_DIR / "pytorch_lora_weights.safetensors").is_file()
+    merged = UNet2DConditionModel.from_pretrained(run.student)  # adapters folded in: a stock UNet
+    assert merged.config.time_cond_proj_dim is None
+    start, _ = build_student(load_unet(base), load_preset("ssd-1b"))  # what the stage started from
+    pipe = StableDiffusionXLPipeline.from_pretrained(base, unet=start)
+    gen = torch.Generator().manual_seed(0)
+    x, t = torch.randn(1, 4, 8, 8, generator=gen), torch.tensor([500])
+    text = {"encoder_hidden_states": torch.randn(1, 4, start.config.cross_attention_dim, generator=gen),
+            "added_cond_kwargs": {"text_embeds": torch.randn(1, 32, generator=gen), "time_ids": torch.randn(1, 6, generator=gen)}}  # fmt: skip
+    with torch.no_grad():
+        before = start(x, t, **text).sample
+        pipe.load_lora_weights(str(run.root / LCM_LORA_DIR))
+        with_lora, folded = pipe.unet(x, t, **text).sample, merged(x, t, **text).sample
+    assert (with_lora - before).abs().max() > 1e-4  # the adapter trained
+    assert torch.allclose(with_lora, folded, atol=1e-4)  # the file is the merged student's adapter

@@ -42,6 +42,7 @@ from workbench.runs import MetricsWriter, Reporter, RunDir, Stopper, read_checkp
 from workbench.sensitivity_kd import GUIDANCE_FILE  # noqa: F401  (re-exported: where a run keeps its guidance)
 from workbench.surgery import save_student, stage_models, with_guidance_embedding
 
+LCM_LORA_DIR = "lcm_lora"  # an LCM-LoRA run's adapter, for load_lora_weights on the stage's starting student
 TEACHER_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
@@ -181,14 +182,18 @@ class Distillation:
                                                cfg.feature_mode)  # fmt: skip
         teacher = as_teacher(teacher, acc.device, TEACHER_DTYPES[cfg.teacher_dtype])
         kind = cfg.stage_kind(k)
-        if kind == "lcd":  # LCM's w-conditioning: the guidance scale as an embedding
-            student, pairs = with_guidance_embedding(student), []
+        if kind == "lcd":  # LCM's w-conditioning (the guidance scale as an embedding), or LCM-LoRA
+            pairs = []
+            student = student if cfg.lcd_lora_rank else with_guidance_embedding(student)
         student = student.float().to(acc.device)
         guidance = self.guidance[k] if self.guidance else None
         frozen = guidance["frozen_modules"] if guidance else []
         if cfg.lora_rank:  # LoRA-enhanced distillation: adapters where a layer's input held
             info = lora_kd.add_adapters(student, lora_kd.init_spec(self.specs, k), cfg.lora_rank)
             self.report.log(f"stage {k + 1}: LoRA adapters on {info['adapted_modules']} modules")
+        elif kind == "lcd" and cfg.lcd_lora_rank:
+            info = lora_kd.add_consistency_adapters(student, cfg.lcd_lora_rank)
+            self.report.log(f"stage {k + 1}: LCM-LoRA on {info['adapted_modules']} modules")
         params = optim.trainable_parameters(
             student, frozen, log=lambda m: self.report.log(f"stage {k + 1}: {m}")
         )
@@ -259,6 +264,11 @@ class Distillation:
                     return False
         finally:
             metrics.close()
+        if main and stage.kind == "lcd" and self.config.lcd_lora_rank:  # LCM-LoRA: the adapter alone too
+            atomic_dir(
+                self.run_dir.root / LCM_LORA_DIR,
+                lambda tmp: lora_kd.save_adapter(stage.raw, type(self.pipe), tmp),
+            )
         if main:  # the next stage starts from it (adapters merged: a stock UNet)
             spec, student = self.specs[k], lora_kd.plain(stage.raw, self.specs[k])
             atomic_dir(self.run_dir.stage_dir(k), lambda tmp: save_student(student, spec, tmp))

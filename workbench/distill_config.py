@@ -81,6 +81,9 @@ class DistillConfig:
     lcd_loss: str = "huber"  # "huber" (pseudo-Huber) or "l2"
     lcd_huber_c: float = 0.001
     lcd_sample_steps: int = 4  # LCM steps of an LCD stage's sample grids
+    lcd_lora_rank: int = (
+        0  # > 0: LCM-LoRA (adapters of this rank, no w-embedding, a LoRA file); 0: full weights
+    )
 
     @property
     def guidance(self) -> float:
@@ -161,6 +164,7 @@ WHOLE = {
     "freeze_sensitive": (0, "a whole number >= 0 (0: freeze nothing)"),
     "lora_rank": (0, "a whole number >= 0 (0: train full weights)"),
     "lcd_sample_steps": (1, "a whole number of LCM steps from 1 to 8"),
+    "lcd_lora_rank": (0, "a whole number >= 0 (0: full weights with the guidance embedding)"),
 }
 # real-number fields: (lowest value, whether it is allowed, highest value (excluded), text)
 REAL = {
@@ -269,6 +273,11 @@ def check_objectives(config: DistillConfig) -> None:
     from workbench.schedulers import LCM_MAX_STEPS
 
     kinds = config.objectives
+    if config.lcd_lora_rank and "lcd" not in kinds:
+        raise ConfigError(
+            "lcd_lora_rank", "{field} is the LCM-LoRA form of an lcd stage, but no stage is lcd; end "
+            "{stages} with lcd or use {objectives} lcd",
+        )  # fmt: skip
     if not kinds:
         return
     if len(kinds) != len(config.stages):

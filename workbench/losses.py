@@ -169,7 +169,7 @@ class ConsistencyTargets:
 
     x_t: torch.Tensor  # (B, C, h, w) noised latents at t_n
     t: torch.Tensor  # (B,) t_n
-    w: torch.Tensor  # (B, D) guidance-scale embedding
+    w: torch.Tensor | None  # (B, D) guidance-scale embedding (None: a student without one, LCM-LoRA)
     target: torch.Tensor  # (B, C, h, w) the target network's f at (x_{n-k}, t_{n-k})
 
 
@@ -209,7 +209,7 @@ def _cat(a: Any, b: Any) -> Any:
     return torch.cat([a, b])
 
 
-def consistency_function(unet: Callable, x: torch.Tensor, t: torch.Tensor, w: torch.Tensor,
+def consistency_function(unet: Callable, x: torch.Tensor, t: torch.Tensor, w: torch.Tensor | None,
                          text: dict[str, Any], setup: LCDSetup) -> torch.Tensor:  # fmt: skip
     """f(x, t, w, c) = c_skip(t) x + c_out(t) x0_pred: the consistency model's output."""
     out = unet(sample=x, timestep=t, timestep_cond=w, **text).sample.float()
@@ -229,7 +229,8 @@ def lcd_targets(teacher: torch.nn.Module, batch: dict[str, Any], setup: LCDSetup
     t, t_prev = solver_timesteps(index, total, setup.solver_steps)
     low, high = setup.guidance
     scale = low + (high - low) * c["u"]  # (B,)
-    w = guidance_embedding(scale, setup.target.config.time_cond_proj_dim)
+    dim = setup.target.config.get("time_cond_proj_dim")  # None: LCM-LoRA, no guidance embedding
+    w = guidance_embedding(scale, dim) if dim else None
     alpha = setup.alphas_cumprod[t][:, None, None, None]
     x_t = alpha.sqrt() * c["latents"] + (1 - alpha).sqrt() * c["noise"]  # (B, C, h, w)
     with torch.no_grad():

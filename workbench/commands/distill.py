@@ -60,6 +60,12 @@ _OPTIONS: list[tuple[str, type, str]] = [
     ("--lcd-huber-c", float, "lcd: the pseudo-Huber loss's c (default 0.001)"),
     ("--lcd-sample-steps", int, "lcd: LCM steps of the sample grids (1-8, default 4)"),
     (
+        "--lcd-lora-rank",
+        int,
+        "lcd: LCM-LoRA, adapters of this rank on the student (no guidance embedding), also saved as "
+        "RUN_DIR/lcm_lora for load_lora_weights (0, default: full weights with the guidance embedding)",
+    ),
+    (
         "--freeze-sensitive",
         int,
         "freeze the student modules of the N most sensitive kept teacher layers (sensitivity map; "
