@@ -61,6 +61,7 @@ def test_one_step_lcm_sampling_with_the_cli_puts_the_scheduler_back(base, tmp_pa
     assert "1 to 8 steps" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_compare_samples_the_student_with_its_own_scheduler(base):
     from workbench.ui import compare_tab, plan_view
     from workbench.ui.settings import Limits
@@ -75,3 +76,220 @@ def test_compare_samples_the_student_with_its_own_scheduler(base):
     assert type(store.pipeline(base).scheduler).__name__ == "EulerDiscreteScheduler"
     with pytest.raises(WorkbenchError, match="1 to 8 steps"):
         compare_tab.validate(store, base, Limits(), "a", "", "0", 20, 2.0, None, "lcm", None)
+
+
+# --------------------------------------------------------------------------- w-conditioning and the loss
+
+
+def _text(gen, b=2):
+    return {
+        "encoder_hidden_states": torch.randn(b, 4, 16, generator=gen),
+        "added_cond_kwargs": {"text_embeds": torch.randn(b, 8, generator=gen), "time_ids": torch.randn(b, 6, generator=gen)},
+    }  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def lcd_parts(tiny_teacher):
+    """(teacher, w-conditioned student, LCD setup, a batch) on the tiny SDXL UNet."""
+    import copy
+
+    from diffusers import DDPMScheduler
+
+    from workbench import losses
+    from workbench.models import TOY_DIR
+    from workbench.surgery import with_guidance_embedding
+
+    schedule = DDPMScheduler.from_pretrained(TOY_DIR, subfolder="scheduler")  # v-prediction, zero SNR
+    teacher = copy.deepcopy(tiny_teacher).requires_grad_(False)
+    student = with_guidance_embedding(copy.deepcopy(teacher))
+    target = copy.deepcopy(student).requires_grad_(False)
+    setup = losses.LCDSetup(schedule.alphas_cumprod.float(), "v_prediction", (1.5, 3.0), target, 0.95)
+    gen = torch.Generator().manual_seed(0)
+    batch = {
+        "inputs": {"timestep": torch.tensor([100, 900])},
+        "consistency": {"latents": torch.randn(2, 4, 8, 8, generator=gen), "noise": torch.randn(2, 4, 8, 8, generator=gen),
+                        "u": torch.tensor([0.2, 0.9]), "cond": _text(gen), "uncond": _text(gen)},
+    }  # fmt: skip
+    return teacher, student, setup, batch
+
+
+def test_w_conditioning_starts_as_the_unet_and_then_changes_the_output(lcd_parts, tiny_teacher):
+    from workbench.schedulers import is_w_conditioned
+
+    _, student, _, batch = lcd_parts
+    student = __import__("copy").deepcopy(student).eval()
+    x, text = batch["consistency"]["latents"], batch["consistency"]["cond"]
+    t = torch.tensor([500, 500])
+    w = {s: guidance_embedding(torch.tensor([s, s]), 256) for s in (1.5, 4.0)}
+    with torch.no_grad():
+        plain = tiny_teacher(x, t, **text).sample
+        low = student(x, t, timestep_cond=w[1.5], **text).sample
+        torch.nn.init.normal_(student.time_embedding.cond_proj.weight, std=0.05)
+        low2, high = (student(x, t, timestep_cond=w[s], **text).sample for s in (1.5, 4.0))
+    assert is_w_conditioned(student) and not is_w_conditioned(tiny_teacher)
+    assert student.config.time_cond_proj_dim == 256
+    assert torch.equal(low, plain)  # zero-initialised: the UNet it was made from
+    assert (high - low2).abs().max() > 1e-4  # the guidance embedding now changes the output
+
+
+def test_lcd_loss_decreases_on_a_tiny_model(lcd_parts):
+    import copy
+
+    from workbench import losses
+
+    teacher, student, setup, batch = lcd_parts
+    student = copy.deepcopy(student).train().requires_grad_(True)
+    targets = losses.lcd_targets(teacher, batch, setup)
+    assert targets.x_t.shape == targets.target.shape == (2, 4, 8, 8)
+    assert targets.t.tolist() == [119, 919]  # timesteps 100, 900: grid positions 5, 45: (n + 1) * 20 - 1
+    optimizer = torch.optim.Adam(student.parameters(), lr=1e-4)
+    seen = []
+    for _ in range(6):
+        terms = losses.lcd_objective(batch, student, student, targets, setup)
+        terms["loss/total"].backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        seen.append(terms["loss/lcd"].item())
+    assert set(terms) == {"loss/lcd", "loss/total"} and seen[-1] < 0.7 * seen[0], seen
+    before = [p.clone() for p in setup.target.parameters()]
+    losses.ema_update(student, setup)  # the target follows the student by 1 - ema
+    after = list(setup.target.parameters())
+    moved = [(a - b).abs().max().item() for a, b in zip(after, before)]
+    assert max(moved) > 0
+
+
+def test_boundary_scalings_and_solver_grid():
+    from workbench.losses import boundary_scalings, solver_timesteps
+
+    c_skip, c_out = boundary_scalings(torch.tensor([0, 999]))
+    assert c_skip.flatten().tolist()[0] == 1.0 and c_out.flatten().tolist()[0] == 0.0
+    assert c_skip.flatten()[1] < 1e-6 and c_out.flatten()[1] > 0.999
+    t, prev = solver_timesteps(torch.tensor([0, 1, 49]), 1000, 50)
+    assert t.tolist() == [19, 39, 999] and prev.tolist() == [0, 19, 979]
+
+
+# --------------------------------------------------------------------------- the lcd stage in a run
+
+
+def _config(base, **kw):
+    from workbench.distill import DistillConfig
+    from workbench.presets import load_preset
+
+    plan = load_preset("ssd-1b").to_dict()
+    fields = dict(stages=(plan,), objectives=("lcd",), steps=3, base=base, toy_samples=16, batch_size=2,
+                  sample_steps=2, lcd_sample_steps=1, checkpoint_every=2, device="cpu")  # fmt: skip
+    return DistillConfig(**(fields | kw))
+
+
+@pytest.mark.parametrize(
+    ("changes", "match"),
+    [
+        ({"lcd_guidance_min": 4.0, "lcd_guidance_max": 2.0}, "guidance range runs backwards"),
+        ({"lcd_sample_steps": 0}, "lcd-sample-steps must be a whole number of LCM steps"),
+        ({"lcd_sample_steps": 9}, "1 to 8 LCM steps"),
+        ({"objectives": ("lcd", "kd"), "stages": None}, "only the last stage can be lcd"),
+        ({"objectives": ("consistency",)}, "unknown objective 'consistency'"),
+        ({"objectives": ("kd", "lcd")}, "2 objectives for 1 stages"),
+        ({"lora_rank": 4}, "does not apply to an lcd stage"),
+        ({"lcd_loss": "l1"}, "lcd-loss .l1."),
+    ],
+)
+def test_bad_lcd_options_fail_before_anything_loads(base, changes, match):
+    from workbench.distill_config import preflight
+
+    if changes.get("stages", 1) is None:
+        changes["stages"] = _config(base).stages * 2
+    with pytest.raises(WorkbenchError, match=match):
+        preflight(_config(base, **changes))
+
+
+def test_lcd_needs_the_teachers_scheduler(base, tmp_path):
+    import shutil
+
+    from workbench.distill_config import preflight
+
+    copy = shutil.copytree(base, tmp_path / "no-scheduler")
+    shutil.rmtree(copy / "scheduler")
+    with pytest.raises(WorkbenchError, match="no readable scheduler"):
+        preflight(_config(str(copy)))
+
+
+def test_cli_stages_lcd_repeats_the_plan_before_it():
+    from workbench.commands.distill import stage_fields
+
+    fields = stage_fields(["ssd-1b", "segmind-vega", "lcd"], None)
+    assert fields["objectives"] == ("kd", "kd", "lcd") and fields["stages"][1] == fields["stages"][2]
+    assert "objectives" not in stage_fields(["ssd-1b"], "kd")
+    with pytest.raises(WorkbenchError, match="lcd needs a plan before it"):
+        stage_fields(["lcd"], None)
+
+
+@pytest.mark.slow
+def test_lcd_run_resumes_exactly_and_exports_a_w_conditioned_student(base, tmp_path):
+    from diffusers import UNet2DConditionModel
+
+    from workbench.distill import run_distillation
+    from workbench.runs import RunDir, read_metrics
+
+    def losses_of(run):
+        rows, _ = read_metrics(run / "metrics.jsonl")
+        return {r["step"]: r["loss/lcd"] for r in rows}
+
+    run_distillation(_config(base), tmp_path / "straight")
+    reference = losses_of(tmp_path / "straight")
+    RunDir(tmp_path / "split").request_stop()  # honoured after the first step
+    assert run_distillation(_config(base), tmp_path / "split")["state"] == "stopped"
+    assert run_distillation(None, tmp_path / "split", resume=True)["state"] == "done"
+    resumed = losses_of(tmp_path / "split")
+    assert sorted(resumed) == [0, 1, 2]  # step 2's target is the EMA network restored from the checkpoint
+    for step, value in reference.items():
+        assert resumed[step] == pytest.approx(value, abs=1e-6), step
+    run = RunDir(tmp_path / "straight")
+    unet, info = UNet2DConditionModel.from_pretrained(run.student, output_loading_info=True)
+    assert all(not v for v in info.values()) and unet.config.time_cond_proj_dim == 256
+    assert list(run.samples.glob("step_*.png"))
+    pipe = StableDiffusionXLPipeline.from_pretrained(base, unet=unet)
+    pipe.scheduler = make_scheduler("lcm", pipe.scheduler)
+    image = pipe("a red circle", num_inference_steps=1, guidance_scale=2.0, output_type="np").images[0]
+    assert image.shape == (64, 64, 3)
+    # export: the pipeline format carries the LCM scheduler; the SGM layouts have no w-embedding key
+    from workbench.export import export, student_from_folder
+    from workbench.models import resolve_base
+
+    student = student_from_folder(run.root, base=resolve_base(base))
+    export(student, "pipeline", tmp_path / "exported")
+    assert "LCMScheduler" in (tmp_path / "exported" / "scheduler" / "scheduler_config.json").read_text()
+    with pytest.raises(WorkbenchError, match="guidance embedding"):
+        export(student, "single-file", tmp_path / "single")
+
+
+@pytest.mark.slow
+def test_lcm_lora_run_exports_a_lora_that_load_lora_weights_takes(base, tmp_path):
+    from diffusers import UNet2DConditionModel
+
+    from workbench.distill import LCM_LORA_DIR, run_distillation
+    from workbench.models import load_unet
+    from workbench.presets import load_preset
+    from workbench.runs import RunDir
+    from workbench.surgery import build_student
+
+    with pytest.raises(WorkbenchError, match="no stage is lcd"):
+        run_distillation(_config(base, objectives=(), lcd_lora_rank=4), tmp_path / "bad")
+    status = run_distillation(_config(base, steps=2, lcd_lora_rank=4, lr=1e-2), tmp_path / "lora")
+    assert status["state"] == "done"
+    run = RunDir(tmp_path / "lora")
+    assert (run.root / LCM_LORA_DIR / "pytorch_lora_weights.safetensors").is_file()
+    merged = UNet2DConditionModel.from_pretrained(run.student)  # adapters folded in: a stock UNet
+    assert merged.config.time_cond_proj_dim is None
+    start, _ = build_student(load_unet(base), load_preset("ssd-1b"))  # what the stage started from
+    pipe = StableDiffusionXLPipeline.from_pretrained(base, unet=start)
+    gen = torch.Generator().manual_seed(0)
+    x, t = torch.randn(1, 4, 8, 8, generator=gen), torch.tensor([500])
+    text = {"encoder_hidden_states": torch.randn(1, 4, start.config.cross_attention_dim, generator=gen),
+            "added_cond_kwargs": {"text_embeds": torch.randn(1, 32, generator=gen), "time_ids": torch.randn(1, 6, generator=gen)}}  # fmt: skip
+    with torch.no_grad():
+        before = start(x, t, **text).sample
+        pipe.load_lora_weights(str(run.root / LCM_LORA_DIR))
+        with_lora, folded = pipe.unet(x, t, **text).sample, merged(x, t, **text).sample
+    assert (with_lora - before).abs().max() > 1e-4  # the adapter trained
+    assert torch.allclose(with_lora, folded, atol=1e-4)  # the file is the merged student's adapter

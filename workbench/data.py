@@ -348,6 +348,7 @@ class Batches:
     world: int = 1
     rank: int = 0
     device: Any = "cpu"
+    consistency: bool = False  # also the inputs of consistency distillation (``losses.lcd_targets``)
 
     @staticmethod
     def schedule_of(scheduler_config) -> Any:
@@ -374,7 +375,27 @@ class Batches:
         if c.pooled is not None:
             pooled = torch.where(drop[:, None], c.uncond_pooled, c.pooled[idx])
             inputs["added_cond_kwargs"] = {"text_embeds": pooled, "time_ids": c.time_ids[idx]}
-        return {"inputs": to_device(inputs, self.device), "target": target.to(self.device)}
+        batch = {"inputs": to_device(inputs, self.device), "target": target.to(self.device)}
+        if self.consistency:  # drawn last: the KD batch above is the same with or without it
+            batch["consistency"] = to_device(self.consistency_inputs(idx, latents, noise, gen), self.device)
+        return batch
+
+    def consistency_inputs(self, idx: torch.Tensor, latents, noise, gen: torch.Generator) -> dict[str, Any]:
+        """Clean latents, noise, a uniform draw per example (its guidance scale), and the text
+        inputs of its prompt (never dropped) and of the empty prompt (the guided teacher)."""
+        u = torch.rand(len(idx), generator=gen)
+        return {"latents": latents, "noise": noise, "u": u, "cond": self.text(idx, drop=False),
+                "uncond": self.text(idx, drop=True)}  # fmt: skip
+
+    def text(self, idx: torch.Tensor, drop: bool) -> dict[str, Any]:
+        """The UNet's text inputs for examples ``idx``: their prompts, or the empty prompt's."""
+        c, b = self.cache, len(idx)
+        embeds = c.uncond_embeds.expand(b, *c.uncond_embeds.shape) if drop else c.prompt_embeds[idx]
+        out: dict[str, Any] = {"encoder_hidden_states": embeds}
+        if c.pooled is not None:
+            pooled = c.uncond_pooled.expand(b, *c.uncond_pooled.shape) if drop else c.pooled[idx]
+            out["added_cond_kwargs"] = {"text_embeds": pooled, "time_ids": c.time_ids[idx]}
+        return out
 
 
 def to_device(tree: Any, device) -> Any:

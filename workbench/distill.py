@@ -15,6 +15,7 @@ targets in ``losses``; what trains and how in ``optim``; checkpoints and status 
 from __future__ import annotations
 
 import contextlib
+import copy
 import os
 import time
 import traceback
@@ -39,8 +40,9 @@ from workbench.files import atomic_dir, write_json_atomic
 from workbench.parallel import any_across, make_accelerator, mean_across
 from workbench.runs import MetricsWriter, Reporter, RunDir, Stopper, read_checkpoint_info
 from workbench.sensitivity_kd import GUIDANCE_FILE  # noqa: F401  (re-exported: where a run keeps its guidance)
-from workbench.surgery import save_student, stage_models
+from workbench.surgery import save_student, stage_models, with_guidance_embedding
 
+LCM_LORA_DIR = "lcm_lora"  # an LCM-LoRA run's adapter, for load_lora_weights on the stage's starting student
 TEACHER_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
@@ -53,7 +55,7 @@ class Stage:
     student: Any  # what a step calls (DDP-wrapped when distributed)
     raw: Any  # the unwrapped student: feature hooks, samples, saving
     teacher: Any
-    setup: losses.KDSetup  # feature pairs, loss weights, per-pair weights
+    setup: Any  # the objective's: losses.KDSetup (feature pairs, weights) or losses.LCDSetup
     optimizer: Any
     schedule: Any
     accelerator: Any  # this stage's own: its checkpoints hold this stage's objects only
@@ -124,6 +126,10 @@ class Distillation:
         self.grids = SampleGrids(self.pipe, self.run_dir.samples, prompts, steps=cfg.sample_steps,
                                  guidance=cfg.guidance)  # fmt: skip
 
+    def sampler(self, k: int) -> tuple[str, int] | None:
+        """How stage ``k``'s student draws its sample grids: few LCM steps after LCD."""
+        return ("lcm", self.config.lcd_sample_steps) if self.config.stage_kind(k) == "lcd" else None
+
     def start_run_folder(self, resume: bool) -> None:
         self.run_dir.root.mkdir(parents=True, exist_ok=True)
         if not resume:
@@ -148,7 +154,7 @@ class Distillation:
         self.report.log(f"training data: {len(cache)} cached examples at {resolution}px")
         noise = data.Batches.schedule_of(pipe.scheduler.config)
         return data.Batches(cache, noise, cfg.batch_size, cfg.grad_accum, cfg.seed, cfg.uncond_prob,
-                            acc.num_processes, acc.process_index, acc.device)  # fmt: skip
+                            acc.num_processes, acc.process_index, acc.device, cfg.has_lcd)  # fmt: skip
 
     def load_guidance(self, resume: bool) -> list[dict[str, Any]] | None:
         """Per-stage feature weights and frozen modules (sensitivity-guided runs only)."""
@@ -175,12 +181,19 @@ class Distillation:
         student, teacher, pairs = stage_models(self.pipe.unet, self.specs, k, previous, cfg.stage_teacher,
                                                cfg.feature_mode)  # fmt: skip
         teacher = as_teacher(teacher, acc.device, TEACHER_DTYPES[cfg.teacher_dtype])
+        kind = cfg.stage_kind(k)
+        if kind == "lcd":  # LCM's w-conditioning (the guidance scale as an embedding), or LCM-LoRA
+            pairs = []
+            student = student if cfg.lcd_lora_rank else with_guidance_embedding(student)
         student = student.float().to(acc.device)
         guidance = self.guidance[k] if self.guidance else None
         frozen = guidance["frozen_modules"] if guidance else []
         if cfg.lora_rank:  # LoRA-enhanced distillation: adapters where a layer's input held
             info = lora_kd.add_adapters(student, lora_kd.init_spec(self.specs, k), cfg.lora_rank)
             self.report.log(f"stage {k + 1}: LoRA adapters on {info['adapted_modules']} modules")
+        elif kind == "lcd" and cfg.lcd_lora_rank:
+            info = lora_kd.add_consistency_adapters(student, cfg.lcd_lora_rank)
+            self.report.log(f"stage {k + 1}: LCM-LoRA on {info['adapted_modules']} modules")
         params = optim.trainable_parameters(
             student, frozen, log=lambda m: self.report.log(f"stage {k + 1}: {m}")
         )
@@ -190,16 +203,30 @@ class Distillation:
         schedule = optim.make_schedule(optimizer, cfg)
         wrapped, optimizer = acc.prepare(student, optimizer)
         acc.register_for_checkpointing(schedule)  # not prepared: accelerate would step it per process
+        pairs = pairs if cfg.w_feat > 0 else []
+        weights = sensitivity_kd.pair_weights(guidance, pairs, acc.device)
+        setup = losses.KDSetup(cfg.weights, pairs, cfg.normalize_features, weights)
+        if kind == "lcd":  # its EMA target network is checkpointed with the stage: exact resume
+            setup = self.lcd_setup(student)
+            acc.register_for_checkpointing(setup.target)
         first = 0
         if checkpoint is not None:
             acc.load_state(str(checkpoint))
             first = read_checkpoint_info(checkpoint)["stage_step"] + 1
             self.report.log(f"resumed stage {k + 1} at step {first} from {checkpoint.name}")
-        pairs = pairs if cfg.w_feat > 0 else []
-        weights = sensitivity_kd.pair_weights(guidance, pairs, acc.device)
-        setup = losses.KDSetup(cfg.weights, pairs, cfg.normalize_features, weights)
         raw = acc.unwrap_model(wrapped)  # hooks on the unwrapped model: names survive DDP
-        return Stage(k, cfg.stage_kind(k), wrapped, raw, teacher, setup, optimizer, schedule, acc, first)
+        return Stage(k, kind, wrapped, raw, teacher, setup, optimizer, schedule, acc, first)
+
+    def lcd_setup(self, student) -> losses.LCDSetup:
+        """Consistency distillation on the teacher's noise schedule, with an EMA target network
+        that starts as a copy of the student."""
+        from workbench.schedulers import LCM_ORIGINAL_STEPS
+
+        cfg, schedule = self.config, self.batches.noise_schedule
+        target = copy.deepcopy(student).eval().requires_grad_(False)
+        return losses.LCDSetup(schedule.alphas_cumprod.to(student.device).float(),
+                               schedule.config.prediction_type, cfg.lcd_guidance, target, cfg.lcd_ema,
+                               cfg.lcd_loss, cfg.lcd_huber_c, LCM_ORIGINAL_STEPS)  # fmt: skip
 
     def load_stage_student(self, k: int):
         from diffusers import UNet2DConditionModel
@@ -231,12 +258,17 @@ class Distillation:
                 if stop or done or (s + 1) % cfg.checkpoint_every == 0:
                     self.checkpoint(stage, s, g)
                 if main and cfg.sample_every and (g + 1) % cfg.sample_every == 0:
-                    self.grids.save(stage.raw, g + 1)
+                    self.grids.save(stage.raw, g + 1, self.sampler(k))
                 if stop:
                     self.report.log(f"stopped at step {g + 1}; resume with --resume")
                     return False
         finally:
             metrics.close()
+        if main and stage.kind == "lcd" and self.config.lcd_lora_rank:  # LCM-LoRA: the adapter alone too
+            atomic_dir(
+                self.run_dir.root / LCM_LORA_DIR,
+                lambda tmp: lora_kd.save_adapter(stage.raw, type(self.pipe), tmp),
+            )
         if main:  # the next stage starts from it (adapters merged: a stock UNet)
             spec, student = self.specs[k], lora_kd.plain(stage.raw, self.specs[k])
             atomic_dir(self.run_dir.stage_dir(k), lambda tmp: save_student(student, spec, tmp))
@@ -261,7 +293,7 @@ class Distillation:
 
         student, spec = self.load_stage_student(len(self.specs) - 1), self.specs[-1]
         if not self.grids.path(self.total_steps).exists():
-            self.grids.save(student, self.total_steps)
+            self.grids.save(student, self.total_steps, self.sampler(len(self.specs) - 1))
         trained = Student(spec=spec, base=self.base, unet=student, run=self.run_dir)
         card = model_card(trained)
 
@@ -284,17 +316,19 @@ def train_step(stage: Stage, batches, g: int, cfg: DistillConfig) -> dict[str, f
     objective, totals = losses.OBJECTIVES[stage.kind], {}
     for micro in range(cfg.grad_accum):
         batch = batches(g, micro)
-        targets = losses.teacher_targets(stage.teacher, batch, stage.setup)
+        targets = objective.targets(stage.teacher, batch, stage.setup)
         # Only the last micro-batch syncs gradients across processes.
         sync = contextlib.nullcontext() if micro == cfg.grad_accum - 1 else acc.no_sync(stage.student)
         with sync, acc.autocast():
-            terms = objective(batch, stage.student, stage.raw, targets, stage.setup)
+            terms = objective.loss(batch, stage.student, stage.raw, targets, stage.setup)
             acc.backward(terms["loss/total"] / cfg.grad_accum)
         for key, value in terms.items():
             totals[key] = totals.get(key, 0.0) + value.detach().float().item() / cfg.grad_accum
     if cfg.max_grad_norm > 0:
         acc.clip_grad_norm_(stage.student.parameters(), cfg.max_grad_norm)
     stage.optimizer.step()
+    if objective.after_step is not None:
+        objective.after_step(stage.raw, stage.setup)
     stage.schedule.step()
     stage.optimizer.zero_grad(set_to_none=True)
     return mean_across(acc, totals)

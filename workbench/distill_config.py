@@ -8,13 +8,14 @@ names its flag and the app its label.
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from workbench.errors import ConfigError, WorkbenchError, flag
-from workbench.losses import LossWeights
+from workbench.losses import LCD_LOSSES, OBJECTIVES, LossWeights
 from workbench.plan import PruningPlan
 from workbench.runs import RunDir
 from workbench.sensitivity_kd import FEATURE_WEIGHTS
@@ -71,6 +72,18 @@ class DistillConfig:
     teacher_image_steps: int = 20  # for prompt-file data: steps the teacher draws with
     optimizer: str = "adamw"  # "adamw" or "adamw8bit" (bitsandbytes): workbench.optim
     lora_rank: int = 0  # > 0: LoRA-enhanced distillation (workbench.lora_kd); 0: full weights
+    # What each stage optimises (losses.OBJECTIVES): "kd" (block-removal KD) or "lcd" (latent
+    # consistency distillation: a few-step, w-conditioned student); empty: every stage "kd".
+    objectives: tuple[str, ...] = ()
+    lcd_guidance_min: float | None = None  # the teacher's guidance range; None: the base's (lcd_guidance)
+    lcd_guidance_max: float | None = None
+    lcd_ema: float = 0.95  # decay of the EMA target network
+    lcd_loss: str = "huber"  # "huber" (pseudo-Huber) or "l2"
+    lcd_huber_c: float = 0.001
+    lcd_sample_steps: int = 4  # LCM steps of an LCD stage's sample grids
+    lcd_lora_rank: int = (
+        0  # > 0: LCM-LoRA (adapters of this rank, no w-embedding, a LoRA file); 0: full weights
+    )
 
     @property
     def guidance(self) -> float:
@@ -91,6 +104,7 @@ class DistillConfig:
         data = dict(data)
         data["stages"] = tuple(data["stages"])
         data["sample_prompts"] = tuple(data.get("sample_prompts", ()))
+        data["objectives"] = tuple(data.get("objectives", ()))
         return cls(**data)
 
     @classmethod
@@ -111,8 +125,21 @@ class DistillConfig:
         return LossWeights(self.w_task, self.w_out, self.w_feat)
 
     def stage_kind(self, k: int) -> str:
-        """What stage ``k`` optimises (a key of ``losses.OBJECTIVES``): block-removal KD today."""
-        return "kd"
+        """What stage ``k`` optimises (a key of ``losses.OBJECTIVES``)."""
+        return self.objectives[k] if self.objectives else "kd"
+
+    @property
+    def has_lcd(self) -> bool:
+        return "lcd" in self.objectives
+
+    @property
+    def lcd_guidance(self) -> tuple[float, float]:
+        """The guidance scales LCD draws the teacher's from: the fields, else the base's
+        sampling scale g as the range [0.75 g, 1.5 g] (the toy: 1.5 to 3)."""
+        g = self.guidance
+        low = self.lcd_guidance_min if self.lcd_guidance_min is not None else max(1.0, 0.75 * g)
+        high = self.lcd_guidance_max if self.lcd_guidance_max is not None else max(low, 1.5 * g)
+        return low, high
 
     def plans(self) -> list[PruningPlan]:
         return [PruningPlan.from_dict(s, origin=f"stage {i + 1} plan") for i, s in enumerate(self.stages)]
@@ -136,6 +163,8 @@ WHOLE = {
     "teacher_image_steps": (1, "> 0"),
     "freeze_sensitive": (0, "a whole number >= 0 (0: freeze nothing)"),
     "lora_rank": (0, "a whole number >= 0 (0: train full weights)"),
+    "lcd_sample_steps": (1, "a whole number of LCM steps from 1 to 8"),
+    "lcd_lora_rank": (0, "a whole number >= 0 (0: full weights with the guidance embedding)"),
 }
 MAX_WHOLE = 2**31 - 1  # beyond any real run, and beyond the int32 counters and indices it would meet
 # real-number fields: (lowest value, whether it is allowed, highest value (excluded), text)
@@ -148,8 +177,12 @@ REAL = {
     "w_feat": (0.0, True, None, ">= 0"),
     "uncond_prob": (0.0, True, 1.0, "in [0, 1)"),
     "sample_guidance": (0.0, True, None, ">= 0"),
+    "lcd_guidance_min": (1.0, True, None, ">= 1 (1: no guidance)"),
+    "lcd_guidance_max": (1.0, True, None, ">= 1 (1: no guidance)"),
+    "lcd_ema": (0.0, True, 1.0, "in [0, 1)"),
+    "lcd_huber_c": (0.0, False, None, "> 0"),
 }
-OPTIONAL_REAL = ("sample_guidance",)  # None: a default that depends on the base
+OPTIONAL_REAL = ("sample_guidance", "lcd_guidance_min", "lcd_guidance_max")  # None: the base's
 CHOICES = {
     "feature_mode": FEATURE_MODES,
     "feature_weights": FEATURE_WEIGHTS,
@@ -159,6 +192,7 @@ CHOICES = {
     "lr_schedule": LR_SCHEDULES,
     "device": DEVICES,
     "optimizer": OPTIMIZERS,
+    "lcd_loss": LCD_LOSSES,
 }
 FLAGS = ("normalize_features", "gradient_checkpointing")
 
@@ -233,6 +267,41 @@ def check_fields(config: DistillConfig) -> None:
             )  # fmt: skip
     if not all(isinstance(p, str) and p.strip() for p in config.sample_prompts):
         raise ConfigError("sample_prompts", "{sample_prompts}: every sample prompt needs some text")
+    check_objectives(config)
+
+
+def check_objectives(config: DistillConfig) -> None:
+    """One known objective per stage; consistency distillation last (its student is
+    w-conditioned: block removal after it would have to rebuild that)."""
+    from workbench.schedulers import LCM_MAX_STEPS
+
+    kinds = config.objectives
+    if config.lcd_lora_rank and "lcd" not in kinds:
+        raise ConfigError(
+            "lcd_lora_rank", "{field} is the LCM-LoRA form of an lcd stage, but no stage is lcd; end "
+            "{stages} with lcd or use {objectives} lcd",
+        )  # fmt: skip
+    if not kinds:
+        return
+    if len(kinds) != len(config.stages):
+        raise ConfigError(
+            "objectives", "{field} names {got} objectives for {n} stages; give one per stage",
+            got=len(kinds), n=len(config.stages),
+        )  # fmt: skip
+    for kind in kinds:
+        if kind not in OBJECTIVES:
+            raise ConfigError(
+                "objectives", "unknown objective {got!r} ({field}); choose one of {choices}",
+                got=kind, choices=", ".join(OBJECTIVES),
+            )  # fmt: skip
+    if "lcd" in kinds[:-1]:
+        raise ConfigError(
+            "objectives", "{field}: only the last stage can be lcd (got {got}); put block-removal "
+            "stages first, e.g. --stages segmind-vega,lcd", got=",".join(kinds),
+        )  # fmt: skip
+    if config.lcd_sample_steps > LCM_MAX_STEPS:
+        raise ConfigError("lcd_sample_steps", "{field} must be 1 to {n} LCM steps, got {got}",
+                          n=LCM_MAX_STEPS, got=config.lcd_sample_steps)  # fmt: skip
 
 
 def check_combination(config: DistillConfig) -> None:
@@ -246,6 +315,8 @@ def check_combination(config: DistillConfig) -> None:
         )  # fmt: skip
     if config.needs_sensitivity or config.sensitivity_settings:
         sensitivity_settings(config)
+    if config.has_lcd:
+        check_lcd_combination(config)
     if config.device == "cuda" and not _cuda_available():
         raise ConfigError("device", "{device} cuda was asked for but no CUDA GPU is available; use cpu")
     if config.mixed_precision == "fp16" and not use_cuda(config):
@@ -259,6 +330,20 @@ def check_combination(config: DistillConfig) -> None:
             check_optimizer_device(config.optimizer, "cuda" if use_cuda(config) else "cpu")
         except WorkbenchError as err:
             raise ConfigError.about("optimizer", err) from None
+
+
+def check_lcd_combination(config: DistillConfig) -> None:
+    low, high = config.lcd_guidance_min, config.lcd_guidance_max
+    if low is not None and high is not None and low > high:
+        raise ConfigError(
+            "lcd_guidance_min", "the guidance range runs backwards: {lcd_guidance_min} {low:g} > "
+            "{lcd_guidance_max} {high:g}; give min <= max", low=low, high=high,
+        )  # fmt: skip
+    if config.lora_rank:
+        raise ConfigError(
+            "lora_rank", "{field} (LoRA-enhanced KD) does not apply to an lcd stage; drop it for a "
+            "full-weight consistency distillation",
+        )  # fmt: skip
 
 
 def validate(config: DistillConfig) -> None:
@@ -359,7 +444,30 @@ def check_base(config: DistillConfig, base=None):
             "base", "base {name!r} has no pipeline (text encoders, VAE); distillation needs a teacher "
             "with weights", name=base.name,
         )  # fmt: skip
+    if config.has_lcd:
+        check_lcd_base(base)
     return base
+
+
+def check_lcd_base(base) -> None:
+    """Consistency distillation solves the teacher's ODE on its noise schedule: the pipeline
+    must say what it is (a local pipeline's scheduler config is read here)."""
+    if base.kind == "hub":
+        return  # read when the pipeline loads
+    path = Path(base.location) / "scheduler" / "scheduler_config.json"
+    try:
+        scheduler = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        raise ConfigError(
+            "base", "lcd needs the teacher's noise schedule, but base {name!r} has no readable "
+            "scheduler/scheduler_config.json", name=base.name,
+        ) from None  # fmt: skip
+    kind = scheduler.get("prediction_type", "epsilon")
+    if kind not in ("epsilon", "v_prediction", "sample"):
+        raise ConfigError(
+            "base", "lcd: base {name!r} predicts {kind!r}; LCD supports epsilon, v_prediction and sample",
+            name=base.name, kind=kind,
+        )  # fmt: skip
 
 
 def check_run_dir(run_dir: str | Path, resume: bool) -> RunDir:

@@ -165,8 +165,10 @@ def student_from_folder(folder: str | Path, base: Base | None = None) -> Student
     info = read_student_folder(folder)
     base = base or resolve_base(info.base_name() or "toy")
     spec = compile_plan(build_catalog(base.unet_config), info.plan)
+    # a consistency-distilled student adds LCM's guidance embedding to the plan's UNet
+    expected = spec.config | {"time_cond_proj_dim": info.config.get("time_cond_proj_dim")}
     if _without_samplers(spec.layer_map) != _without_samplers(info.layer_map) or not _same_shapes(
-        spec.config, info.config
+        expected, info.config
     ):
         raise WorkbenchError(
             f"student {str(info.unet_dir)!r} was not made from base {base.name!r}: its plan gives a "
@@ -251,6 +253,7 @@ def export(
     check_format(fmt)
     dtype = check_dtype(dtype or default_dtype(fmt))
     check_base_for(fmt, student.base)
+    check_student_for(fmt, student)
     out = check_out(out)
     remapped = None
     if lora_file is not None:  # a LoRA of another teacher fails here, before anything is written
@@ -312,8 +315,24 @@ def _write_diffusers(student: Student, folder: Path, dtype: str, pipeline, stem:
     return None
 
 
+def check_student_for(fmt: str, student: Student) -> None:
+    """A consistency-distilled (w-conditioned) student travels in the diffusers layouts only."""
+    from workbench.schedulers import is_w_conditioned
+
+    if fmt in ("single-file", "checkpoint") and is_w_conditioned(student.unet):
+        raise WorkbenchError(
+            f"--format {fmt}: this student is consistency-distilled with a guidance embedding "
+            "(time_embedding.cond_proj), which the original checkpoint layout has no key for; export "
+            "--format diffusers or pipeline"
+        )
+
+
 def _write_pipeline(student: Student, folder: Path, dtype: str, pipeline, stem: str) -> None:
+    from workbench.schedulers import is_w_conditioned, make_scheduler
+
     components = {**pipeline.components, "unet": student.unet}
+    if is_w_conditioned(student.unet):  # a consistency-distilled student samples with LCM
+        components["scheduler"] = make_scheduler("lcm", pipeline.scheduler)
     type(pipeline)(**components).save_pretrained(folder)  # shares the teacher's modules, copies nothing
     if dtype != "fp32":
         for path in folder.rglob("*.safetensors"):

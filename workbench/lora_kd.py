@@ -110,6 +110,41 @@ def add_adapters(student, spec, rank: int) -> dict[str, Any]:
     }
 
 
+def add_consistency_adapters(student, rank: int) -> dict[str, Any]:
+    """LCM-LoRA: adapters of ``rank`` on every linear and convolution layer of the student
+    (attention, feed-forward, ResNets, samplers, embeddings), everything else frozen. The
+    adapter alone is what consistency distillation trains; ``save_adapter`` writes it as a
+    LoRA file that ``load_lora_weights`` puts on the stage's starting student."""
+    from peft import LoraConfig
+
+    if not isinstance(rank, int) or rank < 1:
+        raise WorkbenchError(f"LoRA rank must be a whole number >= 1, got {rank!r}")
+    targets = [n for n, m in student.named_modules() if isinstance(m, (torch.nn.Linear, torch.nn.Conv2d))]
+    pattern = "^(" + "|".join(t.replace(".", r"\.") for t in targets) + ")$"
+    student.requires_grad_(False)
+    student.add_adapter(
+        LoraConfig(r=rank, lora_alpha=rank, init_lora_weights=True, target_modules=pattern), ADAPTER
+    )
+    for name, p in student.named_parameters():
+        p.requires_grad_("lora_" in name)
+    trainable = sum(p.numel() for p in student.parameters() if p.requires_grad)
+    return {"rank": rank, "adapted_modules": len(targets), "trainable": trainable}
+
+
+def save_adapter(student, pipeline_class, folder) -> None:
+    """The student's adapter as a diffusers LoRA folder (``pytorch_lora_weights.safetensors``
+    with its adapter config): ``pipe.load_lora_weights(folder)`` on the stage's starting student."""
+    from peft.utils import get_peft_model_state_dict
+
+    config = student.peft_config[ADAPTER].to_dict()
+    metadata = {k: sorted(v) if isinstance(v, set) else v for k, v in config.items()}
+    pipeline_class.save_lora_weights(
+        str(folder),
+        unet_lora_layers=get_peft_model_state_dict(student, adapter_name=ADAPTER),
+        unet_lora_adapter_metadata=metadata,
+    )
+
+
 def plain(student, spec):
     """The student as a stock UNet: merged if it has adapters, itself otherwise."""
     return merged(student, spec) if getattr(student, "_hf_peft_config_loaded", False) else student

@@ -13,10 +13,12 @@ so deep high-magnitude features don't swamp the others (and the task loss).
 loss a weighted sum; the per-pair terms are logged unweighted. Without them the sum is the
 plain one, computed exactly as before.
 
-A training step asks two things of this module: what the teacher gives a batch
-(``teacher_targets``) and the stage's objective (``OBJECTIVES[kind]``), a function of the
-batch, the student and those targets that returns the named terms (``loss/total`` is the one
-to minimise). A stage kind is one entry of ``OBJECTIVES``: ``"kd"`` today.
+A training step asks three things of this module, the stage kind's ``Objective``
+(``OBJECTIVES[kind]``): what the teacher gives a batch (``targets``), the loss, a function of
+the batch, the student and those targets that returns the named terms (``loss/total`` is the
+one to minimise), and what follows each optimizer step (``after_step``; the EMA target of
+consistency distillation). Stage kinds: ``"kd"`` (block-removal KD, above) and ``"lcd"``
+(latent consistency distillation, below).
 """
 
 from __future__ import annotations
@@ -133,4 +135,155 @@ def kd_objective(batch: dict[str, Any], student: Callable, hooked: torch.nn.Modu
     )  # fmt: skip
 
 
-OBJECTIVES: dict[str, Callable[..., dict[str, torch.Tensor]]] = {"kd": kd_objective}
+# --------------------------------------------------------------------------- latent consistency distillation
+#
+# LCD (Luo et al. 2023, "Latent Consistency Models"): the student f(x_t, t, w, c) learns to map
+# any point of the guided teacher's probability-flow ODE to its origin. A step: noise clean
+# latents to a timestep t_n of a DDIM grid; one DDIM step of the guided teacher (scale w drawn
+# from a range) over the skipping interval gives x_{n-k}; the target is the EMA target network's
+# f(x_{n-k}, t_{n-k}, w, c); the student's f(x_n, t_n, w, c) is pulled to it (pseudo-Huber or L2).
+# f = c_skip(t) x + c_out(t) x0_pred(t): the boundary scalings LCMScheduler samples with.
+
+LCD_LOSSES = ("huber", "l2")
+SIGMA_DATA = 0.5  # LCMScheduler's
+TIMESTEP_SCALING = 10.0  # LCMScheduler's default ``timestep_scaling``
+
+
+@dataclass(frozen=True)
+class LCDSetup:
+    """What the ``lcd`` objective needs besides the batch."""
+
+    alphas_cumprod: torch.Tensor  # (T,) the teacher's noise schedule, on the training device
+    prediction_type: str  # epsilon | v_prediction | sample
+    guidance: tuple[float, float]  # the teacher's guidance scales are drawn uniformly from this range
+    target: torch.nn.Module  # the EMA target network (a copy of the student, never trained directly)
+    ema: float = 0.95  # target <- ema * target + (1 - ema) * student after every optimizer step
+    loss: str = "huber"
+    huber_c: float = 0.001
+    solver_steps: int = 50  # DDIM grid: skipping interval T / solver_steps (schedulers.LCM_ORIGINAL_STEPS)
+
+
+@dataclass(frozen=True)
+class ConsistencyTargets:
+    """One micro-batch's LCD targets: the student's inputs and what its output must match."""
+
+    x_t: torch.Tensor  # (B, C, h, w) noised latents at t_n
+    t: torch.Tensor  # (B,) t_n
+    w: torch.Tensor | None  # (B, D) guidance-scale embedding (None: a student without one, LCM-LoRA)
+    target: torch.Tensor  # (B, C, h, w) the target network's f at (x_{n-k}, t_{n-k})
+
+
+def boundary_scalings(t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(c_skip, c_out) of timesteps ``t`` (B,) as (B, 1, 1, 1): c_skip(0) = 1, c_out(0) = 0."""
+    scaled = t.float() * TIMESTEP_SCALING
+    c_skip = SIGMA_DATA**2 / (scaled**2 + SIGMA_DATA**2)
+    c_out = scaled / (scaled**2 + SIGMA_DATA**2) ** 0.5
+    return c_skip[:, None, None, None], c_out[:, None, None, None]
+
+
+def x0_and_eps(out: torch.Tensor, x_t: torch.Tensor, alpha: torch.Tensor, kind: str):
+    """(predicted clean latents, predicted noise) from a UNet output of prediction ``kind``;
+    ``alpha`` (B, 1, 1, 1) is the cumulative alpha of the timestep."""
+    a, s = alpha.sqrt(), (1 - alpha).sqrt()
+    if kind == "v_prediction":
+        return a * x_t - s * out, a * out + s * x_t
+    if kind == "epsilon":  # zero terminal SNR has a = 0 at the last step: no x0 from epsilon there
+        return (x_t - s * out) / a.clamp_min(1e-4), out
+    if kind == "sample":
+        return out, (x_t - a * out) / s.clamp_min(1e-4)
+    raise ValueError(f"prediction type {kind!r}: LCD supports epsilon, v_prediction and sample")
+
+
+def solver_timesteps(index: torch.Tensor, total: int, steps: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(t_n, t_{n-k}) of DDIM grid positions ``index`` (0..steps-1): the grid is LCM's,
+    ``(1..steps) * (total // steps) - 1``; the step before the first is clamped to 0."""
+    skip = total // steps
+    t = (index + 1) * skip - 1
+    return t, (t - skip).clamp_min(0)
+
+
+def _cat(a: Any, b: Any) -> Any:
+    """Two nested dicts of tensors concatenated along the batch."""
+    if isinstance(a, dict):
+        return {k: _cat(a[k], b[k]) for k in a}
+    return torch.cat([a, b])
+
+
+def consistency_function(unet: Callable, x: torch.Tensor, t: torch.Tensor, w: torch.Tensor | None,
+                         text: dict[str, Any], setup: LCDSetup) -> torch.Tensor:  # fmt: skip
+    """f(x, t, w, c) = c_skip(t) x + c_out(t) x0_pred: the consistency model's output."""
+    out = unet(sample=x, timestep=t, timestep_cond=w, **text).sample.float()
+    alpha = setup.alphas_cumprod[t][:, None, None, None]
+    c_skip, c_out = boundary_scalings(t)
+    return c_skip * x + c_out * x0_and_eps(out, x, alpha, setup.prediction_type)[0]
+
+
+def lcd_targets(teacher: torch.nn.Module, batch: dict[str, Any], setup: LCDSetup) -> ConsistencyTargets:
+    """The guided teacher's DDIM step over the skipping interval, then the target network's
+    consistency output there. The grid position comes from the batch's timestep (uniform)."""
+    from workbench.schedulers import guidance_embedding
+
+    c = batch["consistency"]
+    total = len(setup.alphas_cumprod)
+    index = batch["inputs"]["timestep"] * setup.solver_steps // total
+    t, t_prev = solver_timesteps(index, total, setup.solver_steps)
+    low, high = setup.guidance
+    scale = low + (high - low) * c["u"]  # (B,)
+    dim = setup.target.config.get("time_cond_proj_dim")  # None: LCM-LoRA, no guidance embedding
+    w = guidance_embedding(scale, dim) if dim else None
+    alpha = setup.alphas_cumprod[t][:, None, None, None]
+    x_t = alpha.sqrt() * c["latents"] + (1 - alpha).sqrt() * c["noise"]  # (B, C, h, w)
+    with torch.no_grad():
+        inputs = {
+            "sample": torch.cat([x_t, x_t]),
+            "timestep": torch.cat([t, t]),
+            **_cat(c["cond"], c["uncond"]),
+        }
+        cond, uncond = teacher(**cast(inputs, teacher.dtype)).sample.float().chunk(2)
+        x0_c, eps_c = x0_and_eps(cond, x_t, alpha, setup.prediction_type)
+        x0_u, eps_u = x0_and_eps(uncond, x_t, alpha, setup.prediction_type)
+        s = scale[:, None, None, None]
+        x0, eps = x0_u + s * (x0_c - x0_u), eps_u + s * (eps_c - eps_u)  # classifier-free guidance
+        alpha_prev = setup.alphas_cumprod[t_prev][:, None, None, None]
+        x_prev = alpha_prev.sqrt() * x0 + (1 - alpha_prev).sqrt() * eps  # DDIM, t_n -> t_{n-k}
+        target = consistency_function(setup.target, x_prev, t_prev, w, c["cond"], setup)
+    return ConsistencyTargets(x_t, t, w, target)
+
+
+def lcd_objective(batch: dict[str, Any], student: Callable, hooked: torch.nn.Module,
+                  targets: ConsistencyTargets, setup: LCDSetup) -> dict[str, torch.Tensor]:  # fmt: skip
+    """The student's consistency output at (x_n, t_n) against the target's at (x_{n-k}, t_{n-k})."""
+    pred = consistency_function(
+        student, targets.x_t, targets.t, targets.w, batch["consistency"]["cond"], setup
+    )
+    diff = pred - targets.target
+    if setup.loss == "huber":
+        loss = (torch.sqrt(diff.pow(2) + setup.huber_c**2) - setup.huber_c).mean()
+    else:
+        loss = diff.pow(2).mean()
+    return {"loss/lcd": loss, "loss/total": loss}
+
+
+@torch.no_grad()
+def ema_update(student: torch.nn.Module, setup: LCDSetup) -> None:
+    """The target network follows the student: ``target <- ema * target + (1 - ema) * student``."""
+    for t, s in zip(setup.target.parameters(), student.parameters(), strict=True):
+        t.lerp_(s.detach().to(t.dtype), 1.0 - setup.ema)
+
+
+# --------------------------------------------------------------------------- the stage kinds
+
+
+@dataclass(frozen=True)
+class Objective:
+    """A stage kind: the teacher's targets for a batch, the loss, and what follows a step."""
+
+    targets: Callable[..., Any]  # (teacher, batch, setup) -> targets
+    loss: Callable[..., dict[str, torch.Tensor]]  # (batch, student, hooked, targets, setup) -> terms
+    after_step: Callable[[torch.nn.Module, Any], None] | None = None  # (unwrapped student, setup)
+
+
+OBJECTIVES: dict[str, Objective] = {
+    "kd": Objective(teacher_targets, kd_objective),
+    "lcd": Objective(lcd_targets, lcd_objective, ema_update),
+}

@@ -223,6 +223,11 @@ def _distillation(student: Student) -> str:
             )
     stages = len(c.get("stages", ()))
     staged = f" in {stages} progressive stages" if stages > 1 else ""
+    if "lcd" in c.get("objectives", ()):
+        staged += (
+            f"; the last stage latent consistency distillation (guided teacher, DDIM solver, EMA target "
+            f"{c.get('lcd_ema')}, {c.get('lcd_loss')} loss)"
+        )
     return (
         "## Distillation\n\n"
         f"{_steps(student)} optimizer steps{staged} on `{_data_name(c.get('data', 'toy'))}` data, batch "
@@ -294,10 +299,22 @@ def _loading(student: Student, fmt: str, dtype: str, weights_file: str | None) -
         ),
     }
     scheduler = _scheduler_note(base)
+    if student.unet is not None and student.unet.config.get("time_cond_proj_dim") is not None:
+        return f"## How to load it\n\n{snippets[fmt]}{scheduler}\n\n{LCD_NOTE}"
     return (
         f"## How to load it\n\n{snippets[fmt]}{scheduler}\n\nUse the teacher's scheduler and settings "
         "(prediction type, steps, guidance): the student predicts what its teacher predicts."
     )
+
+
+LCD_NOTE = (
+    "This student is consistency-distilled (LCD) with LCM's guidance embedding "
+    "(`time_cond_proj_dim`): sample it with `LCMScheduler` (the `pipeline` format carries one) at 1 "
+    "to 8 steps; `guidance_scale` goes in as an embedding, one UNet call per step, no classifier-free "
+    "guidance pass:\n\n```python\nfrom diffusers import LCMScheduler\n\n"
+    "pipe.scheduler = LCMScheduler.from_config(pipe.scheduler.config)\n"
+    'image = pipe("a photo of a cat", num_inference_steps=4, guidance_scale=2.0).images[0]\n```'
+)
 
 
 def _scheduler_note(base: Base) -> str:

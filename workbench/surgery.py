@@ -596,3 +596,26 @@ def derive_stage_plan(prev: StudentSpec, nxt: StudentSpec, name: str) -> Pruning
             "superset of the earlier one's units"
         )
     return plan
+
+
+# LCM's guidance (w) embedding width: what latent-consistency/lcm-sdxl uses.
+GUIDANCE_EMBED_DIM = 256
+
+
+def with_guidance_embedding(unet, dim: int = GUIDANCE_EMBED_DIM):
+    """``unet`` with LCM's w-conditioning: a stock ``UNet2DConditionModel`` whose config gains
+    ``time_cond_proj_dim`` (its time embedding a bias-free ``cond_proj``: dim -> time channels),
+    zero-initialised so the output is the unchanged UNet's until it trains. A UNet that has it
+    already is returned as it is. Its parameters are the plan's plus ``cond_proj``'s."""
+    import torch
+
+    from workbench.catalog import meta_unet
+
+    if unet.config.get("time_cond_proj_dim") is not None:
+        return unet
+    out = meta_unet(dict(unet.config) | {"time_cond_proj_dim": dim})
+    state = {k: v.detach().clone() for k, v in unet.state_dict().items()}
+    weight = out.time_embedding.cond_proj.weight
+    state["time_embedding.cond_proj.weight"] = torch.zeros(weight.shape, dtype=unet.dtype, device=unet.device)
+    out.load_state_dict(state, strict=True, assign=True)
+    return out.train(unet.training)

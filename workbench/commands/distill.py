@@ -17,6 +17,7 @@ from workbench.distill_config import (
     DistillConfig,
 )
 from workbench.errors import WorkbenchError
+from workbench.losses import LCD_LOSSES
 from workbench.presets import load_preset
 
 # CLI flag -> DistillConfig field, for the plain options.
@@ -45,6 +46,25 @@ _OPTIONS: list[tuple[str, type, str]] = [
     ("--sample-every", int, "teacher-vs-student sample grid every N steps (0: at the end only)"),
     ("--sample-steps", int, "denoising steps for sample grids"),
     ("--sample-guidance", float, "guidance scale for sample grids (default: the base's, toy 2, others 5)"),
+    (
+        "--lcd-guidance-min",
+        float,
+        "lcd: lowest guidance scale drawn for the teacher (default: 0.75 x the base's, at least 1)",
+    ),
+    (
+        "--lcd-guidance-max",
+        float,
+        "lcd: highest guidance scale drawn for the teacher (default: 1.5 x the base's)",
+    ),
+    ("--lcd-ema", float, "lcd: decay of the EMA target network (default 0.95)"),
+    ("--lcd-huber-c", float, "lcd: the pseudo-Huber loss's c (default 0.001)"),
+    ("--lcd-sample-steps", int, "lcd: LCM steps of the sample grids (1-8, default 4)"),
+    (
+        "--lcd-lora-rank",
+        int,
+        "lcd: LCM-LoRA, adapters of this rank on the student (no guidance embedding), also saved as "
+        "RUN_DIR/lcm_lora for load_lora_weights (0, default: full weights with the guidance embedding)",
+    ),
     (
         "--freeze-sensitive",
         int,
@@ -80,6 +100,7 @@ _CHOICES: list[tuple[str, tuple[str, ...], str]] = [
     ("--teacher-dtype", TEACHER_DTYPES, "teacher precision (it runs without gradients)"),
     ("--device", ("auto", "cpu", "cuda"), "where to train"),
     ("--optimizer", OPTIMIZERS, "adamw, or adamw8bit (bitsandbytes: a quarter of AdamW's state memory)"),
+    ("--lcd-loss", LCD_LOSSES, "lcd: huber (pseudo-Huber, default) or l2"),
 ]
 
 
@@ -88,7 +109,16 @@ def register(sub: argparse._SubParsersAction) -> None:
     add_base(p)
     p.set_defaults(base=None)  # given or not: with --resume, a given --base must match the run's
     p.add_argument("--preset", help="the plan: a preset name or plan file (one stage)")
-    p.add_argument("--stages", help="progressive run: comma-separated presets/plan files, each removing more")
+    p.add_argument(
+        "--stages",
+        help="progressive run: comma-separated presets/plan files, each removing more; 'lcd' as the last "
+        "adds a latent consistency distillation stage on the previous plan (e.g. segmind-vega,lcd)",
+    )
+    p.add_argument(
+        "--objective",
+        help="with --preset: what the one stage optimises: kd (block-removal KD, default) or lcd (latent "
+        "consistency distillation straight from the teacher)",
+    )
     p.add_argument("--steps", type=int, help="optimizer steps per stage")
     p.add_argument("--run-dir", required=True, help="the run folder (created; with --resume, continued)")
     p.add_argument(
@@ -118,7 +148,9 @@ def given_fields(args: argparse.Namespace) -> dict:
                 "give one of --preset (one stage) or --stages (comma-separated presets), not both"
             )
         names = [args.preset] if args.preset else [s.strip() for s in args.stages.split(",") if s.strip()]
-        fields["stages"] = tuple(load_preset(n).to_dict() for n in names)
+        fields |= stage_fields(names, args.objective if args.preset else None)
+    elif args.objective:
+        raise WorkbenchError("--objective goes with --preset; with --stages, end the list with lcd")
     for name in ("steps", "base", *(flag[2:].replace("-", "_") for flag, *_ in (*_OPTIONS, *_CHOICES))):
         if getattr(args, name) is not None:
             fields[name] = getattr(args, name)
@@ -127,6 +159,26 @@ def given_fields(args: argparse.Namespace) -> dict:
             fields[name] = True
     if args.sample_prompt:
         fields["sample_prompts"] = tuple(args.sample_prompt)
+    return fields
+
+
+def stage_fields(names: list[str], objective: str | None) -> dict:
+    """``stages`` (plans) and ``objectives`` from stage names: ``lcd`` repeats the plan before it."""
+    plans, kinds = [], []
+    for name in names:
+        if name == "lcd":
+            if not plans:
+                raise WorkbenchError("--stages: lcd needs a plan before it, e.g. segmind-vega,lcd")
+            plans.append(plans[-1])
+            kinds.append("lcd")
+        else:
+            plans.append(load_preset(name).to_dict())
+            kinds.append("kd")
+    if objective is not None:
+        kinds = [objective]
+    fields: dict = {"stages": tuple(plans)}
+    if any(k != "kd" for k in kinds):
+        fields["objectives"] = tuple(kinds)
     return fields
 
 
