@@ -173,6 +173,8 @@ def test_sensitivity_section_shows_above_the_toggles(page):
     )
     assert page.get_by_role("button", name="Measure sensitivity", exact=True).is_visible()
     assert page.get_by_role("button", name="Auto-prune", exact=True).is_visible()
+    for box in ("#wb-autoprune-search input", "#wb-autoprune-budget input"):  # each choice shows whole
+        assert page.locator(box).evaluate("e => e.scrollWidth <= e.clientWidth && e.clientWidth > 0"), box
     page.screenshot(path=str(SHOTS / "01b-sensitivity.png"), full_page=False)
 
 
@@ -247,6 +249,13 @@ def test_compare_draws_teacher_and_student(page):
     assert page.locator("#wb-teacher img").count() >= 2
     summary = page.locator("#wb-compare-summary").inner_text()
     assert "2 seed(s), 2 steps" in summary and "per image" in summary
+    # the toy's 64 px come 4x enlarged and are drawn no larger; captions show whole
+    shown = page.locator("#wb-teacher img").first.evaluate(
+        "i => [i.naturalWidth, i.getBoundingClientRect().width]"
+    )
+    assert shown[0] == 256 and shown[1] <= 272, shown
+    clipped = "e => e.scrollWidth > e.clientWidth"
+    assert not any(c.evaluate(clipped) for c in page.locator("#wb-teacher .caption-label").all())
     page.screenshot(path=str(SHOTS / "06-compare.png"), full_page=True)
 
 

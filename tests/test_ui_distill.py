@@ -145,3 +145,16 @@ def test_the_run_list_follows_live_states_and_a_reload_selects_the_running_run(t
     picker, shown = dt.picker_refresh(shown, tmp_path)
     assert ("live (stopped, step 8)", str(live.root)) in picker["choices"] == shown
     assert dt.picker_on_open(tmp_path)[0]["value"] is None  # nothing in progress: nothing selected
+
+
+def test_a_small_sample_grid_is_shown_enlarged_under_its_own_caption(tmp_path):
+    from PIL import Image
+
+    run = _run(tmp_path, "r", state="running", step=3, pid=None)
+    caption, image = dt.sample_view(str(run.root))
+    assert "none yet" in caption and image is None
+    run.samples.mkdir(parents=True)
+    Image.new("RGB", (256, 128)).save(run.samples / "step_0000003.png")  # the toy: 4 images of 64 px, 2 rows
+    caption, image = dt.sample_view(str(run.root))
+    assert "step 3" in caption and "teacher (top row)" in caption and "2× enlarged" in caption
+    assert image.size == (512, 256)

@@ -345,10 +345,23 @@ def test_compare_draws_teacher_and_student_with_the_same_seeds(pipeline_dir):
     )
     assert len(teacher) == len(student) == 1
     (t_img, t_caption), (s_img, s_caption) = teacher[0], student[0]
-    assert t_img.size == s_img.size == (32, 32)
+    assert t_img.size == s_img.size == (256, 256)  # 32 px drawn, shown enlarged 8x (sharp pixels)
     assert t_caption.startswith("seed 3 · ") and s_caption.startswith("seed 3 · ")
-    assert "27 units removed" in summary and "1 steps" in summary
+    assert "27 units removed" in summary and "1 steps" in summary and "32×32 px (shown 8× enlarged" in summary
     assert compare_tab.availability_md(store, view) == ""
+
+
+def test_small_images_are_enlarged_by_a_whole_factor_with_sharp_pixels():
+    from PIL import Image
+
+    small = Image.new("RGB", (64, 32), "white")
+    small.putpixel((0, 0), (255, 0, 0))
+    big = fmt.enlarged(small, 256)
+    assert big.size == (256, 128)
+    assert {big.getpixel((x, y)) for x in range(4) for y in range(4)} == {(255, 0, 0)}  # one 4x4 block
+    assert big.getpixel((4, 0)) == (255, 255, 255)
+    large = Image.new("RGB", (1024, 1024))
+    assert fmt.enlarged(large, 256) is large
 
 
 # ------------------------------------------------------------------ Export tab

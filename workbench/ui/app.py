@@ -50,6 +50,11 @@ CSS = """
 #wb-numbers table {width: 100%; font-size: 0.95em;}
 #wb-model-row {align-items: flex-end;}
 #wb-load {max-height: 48px; margin-bottom: 6px;}
+/* Compare: a cell no wider than an enlarged toy image, rather than one image stretched over the column. */
+#wb-teacher .grid-container, #wb-student .grid-container {
+  grid-template-columns: repeat(var(--grid-cols), minmax(100px, 272px)) !important;}
+#wb-teacher .caption-label, #wb-student .caption-label {max-width: calc(100% - 8px); white-space: normal;
+  font-size: 0.8em;}
 """
 
 

@@ -24,6 +24,7 @@ from workbench.ui.store import Store, native_resolution, no_pipeline_message
 
 MAX_SEED = 2**32 - 1
 MAX_GUIDANCE = 30.0
+SHOWN_PX = 256  # smaller images are shown enlarged by a whole factor (sharp pixels), larger ones as they fit
 _RANGE = re.compile(r"^(\d+)\s*-\s*(\d+)$")
 
 
@@ -180,7 +181,7 @@ def compare(
 
 
 def _gallery(items: list[tuple[Any, float, int]]) -> list[tuple[Any, str]]:
-    return [(image, f"seed {seed} · {fmt.seconds(t)}") for image, t, seed in items]
+    return [(fmt.enlarged(image, SHOWN_PX), f"seed {seed} · {fmt.seconds(t)}") for image, t, seed in items]
 
 
 def summary_md(request: Request, teacher: list, student: list, spec: Any) -> str:
@@ -189,9 +190,11 @@ def summary_md(request: Request, teacher: list, student: list, spec: Any) -> str
     own = ""
     if request.student_scheduler != "default" or request.student_steps:
         own = f" (student: {request.student_kw['steps']} {request.student_scheduler} steps)"
+    k = fmt.enlargement((request.size, request.size), SHOWN_PX)
+    shown = f" (shown {k}× enlarged, pixel for pixel)" if k > 1 else ""
     return (
         f"**{len(request.seeds)} seed(s), {request.steps} steps{own}, guidance {request.guidance:g}, "
-        f"{request.size}×{request.size} px.** Teacher {fmt.seconds(t)} per image, student "
+        f"{request.size}×{request.size} px{shown}.** Teacher {fmt.seconds(t)} per image, student "
         f"{fmt.seconds(s)} per image ({fmt.factor(t, s, 'faster')}); wall time including text "
         f"encoding and VAE decoding.  \nStudent: {len(spec.removed)} units removed, "
         f"{fmt.params(spec.student_params)} of {fmt.params(spec.teacher_params)} UNet params. "
@@ -264,14 +267,15 @@ def build(ctx: Shared) -> None:
     go = gr.Button("Generate teacher and student", variant="primary")
     summary = gr.Markdown(elem_id="wb-compare-summary")
     with gr.Row():
+        # scale-down: an image is never drawn larger than it is (the toy's 64 px arrive enlarged 4x)
         teacher = gr.Gallery(
-            label="Teacher", columns=4, height="auto", object_fit="contain", elem_id="wb-teacher"
+            label="Teacher", columns=4, height="auto", object_fit="scale-down", elem_id="wb-teacher"
         )
         student = gr.Gallery(
             label="Student (current plan)",
             columns=4,
             height="auto",
-            object_fit="contain",
+            object_fit="scale-down",
             elem_id="wb-student",
         )
     store = ctx.store

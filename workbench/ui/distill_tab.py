@@ -40,6 +40,7 @@ CURRENT_PLAN = "(current plan)"
 PLAN_FILE = "input-plan.json"
 MAX_POINTS = 400  # points per curve in the loss plot; longer runs are strided
 POLL_S = 2.0
+SAMPLE_PX = 512  # a smaller sample grid is shown enlarged to at least this width
 MAIN_TERMS = ("loss/total", "loss/task", "loss/out", "loss/feat")
 # Run options the form sets (DistillConfig fields and CLI flags of the same names), in form order.
 FORM_KEYS = ("steps", "toy_samples", "batch_size", "lr", "w_task", "w_out", "w_feat", "feature_mode",
@@ -237,6 +238,26 @@ def latest_sample(run_dir: str | None) -> str | None:
     return str(samples[-1]) if samples else None
 
 
+def sample_view(run_dir: str | None) -> tuple[str, Any]:
+    """(caption, image) of the run's latest sample grid; a grid of small images (the toy's
+    64 px) comes enlarged by a whole factor, so it is drawn at a readable size with sharp pixels."""
+    path = latest_sample(run_dir)
+    if path is None:
+        return (
+            "<span class='wb-muted'>Samples: none yet (drawn every *Samples every* steps, and at the end).</span>",
+            None,
+        )
+    from PIL import Image
+
+    with Image.open(path) as image:
+        image.load()
+    k = fmt.enlargement(image.size, SAMPLE_PX)
+    step = int(Path(path).stem.removeprefix("step_"))
+    shown = f", shown {k}× enlarged" if k > 1 else ""
+    caption = f"**Samples at step {step}**: teacher (top row) vs student (bottom row){shown}."
+    return caption, fmt.enlarged(image, SAMPLE_PX) if k > 1 else path
+
+
 def run_choices(root: Path | None = None) -> list[tuple[str, str]]:
     return [
         (f"{r['name']} ({r['state']}, step {r['step']})", r["run_dir"])
@@ -300,6 +321,7 @@ class Watch:
     status: Any
     per_layer: Any
     losses: Any
+    caption: Any
     sample: Any
     stop: Any
     resume: Any
@@ -375,13 +397,17 @@ def _watch() -> Watch:
     status = gr.Markdown(status_md(None), elem_id="wb-run-status")
     per_layer = gr.Checkbox(False, label="show per-layer feature terms")
     losses = gr.Plot(label="losses", elem_id="wb-loss-plot")
-    sample = gr.Image(label="latest samples: teacher (top) vs student (bottom)", type="filepath")
+    caption = gr.Markdown(elem_id="wb-sample-caption")
+    # The caption above, not Gradio's label, which would cover the teacher row.
+    sample = gr.Image(show_label=False, type="filepath", format="png", elem_id="wb-sample", interactive=False)
     with gr.Row():
         stop = gr.Button("Stop", elem_id="wb-distill-stop")
         resume = gr.Button("Resume")
         download = gr.Button("Download student (zip)")
     student_file = gr.File(label="student", visible=True)
-    return Watch(picker, refresh, status, per_layer, losses, sample, stop, resume, download, student_file)
+    return Watch(
+        picker, refresh, status, per_layer, losses, caption, sample, stop, resume, download, student_file
+    )
 
 
 def _wire_launch(ctx: Shared, form: Form, watch: Watch) -> None:
@@ -406,10 +432,10 @@ def _wire_watch(ctx: Shared, form: Form, w: Watch) -> None:
 
     def on_tick(run_dir, layers):
         if not run_dir:
-            return status_md(None), gr.skip(), gr.skip()
-        return status_md(run_dir), plot(loss_figure(metrics_rows(run_dir), layers)), latest_sample(run_dir)
+            return status_md(None), gr.skip(), gr.skip(), gr.skip()
+        return status_md(run_dir), plot(loss_figure(metrics_rows(run_dir), layers)), *sample_view(run_dir)
 
-    outputs = [w.status, w.losses, w.sample]
+    outputs = [w.status, w.losses, w.caption, w.sample]
     timer = gr.Timer(POLL_S)
     timer.tick(on_tick, [w.picker, w.per_layer], outputs, show_progress="hidden", **private)
     w.picker.change(on_tick, [w.picker, w.per_layer], outputs, **private)

@@ -81,6 +81,23 @@ def table(header: list[str], rows: list[list[str]]) -> str:
     return "\n".join("| " + " | ".join(cells) + " |" for cells in lines)
 
 
+# ------------------------------------------------------------------ images
+
+
+def enlargement(size: tuple[int, int], at_least: int) -> int:
+    """The whole factor that brings an image's longer side to at least ``at_least`` px (1 if it is)."""
+    return max(1, at_least // max(size))
+
+
+def enlarged(image, at_least: int = 256):
+    """A small image scaled up by a whole factor with nearest-neighbour pixels (a 64 px toy image
+    becomes 256 px of sharp 4x4 blocks, not a blur); an image already that large is unchanged."""
+    from PIL import Image
+
+    k = enlargement(image.size, at_least)
+    return image if k == 1 else image.resize((image.width * k, image.height * k), Image.Resampling.NEAREST)
+
+
 # ------------------------------------------------------------------ unit labels
 
 

@@ -286,18 +286,24 @@ def build(ctx: Shared) -> Parts:
                 value=False, label="with fidelity drops (toy only, slower)", scale=2, min_width=160
             )
             measure = gr.Button("Measure sensitivity", size="sm", scale=1, min_width=160)
-        with gr.Row(equal_height=False):
-            keep = gr.Slider(
-                0.05, 1.0, value=DEFAULT_KEEP, step=0.01, label=slider_label("params"), scale=3, min_width=200
-            )
+        keep = gr.Slider(0.05, 1.0, value=DEFAULT_KEEP, step=0.01, label=slider_label("params"))
+        with gr.Row(equal_height=False):  # below the slider, so that each choice shows whole
             kind = gr.Dropdown(
                 [("params", "params"), ("FLOPs", "flops"), ("latency (profiled)", "latency")],
                 value="params",
                 label="Budget",
-                scale=1,
-                min_width=120,
+                scale=2,
+                min_width=170,
+                elem_id="wb-autoprune-budget",
             )
-            method = gr.Dropdown(METHOD_CHOICES, value="static", label="Search", scale=2, min_width=160)
+            method = gr.Dropdown(
+                METHOD_CHOICES,
+                value="static",
+                label="Search",
+                scale=3,
+                min_width=280,
+                elem_id="wb-autoprune-search",
+            )
         run = gr.Button("Auto-prune", variant="primary", size="sm")
         summary = gr.Markdown(elem_id="wb-autoprune")
     return Parts(heat, note, fidelity, measure, keep, kind, method, run, summary)
