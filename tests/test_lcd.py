@@ -293,3 +293,35 @@ def test_lcm_lora_run_exports_a_lora_that_load_lora_weights_takes(base, tmp_path
         with_lora, folded = pipe.unet(x, t, **text).sample, merged(x, t, **text).sample
     assert (with_lora - before).abs().max() > 1e-4  # the adapter trained
     assert torch.allclose(with_lora, folded, atol=1e-4)  # the file is the merged student's adapter
+
+
+# --------------------------------------------------------------------------- per-image latency
+
+
+def test_per_image_latency_counts_steps_calls_and_the_other_parts():
+    from workbench.latency import FEW_STEP_SAMPLING, TEACHER_SAMPLING, Sampling, per_image
+
+    image = per_image(0.1, 0.05, {"text_s": 0.2, "decode_s": 0.3})
+    assert image["teacher"]["calls"] == 40 and image["student"]["calls"] == 4
+    assert image["teacher"]["total_s"] == pytest.approx(0.2 + 40 * 0.1 + 0.3)
+    assert image["student"]["total_s"] == pytest.approx(0.2 + 4 * 0.05 + 0.3)
+    assert image["speedup"] == pytest.approx(4.5 / 0.7)
+    unet_only = per_image(0.1, 0.05, None, TEACHER_SAMPLING, Sampling(4, guided=True))
+    assert unet_only["student"]["total_s"] == pytest.approx(0.4) and not unet_only["parts_measured"]
+    assert FEW_STEP_SAMPLING.describe() == "4 steps x 1 call"
+    with pytest.raises(WorkbenchError, match="whole number >= 1"):
+        Sampling(0, guided=False)
+
+
+@pytest.mark.slow
+def test_blocks_tab_measures_teacher_and_student_per_image(base, tmp_path, monkeypatch):
+    from workbench.ui import blocks_tab, plan_view
+    from workbench.ui.store import Store
+
+    monkeypatch.setenv("WORKBENCH_CACHE_DIR", str(tmp_path / "latency"))
+    store, view = Store(), plan_view.new_view(base, 64)
+    text = blocks_tab.measure_latency(store, view, [], "cpu", "fp32", 1, None, None, 20, 2, False)
+    assert "**Per image** (text encoders + UNet calls + VAE decode)" in text
+    assert "20 steps x 2 calls" in text and "2 steps x 1 call" in text
+    with pytest.raises(WorkbenchError, match="student steps must be a whole number"):
+        blocks_tab.measure_latency(store, view, [], "cpu", "fp32", 1, None, None, 20, 0, False)
