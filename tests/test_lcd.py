@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 from diffusers import StableDiffusionXLPipeline
@@ -76,6 +77,21 @@ def test_compare_samples_the_student_with_its_own_scheduler(base):
     assert type(store.pipeline(base).scheduler).__name__ == "EulerDiscreteScheduler"
     with pytest.raises(WorkbenchError, match="1 to 8 steps"):
         compare_tab.validate(store, base, Limits(), "a", "", "0", 20, 2.0, None, "lcm", None)
+
+
+def test_compare_takes_a_negative_prompt_per_model():
+    from workbench.ui import compare_tab
+    from workbench.ui.settings import Limits
+    from workbench.ui.store import Store
+
+    store = Store()
+    args = ("a red circle", "blue", "0", 4, 1.0, None, "lcm", 2)
+    request = compare_tab.validate(store, "sdxl-base", Limits(), *args, " red ", 1.5)
+    assert request.student_kw == {"scheduler": "lcm", "steps": 2, "negative_prompt": "red"}
+    assert request.nasa_scale == 1.5 and request.negative == "blue"
+    assert compare_tab.validate(store, "sdxl-base", Limits(), *args).student_kw["negative_prompt"] == "blue"
+    with pytest.raises(WorkbenchError, match="NASA scale must be a number from 0 to 2"):
+        compare_tab.validate(store, "sdxl-base", Limits(), *args, "", 5)
 
 
 # --------------------------------------------------------------------------- w-conditioning and the loss
@@ -293,3 +309,75 @@ def test_lcm_lora_run_exports_a_lora_that_load_lora_weights_takes(base, tmp_path
         with_lora, folded = pipe.unet(x, t, **text).sample, merged(x, t, **text).sample
     assert (with_lora - before).abs().max() > 1e-4  # the adapter trained
     assert torch.allclose(with_lora, folded, atol=1e-4)  # the file is the merged student's adapter
+
+
+# --------------------------------------------------------------------------- per-image latency
+
+
+def test_per_image_latency_counts_steps_calls_and_the_other_parts():
+    from workbench.latency import FEW_STEP_SAMPLING, TEACHER_SAMPLING, Sampling, per_image
+
+    image = per_image(0.1, 0.05, {"text_s": 0.2, "decode_s": 0.3})
+    assert image["teacher"]["calls"] == 40 and image["student"]["calls"] == 4
+    assert image["teacher"]["total_s"] == pytest.approx(0.2 + 40 * 0.1 + 0.3)
+    assert image["student"]["total_s"] == pytest.approx(0.2 + 4 * 0.05 + 0.3)
+    assert image["speedup"] == pytest.approx(4.5 / 0.7)
+    unet_only = per_image(0.1, 0.05, None, TEACHER_SAMPLING, Sampling(4, guided=True))
+    assert unet_only["student"]["total_s"] == pytest.approx(0.4) and not unet_only["parts_measured"]
+    assert FEW_STEP_SAMPLING.describe() == "4 steps x 1 call"
+    with pytest.raises(WorkbenchError, match="whole number >= 1"):
+        Sampling(0, guided=False)
+
+
+@pytest.mark.slow
+def test_blocks_tab_measures_teacher_and_student_per_image(base, tmp_path, monkeypatch):
+    from workbench.ui import blocks_tab, plan_view
+    from workbench.ui.store import Store
+
+    monkeypatch.setenv("WORKBENCH_CACHE_DIR", str(tmp_path / "latency"))
+    store, view = Store(), plan_view.new_view(base, 64)
+    text = blocks_tab.measure_latency(store, view, [], "cpu", "fp32", 1, None, None, 20, 2, False)
+    assert "**Per image** (text encoders + UNet calls + VAE decode)" in text
+    assert "20 steps x 2 calls" in text and "2 steps x 1 call" in text
+    with pytest.raises(WorkbenchError, match="student steps must be a whole number"):
+        blocks_tab.measure_latency(store, view, [], "cpu", "fp32", 1, None, None, 20, 0, False)
+
+
+# --------------------------------------------------------------------------- negative prompts without guidance
+
+
+def test_nasa_steers_cross_attention_and_puts_the_processors_back(lcd_parts):
+    from workbench.negative import check_scale, negative_away
+
+    _, student, _, batch = lcd_parts
+    student = __import__("copy").deepcopy(student).eval()
+    x, text = batch["consistency"]["latents"], batch["consistency"]["cond"]
+    t, w = torch.tensor([500, 500]), guidance_embedding(torch.tensor([2.0, 2.0]), 256)
+    negative = torch.randn(1, 4, 16, generator=torch.Generator().manual_seed(1))
+    before = dict(student.attn_processors)
+    with torch.no_grad():
+        plain = student(x, t, timestep_cond=w, **text).sample
+        with negative_away(student, negative, 0.0):
+            off = student(x, t, timestep_cond=w, **text).sample
+        with negative_away(student, negative, 1.0):
+            steered = student(x, t, timestep_cond=w, **text).sample
+    assert torch.allclose(off, plain, atol=1e-6)  # scale 0: the UNet's own output
+    assert (steered - plain).abs().max() > 1e-3  # the negative prompt changes the output
+    assert student.attn_processors == before  # restored
+    with pytest.raises(WorkbenchError, match="from 0 to 2"):
+        check_scale(-1.0)
+
+
+def test_a_negative_prompt_changes_a_guidance_free_sample(pipe):
+    from workbench.sampling import generate
+
+    kw = {"steps": 2, "guidance": 1.0, "height": 32, "width": 32}
+    plain, negative = (
+        generate(pipe, ["a red circle"], [0], negative_prompt=n, **kw)[0] for n in (None, "red")
+    )
+    diff = np.abs(np.asarray(plain, dtype=float) - np.asarray(negative, dtype=float)).max()
+    assert diff > 0  # without guidance the pipeline would ignore it; NASA puts it in the attention
+    assert (
+        type(pipe.unet.attn_processors[next(iter(pipe.unet.attn_processors))]).__name__
+        != "NegativeAwayProcessor"
+    )

@@ -683,3 +683,75 @@ def _speedupreport(
         "weights": profile.weights,
         "load_avg": _load_avg(),
     }
+
+
+# --------------------------------------------------------------------------- per image
+
+
+@dataclass(frozen=True)
+class Sampling:
+    """How a model draws an image: ``steps`` UNet steps, each one call, or two (the conditional
+    and unconditional halves) under classifier-free guidance. A w-conditioned (LCD) student
+    takes the guidance scale as an embedding: one call per step."""
+
+    steps: int
+    guided: bool
+
+    def __post_init__(self) -> None:
+        if isinstance(self.steps, bool) or not isinstance(self.steps, int) or self.steps < 1:
+            raise WorkbenchError(f"steps per image must be a whole number >= 1, got {self.steps!r}")
+
+    @property
+    def calls(self) -> int:
+        return self.steps * (2 if self.guided else 1)
+
+    def describe(self) -> str:
+        return f"{self.steps} steps x {2 if self.guided else 1} call{'s' if self.guided else ''}"
+
+
+TEACHER_SAMPLING = Sampling(20, guided=True)
+FEW_STEP_SAMPLING = Sampling(4, guided=False)  # an LCD student at 4 LCM steps
+
+
+def pipeline_parts(pipe, resolution: int, repeats: int = 3) -> dict[str, float]:
+    """Median seconds of what an image costs besides the UNet: the text encoders on one
+    prompt, and the VAE decoding one latent at ``resolution`` px."""
+    import torch
+
+    _flush_denormals(str(pipe.device))
+    scale = pipe.vae_scale_factor
+    latent = torch.zeros(1, pipe.vae.config.latent_channels, resolution // scale, resolution // scale,
+                         device=pipe.device, dtype=pipe.vae.dtype)  # fmt: skip
+    text, decode = [], []
+    with torch.inference_mode():
+        for i in range(repeats + 1):  # the first round warms up
+            started = time.perf_counter()
+            pipe.encode_prompt("a photo of a cat", device=pipe.device, do_classifier_free_guidance=False)
+            middle = time.perf_counter()
+            pipe.vae.decode(latent)
+            if i:
+                text.append(middle - started)
+                decode.append(time.perf_counter() - middle)
+    return {"text_s": statistics.median(text), "decode_s": statistics.median(decode)}
+
+
+def image_latency(unet_s: float, sampling: Sampling, parts: dict[str, float] | None) -> dict[str, Any]:
+    """Seconds per image: text encoders + (steps x calls) UNet calls + VAE decode (the UNet
+    calls only when ``parts`` is None: a base without a pipeline)."""
+    text, decode = (parts["text_s"], parts["decode_s"]) if parts else (0.0, 0.0)
+    unet = sampling.calls * unet_s
+    return {"steps": sampling.steps, "calls": sampling.calls, "unet_s": unet, "text_s": text,
+            "decode_s": decode, "total_s": text + unet + decode}  # fmt: skip
+
+
+def per_image(teacher_s: float, student_s: float, parts: dict[str, float] | None,
+              teacher: Sampling = TEACHER_SAMPLING, student: Sampling = FEW_STEP_SAMPLING) -> dict[str, Any]:  # fmt: skip
+    """Teacher and student per image, each at its own steps and calls per step, from their
+    per-call UNet seconds (measured or estimated) and the pipeline's other parts."""
+    t, s = image_latency(teacher_s, teacher, parts), image_latency(student_s, student, parts)
+    return {
+        "teacher": t,
+        "student": s,
+        "speedup": t["total_s"] / s["total_s"],
+        "parts_measured": parts is not None,
+    }

@@ -12,6 +12,7 @@ Schedulers (``workbench.schedulers``): ``default`` is the pipeline's own, ``lcm`
 
 from __future__ import annotations
 
+import contextlib
 import functools
 from collections.abc import Sequence
 from pathlib import Path
@@ -23,7 +24,8 @@ from PIL import Image
 from workbench.errors import WorkbenchError
 from workbench.files import atomic_write
 from workbench.models import check_unet_folder
-from workbench.schedulers import check_sampler, make_scheduler
+from workbench.negative import NASA_SCALE, check_scale, negative_away
+from workbench.schedulers import check_sampler, is_w_conditioned, make_scheduler
 
 # What a swapped-in UNet must share with the pipeline's own for sampling to work.
 _INTERFACE_KEYS = (
@@ -57,10 +59,13 @@ def generate(
     width: int | None = None,
     batch_size: int = 16,
     scheduler: str = "default",
+    nasa_scale: float = NASA_SCALE,
 ) -> list[Image.Image]:
     """One image per (prompt, seed); with ``unet``, that UNet runs in place of the
     pipeline's own, with ``scheduler`` in place of its scheduler (both are put back
-    afterwards, even on error)."""
+    afterwards, even on error). A negative prompt goes into classifier-free guidance; when
+    sampling is guidance-free (a w-conditioned student, or guidance <= 1) it goes into the
+    cross-attention instead (NASA, ``workbench.negative``) with ``nasa_scale``."""
     if len(prompts) != len(seeds):
         raise ValueError(f"{len(prompts)} prompts but {len(seeds)} seeds; give one seed per prompt")
     check_sampler(scheduler, steps)
@@ -74,24 +79,41 @@ def generate(
             unet = unet.to(device=original.device, dtype=original.dtype)
         pipe.unet = unet
     try:
+        steer, negative_prompt = _steering(pipe, negative_prompt, guidance, nasa_scale)
         images: list[Image.Image] = []
-        for start in range(0, len(prompts), batch_size):
-            chunk = list(prompts[start : start + batch_size])
-            latents = _initial_latents(pipe, seeds[start : start + batch_size], height, width)
-            images += pipe(
-                prompt=chunk,
-                negative_prompt=[negative_prompt] * len(chunk) if negative_prompt else None,
-                num_inference_steps=steps,
-                guidance_scale=guidance,
-                height=height,
-                width=width,
-                # The pipeline multiplies by the scheduler's initial sigma itself.
-                latents=latents.to(device=original.device, dtype=original.dtype),
-                output_type="pil",
-            ).images
+        with steer:
+            for start in range(0, len(prompts), batch_size):
+                chunk = list(prompts[start : start + batch_size])
+                latents = _initial_latents(pipe, seeds[start : start + batch_size], height, width)
+                images += _draw(pipe, chunk, negative_prompt, steps, guidance, height, width, latents)
         return images
     finally:
         pipe.unet, pipe.scheduler = original, original_scheduler
+
+
+def _steering(pipe, negative_prompt: str | None, guidance: float, scale: float):
+    """(context to sample in, negative prompt for the pipeline): guidance-free sampling (a
+    w-conditioned UNet, or guidance <= 1) has no unconditional pass, so NASA takes the
+    negative prompt into the cross-attention; guided sampling passes it to the pipeline."""
+    if not negative_prompt or not (is_w_conditioned(pipe.unet) or guidance <= 1):
+        return contextlib.nullcontext(), negative_prompt
+    with torch.no_grad():
+        embeds = pipe.encode_prompt(negative_prompt, device=pipe.device, do_classifier_free_guidance=False)[0]
+    return negative_away(pipe.unet, embeds, check_scale(scale)), None
+
+
+def _draw(pipe, chunk: list[str], negative_prompt, steps, guidance, height, width, latents) -> list:
+    return pipe(
+        prompt=chunk,
+        negative_prompt=[negative_prompt] * len(chunk) if negative_prompt else None,
+        num_inference_steps=steps,
+        guidance_scale=guidance,
+        height=height,
+        width=width,
+        # The pipeline multiplies by the scheduler's initial sigma itself.
+        latents=latents.to(device=pipe.unet.device, dtype=pipe.unet.dtype),
+        output_type="pil",
+    ).images
 
 
 def load_student_unet(folder: str | Path, like: UNet2DConditionModel) -> UNet2DConditionModel:

@@ -10,6 +10,7 @@ import torch
 from workbench.commands._common import add_base
 from workbench.errors import WorkbenchError
 from workbench.models import check_unet_folder, load_pipeline, resolve_base
+from workbench.negative import NASA_SCALE, check_scale
 from workbench.schedulers import check_sampler
 
 _IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp")
@@ -19,7 +20,15 @@ def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("sample", help="generate one image from a prompt and a seed")
     add_base(p)
     p.add_argument("--prompt", required=True, help='e.g. "a large red circle on a white background, center"')
-    p.add_argument("--negative-prompt", default=None, help="what to steer away from (optional)")
+    p.add_argument(
+        "--negative-prompt", default=None,
+        help="what to steer away from (optional); guidance-free sampling (a w-conditioned student, or "
+        "--guidance 1) takes it in the cross-attention (NASA, --nasa-scale)",
+    )  # fmt: skip
+    p.add_argument(
+        "--nasa-scale", type=float, default=NASA_SCALE,
+        help=f"how hard guidance-free sampling steers away from the negative prompt (0-2, default {NASA_SCALE:g})",
+    )  # fmt: skip
     p.add_argument("--seed", type=int, default=0, help="noise seed (default 0)")
     p.add_argument(
         "--steps", type=int, default=20, help="denoising steps (default 20; 1-8 with --scheduler lcm)"
@@ -45,6 +54,7 @@ def validate(args: argparse.Namespace) -> None:
             "--prompt is empty; describe the image, e.g. 'a red circle on a white background'"
         )
     check_sampler(args.scheduler, args.steps)
+    check_scale(args.nasa_scale, "--nasa-scale")
     if args.guidance is not None and args.guidance < 0:
         raise WorkbenchError(f"--guidance must be >= 0 (1 or less disables guidance), got {args.guidance}")
     if args.unet:  # before any model loads: a wrong --unet fails in a blink
@@ -70,6 +80,7 @@ def run(args: argparse.Namespace) -> int:
         negative_prompt=args.negative_prompt,
         unet=unet,
         scheduler=args.scheduler,
+        nasa_scale=args.nasa_scale,
     )
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -212,11 +212,18 @@ def measure_latency(
     repeats: int,
     max_px: int | None = None,
     progress: Any = None,
+    teacher_steps: Any = 20,
+    student_steps: Any = 4,
+    student_guided: bool = False,
 ) -> str:
-    """Time teacher and student side by side on this machine; Markdown with the result."""
+    """Time teacher and student side by side on this machine; Markdown with the result, per
+    UNet call and per image (each at its own steps; text encoders and VAE decode measured on
+    the pipeline when the base has one)."""
     from workbench import latency
 
     check_latency_resolution(view, max_px)
+    sampling = (latency.Sampling(_whole(teacher_steps, "teacher steps"), True),
+                latency.Sampling(_whole(student_steps, "student steps"), bool(student_guided)))  # fmt: skip
     spec = store.spec(view["base"], plan)  # an impossible plan is refused before building anything
     adapter = ProgressAdapter(progress) if progress is not None else None
     result = latency.measure_speedup(
@@ -228,7 +235,40 @@ def measure_latency(
         repeats=repeats,
         progress=adapter,
     )
-    return measured_md(result, len(plan), view["resolution"])
+    base = store.base(view["base"])
+    parts = None
+    if base.has_pipeline and device == "cpu":  # the toy or a real pipeline: time its other parts too
+        parts = latency.pipeline_parts(store.pipeline(view["base"]), view["resolution"])
+    image = latency.per_image(result["teacher_s"], result["student_s"], parts, *sampling)
+    return measured_md(result, len(plan), view["resolution"]) + "\n\n" + per_image_md(image, sampling)
+
+
+def _whole(value: Any, what: str) -> int:
+    try:
+        number = int(value)
+    except (TypeError, ValueError):
+        raise WorkbenchError(f"{what} must be a whole number >= 1, got {value!r}") from None
+    if number != float(value) or number < 1:
+        raise WorkbenchError(f"{what} must be a whole number >= 1, got {value!r}")
+    return number
+
+
+def per_image_md(image: dict[str, Any], sampling: tuple) -> str:
+    """Teacher and student per image, end to end, each at its own step count."""
+    rows = []
+    for who, s in zip(("teacher", "student"), sampling):
+        r = image[who]
+        rows.append([who, s.describe(), fmt.seconds(r["text_s"]) if image["parts_measured"] else "-",
+                     fmt.seconds(r["unet_s"]), fmt.seconds(r["decode_s"]) if image["parts_measured"] else "-",
+                     fmt.seconds(r["total_s"])])  # fmt: skip
+    t, st = image["teacher"]["total_s"], image["student"]["total_s"]
+    what = (
+        "text encoders + UNet calls + VAE decode"
+        if image["parts_measured"]
+        else "UNet calls only (no pipeline)"
+    )
+    head = f"**Per image** ({what}): student {fmt.factor(t, st, 'faster')}"
+    return head + "\n\n" + fmt.table(["", "sampling", "text", "UNet", "VAE decode", "image"], rows)
 
 
 def measured_md(result: dict[str, Any], n_removed: int, resolution: int) -> str:
@@ -319,13 +359,20 @@ def _panel(ctx: Shared) -> None:
             ctx.device = gr.Dropdown(DEVICES, value="cpu", label="Device", scale=1)
             ctx.dtype = gr.Dropdown(DTYPES, value="bf16", label="Dtype", scale=1)
         with gr.Row():
+            teacher_steps = gr.Number(20, precision=0, label="Teacher steps (guided: 2 calls each)", scale=1)
+            student_steps = gr.Number(4, precision=0, label="Student steps", scale=1)
+            student_guided = gr.Checkbox(
+                False, label="Student uses guidance (off: w-conditioned, 1 call)", scale=1
+            )
+        with gr.Row():
             profile_btn = gr.Button("Profile (estimate latency)", size="sm")
             measure_btn = gr.Button("Measure real speedup", size="sm")
         measured = gr.Markdown(elem_id="wb-measured")
-    _wire_panel(ctx, profile_btn, measure_btn, measured)
+    _wire_panel(ctx, profile_btn, measure_btn, measured, [teacher_steps, student_steps, student_guided])
 
 
-def _wire_panel(ctx: Shared, profile_btn: gr.Button, measure_btn: gr.Button, measured: gr.Markdown) -> None:
+def _wire_panel(ctx: Shared, profile_btn: gr.Button, measure_btn: gr.Button, measured: gr.Markdown,
+                steps: list) -> None:  # fmt: skip
     store, limits = ctx.store, ctx.settings.limits
 
     @user_errors
@@ -337,9 +384,10 @@ def _wire_panel(ctx: Shared, profile_btn: gr.Button, measure_btn: gr.Button, mea
         return profile_latency(store, view, plan, device, dtype, limits.max_latency_px, progress)
 
     @inline_errors(n_outputs=1, status_at=0)
-    def on_measure(view, plan, device, dtype, progress=gr.Progress()):
+    def on_measure(view, plan, device, dtype, t_steps, s_steps, guided, progress=gr.Progress()):
         repeats = limits.measure_repeats
-        return measure_latency(store, view, plan, device, dtype, repeats, limits.max_latency_px, progress)
+        return measure_latency(store, view, plan, device, dtype, repeats, limits.max_latency_px, progress,
+                               t_steps, s_steps, guided)  # fmt: skip
 
     def on_latency_settings(view, plan, device, dtype):
         return panel_updates(store, view, list(plan), device, dtype)
@@ -358,7 +406,9 @@ def _wire_panel(ctx: Shared, profile_btn: gr.Button, measure_btn: gr.Button, mea
             api_visibility="private",
         )
     profile_btn.click(on_profile, [ctx.view, ctx.plan, *ctx.panel_inputs()], ctx.panel, **ctx.model_event())
-    measure_btn.click(on_measure, [ctx.view, ctx.plan, *ctx.panel_inputs()], measured, **ctx.model_event())
+    measure_btn.click(
+        on_measure, [ctx.view, ctx.plan, *ctx.panel_inputs(), *steps], measured, **ctx.model_event()
+    )
 
 
 def initial_panel(store: Store, view: dict[str, Any], device: str, dtype: str) -> tuple:

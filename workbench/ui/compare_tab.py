@@ -16,6 +16,7 @@ import gradio as gr
 
 from workbench.cost import latent_size
 from workbench.errors import WorkbenchError
+from workbench.negative import MAX_NASA_SCALE, NASA_SCALE, check_scale
 from workbench.schedulers import SCHEDULERS, check_sampler
 from workbench.ui import format as fmt
 from workbench.ui.settings import Limits
@@ -40,11 +41,14 @@ class Request:
     size: int
     student_scheduler: str = "default"
     student_steps: int | None = None  # None: the teacher's steps
+    student_negative: str | None = None  # None: the teacher's negative prompt
+    nasa_scale: float = NASA_SCALE  # a negative prompt of guidance-free sampling steers the attention
 
     @property
     def student_kw(self) -> dict[str, Any]:
-        """How the student column samples: its scheduler and steps."""
-        return {"scheduler": self.student_scheduler, "steps": self.student_steps or self.steps}
+        """How the student column samples: its scheduler, steps and negative prompt."""
+        return {"scheduler": self.student_scheduler, "steps": self.student_steps or self.steps,
+                "negative_prompt": self.student_negative or self.negative}  # fmt: skip
 
 
 def parse_seeds(text: str, max_seeds: int) -> list[int]:
@@ -84,6 +88,8 @@ def validate(
     size: Any,
     student_scheduler: str = "default",
     student_steps: Any = None,
+    student_negative: str = "",
+    nasa_scale: Any = NASA_SCALE,
 ) -> Request:
     """Check every field before any model is touched. The student samples with its own
     scheduler (``schedulers.SCHEDULERS``) and steps (empty: the teacher's)."""
@@ -104,6 +110,8 @@ def validate(
         raise WorkbenchError(f"student steps must be between 1 and {limits.max_steps}, got {student_steps}")
     check_sampler(student_scheduler, own_steps or n_steps, "student steps")
     return Request(
+        student_negative=(student_negative or "").strip() or None,
+        nasa_scale=check_scale(_number(nasa_scale, "NASA scale", float)),
         student_scheduler=student_scheduler,
         student_steps=own_steps,
         prompt=prompt.strip(),
@@ -151,13 +159,15 @@ def compare(
     progress: Any = None,
     student_scheduler: str = "default",
     student_steps: Any = None,
+    student_negative: str = "",
+    nasa_scale: Any = NASA_SCALE,
 ) -> tuple[list, list, str]:
     """(teacher images, student images, summary Markdown), each image captioned with its time."""
     from workbench.sampling import generate  # imports diffusers pipelines: only when sampling
 
     name = view["base"]
     request = validate(store, name, limits, prompt, negative, seeds, steps, guidance, size,
-                       student_scheduler, student_steps)  # fmt: skip
+                       student_scheduler, student_steps, student_negative, nasa_scale)  # fmt: skip
     report = ProgressAdapter(progress) if progress is not None else (lambda *a, **k: None)
     pipe = store.pipeline(name, ProgressAdapter(report, 0.0, 0.05))  # says so if there are no weights
     student, spec = store.student(name, plan, ProgressAdapter(report, 0.05, 0.1))
@@ -167,6 +177,7 @@ def compare(
         "negative_prompt": request.negative,
         "height": request.size,
         "width": request.size,
+        "nasa_scale": request.nasa_scale,
     }
     teacher_out, student_out = [], []
     total = 2 * len(request.seeds)
@@ -232,7 +243,13 @@ def build(ctx: Shared) -> None:
             prompt = gr.Textbox(
                 label="Prompt", value="a red circle on a white background", lines=2, elem_id="wb-prompt"
             )
-            negative = gr.Textbox(label="Negative prompt", placeholder="optional", elem_id="wb-negative")
+            with gr.Row():
+                negative = gr.Textbox(label="Negative prompt", placeholder="optional", elem_id="wb-negative")
+                student_negative = gr.Textbox(
+                    label="Student negative prompt", placeholder="empty: the same", elem_id="wb-student-negative",
+                    info="a guidance-free student (w-conditioned, or guidance <= 1) takes it in its "
+                    "cross-attention (NASA)",
+                )  # fmt: skip
         with gr.Column(scale=1):
             seeds = gr.Textbox(
                 label="Seeds",
@@ -264,6 +281,10 @@ def build(ctx: Shared) -> None:
                 label="Student steps", value=None, precision=0, elem_id="wb-student-steps",
                 info="empty: the teacher's steps",
             )  # fmt: skip
+            nasa_scale = gr.Slider(
+                0, MAX_NASA_SCALE, value=NASA_SCALE, step=0.1, label="NASA scale", elem_id="wb-nasa-scale",
+                info="how hard guidance-free sampling steers away from the negative prompt",
+            )  # fmt: skip
     go = gr.Button("Generate teacher and student", variant="primary")
     summary = gr.Markdown(elem_id="wb-compare-summary")
     with gr.Row():
@@ -281,8 +302,8 @@ def build(ctx: Shared) -> None:
     store = ctx.store
 
     @inline_errors(n_outputs=3, status_at=2)
-    def on_generate(view, plan, p, n, s, st, g, sz, sch, sst, progress=gr.Progress()):
-        return compare(store, limits, view, plan, p, n, s, st, g, sz, progress, sch, sst)
+    def on_generate(view, plan, p, n, s, st, g, sz, sch, sst, sn, ns, progress=gr.Progress()):
+        return compare(store, limits, view, plan, p, n, s, st, g, sz, progress, sch, sst, sn, ns)
 
     size_base = gr.State(None)  # the model the image size was chosen for
 
@@ -307,5 +328,7 @@ def build(ctx: Shared) -> None:
         size,
         student_scheduler,
         student_steps,
+        student_negative,
+        nasa_scale,
     ]
     go.click(on_generate, inputs, [teacher, student, summary], api_visibility="private", **ctx.model_event())
