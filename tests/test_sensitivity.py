@@ -73,7 +73,10 @@ def test_every_removable_unit_gets_a_finite_positive_score(smap, base):
     # up layers cannot go alone: they are scored together with a mirrored down layer
     up = smap.units["up_blocks.1.layers.0"]
     assert up.scored and up.companion and up.companion.startswith("down_blocks.1.layers.")
-    assert len(unscored) < 5
+    assert len([u for u in unscored if u.kind != "stage"]) < 5
+    # the innermost stage (16 channels, like its neighbour) goes whole; the others change widths
+    assert smap.units["down_blocks.2"].scored
+    assert {u.unit for u in unscored if u.kind == "stage"} == {"down_blocks.0", "down_blocks.1"}
     assert smap.fidelity_drop("down_blocks.0.layers.0") is None  # not the toy: no checker
 
 

@@ -75,7 +75,7 @@ def test_board_shows_every_unit_once_in_stage_order(store, sdxl):
     sections = blocks_tab.cached_board(store, "sdxl-base", 1024)
     ids = [uid for s in sections for row in s.rows for _, uid in row.choices]
     catalog = store.catalog("sdxl-base")
-    assert len(ids) == len(catalog.units) == 94  # 91 layers, attentions and blocks; 3 stages
+    assert len(ids) == len(catalog.units) == 94  # 91 + 3 whole stages
     assert set(ids) == set(catalog.by_id)
     assert [s.title.split(" ·")[0] for s in sections] == [
         "Down stage 0",

@@ -77,11 +77,24 @@ class StudentSpec:
         return self.layer_map[f"{student_stage}.resnets.0"].rsplit(".resnets.", 1)[0]
 
     def _block_pairs(self) -> list[tuple[str, str]]:
-        down = [s.path for s in self.topology.down]
-        pairs = [(p, self.teacher_stage(p)) for p in down]
+        pairs = [self._stage_pair(s, i, self.teacher_topology.down) for i, s in enumerate(self.topology.down)]
         if self.topology.mid_type is not None:
             pairs.append(("mid_block", "mid_block"))
-        return pairs + [(s.path, self.teacher_stage(s.path)) for s in self.topology.up]
+        return pairs + [
+            self._stage_pair(s, i, self.teacher_topology.up) for i, s in enumerate(self.topology.up)
+        ]
+
+    def _stage_pair(self, stage: Stage, i: int, teacher_stages: tuple[Stage, ...]) -> tuple[str, str]:
+        """A stage's output; before its sampler where only one of student and teacher stage
+        has one (a removed whole stage took it): the resolutions differ after it."""
+        teacher = self.teacher_stage(stage.path)
+        student_last = i == len(self.topology.down) - 1
+        teacher_last = int(teacher.split(".")[1]) == len(teacher_stages) - 1
+        if student_last == teacher_last:
+            return stage.path, teacher
+        j = stage.num_layers - 1
+        module = f"{stage.path}.{'attentions' if stage.has_attention else 'resnets'}.{j}"
+        return module, self.layer_map[module]
 
     def _self_attention_pairs(self, modules: list[str]) -> list[tuple[str, str]]:
         depths = _attention_depths(self.teacher_topology)

@@ -3,7 +3,9 @@
 ``tiny_sdxl_config`` has SDXL's exact topology (stages, layers, transformer depths 2 and
 10, cross-attention mid block of depth 10, ``text_time`` conditioning) at tiny widths, so
 every SDXL preset applies to it unchanged. ``tiny_sd15_config`` has SD 1.x's topology
-(4 stages, cross-attention in the first three, no added conditioning).
+(4 stages, cross-attention in the first three, no added conditioning), so the BK-SDM
+presets apply to it; ``tiny_sd_pipeline`` wraps it (or SD 2.1's variant) in a complete
+SD 1.x / 2.x pipeline with one text encoder.
 """
 
 from __future__ import annotations
@@ -93,6 +95,58 @@ def tiny_pipeline(folder, perturb: bool = False):
             for p in unet.parameters():
                 p.add_(torch.randn_like(p) * 0.05)
     pipe = build.assemble(build.vae(), encoders, tok, unet)
+    pipe.save_pretrained(folder)
+    return Path(folder)
+
+
+# What tells SD 2.1 from SD 1.5 at tiny widths: linear projections, per-stage head counts,
+# attention upcast, and v-prediction with DDIM as stabilityai/stable-diffusion-2-1 ships it.
+SD_VERSIONS = {
+    "1.5": {"unet": {"attention_head_dim": 2}, "prediction_type": "epsilon"},
+    "2.1": {
+        "unet": {"attention_head_dim": [1, 2, 2, 2], "use_linear_projection": True, "upcast_attention": True},
+        "prediction_type": "v_prediction",
+    },
+}
+
+
+def tiny_sd_pipeline(folder, version: str = "1.5", perturb: bool = False):
+    """Save a complete, untrained SD 1.5 or SD 2.1 pipeline of tiny widths to ``folder``.
+
+    SD's topology (``tiny_sd15_config``), one CLIP text encoder, no added conditioning;
+    our toy tokenizer and VAE (64 px images, 16x16 latents), DDIM with SD 1.5's epsilon
+    or SD 2.1's v-prediction. ``perturb`` as for ``tiny_pipeline``.
+    """
+    import tempfile
+    from pathlib import Path
+
+    import torch
+    from diffusers import DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+
+    from workbench.toy import build, tokenizer
+
+    if version not in SD_VERSIONS:
+        raise ValueError(f"version must be one of {', '.join(SD_VERSIONS)}, got {version!r}")
+    torch.manual_seed(0)
+    tok = tokenizer.save(Path(tempfile.mkdtemp(prefix="tok-")))
+    encoder = build.text_encoders(tok)[0]
+    config = tiny_sd15_config() | SD_VERSIONS[version]["unet"] | {
+        "cross_attention_dim": build.TEXT_HIDDEN_1,
+        "sample_size": build.LATENT_SIZE,
+    }  # fmt: skip
+    unet = UNet2DConditionModel.from_config(config)
+    if perturb:
+        with torch.no_grad():
+            for p in unet.parameters():
+                p.add_(torch.randn_like(p) * 0.05)
+    scheduler = DDIMScheduler(
+        beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", clip_sample=False,
+        set_alpha_to_one=False, steps_offset=1, prediction_type=SD_VERSIONS[version]["prediction_type"],
+    )  # fmt: skip
+    pipe = StableDiffusionPipeline(
+        vae=build.vae(), text_encoder=encoder, tokenizer=tok, unet=unet, scheduler=scheduler,
+        safety_checker=None, feature_extractor=None, requires_safety_checker=False,
+    )  # fmt: skip
     pipe.save_pretrained(folder)
     return Path(folder)
 

@@ -83,9 +83,9 @@ def _stage_section(catalog: Catalog, pricing: Pricing, stage: Stage, mirror: str
     else:
         rows = tuple(_layer_row(catalog, pricing, p, j, d) for j, d in enumerate(stage.depths))
         rows += (ToggleRow("Whole stage", (_choice(catalog, pricing, f"{p}.attentions", "all attention"),)),)
-    unit = catalog.by_id.get(p)
-    if unit is not None and unit.kind == "stage":  # the whole stage goes with its mirrored up stage
-        rows += (ToggleRow("Remove the stage", (_choice(catalog, pricing, p, f"whole stage, with {mirror}"),)),)
+    if p in catalog.by_id:  # a whole stage: the down stage's section carries the toggle
+        whole = _choice(catalog, pricing, p, f"whole stage + {mirror} + samplers")
+        rows = (ToggleRow("Remove the stage (block_out_channels loses an entry)", (whole,)), *rows)
     if p.startswith("down"):
         coupling = f"Removing a layer here also removes one layer of {mirror} (its skip connection)."
     else:

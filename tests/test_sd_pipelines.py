@@ -1,0 +1,172 @@
+"""SD 1.x (epsilon) and SD 2.x (v-prediction) teachers end to end, on tiny real pipelines
+(one CLIP text encoder, no added conditioning): distil through the BK-SDM presets (every
+feature mode, two stages, resume), sample, Compare, sensitivity, auto-prune, every export
+format, and the UI loading such a pipeline."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from diffusers import StableDiffusionPipeline, UNet2DConditionModel
+
+from workbench import autoprune as ap
+from workbench import export
+from workbench import sensitivity as sens
+from workbench.catalog import build_catalog
+from workbench.distill import DistillConfig, run_distillation
+from workbench.models import load_pipeline, load_unet, resolve_base
+from workbench.presets import load_preset
+from workbench.runs import RunDir, read_metrics
+from workbench.sampling import generate
+from workbench.surgery import build_student
+from workbench.testing import tiny_sd_pipeline
+from workbench.ui import compare_tab, model_box, plan_view, presets_tab
+from workbench.ui.settings import Limits
+from workbench.ui.store import Store
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+FAST = sens.Calibration(prompts=2, steps=4, timesteps=2, guidance=3.0)
+TINY = list(load_preset("bk-sdm-tiny").removed)
+
+
+@pytest.fixture(scope="module", params=["1.5", "2.1"])
+def sd(request, tmp_path_factory) -> str:
+    folder = tmp_path_factory.mktemp(f"sd{request.param}") / "pipe"
+    return str(tiny_sd_pipeline(folder, request.param, perturb=True))
+
+
+def _config(base, steps=2, stages=("bk-sdm-tiny",), **kw):
+    fields = dict(stages=tuple(load_preset(s).to_dict() for s in stages), steps=steps, base=base,
+                  toy_samples=16, batch_size=2, sample_steps=2, checkpoint_every=1, device="cpu")  # fmt: skip
+    return DistillConfig(**(fields | kw))
+
+
+def _losses(run_dir):
+    rows, _ = read_metrics(Path(run_dir) / "metrics.jsonl")
+    return {r["step"]: r["loss/total"] for r in rows}, rows
+
+
+def test_the_pipelines_are_sd_shaped(sd):
+    pipe = load_pipeline(sd)
+    assert type(pipe) is StableDiffusionPipeline and not hasattr(pipe, "text_encoder_2")
+    assert pipe.unet.config.addition_embed_type is None and len(pipe.unet.config.block_out_channels) == 4
+    v = pipe.unet.config.use_linear_projection  # SD 2.1's marker
+    assert pipe.scheduler.config.prediction_type == ("v_prediction" if v else "epsilon")
+
+
+@pytest.mark.slow
+def test_distils_through_two_stages_and_resumes_exactly(sd, tmp_path):
+    config = _config(sd, stages=("bk-sdm-small", "bk-sdm-tiny"))
+    run_distillation(config, tmp_path / "straight")
+    reference, rows = _losses(tmp_path / "straight")
+    assert [r["stage"] for r in rows] == [1, 1, 2, 2]
+    assert all(torch.isfinite(torch.tensor(list(reference.values()))))
+    RunDir(tmp_path / "split").request_stop()  # honoured after the first step
+    assert run_distillation(config, tmp_path / "split")["state"] == "stopped"
+    assert run_distillation(None, tmp_path / "split", resume=True)["state"] == "done"
+    resumed, _ = _losses(tmp_path / "split")
+    assert sorted(resumed) == sorted(reference)
+    for step, value in reference.items():
+        assert resumed[step] == pytest.approx(value, abs=1e-6), step
+    # the student: BK-SDM-Tiny's structure, stock diffusers, in the stock SD pipeline
+    run = RunDir(tmp_path / "straight")
+    unet, info = UNet2DConditionModel.from_pretrained(run.student, output_loading_info=True)
+    assert all(not v for v in info.values()), info
+    assert unet.config.block_out_channels == [8, 16, 16] and unet.config.mid_block_type is None
+    spec = export.student_from_folder(run.student, resolve_base(sd)).spec
+    assert sum(p.numel() for p in unet.parameters()) == spec.student_params
+    pipe = StableDiffusionPipeline.from_pretrained(sd, unet=unet)
+    pipe.set_progress_bar_config(disable=True)
+    image = pipe("a red circle", num_inference_steps=2, output_type="np").images[0]
+    assert image.shape == (64, 64, 3) and list(run.samples.glob("step_*.png"))
+
+
+@pytest.mark.parametrize("mode", ["block", "self-attention", "none"])
+def test_every_feature_mode_trains(sd, tmp_path, mode):
+    status = run_distillation(_config(sd, feature_mode=mode), tmp_path / "run")
+    assert status["state"] == "done"
+    _, rows = _losses(tmp_path / "run")
+    feats = [k for k in rows[0] if k.startswith("loss/feat/")]
+    assert (len(feats) > 0) == (mode != "none")
+    assert all(torch.isfinite(torch.tensor(r["loss/total"])) for r in rows)
+
+
+def test_samples_the_same_noise_through_teacher_and_student(sd):
+    pipe = load_pipeline(sd)
+    student, _ = build_student(pipe.unet, load_preset("bk-sdm-tiny"))
+    one = generate(pipe, ["a red circle"], [3], steps=2, guidance=3.0)
+    again = generate(pipe, ["a red circle"], [3], steps=2, guidance=3.0)
+    other = generate(pipe, ["a red circle"], [3], steps=2, guidance=3.0, unet=student)
+    assert one[0].tobytes() == again[0].tobytes() and one[0].size == other[0].size == (64, 64)
+    assert one[0].tobytes() != other[0].tobytes()
+
+
+def test_the_ui_loads_applies_bk_sdm_and_compares(sd):
+    store = Store()
+    view = plan_view.new_view("toy", 64)
+    view, plan, status, *_ = model_box.load_model(store, Limits(), sd, view, [], "cpu", "fp32")
+    assert view["base"] == sd and plan == [] and "Teacher" in status
+    view, plan, status, numbers, *_ = presets_tab.apply_preset(store, view, "bk-sdm-tiny", "cpu", "fp32")
+    assert plan == TINY and "bk-sdm-tiny" in status
+    teacher, student, summary = compare_tab.compare(
+        store, Limits(), view, plan, "a red circle", "", "3", 1, 2.0, 32
+    )
+    assert len(teacher) == len(student) == 1 and teacher[0][0].size == student[0][0].size == (32, 32)
+    assert f"{len(TINY)} units removed" in summary
+
+
+@pytest.mark.slow
+def test_sensitivity_and_autoprune(sd, tmp_path, monkeypatch):
+    monkeypatch.setenv("WORKBENCH_CACHE_DIR", str(tmp_path))
+    probe = sens.Probe(sd, FAST)
+    smap = sens.sensitivity(sd, FAST, probe=probe)
+    catalog = build_catalog(resolve_base(sd).unet_config)
+    assert list(smap.units) == [u.id for u in catalog.units]
+    for unit in smap.units.values():
+        assert (unit.scored and unit.deviation > 0) or unit.reason, unit
+    # block_out_channels [8, 16, 16, 16]: the two inner stages can go whole, the outer two not
+    assert smap.units["down_blocks.3"].scored and smap.units["down_blocks.2"].scored
+    assert "removable alone here: down_blocks.2, down_blocks.3" in smap.units["down_blocks.1"].reason
+    result = ap.search(catalog, [ap.budget("params", 0.5, catalog)], smap, method="rescored", probe=probe,
+                       candidates=2)  # fmt: skip
+    assert result.spec.student_params <= 0.5 * result.spec.teacher_params
+    student, _ = build_student(load_unet(sd), result.spec.plan)
+    assert sum(p.numel() for p in student.parameters()) == result.spec.student_params
+
+
+def test_exports_every_format(sd, tmp_path):
+    base = resolve_base(sd)
+    student = export.student_from_plan(base, load_preset("bk-sdm-tiny"))
+    pipe = load_pipeline(base)
+    results = {
+        fmt: export.export(student, fmt, tmp_path / fmt, dtype="fp32", pipeline=pipe)
+        for fmt in export.FORMATS
+    }
+    mine = student.unet.state_dict()
+
+    def same(unet) -> bool:
+        theirs = unet.state_dict()
+        return set(mine) == set(theirs) and all(torch.equal(mine[k], theirs[k]) for k in mine)
+
+    assert same(UNet2DConditionModel.from_pretrained(results["diffusers"].out))
+    folder = StableDiffusionPipeline.from_pretrained(results["pipeline"].out)
+    assert (
+        same(folder.unet) and folder.scheduler.config.prediction_type == pipe.scheduler.config.prediction_type
+    )
+    single = results["single-file"]
+    assert same(
+        UNet2DConditionModel.from_single_file(str(single.out / single.weights_file), config=str(single.out))
+    )
+    ckpt = results["checkpoint"]
+    loaded = StableDiffusionPipeline.from_single_file(
+        str(ckpt.out / ckpt.weights_file), config=str(results["pipeline"].out)
+    )
+    assert same(loaded.unet)
+    for name in ("vae", "text_encoder"):
+        a, b = getattr(pipe, name).state_dict(), getattr(loaded, name).state_dict()
+        assert set(a) <= set(b) and all(torch.equal(a[k], b[k]) for k in a), name
+    for result in results.values():
+        assert "README.md" in result.files
