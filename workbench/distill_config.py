@@ -26,6 +26,7 @@ STAGE_TEACHERS = ("original", "previous")
 LR_SCHEDULES = ("constant", "cosine")
 DEVICES = ("auto", "cpu", "cuda")
 OPTIMIZERS = ("adamw", "adamw8bit")
+TEACHER_TARGETS = ("live", "precompute")  # workbench.targets.MODES
 
 
 @dataclass(frozen=True)
@@ -71,6 +72,9 @@ class DistillConfig:
     teacher_image_steps: int = 20  # for prompt-file data: steps the teacher draws with
     optimizer: str = "adamw"  # "adamw" or "adamw8bit" (bitsandbytes): workbench.optim
     lora_rank: int = 0  # > 0: LoRA-enhanced distillation (workbench.lora_kd); 0: full weights
+    # "precompute": the teacher's targets written to disk before a stage's student steps, and
+    # read back, so the teacher is off the device while the student trains (workbench.targets)
+    teacher_targets: str = "live"
 
     @property
     def guidance(self) -> float:
@@ -158,6 +162,7 @@ CHOICES = {
     "lr_schedule": LR_SCHEDULES,
     "device": DEVICES,
     "optimizer": OPTIMIZERS,
+    "teacher_targets": TEACHER_TARGETS,
 }
 FLAGS = ("normalize_features", "gradient_checkpointing")
 
