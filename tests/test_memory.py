@@ -200,3 +200,40 @@ def test_a_run_out_of_memory_fails_with_the_options_that_would_help(tmp_path, mo
     assert "--optimizer adamw8bit" in message and "python -m workbench memory" in message
     status = RunDir(tmp_path / "run").read_status()
     assert status["state"] == "failed" and status["error"] == message
+
+
+def test_precomputed_targets_take_the_teacher_off_the_device(plain, tiny_base):
+    """--teacher-targets precompute: no teacher weights in a student step, only its targets read
+    back (as the real step on real tensors shows); a precompute phase without optimizer states;
+    the disk a step's targets take."""
+    config = _config(tiny_base, teacher_targets="precompute")
+    fake = memory.estimate(config, target="cpu")
+    real = memory.estimate(config, target="cpu", fake=False)
+    stage = fake.stages[0]
+    assert stage.resident["teacher"] == 0 and fake.categories["teacher"] == 0
+    assert fake.total < plain.total and fake.total <= plain.total - plain.stages[0].resident["teacher"] // 2
+    assert fake.settings["teacher_targets"] == "precompute"
+    assert abs(real.total - fake.total) <= 0.01 * real.total and real.peak.phase == fake.peak.phase
+    # prediction (B, 4, 8, 8) fp32 and 26 feature maps in the teacher's dtype: what the files hold
+    assert stage.targets_disk_bytes == real.stages[0].targets_disk_bytes > 2 * 4 * 8 * 8 * 4
+    assert "MiB of disk per step" in memory.report(fake)
+    assert plain.stages[0].targets_disk_bytes == 0
+
+
+def test_the_estimate_reads_like_the_written_targets(tiny_base, tmp_path):
+    """The disk figure is the bytes the recipe's store writes for the same micro-batch."""
+    from workbench import losses, targets
+    from workbench.catalog import build_catalog
+    from workbench.surgery import compile_plan
+
+    config = _config(tiny_base, teacher_targets="precompute", teacher_dtype="bf16")
+    teacher_config = json.loads(open(f"{tiny_base}/config.json").read())
+    spec = compile_plan(build_catalog(teacher_config), load_preset("ssd-1b"))
+    teacher = memory._unet(teacher_config, None, torch.bfloat16).eval()
+    inputs = {"sample": torch.randn(2, 4, 8, 8), "timestep": torch.tensor([1, 500]),  # a micro-batch of 2
+              "encoder_hidden_states": torch.randn(2, 77, 16),
+              "added_cond_kwargs": {"text_embeds": torch.randn(2, 8), "time_ids": torch.randn(2, 6)}}  # fmt: skip
+    batch = {"inputs": inputs}
+    setup = losses.KDSetup(config.weights, spec.feature_pairs("layer"))
+    written = targets.TargetStore(tmp_path).write(0, 0, losses.teacher_targets(teacher, batch, setup))
+    assert memory.estimate(config, target="cpu").stages[0].targets_disk_bytes == written

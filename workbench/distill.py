@@ -25,7 +25,7 @@ from typing import Any
 
 import torch
 
-from workbench import data, lora_kd, losses, memory, optim, runs, sensitivity_kd
+from workbench import data, lora_kd, losses, memory, optim, runs, sensitivity_kd, targets
 from workbench.distill_config import (
     Checked,
     DistillConfig,
@@ -36,8 +36,9 @@ from workbench.distill_config import (
     sensitivity_settings,
 )
 from workbench.errors import WorkbenchError
-from workbench.files import atomic_dir, write_json_atomic
-from workbench.parallel import any_across, make_accelerator, mean_across
+from workbench.files import atomic_dir, remove_tree, write_json_atomic
+from workbench.models import on_device, park
+from workbench.parallel import any_across, full_student, is_sharded, make_accelerator, mean_across
 from workbench.runs import MetricsWriter, Reporter, RunDir, Stopper, read_checkpoint_info
 from workbench.sensitivity_kd import GUIDANCE_FILE  # noqa: F401  (re-exported: where a run keeps its guidance)
 from workbench.surgery import save_student, stage_models, with_guidance_embedding
@@ -54,7 +55,7 @@ class Stage:
     kind: str  # what it optimises: losses.OBJECTIVES[kind]
     student: Any  # what a step calls (DDP-wrapped when distributed)
     raw: Any  # the unwrapped student: feature hooks, samples, saving
-    teacher: Any
+    teacher: Any  # the teacher UNet, or its precomputed targets (targets.TargetStore)
     setup: Any  # the objective's: losses.KDSetup (feature pairs, weights) or losses.LCDSetup
     optimizer: Any
     schedule: Any
@@ -115,6 +116,10 @@ class Distillation:
         torch.set_flush_denormal(True)
         cfg = self.config
         self.acc = make_accelerator(cfg)
+        self.sharded = is_sharded(self.acc)  # FSDP: no process can draw a grid alone mid-run
+        if self.sharded and cfg.lora_rank:
+            raise WorkbenchError("--lora-rank with FSDP: adapters hold a fraction of the weights already; "
+                                 "launch with --multi_gpu (DDP) instead, or use --lora-rank 0")  # fmt: skip
         self.report = Reporter(self.run_dir, main=self.acc.is_main_process, started=self.report.started)
         if self.report.main:
             self.start_run_folder(resume)
@@ -122,6 +127,8 @@ class Distillation:
         self.pipe = freeze_pipeline(load_pipeline(self.base, device=str(self.acc.device)))
         self.batches = self.load_batches()
         self.guidance = self.load_guidance(resume)
+        for part in (self.pipe.vae, self.pipe.text_encoder, getattr(self.pipe, "text_encoder_2", None)):
+            park(part)  # the data is cached: encoders and VAE wait on the CPU (back for sample grids)
         prompts = list(cfg.sample_prompts) or default_prompts(cfg.base, cfg.data)
         self.grids = SampleGrids(self.pipe, self.run_dir.samples, prompts, steps=cfg.sample_steps,
                                  guidance=cfg.guidance)  # fmt: skip
@@ -185,9 +192,16 @@ class Distillation:
         if kind == "lcd":  # LCM's w-conditioning (the guidance scale as an embedding), or LCM-LoRA
             pairs = []
             student = student if cfg.lcd_lora_rank else with_guidance_embedding(student)
+        if teacher is not self.pipe.unet:  # the original waits on the CPU (for sample grids)
+            park(self.pipe.unet)
         student = student.float().to(acc.device)
         guidance = self.guidance[k] if self.guidance else None
         frozen = guidance["frozen_modules"] if guidance else []
+        pairs = pairs if cfg.w_feat > 0 else []
+        weights = sensitivity_kd.pair_weights(guidance, pairs, acc.device)
+        setup = losses.KDSetup(cfg.weights, pairs, cfg.normalize_features, weights)
+        if cfg.teacher_targets == "precompute":  # before the optimizer: the teacher then leaves
+            teacher = self.precompute(k, teacher, setup, acc)
         if cfg.lora_rank:  # LoRA-enhanced distillation: adapters where a layer's input held
             info = lora_kd.add_adapters(student, lora_kd.init_spec(self.specs, k), cfg.lora_rank)
             self.report.log(f"stage {k + 1}: LoRA adapters on {info['adapted_modules']} modules")
@@ -228,6 +242,20 @@ class Distillation:
                                schedule.config.prediction_type, cfg.lcd_guidance, target, cfg.lcd_ema,
                                cfg.lcd_loss, cfg.lcd_huber_c, LCM_ORIGINAL_STEPS)  # fmt: skip
 
+    def precompute(self, k: int, teacher, setup: losses.KDSetup, acc) -> targets.TargetStore:
+        """Stage ``k``'s teacher targets on disk (those still missing); the teacher then
+        leaves the device."""
+        store = targets.TargetStore(self.run_dir.targets(k) / f"rank_{acc.process_index}", acc.device)
+        steps = range(k * self.config.steps, (k + 1) * self.config.steps)
+        log = lambda f, m: self.report.log(f"stage {k + 1}: {m} {f:.0%}")  # noqa: E731
+        files, size = targets.precompute(
+            store, teacher, self.batches, setup, steps, self.config.grad_accum, log
+        )
+        self.report.log(f"stage {k + 1}: teacher targets precomputed ({files} files, {size / 2**20:.1f} MiB "
+                        f"new) in {store.folder}; the teacher leaves the device")  # fmt: skip
+        park(teacher)
+        return store
+
     def load_stage_student(self, k: int):
         from diffusers import UNet2DConditionModel
 
@@ -257,8 +285,8 @@ class Distillation:
                 stop = any_across(stage.accelerator, self.stopper.should_stop()) and not done
                 if stop or done or (s + 1) % cfg.checkpoint_every == 0:
                     self.checkpoint(stage, s, g)
-                if main and cfg.sample_every and (g + 1) % cfg.sample_every == 0:
-                    self.grids.save(stage.raw, g + 1, self.sampler(k))
+                if main and cfg.sample_every and (g + 1) % cfg.sample_every == 0 and not self.sharded:
+                    self.save_grid(stage.raw, g + 1, self.sampler(k))
                 if stop:
                     self.report.log(f"stopped at step {g + 1}; resume with --resume")
                     return False
@@ -269,10 +297,14 @@ class Distillation:
                 self.run_dir.root / LCM_LORA_DIR,
                 lambda tmp: lora_kd.save_adapter(stage.raw, type(self.pipe), tmp),
             )
+        student, spec = full_student(stage.accelerator, stage, self.specs[k], main), self.specs[k]
         if main:  # the next stage starts from it (adapters merged: a stock UNet)
-            spec, student = self.specs[k], lora_kd.plain(stage.raw, self.specs[k])
             atomic_dir(self.run_dir.stage_dir(k), lambda tmp: save_student(student, spec, tmp))
         return True
+
+    def save_grid(self, student, step: int, sampler: tuple[str, int] | None) -> None:
+        with on_device(self.pipe, self.acc.device):  # parked parts come back for the grid only
+            self.grids.save(student, step, sampler)
 
     # 4. checkpoints: every process saves its state into step_N.tmp, the main one completes it
     def checkpoint(self, stage: Stage, s: int, g: int) -> None:
@@ -293,7 +325,7 @@ class Distillation:
 
         student, spec = self.load_stage_student(len(self.specs) - 1), self.specs[-1]
         if not self.grids.path(self.total_steps).exists():
-            self.grids.save(student, self.total_steps, self.sampler(len(self.specs) - 1))
+            self.save_grid(student, self.total_steps, self.sampler(len(self.specs) - 1))
         trained = Student(spec=spec, base=self.base, unet=student, run=self.run_dir)
         card = model_card(trained)
 
@@ -303,6 +335,7 @@ class Distillation:
             finish_folder(tmp, local_paths(trained) + [str(tmp.resolve())])
 
         atomic_dir(self.run_dir.student, write)
+        remove_tree(self.run_dir.root / "targets")  # precomputed teacher targets: spent
         self.report.log(f"student saved to {self.run_dir.student}")
 
 
@@ -316,11 +349,12 @@ def train_step(stage: Stage, batches, g: int, cfg: DistillConfig) -> dict[str, f
     objective, totals = losses.OBJECTIVES[stage.kind], {}
     for micro in range(cfg.grad_accum):
         batch = batches(g, micro)
-        targets = objective.targets(stage.teacher, batch, stage.setup)
+        # the teacher's targets: its live forward, or read back where they were precomputed
+        teacher = targets.for_step(stage.teacher, batch, stage.setup, g, micro, objective.targets)
         # Only the last micro-batch syncs gradients across processes.
         sync = contextlib.nullcontext() if micro == cfg.grad_accum - 1 else acc.no_sync(stage.student)
         with sync, acc.autocast():
-            terms = objective.loss(batch, stage.student, stage.raw, targets, stage.setup)
+            terms = objective.loss(batch, stage.student, stage.raw, teacher, stage.setup)
             acc.backward(terms["loss/total"] / cfg.grad_accum)
         for key, value in terms.items():
             totals[key] = totals.get(key, 0.0) + value.detach().float().item() / cfg.grad_accum

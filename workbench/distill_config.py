@@ -27,6 +27,7 @@ STAGE_TEACHERS = ("original", "previous")
 LR_SCHEDULES = ("constant", "cosine")
 DEVICES = ("auto", "cpu", "cuda")
 OPTIMIZERS = ("adamw", "adamw8bit")
+TEACHER_TARGETS = ("live", "precompute")  # workbench.targets.MODES
 
 
 @dataclass(frozen=True)
@@ -84,6 +85,9 @@ class DistillConfig:
     lcd_lora_rank: int = (
         0  # > 0: LCM-LoRA (adapters of this rank, no w-embedding, a LoRA file); 0: full weights
     )
+    # "precompute": the teacher's targets written to disk before a stage's student steps, and
+    # read back, so the teacher is off the device while the student trains (workbench.targets)
+    teacher_targets: str = "live"
 
     @property
     def guidance(self) -> float:
@@ -193,6 +197,7 @@ CHOICES = {
     "device": DEVICES,
     "optimizer": OPTIMIZERS,
     "lcd_loss": LCD_LOSSES,
+    "teacher_targets": TEACHER_TARGETS,
 }
 FLAGS = ("normalize_features", "gradient_checkpointing")
 
@@ -343,6 +348,11 @@ def check_lcd_combination(config: DistillConfig) -> None:
         raise ConfigError(
             "lora_rank", "{field} (LoRA-enhanced KD) does not apply to an lcd stage; drop it for a "
             "full-weight consistency distillation",
+        )  # fmt: skip
+    if config.teacher_targets == "precompute":
+        raise ConfigError(
+            "teacher_targets", "{field} precompute does not apply to an lcd stage: its targets come "
+            "from the teacher and the moving EMA target network at every step; use live",
         )  # fmt: skip
 
 

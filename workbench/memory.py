@@ -16,8 +16,14 @@ puts it in one category:
 - ``activations``: everything else the step allocates: the batch, activations saved for
   backward, autocast's low-precision weight copies, teacher outputs and captured features,
   backward temporaries;
-- ``encoders``: the pipeline's text encoders and VAE, which the recipe keeps on the device
-  (fp32) after encoding the data once; counted from their weight files, not run.
+- ``encoders``: the pipeline's text encoders and VAE. The recipe encodes the data once and
+  then parks them on the CPU, so a student step holds none of them (0); they come back,
+  with the teacher, only for sample grids (a note gives that figure for ``--sample-every``).
+
+With ``--teacher-targets precompute`` the teacher runs first, over every micro-batch of the
+stage (phase ``precompute``: student weights and teacher resident, no optimizer states yet),
+and then leaves the device: a student step holds no teacher weights, only its targets read
+back from disk (``activations``); the bytes they take on disk per step are reported.
 
 The categories of the peak add up to its total. The step is run once per stage; the peak is
 the steady state of a long run: optimizer states created by the first step are counted in
@@ -52,6 +58,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
 from workbench.errors import WorkbenchError
+from workbench.targets import TargetStore
 
 CATEGORIES = ("teacher", "weights", "gradients", "optimizer", "activations", "encoders")
 TARGETS = ("cuda", "cpu")
@@ -86,6 +93,7 @@ class StagePeak:
     student_params: int
     trainable_params: int
     teacher_params: int
+    targets_disk_bytes: int = 0  # per optimizer step and process (--teacher-targets precompute)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -194,6 +202,13 @@ class _Tracker(TorchDispatchMode):
         best = self.peaks.get(self.phase)
         if best is None or self.total > best[0]:
             self.peaks[self.phase] = (self.total, dict(self.current))
+
+    def release(self, tensors: list[Any]) -> None:
+        """Stop counting ``tensors``' storages, as if freed: they left the device (parked on
+        the CPU, written to disk)."""
+        for tensor in tensors:
+            if isinstance(tensor, torch.Tensor):
+                self._released(id(tensor.untyped_storage()))(None)
 
     def _released(self, key: int):
         def release(_ref: Any) -> None:
@@ -446,7 +461,6 @@ class _Stage:
     student: Any
     teacher: Any
     pairs: list[tuple[str, str]]
-    extra_teacher_bytes: int  # the original UNet, still in the pipeline when another one teaches
 
 
 def _stage_models(config, base, specs, k: int, mode) -> _Stage:
@@ -455,10 +469,9 @@ def _stage_models(config, base, specs, k: int, mode) -> _Stage:
 
     spec, init = specs[k], init_spec(specs, k)  # init: the student's map to what it starts from
     dtype = TEACHER_DTYPES[config.teacher_dtype]
-    teacher_config, pairs, extra = base.unet_config, spec.feature_pairs(config.feature_mode), 0
-    if k > 0 and config.stage_teacher == "previous":
+    teacher_config, pairs = base.unet_config, spec.feature_pairs(config.feature_mode)
+    if k > 0 and config.stage_teacher == "previous":  # the original UNet is parked on the CPU
         teacher_config, pairs = specs[k - 1].config, init.feature_pairs(config.feature_mode)
-        extra = spec.teacher_params * torch.empty((), dtype=dtype).element_size()
     teacher = _unet(teacher_config, mode, dtype).eval().requires_grad_(False)
     adapt = None
     if config.lora_rank:
@@ -472,7 +485,7 @@ def _stage_models(config, base, specs, k: int, mode) -> _Stage:
         student.requires_grad_(True)
     if config.gradient_checkpointing:
         student.enable_gradient_checkpointing(_checkpoint)
-    return _Stage(student, teacher, pairs, extra)
+    return _Stage(student, teacher, pairs)
 
 
 def _optimizer(config, params: list[torch.Tensor], target: str) -> torch.optim.Optimizer:
@@ -547,13 +560,48 @@ class _Accelerator:
         return torch.nn.utils.clip_grad_norm_(params, max_norm, foreach=self.target == "cuda")
 
 
-def _train_step(config, models: _Stage, optimizer, shapes: _Shapes, target: str, tracker: _Tracker) -> None:
+def _setup(config, models: _Stage):
+    from workbench import losses
+
+    pairs = models.pairs if config.w_feat > 0 else []
+    return losses.KDSetup(config.weights, pairs, config.normalize_features, None)
+
+
+@dataclass(frozen=True)
+class _Stored(TargetStore):
+    """Precomputed targets as a step reads them back: fresh device tensors each read."""
+
+    held: Any = None  # losses.TeacherTargets
+
+    def read(self, g: int, micro: int):
+        from workbench.losses import TeacherTargets
+
+        pred = None if self.held.pred is None else torch.empty_like(self.held.pred)
+        return TeacherTargets(pred, {k: torch.empty_like(v) for k, v in self.held.features.items()})
+
+
+def _precompute(config, models: _Stage, shapes: _Shapes, tracker: _Tracker) -> tuple[_Stored, int]:
+    """The recipe's precompute before a stage (a micro-batch stands for all): the teacher's
+    forward with the student's weights resident, then teacher and targets leave the device.
+    Returns the store the step reads from and the targets' bytes per micro-batch."""
+    from workbench import losses
+
+    tracker.enter("precompute (teacher targets)")
+    held = losses.teacher_targets(models.teacher, _batch(shapes, config.batch_size), _setup(config, models))
+    tensors = [held.pred, *held.features.values()]
+    tracker.release([*tensors, *models.teacher.parameters(), *models.teacher.buffers()])
+    size = sum(t.numel() * t.element_size() for t in tensors if t is not None)
+    return _Stored(Path("."), held=held), size
+
+
+def _train_step(config, models: _Stage, optimizer, shapes: _Shapes, target: str, tracker: _Tracker,
+                store: _Stored | None = None) -> None:  # fmt: skip
     """The recipe's own optimizer step (``distill.train_step``), phases marked for the tracker.
 
     Two micro-batches stand for any gradient accumulation: from the second on, the
     gradients of the earlier ones are resident while the next runs.
     """
-    from workbench import distill, losses, optim
+    from workbench import distill, optim
 
     config = dataclasses.replace(config, grad_accum=min(config.grad_accum, 2))
     labels = config.grad_accum > 1
@@ -563,14 +611,13 @@ def _train_step(config, models: _Stage, optimizer, shapes: _Shapes, target: str,
         tracker.enter("batch")
         return _batch(shapes, config.batch_size)
 
-    pairs = models.pairs if config.w_feat > 0 else []
-    setup = losses.KDSetup(config.weights, pairs, config.normalize_features, None)
+    setup = _setup(config, models)
     handles = [
         models.teacher.register_forward_pre_hook(lambda *_: tracker.enter("teacher forward")),
         models.student.register_forward_pre_hook(lambda *_: tracker.enter("student forward")),
         optimizer.register_step_pre_hook(lambda *_: tracker.enter("optimizer step", "optimizer")),
     ]
-    stage = distill.Stage(0, config.stage_kind(0), models.student, models.student, models.teacher, setup,
+    stage = distill.Stage(0, config.stage_kind(0), models.student, models.student, store or models.teacher, setup,
                           optimizer, optim.make_schedule(optimizer, config), _Accelerator(config, target, tracker), 0)  # fmt: skip
     try:
         distill.train_step(stage, batches, 0, config)
@@ -579,9 +626,7 @@ def _train_step(config, models: _Stage, optimizer, shapes: _Shapes, target: str,
             handle.remove()
 
 
-def _stage_peak(
-    config, base, specs, k: int, shapes: _Shapes, target: str, encoders: int, fake: bool = True
-) -> StagePeak:
+def _stage_peak(config, base, specs, k: int, shapes: _Shapes, target: str, fake: bool = True) -> StagePeak:
     from torch._subclasses.fake_tensor import FakeTensorMode
     from torch.fx.experimental.symbolic_shapes import ShapeEnv
 
@@ -590,9 +635,7 @@ def _stage_peak(
     models = _stage_models(config, base, specs, k, mode)
     trainable = [p for p in models.student.parameters() if p.requires_grad]
     tracker = _Tracker()
-    tracker.current["encoders"] = encoders
-    tracker.current["teacher"] = models.extra_teacher_bytes
-    tracker.total = encoders + models.extra_teacher_bytes
+    precompute, disk = config.teacher_targets == "precompute", 0
     for t in (*models.teacher.parameters(), *models.teacher.buffers()):
         tracker.claim(t, "teacher")
     for t in (*models.student.parameters(), *models.student.buffers()):
@@ -602,9 +645,13 @@ def _stage_peak(
     ]
     try:
         with mode or contextlib.nullcontext():
+            store = None
+            if precompute:  # before the optimizer exists, as the recipe does it
+                with tracker:
+                    store, disk = _precompute(config, models, shapes, tracker)
             optimizer = _optimizer(config, trainable, target)
             with tracker:
-                _train_step(config, models, optimizer, shapes, target, tracker)
+                _train_step(config, models, optimizer, shapes, target, tracker, store)
             states = _state_bytes(optimizer)
     finally:
         for hook in hooks:
@@ -619,14 +666,16 @@ def _stage_peak(
         phase=phase,
         resident={
             "weights": _storage_bytes([*models.student.parameters(), *models.student.buffers()]),
-            "teacher": _storage_bytes([*models.teacher.parameters(), *models.teacher.buffers()])
-            + models.extra_teacher_bytes,
+            "teacher": 0
+            if precompute
+            else _storage_bytes([*models.teacher.parameters(), *models.teacher.buffers()]),
             "optimizer_states": states,
-            "encoders": encoders,
+            "encoders": 0,  # parked on the CPU during student steps
         },
         student_params=spec.student_params,
         trainable_params=sum(p.numel() for p in trainable),
         teacher_params=sum(p.numel() for p in models.teacher.parameters()),
+        targets_disk_bytes=disk * config.grad_accum,
     )
 
 
@@ -652,7 +701,7 @@ def _steady_peak(
     best: tuple[str, int, dict[str, int]] | None = None
     for phase, (total, categories) in peaks.items():
         categories = dict(categories)
-        if not phase.startswith("optimizer step"):
+        if not phase.startswith(("optimizer step", "precompute")):  # precompute: no optimizer yet
             categories["optimizer"] += states
             total += states
         if best is None or total > best[1]:
@@ -683,8 +732,9 @@ def check_target(target: str) -> str:
     return target
 
 
-def estimate(config, target: str = "cuda", fake: bool = True) -> MemoryEstimate:
-    """Peak memory of one process of a run of ``config`` (a ``DistillConfig``), on ``target``.
+def estimate(config, target: str = "cuda", fake: bool = True, ranks: int = 1) -> MemoryEstimate:
+    """Peak memory of one process of a run of ``config`` (a ``DistillConfig``), on ``target``;
+    with ``ranks`` > 1, of one of that many FSDP processes (``shard``).
 
     Nothing is loaded or allocated; models are built from their configs. Seconds for SDXL
     at 1024 px on a CPU, most of it running the fake step. ``fake=False`` runs the same step
@@ -697,14 +747,17 @@ def estimate(config, target: str = "cuda", fake: bool = True) -> MemoryEstimate:
     started = time.perf_counter()
     check_target(target)
     _check(config)
+    check_ranks(config, ranks)
     base = resolve_base(config.base)
     specs = check_plans(config, base.unet_config)
     shapes = _shapes(base, resolution_of(config, base))
     encoders, note = encoder_bytes(base)
-    peaks = tuple(
-        _stage_peak(config, base, specs, k, shapes, target, encoders, fake) for k in range(len(specs))
-    )
-    notes = [n for n in (note,) if n]
+    peaks = tuple(_stage_peak(config, base, specs, k, shapes, target, fake) for k in range(len(specs)))
+    if ranks > 1:
+        peaks = tuple(
+            shard(peak, spec.config, ranks, config.mixed_precision) for peak, spec in zip(peaks, specs)
+        )
+    notes = [n for n in (note, _sampling_note(config, peaks, encoders), _shard_note(ranks)) if n]
     if config.freeze_sensitive:
         notes.append(
             "--freeze-sensitive is not applied: the frozen layers come from the sensitivity map; "
@@ -713,15 +766,95 @@ def estimate(config, target: str = "cuda", fake: bool = True) -> MemoryEstimate:
     return MemoryEstimate(
         target=target,
         stages=peaks,
-        settings=settings_of(config, base, shapes.latent_size * base.vae_scale_factor),
+        settings=settings_of(config, base, shapes.latent_size * base.vae_scale_factor) | {"ranks": ranks},
         notes=tuple(notes),
         seconds=time.perf_counter() - started,
     )
 
 
+# --------------------------------------------------------------------------- sharded (FSDP)
+
+# The units workbench/configs/accelerate-fsdp.yaml wraps (fsdp_transformer_layer_cls_to_wrap)
+FSDP_UNITS = ("BasicTransformerBlock", "ResnetBlock2D")
+
+
+def check_ranks(config, ranks: int) -> None:
+    if not isinstance(ranks, int) or isinstance(ranks, bool) or ranks < 1:
+        raise WorkbenchError(
+            f"ranks must be a whole number >= 1 (processes sharing the student), got {ranks!r}"
+        )
+    if ranks > 1 and config.lora_rank:
+        raise WorkbenchError(
+            "--ranks with --lora-rank: LoRA runs are not sharded (launch them with DDP); use one"
+        )
+
+
+def unit_bytes(student_config: dict[str, Any]) -> tuple[int, list[int]]:
+    """(bytes of the parameters outside any FSDP unit: the root's, bytes of each unit), fp32."""
+    from workbench.catalog import meta_unet
+
+    model = meta_unet(student_config)
+    units = [
+        4 * sum(p.numel() for p in m.parameters()) for m in model.modules() if type(m).__name__ in FSDP_UNITS
+    ]
+    return 4 * sum(p.numel() for p in model.parameters()) - sum(units), units
+
+
+def shard(peak: StagePeak, student_config: dict[str, Any], ranks: int, mixed_precision: str) -> StagePeak:
+    """One of ``ranks`` FSDP processes (full shard, ``accelerate-fsdp.yaml``): the student's
+    weights, gradients and optimizer states split ``ranks`` ways, plus what is gathered whole
+    at a time: the root's parameters (kept through the step) and two units (the one running
+    and the one prefetched), in the compute dtype; a unit's full gradients before they are
+    reduce-scattered. The teacher, the batch and activations are those of one process."""
+    root, units = unit_bytes(student_config)
+    largest = max(units, default=0)
+    low = 2 if mixed_precision in ("bf16", "fp16") else 4
+    gathered = (root + 2 * largest) * low // 4
+    weights, grads, states = (
+        peak.resident["weights"],
+        peak.categories["gradients"],
+        peak.resident["optimizer_states"],
+    )
+    categories = dict(peak.categories)
+    categories["weights"] += -weights + -(-weights // ranks) + gathered
+    categories["gradients"] = -(-grads // ranks) + (largest if grads else 0)
+    categories["optimizer"] = -(-categories["optimizer"] // ranks)  # states and step temporaries: on shards
+    resident = peak.resident | {"weights": -(-weights // ranks), "optimizer_states": -(-states // ranks)}
+    return dataclasses.replace(peak, total=sum(categories.values()), categories=categories, resident=resident)
+
+
+def _shard_note(ranks: int) -> str | None:
+    if ranks == 1:
+        return None
+    return (
+        f"per process of {ranks} under FSDP (workbench/configs/accelerate-fsdp.yaml): the student's weights, "
+        "gradients and optimizer states split {ranks} ways, plus the root and two blocks gathered whole at a "
+        "time; the teacher, batch and activations as one process"
+    ).replace("{ranks}", str(ranks))
+
+
+def _sampling_note(config, peaks: tuple[StagePeak, ...], encoders: int) -> str | None:
+    """Sample grids during training bring the parked pipeline back beside the student."""
+    if not config.sample_every:
+        return None
+    r = max(peaks, key=lambda p: sum(p.resident.values())).resident
+    teacher = max(p.teacher_params for p in peaks) * {"fp32": 4}.get(config.teacher_dtype, 2)
+    held = r["weights"] + r["optimizer_states"] + teacher + encoders
+    return (
+        f"--sample-every {config.sample_every}: each grid brings the teacher and the text encoders and VAE "
+        f"back beside the student and its optimizer states: {gib(held)} resident, plus sampling activations"
+    )
+
+
 def _check(config) -> None:
     """The options the estimate reads, checked as the recipe checks them (device aside)."""
-    from workbench.distill_config import OPTIMIZERS, PRECISIONS, STAGE_TEACHERS, TEACHER_DTYPES
+    from workbench.distill_config import (
+        OPTIMIZERS,
+        PRECISIONS,
+        STAGE_TEACHERS,
+        TEACHER_DTYPES,
+        TEACHER_TARGETS,
+    )
     from workbench.surgery import FEATURE_MODES
 
     checks = [
@@ -732,6 +865,7 @@ def _check(config) -> None:
         (config.teacher_dtype in TEACHER_DTYPES, f"unknown teacher dtype {config.teacher_dtype!r}; choose one of {', '.join(TEACHER_DTYPES)}"),
         (config.stage_teacher in STAGE_TEACHERS, f"unknown stage teacher {config.stage_teacher!r}; choose one of {', '.join(STAGE_TEACHERS)}"),
         (len(config.stages) > 0, "the estimate needs at least one stage (a preset)"),
+        (config.teacher_targets in TEACHER_TARGETS, f"unknown teacher targets {config.teacher_targets!r}; choose one of {', '.join(TEACHER_TARGETS)}"),
         (config.optimizer in OPTIMIZERS, f"unknown optimizer {config.optimizer!r}; choose one of {', '.join(OPTIMIZERS)}"),
         (isinstance(config.lora_rank, int) and config.lora_rank >= 0, f"LoRA rank must be a whole number >= 0 (0: full weights), got {config.lora_rank!r}"),
     ]  # fmt: skip
@@ -755,6 +889,7 @@ def settings_of(config, base, resolution: int) -> dict[str, Any]:
         "teacher_runs": config.w_out > 0 or (config.w_feat > 0 and config.feature_mode != "none"),
         "optimizer": config.optimizer,
         "lora_rank": config.lora_rank,
+        "teacher_targets": config.teacher_targets,
     }
 
 
@@ -795,6 +930,14 @@ LEAN_OPTIONS: tuple[LeanOption, ...] = (
         lambda c: dataclasses.replace(c, gradient_checkpointing=True),
     ),
     LeanOption(
+        "teacher targets precomputed to disk (the teacher off the GPU during student steps)",
+        "--teacher-targets precompute",
+        lambda c: (
+            c.teacher_targets == "live" and (c.w_out > 0 or (c.w_feat > 0 and c.feature_mode != "none"))
+        ),
+        lambda c: dataclasses.replace(c, teacher_targets="precompute"),
+    ),
+    LeanOption(
         "8-bit AdamW (bitsandbytes; a quarter of AdamW's states)",
         "--optimizer adamw8bit",
         lambda c: c.optimizer == "adamw",
@@ -832,7 +975,7 @@ def suggestions(
         if option is None:
             break
         changed = option.apply(current)
-        result = estimate(changed, first.target)
+        result = estimate(changed, first.target, ranks=first.settings.get("ranks", 1))
         ladder.append(([*options, option], changed, result))
         missing = [gb for gb in missing if _verdict(result, gb) != "fits"]
     rows = []
@@ -875,12 +1018,18 @@ def report(result: MemoryEstimate, hints: list[dict[str, Any]] | None = None) ->
         f"peak {gib(result.total)} per process ({result.target}) for {', '.join(map(str, s['plans']))} on "
         f"{s['base']}, {s['resolution']} px, batch {s['batch_size']} x {s['grad_accum']} accumulation, "
         f"teacher {s['teacher_dtype']}, mixed precision {s['mixed_precision']}, gradient checkpointing "
-        f"{'on' if s['gradient_checkpointing'] else 'off'}; the peak is in stage {result.peak.stage}'s "
+        f"{'on' if s['gradient_checkpointing'] else 'off'}, teacher targets {s['teacher_targets']}; the peak is in stage {result.peak.stage}'s "
         f"{result.peak.phase}",
     ]
     for name in CATEGORIES:
         lines.append(f"  {name:<12} {gib(result.categories[name]):>12}")
     lines.append(f"  needs about {gib(result.needed())} with the CUDA context and allocator margin")
+    disk = max(st.targets_disk_bytes for st in result.stages)
+    if disk:
+        lines.append(
+            f"  precomputed teacher targets take {disk / 2**20:.1f} MiB of disk per step and process "
+            f"({gib(disk * 1000)} per 1000 steps)"
+        )
     lines.append("  " + "   ".join(f"{v['gpu_gb']} GB: {v['verdict']}" for v in result.verdicts()))
     for row in hints or []:
         if row["fits"]:

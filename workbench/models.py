@@ -11,6 +11,7 @@ A *base* is what the user names as the teacher:
 
 from __future__ import annotations
 
+import contextlib
 import json
 import re
 from dataclasses import dataclass
@@ -207,6 +208,39 @@ def as_teacher(unet, device, dtype):
     unet = unet.to(device).eval().requires_grad_(False)
     # Cast only when needed: diffusers warns about every dtype cast through .to().
     return unet if unet.dtype == dtype else unet.to(dtype)
+
+
+PIPELINE_PARTS = ("unet", "vae", "text_encoder", "text_encoder_2")
+
+
+def _device(module):
+    return next(iter(module.parameters()), None).device
+
+
+def park(module) -> None:
+    """``module`` off the accelerator: it waits on the CPU (nothing moves on a CPU run)."""
+    import torch
+
+    if module is not None and _device(module).type != "cpu":
+        module.to("cpu")
+        torch.cuda.empty_cache()  # give the freed blocks back, not only to this process's cache
+
+
+@contextlib.contextmanager
+def on_device(pipe, device):
+    """The pipeline's models on ``device`` inside the block (sample grids), and back where
+    they were (parked on the CPU) after it."""
+    was = {
+        name: _device(getattr(pipe, name)) for name in PIPELINE_PARTS if getattr(pipe, name, None) is not None
+    }
+    for name in was:
+        getattr(pipe, name).to(device)
+    try:
+        yield pipe
+    finally:
+        for name, where in was.items():
+            if where.type == "cpu":
+                park(getattr(pipe, name))
 
 
 def check_unet_folder(folder: str | Path) -> Path:

@@ -1,5 +1,7 @@
 """A run's processes (accelerate): one process on a CPU or GPU, or several under
-``accelerate launch`` (DDP). The recipe asks three things of them, all here."""
+``accelerate launch``: DDP (each process a full student), or FSDP with
+``workbench/configs/accelerate-fsdp.yaml`` (the student's weights, gradients and optimizer
+states sharded across the processes). The recipe asks these things of them, all here."""
 
 from __future__ import annotations
 
@@ -34,3 +36,27 @@ def any_across(acc, flag: bool) -> bool:
         return flag
     t = torch.tensor([1.0 if flag else 0.0], device=acc.device)
     return bool(acc.reduce(t, reduction="sum").item() > 0)
+
+
+def is_sharded(acc) -> bool:
+    """True under FSDP: no process holds the whole student (accelerate enables it on GPUs only)."""
+    from accelerate.utils import DistributedType
+
+    return acc.distributed_type == DistributedType.FSDP
+
+
+def full_student(acc, stage, spec, main: bool):
+    """The stage's trained student as a stock UNet on the main process (None elsewhere).
+    Sharded, every process takes part in gathering it; LoRA adapters are merged."""
+    from workbench import lora_kd
+
+    if not is_sharded(acc):
+        return lora_kd.plain(stage.raw, spec) if main else None
+    state = acc.get_state_dict(stage.student)  # a collective: the full weights on the main process
+    if not main:
+        return None
+    from workbench.catalog import meta_unet
+
+    unet = meta_unet(spec.config)
+    unet.load_state_dict(state, strict=True, assign=True)
+    return unet

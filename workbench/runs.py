@@ -8,6 +8,7 @@ RUN/
   samples/        teacher-vs-student grids on fixed seeds: step_000100.png, ...
   checkpoints/    step_000100/ (student, optimizer, scheduler, RNG, data position, checkpoint.json)
   stages/         stage_1/, ...: each finished stage's student (the next stage starts from it)
+  targets/        stage_1/rank_0/step_N_M.safetensors: precomputed teacher targets (deleted when done)
   student/        the final diffusers UNet folder + plan.json + layer_map.json + README.md
   STOP            created by whoever wants the run to stop; the run checkpoints and exits
   log.txt         the process's stdout/stderr when started by `jobs.start`
@@ -110,6 +111,10 @@ class RunDir:
     def stage_dir(self, k: int) -> Path:
         """Where stage ``k`` (0-based)'s finished student is kept."""
         return self.root / "stages" / f"stage_{k + 1}"
+
+    def targets(self, k: int) -> Path:
+        """Where stage ``k`` (0-based)'s precomputed teacher targets are kept (``workbench.targets``)."""
+        return self.root / "targets" / f"stage_{k + 1}"
 
     def stage_done(self, k: int) -> bool:
         return (self.stage_dir(k) / "config.json").exists()

@@ -14,6 +14,7 @@ from workbench.distill_config import (
     PRECISIONS,
     STAGE_TEACHERS,
     TEACHER_DTYPES,
+    TEACHER_TARGETS,
     DistillConfig,
 )
 from workbench.errors import WorkbenchError
@@ -101,6 +102,13 @@ _CHOICES: list[tuple[str, tuple[str, ...], str]] = [
     ("--device", ("auto", "cpu", "cuda"), "where to train"),
     ("--optimizer", OPTIMIZERS, "adamw, or adamw8bit (bitsandbytes: a quarter of AdamW's state memory)"),
     ("--lcd-loss", LCD_LOSSES, "lcd: huber (pseudo-Huber, default) or l2"),
+    (
+        "--teacher-targets",
+        TEACHER_TARGETS,
+        "live (default): the teacher runs beside the student at every step; precompute: its outputs "
+        "and features are written to the run folder before a stage's student steps and read back, so "
+        "the teacher is off the GPU while the student trains (disk: see `python -m workbench memory`)",
+    ),
 ]
 
 

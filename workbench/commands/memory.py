@@ -5,7 +5,14 @@ from __future__ import annotations
 import argparse
 
 from workbench.commands._common import add_base, add_json, emit_json
-from workbench.distill_config import OPTIMIZERS, PRECISIONS, STAGE_TEACHERS, TEACHER_DTYPES, DistillConfig
+from workbench.distill_config import (
+    OPTIMIZERS,
+    PRECISIONS,
+    STAGE_TEACHERS,
+    TEACHER_DTYPES,
+    TEACHER_TARGETS,
+    DistillConfig,
+)
 from workbench.errors import WorkbenchError
 from workbench.presets import load_preset
 from workbench.surgery import FEATURE_MODES
@@ -18,6 +25,11 @@ _OPTIONS: list[tuple[str, type, str]] = [
     ("--w-out", float, "weight of the output KD loss (0 with no feature loss: no teacher forward)"),
     ("--w-feat", float, "weight of the feature KD loss (0: no feature hooks)"),
     ("--lora-rank", int, "LoRA-enhanced distillation with adapters of this rank (0: full weights)"),
+    (
+        "--sample-every",
+        int,
+        "sample grids every N steps (they bring the parked pipeline back; 0: at the end)",
+    ),
 ]
 _CHOICES: list[tuple[str, tuple[str, ...]]] = [
     ("--feature-mode", FEATURE_MODES),
@@ -25,6 +37,7 @@ _CHOICES: list[tuple[str, tuple[str, ...]]] = [
     ("--teacher-dtype", tuple(TEACHER_DTYPES)),
     ("--stage-teacher", STAGE_TEACHERS),
     ("--optimizer", OPTIMIZERS),
+    ("--teacher-targets", TEACHER_TARGETS),
 ]
 
 
@@ -44,6 +57,13 @@ def register(sub: argparse._SubParsersAction) -> None:
         "--target",
         default="cuda",
         help="whose memory rules: cuda (default: what the GPU verdicts are for) or cpu (as measured here)",
+    )
+    p.add_argument(
+        "--ranks",
+        type=int,
+        default=1,
+        help="processes sharing the student under FSDP (workbench/configs/accelerate-fsdp.yaml): the "
+        "estimate per process (default 1: one process, or each DDP process)",
     )
     p.add_argument(
         "--no-suggest", action="store_true", help="skip the search for options that make the run fit"
@@ -70,7 +90,7 @@ def run(args: argparse.Namespace) -> int:
 
     memory.check_target(args.target)
     config = config_from_args(args)
-    result = memory.estimate(config, args.target)
+    result = memory.estimate(config, args.target, ranks=args.ranks)
     hints = None if args.no_suggest else memory.suggestions(config, result)
     if args.json:
         emit_json(result.to_dict() | {"suggestions": hints})
