@@ -87,3 +87,34 @@ def test_bk_sdm_presets_count_exactly(base, name):
     last = len(spec.config["block_out_channels"]) - 1
     assert spec.layer_map[f"up_blocks.{last}.resnets.1"] == "up_blocks.3.resnets.2"
     assert spec.layer_map[f"up_blocks.{last}.resnets.0"] == "up_blocks.3.resnets.0"
+
+
+@pytest.mark.parametrize(
+    "removed", [["down_blocks.3"], ["down_blocks.2"], ["down_blocks.3", "down_blocks.2.layers.1"]]
+)
+def test_flops_stay_exact_when_a_whole_stage_moves_the_inner_atoms(removed):
+    """Without the stage's sampler the inner stages and the mid block run at twice the side."""
+    from workbench.cost import atom_flops, student_flops
+    from workbench.plan import PruningPlan
+    from workbench.testing import tiny_sd15_config
+
+    config = tiny_sd15_config()  # [8, 16, 16, 16]: the two inner stages may go whole
+    catalog = build_catalog(config)
+    spec = compile_plan(catalog, PruningPlan.empty(catalog).with_removed(removed))
+    per_atom = atom_flops(catalog, 128, 8)
+    exact = student_flops(spec, per_atom, lambda d: atom_flops(catalog, 128 * 2**d, 8))
+    assert exact == unet_flops(spec.config, 128, 8)
+    assert flops_without(per_atom, spec.removed_atoms) < exact  # the per-atom sum alone undercounts
+
+
+def test_a_flops_budget_counts_a_whole_stage_removal_exactly():
+    from workbench.autoprune import budget
+    from workbench.plan import PruningPlan
+    from workbench.testing import tiny_sd15_config
+
+    config = tiny_sd15_config()
+    catalog = build_catalog(config)
+    spec = compile_plan(catalog, PruningPlan.empty(catalog).with_removed(["down_blocks.3"]))
+    flops = budget("flops", 0.9, catalog, resolution=128)
+    assert flops.fraction(spec) == pytest.approx(unet_flops(spec.config, 128, 8) / unet_flops(config, 128, 8))
+    assert budget("params", 0.9, catalog).fraction(spec) == spec.student_params / spec.teacher_params

@@ -170,3 +170,20 @@ def test_exports_every_format(sd, tmp_path):
         assert set(a) <= set(b) and all(torch.equal(a[k], b[k]) for k in a), name
     for result in results.values():
         assert "README.md" in result.files
+
+
+def test_a_teacher_lora_follows_the_renumbered_stages(sd, tmp_path):
+    from workbench import lora
+    from workbench.testing import teacher_lora
+
+    base = resolve_base(sd)
+    teacher = lora.read_lora(teacher_lora(sd, tmp_path / "lora", text_encoder=False), base)
+    spec = export.student_from_plan(base, load_preset("bk-sdm-tiny")).spec
+    pairs, report = lora.remap(teacher, spec.layer_map)
+    # the teacher's up_blocks.1 is the student's up_blocks.0; up_blocks.0 (removed) drops
+    assert ("up_blocks.1.attentions.0.proj_in", "up_blocks.0.attentions.0.proj_in") in report.renamed
+    assert all(not n.startswith("up_blocks.0.") or n in report.dropped for n in teacher.unet)
+    assert "up_blocks.0.attentions.0.proj_in" in pairs and report.dropped
+    pipe = StableDiffusionPipeline.from_pretrained(sd, unet=load_unet(sd))
+    pipe.unet, _ = build_student(pipe.unet, load_preset("bk-sdm-tiny"))
+    pipe.load_lora_weights(str(lora.save_lora(teacher, pairs, report, tmp_path / "student-lora")))

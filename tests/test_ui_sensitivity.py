@@ -85,8 +85,9 @@ def test_heat_layout_gives_every_sdxl_unit_its_own_cell_in_forward_order():
     catalog = Store().catalog("sdxl-base")
     layout = plots.heat_layout(catalog)
     assert set(layout.cells) == {u.id for u in catalog.units}
-    assert len(set(layout.cells.values())) == len(catalog.units) == 91
-    assert layout.row_labels[0] == "down 0 · layer 0" and layout.row_labels[-1] == "up 2 · layer 2"
+    assert len(set(layout.cells.values())) == len(catalog.units) == 94  # 91 + 3 whole stages
+    assert layout.row_labels[:2] == ("down 0 · whole stage", "down 0 · layer 0")
+    assert layout.row_labels[-1] == "up 2 · layer 2"
     mid = [label for label in layout.row_labels if label.startswith("mid")]
     assert mid == ["mid · whole block", "mid · attention"]
     assert layout.cells["down_blocks.2.attentions.1.transformer_blocks.9"] == (
@@ -197,7 +198,7 @@ def test_flops_budget_counts_flops_at_the_views_resolution(store, view, measured
     _, plan, summary, *_ = sp.auto_prune(store, view, "flops", 0.7, "static", "cpu", "bf16")
     pricing = store.pricing(view["base"], 64)
     spec = store.spec(view["base"], plan)
-    assert pricing.student_flops(spec.removed_atoms) <= 0.7 * pricing.teacher_flops
+    assert pricing.student_flops(spec) <= 0.7 * pricing.teacher_flops
     assert "of the teacher's FLOPs" in summary
 
 

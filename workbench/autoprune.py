@@ -28,7 +28,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
-from workbench.catalog import Catalog, build_catalog
+from workbench.catalog import REST, Catalog, build_catalog
 from workbench.errors import ConfigError, WorkbenchError
 from workbench.models import Base, resolve_base
 from workbench.plan import PruningPlan
@@ -66,6 +66,8 @@ class Budget:
     kind: str
     target: float
     weights: dict[str, float] = field(repr=False)
+    # d -> the weights at 2**d times the resolution (FLOPs); latency scales by area instead
+    at: Callable[[int], dict[str, float]] | None = field(default=None, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         check_target(self.kind, self.target)
@@ -74,12 +76,34 @@ class Budget:
     def total(self) -> float:
         return sum(self.weights.values())
 
-    def fraction(self, removed_atoms: Iterable[str]) -> float:
-        gone = sum(self.weights.get(a, 0.0) for a in set(removed_atoms))
+    def fraction(self, plan: StudentSpec | Iterable[str]) -> float:
+        """The kept share for a compiled plan (exact after a whole-stage removal, whose inner
+        atoms run at twice the side) or for a set of removed atoms."""
+        if isinstance(plan, StudentSpec):
+            return self._kept(plan) / self.total
+        gone = sum(self.weights.get(a, 0.0) for a in set(plan))
         return (self.total - gone) / self.total
 
-    def met(self, removed_atoms: Iterable[str]) -> bool:
-        return self.fraction(removed_atoms) <= self.target + 1e-12
+    def met(self, plan: StudentSpec | Iterable[str]) -> bool:
+        return self.fraction(plan) <= self.target + 1e-12
+
+    def _kept(self, spec: StudentSpec) -> float:
+        from workbench.cost import level_shifts
+
+        shifts = level_shifts(spec)
+        if not any(shifts.values()):
+            return self.total - sum(self.weights.get(a, 0.0) for a in spec.removed_atoms)
+        tables = {d: self._weights_at(d) for d in set(shifts.values())}
+        return self.weights.get(REST, 0.0) + sum(
+            tables[shifts[s]].get(t, 0.0) for s, t in spec.layer_map.items()
+        )
+
+    def _weights_at(self, d: int) -> dict[str, float]:
+        if d == 0 or self.kind == "params":
+            return self.weights
+        if self.at is not None:
+            return self.at(d)
+        return {a: w * 4**d for a, w in self.weights.items()}  # area: a convolution's cost
 
 
 def budget(
@@ -103,7 +127,11 @@ def budget(
         config = catalog.config
         vae = base.vae_scale_factor if base else 8
         res = resolution or int(config.get("sample_size", 64)) * vae
-        return Budget(kind, target, {a: float(n) for a, n in atom_flops(catalog, res, vae).items()})
+
+        def at(d: int) -> dict[str, float]:
+            return {a: float(n) for a, n in atom_flops(catalog, res * 2**d, vae).items()}
+
+        return Budget(kind, target, at(0), at)
     if kind == "latency":
         if profile is None:
             if base is None:
@@ -166,13 +194,13 @@ def _lone(smap: SensitivityMap | None, unit: str) -> float:
     return score.deviation if score is not None and score.deviation is not None else 0.0
 
 
-def _shortfall(budgets: list[Budget], atoms: frozenset[str]) -> float:
+def _shortfall(budgets: list[Budget], spec: StudentSpec) -> float:
     """How far a plan is from meeting every budget (0 when met)."""
-    return sum(max(0.0, b.fraction(atoms) - b.target) for b in budgets)
+    return sum(max(0.0, b.fraction(spec) - b.target) for b in budgets)
 
 
 def _gain(budgets: list[Budget], current: StudentSpec, spec: StudentSpec) -> float:
-    return _shortfall(budgets, current.removed_atoms) - _shortfall(budgets, spec.removed_atoms)
+    return _shortfall(budgets, current) - _shortfall(budgets, spec)
 
 
 def _rank(moves_: list[Move], budgets: list[Budget], current: StudentSpec) -> list[tuple[float, float, Move]]:
@@ -193,7 +221,7 @@ def smallest_reachable(catalog: Catalog, budget: Budget | None = None) -> Studen
     def left(spec: StudentSpec) -> float:
         if budget is None:
             return spec.student_params
-        return budget.fraction(spec.removed_atoms)
+        return budget.fraction(spec)
 
     current = compile_plan(catalog, PruningPlan.empty(catalog, "smallest"))
     while True:
@@ -207,7 +235,7 @@ def check_feasible(catalog: Catalog, budgets: list[Budget]) -> None:
     """Raise if a budget is below the smallest student the teacher allows, naming its size."""
     for b in budgets:
         floor = smallest_reachable(catalog, b)
-        reach = b.fraction(floor.removed_atoms)
+        reach = b.fraction(floor)
         if reach > b.target + 1e-12:
             raise WorkbenchError(
                 f"a {b.kind} budget of {b.target:g} (--target-{b.kind}) cannot be met: the smallest "
@@ -237,7 +265,7 @@ class Result:
             "base": base,
             "method": self.method,
             "targets": {b.kind: b.target for b in self.budgets},
-            "fractions": {b.kind: b.fraction(spec.removed_atoms) for b in self.budgets},
+            "fractions": {b.kind: b.fraction(spec) for b in self.budgets},
             "teacher_params": spec.teacher_params,
             "student_params": spec.student_params,
             "params_fraction": spec.student_params / spec.teacher_params,
@@ -301,11 +329,11 @@ def _remove_until_met(catalog, budgets, smap, measure, candidates, name, progres
     current = compile_plan(catalog, PruningPlan.empty(catalog, name))
     dev = 0.0
     trace: list[dict[str, Any]] = []
-    start_gap = _shortfall(budgets, current.removed_atoms) or 1.0
-    while _shortfall(budgets, current.removed_atoms) > 0:
+    start_gap = _shortfall(budgets, current) or 1.0
+    while _shortfall(budgets, current) > 0:
         ranked = _rank(moves(catalog, current, smap), budgets, current)
         if not ranked:  # each budget alone is reachable, but not all of them at once
-            got = ", ".join(f"{b.kind} {b.fraction(current.removed_atoms):.3f}" for b in budgets)
+            got = ", ".join(f"{b.kind} {b.fraction(current):.3f}" for b in budgets)
             want = ", ".join(f"{b.kind} <= {b.target:g}" for b in budgets)
             raise WorkbenchError(
                 f"the budgets {want} cannot all be met by one plan: the search stopped at {got} "
@@ -321,7 +349,7 @@ def _remove_until_met(catalog, budgets, smap, measure, candidates, name, progres
         trace.append(
             {"add": list(chosen.units), "fractions": _fractions(budgets, current), "deviation": new_dev}
         )
-        done = 1 - _shortfall(budgets, current.removed_atoms) / start_gap
+        done = 1 - _shortfall(budgets, current) / start_gap
         report(progress, 0.9 * done, f"removed {', '.join(chosen.units)}")
     return current, dev, trace
 
@@ -346,7 +374,7 @@ def _put_back(catalog, budgets, smap, current, dev, measure, trace):
         improved = False
         for unit in sorted(current.plan.removed, key=lambda u: -_lone(smap, u)):
             spec = _compile(catalog, set(current.plan.removed) - {unit})
-            if spec is None or _shortfall(budgets, spec.removed_atoms) > 0:
+            if spec is None or _shortfall(budgets, spec) > 0:
                 continue
             # Keeping more of the teacher never hurts the estimate; measured, it must not hurt.
             new_dev = measure(spec.plan.removed) if measure else dev - _lone(smap, unit)
@@ -360,7 +388,7 @@ def _put_back(catalog, budgets, smap, current, dev, measure, trace):
 
 
 def _fractions(budgets: list[Budget], spec: StudentSpec) -> dict[str, float]:
-    return {b.kind: round(b.fraction(spec.removed_atoms), 6) for b in budgets}
+    return {b.kind: round(b.fraction(spec), 6) for b in budgets}
 
 
 def _describe(budgets: list[Budget], method: str) -> str:

@@ -106,3 +106,34 @@ def unit_flops(catalog: Catalog, resolution: int, vae_scale_factor: int = 8) -> 
 def flops_without(per_atom: dict[str, int], removed_atoms: frozenset[str] | set[str]) -> int:
     """A student's FLOPs from the teacher's per-atom counts (exact: kept shapes never change)."""
     return sum(v for a, v in per_atom.items() if a not in removed_atoms)
+
+
+def level_shifts(spec) -> dict[str, int]:
+    """Student atom -> how many levels finer it runs than its teacher atom (0 for most).
+
+    A removed whole stage takes a downsampler with it: every kept atom below it (inner
+    stages, the mid block) runs at twice the side it ran at in the teacher.
+    """
+    n, m = len(spec.teacher_topology.down), len(spec.topology.down)
+
+    def level(atom: str, stages: int) -> int:
+        kind, _, rest = atom.partition(".")
+        if kind == "mid_block":
+            return stages - 1
+        index = int(rest.split(".")[0])
+        return index if kind == "down_blocks" else stages - 1 - index
+
+    return {s: level(t, n) - level(s, m) for s, t in spec.layer_map.items()}
+
+
+def student_flops(spec, per_atom: dict[str, int], per_atom_at=None) -> int:
+    """A student's FLOPs, exact: the teacher's per-atom counts of the atoms it keeps, each
+    counted at the level the student runs it at. ``per_atom_at(d)`` gives the teacher's
+    per-atom counts at ``2**d`` times the resolution (needed only after a whole-stage removal)."""
+    shifts = level_shifts(spec)
+    if not any(shifts.values()):
+        return flops_without(per_atom, spec.removed_atoms)
+    if per_atom_at is None:
+        raise WorkbenchError("this plan removes a whole stage: its FLOPs need counts at other resolutions")
+    tables = {d: per_atom if d == 0 else per_atom_at(d) for d in set(shifts.values())}
+    return per_atom.get(REST, 0) + sum(tables[shifts[s]][t] for s, t in spec.layer_map.items())

@@ -38,14 +38,15 @@ from typing import Any
 
 from workbench import cache
 from workbench.catalog import REST, build_catalog, meta_unet
-from workbench.cost import dummy_inputs, flops_without, latent_size
+from workbench.cost import atom_flops, dummy_inputs, latent_size, level_shifts
+from workbench.cost import student_flops as student_flops_of
 from workbench.errors import WorkbenchError
 from workbench.models import Base, load_unet, resolve_base
 from workbench.plan import PruningPlan
 from workbench.progress import Progress, report, scaled
 from workbench.surgery import StudentSpec, build_student, compile_plan
 
-SCHEMA = 1  # bump when the profile JSON or the way it is measured changes
+SCHEMA = 2  # bump when the profile JSON or the way it is measured changes (2: samplers are atoms)
 DTYPES = ("bf16", "fp16", "fp32")
 CPU_RESOLUTION = 512  # default on CPU: SDXL at 1024 px takes ~4x longer per pass
 # Instrumented passes whose medians make the profile, after warm-up passes. One CPU warm-up
@@ -545,9 +546,22 @@ def estimate_plan(profile: Profile, spec: StudentSpec) -> dict[str, Any]:
             f"the latency profile is for {profile.base} ({profile.teacher_params:,} params) but the "
             f"plan was compiled for a teacher of {spec.teacher_params:,}; profile that teacher"
         )
-    student_s = profile.estimate(spec.removed_atoms)
+    shifts = level_shifts(spec)
+    # After a whole-stage removal the inner atoms run at 2**d times the side: their time is
+    # scaled by the area (4**d), a convolution's cost; attention grows faster (measure it).
+    student_s = profile.estimate(spec.removed_atoms) + sum(
+        profile.atom_s[t] * (4 ** shifts[s] - 1) for s, t in spec.layer_map.items() if shifts[s]
+    )
     teacher_flops = profile.teacher_flops
-    student_flops = flops_without(profile.atom_flops, spec.removed_atoms)
+
+    def per_atom_at(d: int) -> dict[str, int]:
+        base = resolve_base(profile.base)
+        counted = atom_flops(
+            build_catalog(base.unet_config), profile.resolution * 2**d, base.vae_scale_factor
+        )
+        return {a: f * profile.batch for a, f in counted.items()}
+
+    student_flops = student_flops_of(spec, profile.atom_flops, per_atom_at)
     return {
         "teacher_s": profile.teacher_s,
         "estimated_student_s": student_s,

@@ -43,7 +43,7 @@ from workbench.plan import PruningPlan
 from workbench.progress import Progress, report, scaled
 from workbench.surgery import StudentSpec, compile_plan
 
-SCHEMA = 2  # bump when the map's JSON or the way it is measured changes
+SCHEMA = 3  # bump when the map's JSON or the way it is measured changes (3: whole-stage units)
 
 # Bases without a checker calibrate on varied prompts; any will do, as long as they are fixed.
 GENERIC_PROMPTS = (

@@ -73,7 +73,7 @@ def panel(store: Store, view: dict[str, Any], removed: list[str], device: str, d
         Row(
             f"FLOPs at {resolution} px",
             pricing.teacher_flops,
-            pricing.student_flops(spec.removed_atoms),
+            pricing.student_flops(spec),
             fmt.flops,
             "fewer",
         ),

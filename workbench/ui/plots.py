@@ -259,7 +259,7 @@ def _heat_slot(unit_id: str, kind: str, stage: str) -> tuple[str, int]:
     if kind == "mid_block":
         return "whole block", 0
     if kind == "stage":
-        return "whole stage (with its mirrored up stage)", 0
+        return "whole stage", 0
     return rest or unit_id, 0
 
 

@@ -37,7 +37,7 @@ def fit_md(store: Store, view: dict[str, Any], plan: PruningPlan) -> str:
     except WorkbenchError as err:
         return fmt.error_md(str(err), f"Does not fit {view['base']}")
     pricing = store.pricing(view["base"], view["resolution"])
-    flops = pricing.student_flops(spec.removed_atoms)
+    flops = pricing.student_flops(spec)
     return (
         f"On **{fmt.escape(view['base'])}**: removes {len(plan.removed)} units"
         f"{f' (+{len(spec.auto_removed)} automatically)' if spec.auto_removed else ''}; "

@@ -169,8 +169,12 @@ def make_budget(
     name, px = view["base"], int(view["resolution"])
     catalog = store.catalog(name)
     if kind == "flops":
-        atom_flops = store.pricing(name, px).atom_flops
-        return autoprune.Budget("flops", fraction, {a: float(n) for a, n in atom_flops.items()})
+        pricing = store.pricing(name, px)
+
+        def at(d: int) -> dict[str, float]:  # only after a whole-stage removal
+            return {a: float(n) for a, n in (pricing.at(d) if d else pricing.atom_flops).items()}
+
+        return autoprune.Budget("flops", fraction, at(0), at)
     if kind == "latency":
         profile = plan_view.cached_profile(store, view, device, dtype)
         if profile is None:
@@ -215,7 +219,7 @@ def summary_md(pruned: Pruned) -> str:
     """One line: kept fraction, params, measured deviation, evaluations."""
     result, budget = pruned.result, pruned.budget
     spec = result.spec
-    kept = budget.fraction(spec.removed_atoms)
+    kept = budget.fraction(spec)
     parts = [
         f"**Auto-pruned** ({result.method}): keeps {100 * kept:.1f} % of the teacher's {BUDGET_WORDS[budget.kind]} "
         f"(target ≤ {100 * budget.target:.0f} %)",

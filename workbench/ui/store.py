@@ -37,8 +37,10 @@ class Pricing:
     def teacher_flops(self) -> int:
         return sum(self.atom_flops.values())
 
-    def student_flops(self, removed_atoms: frozenset[str]) -> int:
-        return cost.flops_without(self.atom_flops, removed_atoms)
+    at: Any = field(default=None, repr=False, compare=False)  # d -> atom FLOPs at 2**d x resolution
+
+    def student_flops(self, spec: StudentSpec) -> int:
+        return cost.student_flops(spec, self.atom_flops, self.at)
 
 
 @dataclass
@@ -107,7 +109,14 @@ class Store:
         latent = cost.latent_size(base.unet_config, resolution, base.vae_scale_factor)
         per_atom = cost.atom_flops(catalog, resolution, base.vae_scale_factor)
         per_unit = {u.id: sum(per_atom.get(a, 0) for a in u.atoms) for u in catalog.units}
-        return Pricing(resolution, latent, per_atom, per_unit)
+
+        def at(d: int) -> dict[str, int]:  # only after a whole-stage removal (inner atoms run finer)
+            return self.memo(
+                ("atom-flops", name, resolution * 2**d),
+                lambda: cost.atom_flops(catalog, resolution * 2**d, base.vae_scale_factor),
+            )
+
+        return Pricing(resolution, latent, per_atom, per_unit, at)
 
     def spec(self, name: str, removed: list[str] | tuple[str, ...]) -> StudentSpec:
         """Compile the user's removed ids against the base (raises WorkbenchError if impossible)."""
