@@ -143,6 +143,9 @@ def test_page_opens_on_the_start_model(page):
     assert f"Teacher: {_start_base()}" in status
     if not _toy_available():
         assert "toy teacher is missing" in status  # the notice that says why
+    else:  # latency deltas at once, from the profile shipped with the toy (this cache is empty)
+        numbers = _numbers(page)
+        assert "latency, estimated" in numbers and "profile shipped with toy" in numbers, numbers
     page.screenshot(path=str(SHOTS / "01-start.png"), full_page=True)
 
 

@@ -106,6 +106,15 @@ def test_toggle_prices_a_plan_exactly_like_the_cli(store, sdxl):
     assert plan_view.LATENCY_MISSING in numbers
 
 
+@pytest.mark.parametrize("dtype", ["fp32", "bf16"])
+def test_the_toy_shows_latency_deltas_before_anyone_profiles(tmp_path, monkeypatch, dtype):
+    monkeypatch.setenv("WORKBENCH_CACHE_DIR", str(tmp_path))  # nothing timed on this machine
+    view = plan_view.new_view("toy", 64)
+    numbers = blocks_tab.on_toggle(Store(), view, "cpu", dtype, ["mid_block"])[1]
+    assert f"latency, estimated (cpu, {dtype})" in numbers and "faster" in numbers
+    assert "profile shipped with toy" in numbers and "press Profile to time it here" in numbers
+
+
 def test_toggle_explains_the_mirrored_up_layer(store, sdxl):
     out = blocks_tab.on_toggle(store, sdxl, "cpu", "bf16", ["down_blocks.2.layers.1"])
     notes = out[2]
