@@ -102,7 +102,7 @@ def budget(
 
         config = catalog.config
         vae = base.vae_scale_factor if base else 8
-        res = resolution or int(config.get("sample_size", 64)) * vae
+        res = resolution if resolution is not None else int(config.get("sample_size", 64)) * vae
         return Budget(kind, target, {a: float(n) for a, n in atom_flops(catalog, res, vae).items()})
     if kind == "latency":
         if profile is None:
