@@ -360,6 +360,13 @@ def test_compare_draws_teacher_and_student_with_the_same_seeds(pipeline_dir):
     assert compare_tab.availability_md(store, view) == ""
 
 
+def test_guidance_starts_at_the_loaded_models_own_and_follows_a_model_change(store):
+    toy, sdxl = plan_view.new_view("toy", 64), plan_view.new_view("sdxl-base", 1024)
+    assert compare_tab.guidance_for(store, toy, 5.0, None) == 2.0  # a page opens on the toy
+    assert compare_tab.guidance_for(store, toy, 3.5, "toy") == 3.5  # the user's choice stays
+    assert compare_tab.guidance_for(store, sdxl, 3.5, "toy") == 5.0  # another model: its own
+
+
 def test_small_images_are_enlarged_by_a_whole_factor_with_sharp_pixels():
     from PIL import Image
 
