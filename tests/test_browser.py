@@ -143,6 +143,9 @@ def test_page_opens_on_the_start_model(page):
     assert f"Teacher: {_start_base()}" in status
     if not _toy_available():
         assert "toy teacher is missing" in status  # the notice that says why
+    else:  # latency deltas at once, from the profile shipped with the toy (this cache is empty)
+        numbers = _numbers(page)
+        assert "latency, estimated" in numbers and "profile shipped with toy" in numbers, numbers
     page.screenshot(path=str(SHOTS / "01-start.png"), full_page=True)
 
 
@@ -240,6 +243,9 @@ def test_compare_draws_teacher_and_student(page):
             "the embedded toy teacher (workbench/assets/toy-sdxl) is not there yet: nothing to sample"
         )
     page.get_by_role("tab", name="Compare").click()
+    guidance = page.locator("#wb-guidance input[type='number']")
+    page.wait_for_function("() => document.querySelector('#wb-guidance input[type=number]').value === '2'")
+    assert guidance.input_value() == "2"  # the toy's own guidance (models.Base.guidance), not SDXL's 5
     page.locator("#wb-seeds textarea, #wb-seeds input").first.fill("0, 1")
     steps = page.locator("#wb-steps input[type='number']")
     steps.fill("2")
@@ -248,7 +254,7 @@ def test_compare_draws_teacher_and_student(page):
     page.wait_for_function("() => document.querySelectorAll('#wb-student img').length >= 2", timeout=300_000)
     assert page.locator("#wb-teacher img").count() >= 2
     summary = page.locator("#wb-compare-summary").inner_text()
-    assert "2 seed(s), 2 steps" in summary and "per image" in summary
+    assert "2 seed(s), 2 steps, guidance 2," in summary and "per image" in summary
     # the toy's 64 px come 4x enlarged and are drawn no larger; captions show whole
     shown = page.locator("#wb-teacher img").first.evaluate(
         "i => [i.naturalWidth, i.getBoundingClientRect().width]"

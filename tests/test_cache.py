@@ -49,3 +49,36 @@ def test_a_failed_write_keeps_the_old_file(tmp_path):
         atomic_write(path, crash)
     assert json.loads(path.read_text()) == {"state": "running"}
     assert [p.name for p in tmp_path.iterdir()] == ["status.json"]
+
+
+def test_catalog_figures_are_remembered_per_config_and_read_back(tmp_path, monkeypatch, tiny_config):
+    """Parameters and FLOPs per atom are counted once per UNet config (the count imports
+    diffusers: seconds of an app's start), then read from ``<root>/figures``."""
+    from workbench import catalog, cost
+
+    monkeypatch.setenv("WORKBENCH_CACHE_DIR", str(tmp_path))
+    clear = (catalog._build_cached.cache_clear, cost._flops_cached.cache_clear)
+    try:
+        for c in clear:
+            c()
+        counted = catalog.build_catalog(tiny_config)
+        flops = cost.flops_by_module(tiny_config, 8)
+        entries = sorted((tmp_path / "figures").glob("*.json"))
+        assert len(entries) == 2
+        for entry in entries:  # mark every figure: a read-back returns the marked values
+            data = json.loads(entry.read_text())
+            value = data["value"]
+            data["value"] = (
+                {k: v + 1 for k, v in value.items()}
+                if isinstance(value, dict)
+                else [[k, v + 1] for k, v in value]
+            )
+            entry.write_text(json.dumps(data))
+        for c in clear:
+            c()
+        again = catalog.build_catalog(tiny_config)
+        assert again.atom_params == {k: v + 1 for k, v in counted.atom_params.items()}
+        assert cost.flops_by_module(tiny_config, 8) == {k: v + 1 for k, v in flops.items()}
+    finally:
+        for c in clear:
+            c()  # nothing marked outlives this test

@@ -110,3 +110,36 @@ def test_cli_process_exit_code_without_traceback(tmp_path):
     )  # fmt: skip
     assert proc.returncode == 2
     assert "Traceback" not in proc.stderr and "is not a built-in name" in proc.stderr
+
+
+def test_plan_refuses_a_resolution_of_zero(capsys):
+    assert main(["plan", "--base", "sdxl-base", "--preset", "ssd-1b", "--resolution", "0"]) == 2
+    assert "resolution 0 px is not valid for this UNet" in capsys.readouterr().err
+
+
+def test_help_says_every_default(capsys):
+    import argparse
+
+    from workbench.cli import build_parser
+
+    parser = build_parser()
+    commands = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction)).choices
+    for name, sub in commands.items():
+        text = " ".join(sub.format_help().split())
+        for action in sub._actions:
+            default = action.default
+            if default in (None, argparse.SUPPRESS) or isinstance(default, bool) or not action.option_strings:
+                continue
+            said = "default" in (action.help or "") or f"(default: {default})" in text
+            assert said, (name, action.option_strings)
+    with pytest.raises(SystemExit):
+        main(["distill", "--help"])  # its flags default to None (resume), the help to the run's own
+    out = " ".join(capsys.readouterr().out.split())
+    assert "batch per process (default: 8)" in out and "checkpoint every N steps (default: 100)" in out
+
+
+def test_distill_into_an_existing_file_is_one_line(tmp_path, capsys):
+    (tmp_path / "taken").write_text("not a run")
+    argv = ["distill", "--preset", "ssd-1b", "--steps", "1", "--run-dir", str(tmp_path / "taken")]
+    assert main(argv) == 2
+    assert "is a file, not a folder; choose a folder" in capsys.readouterr().err

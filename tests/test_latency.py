@@ -1,6 +1,7 @@
 """Latency profile, estimate and measurement on tiny real UNets (no timed assertions)."""
 
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -114,6 +115,25 @@ def test_profile_is_cached_and_keyed_by_dtype_and_resolution(tiny_base, cache):
     assert len(list((cache / "latency").glob("*.json"))) == 3  # the cache's layout: <root>/latency/
     refreshed = latency.get_profile(tiny_base, dtype="fp32", resolution=RES, refresh=True)
     assert not refreshed.from_cache and refreshed.path == first.path
+
+
+def test_a_profile_shipped_with_the_model_is_read_when_this_machine_has_none(
+    profile, teacher_dir, tiny_config, tmp_path
+):
+    folder = Path(shutil.copytree(teacher_dir, tmp_path / "model"))
+    base = Base("tiny", "unet", str(folder), tiny_config, 8)  # the profile fixture's model, in another folder
+    assert latency.cached_profile(base, dtype="fp32", resolution=RES) is None
+    shipped = folder / "latency" / f"cpu-fp32-{RES}px-b1.json"
+    shipped.parent.mkdir(parents=True)
+    shipped.write_text(json.dumps(profile.to_dict()))
+    got = latency.cached_profile(base, dtype="fp32", resolution=RES)
+    assert got.shipped and got.to_dict() == profile.to_dict()
+    assert latency.cached_profile(base, dtype="bf16", resolution=RES) is None  # only what was shipped
+    other = Base("other", "unet", str(folder), tiny_config, 8)  # another model: not its profile
+    assert latency.cached_profile(other, dtype="fp32", resolution=RES) is None
+    own = latency.get_profile(base, dtype="fp32", resolution=RES)  # Profile times this machine
+    assert not own.shipped and not own.from_cache
+    assert not latency.cached_profile(base, dtype="fp32", resolution=RES).shipped  # and wins from then on
 
 
 def test_weightless_base_is_profiled_with_random_weights(tiny_config):

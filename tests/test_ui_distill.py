@@ -158,3 +158,20 @@ def test_a_small_sample_grid_is_shown_enlarged_under_its_own_caption(tmp_path):
     caption, image = dt.sample_view(str(run.root))
     assert "step 3" in caption and "teacher (top row)" in caption and "2× enlarged" in caption
     assert image.size == (512, 256)
+
+
+def test_the_memory_estimate_of_the_form_before_launch(base):
+    view = {"base": base}
+    form = dt.FORM_DEFAULTS | FORM
+    md = dt.estimate_or_explain(Store(), view, [], "koala-700m", "", tuple(form[k] for k in dt.FORM_KEYS))
+    assert "Peak GPU memory" in md and "nothing loaded" in md
+    assert all(c in md for c in ("teacher", "weights", "gradients", "optimizer", "activations", "encoders"))
+    assert all(f"| {gb} GB | fits |" in md for gb in (16, 24, 40, 48, 80))  # a tiny model fits anywhere
+    bad = tuple((form | {"batch_size": 0})[k] for k in dt.FORM_KEYS)
+    said = html.unescape(dt.estimate_or_explain(Store(), view, [], "koala-700m", "", bad))
+    assert "No estimate" in said and "Batch size must be > 0" in said
+    result, hints = dt.memory_estimate(Store(), base, "koala-700m", [], form, "")
+    assert hints == []  # nothing to fit
+    hint = {"gpu_gb": 16, "fits": True, "options": ["teacher in bf16"], "flags": "--teacher-dtype bf16",
+            "total_gb": 0.5}  # fmt: skip
+    assert "| 16 GB | fits | teacher in bf16 (peak 0.50 GiB" in dt.memory_md(result, [hint])

@@ -106,6 +106,15 @@ def test_toggle_prices_a_plan_exactly_like_the_cli(store, sdxl):
     assert plan_view.LATENCY_MISSING in numbers
 
 
+@pytest.mark.parametrize("dtype", ["fp32", "bf16"])
+def test_the_toy_shows_latency_deltas_before_anyone_profiles(tmp_path, monkeypatch, dtype):
+    monkeypatch.setenv("WORKBENCH_CACHE_DIR", str(tmp_path))  # nothing timed on this machine
+    view = plan_view.new_view("toy", 64)
+    numbers = blocks_tab.on_toggle(Store(), view, "cpu", dtype, ["mid_block"])[1]
+    assert f"latency, estimated (cpu, {dtype})" in numbers and "faster" in numbers
+    assert "profile shipped with toy" in numbers and "press Profile to time it here" in numbers
+
+
 def test_toggle_explains_the_mirrored_up_layer(store, sdxl):
     out = blocks_tab.on_toggle(store, sdxl, "cpu", "bf16", ["down_blocks.2.layers.1"])
     notes = out[2]
@@ -349,6 +358,13 @@ def test_compare_draws_teacher_and_student_with_the_same_seeds(pipeline_dir):
     assert t_caption.startswith("seed 3 · ") and s_caption.startswith("seed 3 · ")
     assert "27 units removed" in summary and "1 steps" in summary and "32×32 px (shown 8× enlarged" in summary
     assert compare_tab.availability_md(store, view) == ""
+
+
+def test_guidance_starts_at_the_loaded_models_own_and_follows_a_model_change(store):
+    toy, sdxl = plan_view.new_view("toy", 64), plan_view.new_view("sdxl-base", 1024)
+    assert compare_tab.guidance_for(store, toy, 5.0, None) == 2.0  # a page opens on the toy
+    assert compare_tab.guidance_for(store, toy, 3.5, "toy") == 3.5  # the user's choice stays
+    assert compare_tab.guidance_for(store, sdxl, 3.5, "toy") == 5.0  # another model: its own
 
 
 def test_small_images_are_enlarged_by_a_whole_factor_with_sharp_pixels():

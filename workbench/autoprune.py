@@ -126,7 +126,7 @@ def budget(
 
         config = catalog.config
         vae = base.vae_scale_factor if base else 8
-        res = resolution or int(config.get("sample_size", 64)) * vae
+        res = resolution if resolution is not None else int(config.get("sample_size", 64)) * vae
 
         def at(d: int) -> dict[str, float]:
             return {a: float(n) for a, n in atom_flops(catalog, res * 2**d, vae).items()}

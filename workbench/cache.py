@@ -4,6 +4,9 @@
 ROOT/            $WORKBENCH_CACHE_DIR, or ~/.cache/sdxl-workbench
   latency/       teacher latency profiles (workbench.latency): model, device, dtype, px, batch
   sensitivity/   sensitivity maps (workbench.sensitivity): weights, calibration, device
+  figures/       catalog figures of a UNet config: parameters per atom (workbench.catalog),
+                 FLOPs per atom and latent size (workbench.cost); counting them imports
+                 diffusers and builds the model on the meta device, seconds an app start saves
 ```
 
 A new kind of entry is a new folder: add its name to ``KINDS``.
@@ -14,15 +17,18 @@ missing, unreadable or of another schema reads as ``None``: the caller measures 
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from workbench.files import write_json_atomic
 
+T = TypeVar("T")
 ENV = "WORKBENCH_CACHE_DIR"
-KINDS = ("latency", "sensitivity")
+KINDS = ("latency", "sensitivity", "figures")
 
 
 def root() -> Path:
@@ -54,3 +60,29 @@ def read(entry: Path, schema: int) -> dict[str, Any] | None:
 def write(entry: Path, data: dict[str, Any]) -> Path:
     """Write an entry atomically (a reader never sees half of it)."""
     return write_json_atomic(entry, data, indent=1)
+
+
+def remembered(kind: str, key: str, schema: int, compute: Callable[[], T]) -> T:
+    """``compute()``'s JSON-able value, kept in entry ``key`` of ``kind``: read back when there,
+    else computed and written (a cache that cannot be written costs only the time)."""
+    stamp = f"{key}|{_versions()}"
+    entry = path(kind, hashlib.sha256(stamp.encode()).hexdigest()[:24] + ".json")
+    data = read(entry, schema)
+    if data is not None and data.get("key") == stamp:
+        return data["value"]
+    value = compute()
+    try:
+        write(entry, {"schema": schema, "key": stamp, "value": value})
+    except OSError:
+        pass
+    return value
+
+
+def _versions() -> str:
+    """The library versions a figure depends on (how diffusers builds a config's modules)."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return f"diffusers {version('diffusers')}, torch {version('torch')}"
+    except PackageNotFoundError:
+        return "unknown"

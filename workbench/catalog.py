@@ -121,8 +121,19 @@ def _build_cached(config_json: str) -> Catalog:
     return Catalog(config=config, topology=topo, units=tuple(units), atom_params=atom_params)
 
 
+FIGURES_SCHEMA = 1
+
+
 def count_atom_params(config: dict[str, Any]) -> dict[str, int]:
-    """Parameters per atom, counted on a meta-device build of ``config``."""
+    """Parameters per atom, counted on a meta-device build of ``config`` (remembered on disk:
+    the count imports diffusers, seconds of an app's start)."""
+    from workbench import cache
+
+    key = "atom-params " + json.dumps(config, sort_keys=True, default=list)
+    return cache.remembered("figures", key, FIGURES_SCHEMA, lambda: _count_atom_params(config))
+
+
+def _count_atom_params(config: dict[str, Any]) -> dict[str, int]:
     model = meta_unet(config)
     counts: dict[str, int] = {}
     for name, p in model.named_parameters():

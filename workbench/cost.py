@@ -61,6 +61,16 @@ def flops_by_module(config: dict[str, Any], latent: int, batch: int = 1) -> dict
 
 @lru_cache(maxsize=64)
 def _flops_cached(config_json: str, latent: int, batch: int) -> tuple[tuple[str, int], ...]:
+    """Remembered on disk too (``cache`` kind ``figures``): counting imports diffusers."""
+    from workbench import cache
+    from workbench.catalog import FIGURES_SCHEMA
+
+    key = f"flops {latent} {batch} {config_json}"
+    pairs = cache.remembered("figures", key, FIGURES_SCHEMA, lambda: _count_flops(config_json, latent, batch))
+    return tuple((name, int(n)) for name, n in pairs)
+
+
+def _count_flops(config_json: str, latent: int, batch: int) -> list[tuple[str, int]]:
     import torch
     from torch.utils.flop_counter import FlopCounterMode
 
@@ -78,7 +88,7 @@ def _flops_cached(config_json: str, latent: int, batch: int) -> tuple[tuple[str,
     for name, ops in counter.get_flop_counts().items():
         if name.startswith(prefix + "."):
             out[name[len(prefix) + 1 :]] = sum(ops.values())
-    return tuple(out.items())
+    return list(out.items())
 
 
 def unet_flops(config: dict[str, Any], resolution: int, vae_scale_factor: int = 8, batch: int = 1) -> int:

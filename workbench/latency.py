@@ -7,7 +7,9 @@ never stall the stream). Nested modules are not double-counted: an attention she
 is its module's time minus its transformer blocks', and ``rest`` is the whole forward
 minus every atom. Per-atom medians over the passes denoise a shared machine (scaled so the
 parts add up to the whole's median). Profiles are cached as JSON per (model identity,
-device, dtype, resolution, batch).
+device, dtype, resolution, batch). A model folder may ship profiles measured before it was
+published (``<folder>/latency/cpu-fp32-64px-b1.json``; the toy does): read when this machine
+has none, so its deltas show before anyone profiles, and said to come from elsewhere.
 
 *Estimate*: a student keeps the teacher's remaining atoms with unchanged shapes, so its
 latency is the teacher's minus the removed atoms' times; a dict sum, microseconds.
@@ -350,6 +352,7 @@ class Profile:
     schema: int = SCHEMA
     path: str | None = field(default=None, compare=False)
     from_cache: bool = field(default=False, compare=False)
+    shipped: bool = field(default=False, compare=False)  # measured elsewhere, shipped with the model
 
     def estimate(self, removed_atoms: Iterable[str]) -> float:
         """Seconds of a student without ``removed_atoms`` (e.g. ``StudentSpec.removed_atoms``)."""
@@ -368,7 +371,7 @@ class Profile:
 
     def to_dict(self) -> dict[str, Any]:
         data = asdict(self)
-        del data["path"], data["from_cache"]
+        del data["path"], data["from_cache"], data["shipped"]
         return data
 
     @classmethod
@@ -401,13 +404,33 @@ def get_profile(
 def cached_profile(
     base: str | Base, device: str = "cpu", dtype: str = "bf16", resolution: int | None = None, batch: int = 1
 ) -> Profile | None:
-    """The teacher's profile if one was made earlier (cached on disk); never measures. ``None``
-    as well for options that cannot be profiled here (cuda on a CPU machine): profiling says why."""
+    """The teacher's profile if one was made earlier (cached on disk), else one shipped with the
+    model (``Profile.shipped``); never measures. ``None`` as well for options that cannot be
+    profiled here (cuda on a CPU machine): profiling says why."""
     try:
         setup = latency_setup(base, device, dtype, resolution, batch)
     except WorkbenchError:
         return None
-    return _read_profile(profile_path(setup.base, setup.device, setup.dtype, setup.resolution, setup.batch))
+    path = profile_path(setup.base, setup.device, setup.dtype, setup.resolution, setup.batch)
+    return _read_profile(path) or shipped_profile(setup)
+
+
+def shipped_path(setup: LatencySetup) -> Path | None:
+    """Where the model's folder would ship a profile for these options (None: not a folder)."""
+    folder = Path(setup.base.location)
+    if setup.device != "cpu" or not folder.is_dir():  # a GPU's profile is only good for that GPU
+        return None
+    return folder / "latency" / f"cpu-{setup.dtype}-{setup.resolution}px-b{setup.batch}.json"
+
+
+def shipped_profile(setup: LatencySetup) -> Profile | None:
+    """The profile shipped with the model for these options, if any (for this exact model)."""
+    path = shipped_path(setup)
+    profile = None if path is None else _read_profile(path)
+    if profile is None or profile.identity != model_identity(setup.base):
+        return None
+    profile.shipped = True
+    return profile
 
 
 def profile_for(

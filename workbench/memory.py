@@ -716,7 +716,9 @@ def _steady_peak(
 
 def resolution_of(config, base) -> int:
     """The training resolution (px) a run of ``config`` uses, checked against the UNet."""
-    resolution = config.resolution or base.unet_config.get("sample_size", 64) * base.vae_scale_factor
+    resolution = config.resolution
+    if resolution is None:
+        resolution = base.unet_config.get("sample_size", 64) * base.vae_scale_factor
     step = base.vae_scale_factor * 2 ** (len(base.unet_config["block_out_channels"]) - 1)
     if not isinstance(resolution, int) or resolution <= 0 or resolution % step:
         raise WorkbenchError(

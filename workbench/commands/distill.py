@@ -132,10 +132,11 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--resume", action="store_true", help="continue the run in --run-dir from its last checkpoint"
     )
+    # Flags default to None (so that a flag given with --resume is a change); help says the run's default.
     for flag, kind, text in _OPTIONS:
-        p.add_argument(flag, type=kind, help=text)
-    for flag, choices, text in _CHOICES:
-        p.add_argument(flag, help=f"{text} ({', '.join(choices)})")  # validated with a clear message
+        p.add_argument(flag, type=kind, help=_with_default(flag, text))
+    for flag, choices, text in _CHOICES:  # validated with a clear message
+        p.add_argument(flag, help=_with_default(flag, f"{text} ({', '.join(choices)})"))
     p.add_argument(
         "--normalize-features",
         action="store_true",
@@ -145,6 +146,13 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--sample-prompt", action="append", help="prompt for sample grids (repeatable)")
     p.add_argument("--json", action="store_true", help="print the final status as JSON")
     p.set_defaults(func=run)
+
+
+def _with_default(flag: str, text: str) -> str:
+    default = DistillConfig.defaults().get(flag[2:].replace("-", "_"))
+    if "default" in text or default is None:
+        return text
+    return f"{text} (default: {default})"
 
 
 def given_fields(args: argparse.Namespace) -> dict:

@@ -32,7 +32,9 @@ def run(args: argparse.Namespace) -> int:
     plan = load_preset(args.preset)
     catalog = build_catalog(base.unet_config)
     spec = compile_plan(catalog, plan)
-    resolution = args.resolution or base.unet_config.get("sample_size", 64) * base.vae_scale_factor
+    resolution = args.resolution
+    if resolution is None:  # 0 is a resolution too, and refused by the FLOP count with the valid step
+        resolution = base.unet_config.get("sample_size", 64) * base.vae_scale_factor
     teacher_flops = unet_flops(base.unet_config, resolution, base.vae_scale_factor)
     student_flops = unet_flops(spec.config, resolution, base.vae_scale_factor)
     if args.json:

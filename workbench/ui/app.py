@@ -26,6 +26,10 @@ TABS = (
     ("Compare", compare_tab.build),
     ("Export", export_tab.build),
 )
+# The start model's weights load after the first page is served (or after this long without a
+# visitor): on a 2-core machine, loading them (diffusers and transformers imports, ~10 s) beside
+# the first page's handlers would delay the page by as much.
+FIRST_PAGE_WAIT_S = 60.0
 RESIZE_JS = "() => { setTimeout(() => window.dispatchEvent(new Event('resize')), 50); }"
 INTRO = (
     "Make a smaller, faster SDXL UNet: **remove blocks** (left), watch parameters, FLOPs and latency "
@@ -66,8 +70,11 @@ def theme() -> gr.themes.Base:
     )
 
 
-def build_app(settings: AppSettings | None = None, store: Store | None = None) -> gr.Blocks:
-    """The whole page; no model is loaded here (handlers and ``warm_up`` do that)."""
+def build_app(
+    settings: AppSettings | None = None, store: Store | None = None, first_page: threading.Event | None = None
+) -> gr.Blocks:
+    """The whole page; no model is loaded here (handlers and ``warm_up`` do that). ``first_page``
+    is set once a page has its first panel."""
     settings = settings or AppSettings()
     store = store or get_store()
     start, notice = model_box.start_base(store, settings.base)
@@ -83,6 +90,7 @@ def build_app(settings: AppSettings | None = None, store: Store | None = None) -
             view=gr.State(view),
             plan=gr.State([]),
             model_status=gr.Markdown(elem_id="wb-model-status"),
+            first_page=first_page or threading.Event(),
         )
         with gr.Tabs():
             for label, build in TABS:
@@ -116,10 +124,12 @@ def _wire_page_load(ctx: Shared, notice: str | None) -> None:
     store = ctx.store
 
     def on_page_load(view: dict[str, Any], device: str, dtype: str) -> tuple:
-        return (
+        out = (
             model_box.status_md(store, view["base"], notice),
             *blocks_tab.initial_panel(store, view, device, dtype),
         )
+        ctx.first_page.set()
+        return out
 
     ctx.demo.load(
         on_page_load,
@@ -129,13 +139,16 @@ def _wire_page_load(ctx: Shared, notice: str | None) -> None:
     )
 
 
-def warm_up(store: Store, name: str) -> None:
-    """Prepare the start model before the first visitor asks: units, FLOPs, layout, then weights."""
+def warm_up(store: Store, name: str, first_page: threading.Event | None = None) -> None:
+    """Prepare the start model before the first visitor asks: units, FLOPs, layout; then,
+    once the first page is served (``first_page``), its weights."""
     try:
         base = store.base(name)
         px = native_resolution(base)
         blocks_tab.cached_board(store, name, px)
         plan_view.arch_map(store, name, px)
+        if first_page is not None:
+            first_page.wait(FIRST_PAGE_WAIT_S)
         if base.has_pipeline:
             store.pipeline(name)
     except WorkbenchError as err:  # the page shows the same error when it asks
@@ -144,10 +157,11 @@ def warm_up(store: Store, name: str) -> None:
 
 def serve(settings: AppSettings) -> None:
     """Build and launch; the start model warms up in the background while the page is served."""
-    demo = build_app(settings)
+    first_page = threading.Event()
+    demo = build_app(settings, first_page=first_page)
     store = get_store()
     start, _ = model_box.start_base(store, settings.base)
-    threading.Thread(target=warm_up, args=(store, start), name="warm-up", daemon=True).start()
+    threading.Thread(target=warm_up, args=(store, start, first_page), name="warm-up", daemon=True).start()
     demo.queue(default_concurrency_limit=4).launch(
         server_name=settings.host,
         server_port=settings.port,

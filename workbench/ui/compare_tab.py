@@ -224,6 +224,14 @@ def size_for(store: Store, view: dict[str, Any], current: Any, chosen_for: str |
     return native_resolution(store.base(name))
 
 
+def guidance_for(store: Store, view: dict[str, Any], current: Any, chosen_for: str | None) -> float:
+    """The guidance to show: the user's choice while the model stays, the model's own otherwise
+    (``models.Base.guidance``: the toy 2, others 5)."""
+    if view["base"] == chosen_for and isinstance(current, (int, float)):
+        return float(current)
+    return store.base(view["base"]).guidance
+
+
 def availability_md(store: Store, view: dict[str, Any]) -> str:
     """Why this tab cannot sample the loaded model, before anyone presses the button."""
     base = store.base(view["base"])
@@ -269,7 +277,7 @@ def build(ctx: Shared) -> None:
                 label="Steps",
                 elem_id="wb-steps",
             )
-            guidance = gr.Slider(
+            guidance = gr.Slider(  # set to the loaded model's own when a page opens or a model loads
                 0, MAX_GUIDANCE, value=5.0, step=0.5, label="Guidance", elem_id="wb-guidance"
             )
         with gr.Column(scale=1):
@@ -307,14 +315,19 @@ def build(ctx: Shared) -> None:
 
     size_base = gr.State(None)  # the model the image size was chosen for
 
-    def on_view(view, current, chosen_for):
-        return availability_md(store, view), size_for(store, view, current, chosen_for, limits), view["base"]
+    def on_view(view, current, scale, chosen_for):
+        return (
+            availability_md(store, view),
+            size_for(store, view, current, chosen_for, limits),
+            guidance_for(store, view, scale, chosen_for),
+            view["base"],
+        )
 
     gr.on(
         [ctx.demo.load, ctx.view.change],
         on_view,
-        [ctx.view, size, size_base],
-        [availability, size, size_base],
+        [ctx.view, size, guidance, size_base],
+        [availability, size, guidance, size_base],
         api_visibility="private",
     )
     inputs = [

@@ -109,13 +109,18 @@ def launch_argv(base: str, form: dict[str, Any], stages: str) -> list[str]:
     return argv
 
 
+def run_config(base: str, plan: PruningPlan | None, form: dict[str, Any], stages: str) -> DistillConfig:
+    """The run the form asks for: its plan (or progressive stages) and options."""
+    names = [s.strip() for s in stages.split(",") if s.strip()] if stages else []
+    plans = [load_preset(n).to_dict() for n in names] or [plan.to_dict()]
+    return DistillConfig(stages=tuple(plans), base=base, **form_fields(form))
+
+
 def check_launch(
     store: Store, base: str, plan: PruningPlan, form: dict[str, Any], stages: str, limits: Limits
 ) -> None:
     """Everything the run itself would reject (the preflight), then the app's own limits."""
-    names = [s.strip() for s in stages.split(",") if s.strip()] if stages else []
-    plans = [load_preset(n).to_dict() for n in names] or [plan.to_dict()]
-    config = DistillConfig(stages=tuple(plans), base=base, **form_fields(form))
+    config = run_config(base, plan, form, stages)
     specs = preflight(config, base=store.base(base)).specs
     if limits.max_distill_steps and config.steps * len(specs) > limits.max_distill_steps:
         raise ConfigError(
@@ -154,6 +159,63 @@ def launch_or_explain(store: Store, view: dict[str, Any], removed: list[str], ch
         return fmt.error_md(explain(err), "Not launched"), gr.skip()
     started = fmt.ok_md(f"started {Path(run_dir).name}")
     return started, gr.update(choices=run_choices(root), value=run_dir)
+
+
+# --------------------------------------------------------------------------- will it fit?
+
+
+def memory_estimate(
+    store: Store, base: str, choice: str, removed: list[str], form: dict[str, Any], stages: str
+):
+    """(estimate, cheapest options per GPU size it misses) of the form's run, on a CUDA GPU
+    (``workbench.memory``: the real step on fake tensors; nothing is loaded)."""
+    from workbench import memory
+
+    stages = (stages or "").strip()
+    plan = None if stages else plan_for(store, base, choice, removed)
+    config = preflight(run_config(base, plan, form, stages), base=store.base(base)).config
+    result = memory.estimate(config)
+    return result, memory.suggestions(config, result)
+
+
+def memory_md(result: Any, hints: list[dict[str, Any]]) -> str:
+    """Peak by category, a verdict per GPU size, and what would make it fit."""
+    from workbench import memory
+
+    peak = result.peak
+    head = (
+        f"**Peak GPU memory {memory.gib(result.total)}** per process, in stage {peak.stage}'s {peak.phase}; "
+        f"needs about {memory.gib(result.needed())} with the CUDA context and allocator margin. "
+        f"<span class='wb-muted'>Estimated in {result.seconds:.1f} s by running the training step on fake "
+        "tensors (nothing loaded).</span>"
+    )
+    cats = fmt.table(
+        ["", *memory.CATEGORIES],
+        [["GiB", *(f"{result.categories[c] / memory.GIB:.2f}" for c in memory.CATEGORIES)]],
+    )
+    fixes = {h["gpu_gb"]: h for h in hints}
+    rows = [[f"{v['gpu_gb']} GB", v["verdict"], _fix(fixes.get(v["gpu_gb"]))] for v in result.verdicts()]
+    notes = "".join(f"\n\n<span class='wb-muted'>{fmt.escape(n)}</span>" for n in result.notes)
+    return f"{head}\n\n{cats}\n\n{fmt.table(['GPU', 'verdict', 'to make it fit'], rows)}{notes}"
+
+
+def _fix(hint: dict[str, Any] | None) -> str:
+    if hint is None:
+        return ""
+    if not hint["fits"]:
+        return "no option the estimate knows"
+    return f"{' + '.join(hint['options'])} (peak {hint['total_gb']:.2f} GiB; `{hint['flags']}`)"
+
+
+def estimate_or_explain(store: Store, view: dict[str, Any], removed: list[str], choice: str, stages: str,
+                        values: tuple) -> str:  # fmt: skip
+    """The memory panel for the form's values (in ``FORM_KEYS`` order), or why there is none."""
+    form = dict(zip(FORM_KEYS, values))
+    form["data"] = (form["data"] or "").strip()
+    try:
+        return memory_md(*memory_estimate(store, view["base"], choice, removed, form, stages))
+    except WorkbenchError as err:
+        return fmt.error_md(explain(err), "No estimate")
 
 
 # --------------------------------------------------------------------------- watch
@@ -310,6 +372,8 @@ class Form:
     fields: dict[str, Any]
     start: Any
     message: Any
+    estimate: Any
+    memory: Any
 
 
 @dataclass
@@ -385,7 +449,14 @@ def _form(limits: Limits) -> Form:
         name = gr.Textbox(label="Run name (optional)", elem_id="wb-distill-name")
     start = gr.Button("Launch run", variant="primary", elem_id="wb-distill-launch")
     message = gr.Markdown(elem_id="wb-distill-message")
-    return Form(plan_choice, stages, name, f, start, message)
+    with gr.Accordion("Will it fit? GPU memory of this run", open=True):
+        estimate = gr.Button("Estimate GPU memory", size="sm", elem_id="wb-distill-estimate")
+        memory = gr.Markdown(
+            "<span class='wb-muted'>Peak memory by category, a verdict for 16-80 GB GPUs and the cheapest "
+            "options that make it fit, before anything is loaded.</span>",
+            elem_id="wb-distill-memory",
+        )
+    return Form(plan_choice, stages, name, f, start, message, estimate, memory)
 
 
 def _watch() -> Watch:
@@ -425,6 +496,11 @@ def _wire_launch(ctx: Shared, form: Form, watch: Watch) -> None:
         *(form.fields[k] for k in FORM_KEYS),
     ]
     form.start.click(on_launch, inputs, [form.message, watch.picker], api_visibility="private")
+
+    def on_estimate(view, removed, choice, stage_text, _name, *values):
+        return estimate_or_explain(ctx.store, view, removed, choice, stage_text, values)
+
+    form.estimate.click(on_estimate, inputs, form.memory, api_visibility="private")
 
 
 def _wire_watch(ctx: Shared, form: Form, w: Watch) -> None:

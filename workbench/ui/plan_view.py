@@ -78,13 +78,13 @@ def panel(store: Store, view: dict[str, Any], removed: list[str], device: str, d
             "fewer",
         ),
     ]
-    latency = estimate_latency(store, view, spec, device, dtype)
-    if isinstance(latency, dict):
+    latency, latency_note = estimate_latency(store, view, spec, device, dtype)
+    if latency is not None:
         metric = f"latency, estimated ({device}, {dtype})"
         rows.append(Row(metric, latency["teacher_s"], latency["estimated_student_s"], fmt.seconds, "faster"))
     arch = arch_map(store, name, resolution)
     return Panel(
-        numbers_md=_numbers_md(rows, latency if isinstance(latency, str) else None),
+        numbers_md=_numbers_md(rows, latency_note),
         notes_md=_notes_md(spec),
         arch=plots.arch_figure(arch, spec.removed_atoms, plots.auto_atoms(catalog, spec.auto_removed)),
         bars=plots.deltas_figure([r.bar() for r in rows]),
@@ -126,15 +126,27 @@ def arch_map(store: Store, name: str, resolution: int) -> plots.ArchMap:
 
 def estimate_latency(
     store: Store, view: dict[str, Any], spec: StudentSpec, device: str, dtype: str
-) -> dict[str, float] | str:
-    """The latency estimate from a profile made earlier, or a line saying why there is none."""
+) -> tuple[dict[str, float] | None, str | None]:
+    """The latency estimate from a profile made earlier (or shipped with the model), and a line
+    on where its figures come from or why there are none."""
     from workbench import latency
 
     try:
         profile = cached_profile(store, view, device, dtype)
-        return LATENCY_MISSING if profile is None else latency.estimate_plan(profile, spec)
+        if profile is None:
+            return None, LATENCY_MISSING
+        return latency.estimate_plan(profile, spec), shipped_note(profile) if profile.shipped else None
     except WorkbenchError as err:
-        return f"latency: {err}"
+        return None, f"latency: {err}"
+
+
+def shipped_note(profile: Any) -> str:
+    """Where a shipped profile's figures come from: another machine, at another time."""
+    load = f", load {profile.load_avg[0]:.1f}" if profile.load_avg else ""
+    return (
+        f"latency: from the profile shipped with {profile.base} (measured {profile.created[:10]} with "
+        f"{profile.threads} thread{'s' * (profile.threads != 1)}{load}), not timed on this machine; press Profile to time it here"
+    )
 
 
 def cached_profile(store: Store, view: dict[str, Any], device: str, dtype: str) -> Any:

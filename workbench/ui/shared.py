@@ -7,6 +7,7 @@ the Distill tab (``workbench/ui/distill_tab.py``, when it exists) gets the same 
 from __future__ import annotations
 
 import functools
+import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -37,6 +38,7 @@ class Shared:
     dtype: gr.Dropdown | None = None
     resolution: gr.Dropdown | None = None
     panel: list[gr.components.Component] = field(default_factory=list)  # numbers, notes, map, bars
+    first_page: threading.Event = field(default_factory=threading.Event)  # set once a page has its panel
 
     def panel_inputs(self) -> list[gr.components.Component]:
         """Inputs a handler needs to redraw the deltas panel, after its own."""
