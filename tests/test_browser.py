@@ -308,6 +308,17 @@ def test_distill_form_names_the_box_of_a_bad_value_and_launches_nothing(page):
     page.locator("#wb-distill-lr input[type='number']").press("Tab")
 
 
+def test_distill_estimates_gpu_memory_before_launch(page):
+    page.locator("#wb-distill-estimate").click()
+    page.wait_for_function(
+        "() => document.querySelector('#wb-distill-memory').innerText.includes('Peak GPU memory')",
+        timeout=300_000,
+    )
+    text = page.locator("#wb-distill-memory").inner_text()
+    assert "activations" in text and "24 GB" in text and "fits" in text
+    page.screenshot(path=str(SHOTS / "06c-distill-memory.png"), full_page=False)
+
+
 def test_distill_launch_watch_and_stop(page):
     if not _toy_available():
         pytest.skip("the embedded toy teacher is not there yet: nothing to distil")
