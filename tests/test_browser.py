@@ -276,12 +276,18 @@ def _launch_with(page, elem: str, value: str) -> str:
     box = page.locator(f"#{elem} input[type='number']")
     box.fill(value)
     box.press("Tab")
+    return _launch(page)
+
+
+def _launch(page) -> str:
+    """Press Launch; the message it gives (once it differs from the one before)."""
     said = "#wb-distill-message :is(.wb-error, .wb-ok)"
     before = page.locator(said).inner_text() if page.locator(said).count() else ""
     page.locator("#wb-distill-launch").click()
     page.wait_for_function(
         "([s, b]) => { const m = document.querySelector(s); return m && m.innerText !== b; }",
         arg=[said, before],
+        timeout=300_000,
     )
     return page.locator(said).inner_text()
 
@@ -308,6 +314,17 @@ def test_distill_form_names_the_box_of_a_bad_value_and_launches_nothing(page):
     page.locator("#wb-distill-lr input[type='number']").press("Tab")
 
 
+def test_distill_estimates_gpu_memory_before_launch(page):
+    page.locator("#wb-distill-estimate").click()
+    page.wait_for_function(
+        "() => document.querySelector('#wb-distill-memory').innerText.includes('Peak GPU memory')",
+        timeout=300_000,
+    )
+    text = page.locator("#wb-distill-memory").inner_text()
+    assert "activations" in text and "24 GB" in text and "fits" in text
+    page.screenshot(path=str(SHOTS / "06c-distill-memory.png"), full_page=False)
+
+
 def test_distill_launch_watch_and_stop(page):
     if not _toy_available():
         pytest.skip("the embedded toy teacher is not there yet: nothing to distil")
@@ -323,14 +340,9 @@ def test_distill_launch_watch_and_stop(page):
         box.fill(value)
         box.press("Tab")
     page.locator("#wb-distill-name textarea, #wb-distill-name input").first.fill("browser-run")
-    page.locator("#wb-distill-launch").click()
-    # Wait for the handler's answer (success or a red error), not Gradio's pending timer.
-    page.wait_for_function(
-        "() => { const m = document.querySelector('#wb-distill-message');"
-        " return m.innerText.includes('started') || m.querySelector('.wb-error') !== null; }",
-        timeout=300_000,
-    )
-    assert "started browser-run" in page.locator("#wb-distill-message").inner_text()
+    # Wait for the handler's answer (success or a red error), not Gradio's pending timer or
+    # the message of an earlier launch.
+    assert "started browser-run" in _launch(page)
     # the loss plot gains points as the run trains (polled every 2 s)
     page.wait_for_function(
         "() => { const g = document.querySelector('#wb-loss-plot .js-plotly-plot');"

@@ -190,8 +190,7 @@ def memory_md(result: Any, hints: list[dict[str, Any]]) -> str:
         "tensors (nothing loaded).</span>"
     )
     cats = fmt.table(
-        ["", *memory.CATEGORIES],
-        [["GiB", *(f"{result.categories[c] / memory.GIB:.2f}" for c in memory.CATEGORIES)]],
+        ["at the peak", "GiB"], [[c, f"{result.categories[c] / memory.GIB:.2f}"] for c in memory.CATEGORIES]
     )
     fixes = {h["gpu_gb"]: h for h in hints}
     rows = [[f"{v['gpu_gb']} GB", v["verdict"], _fix(fixes.get(v["gpu_gb"]))] for v in result.verdicts()]
