@@ -105,6 +105,19 @@ def train(args: argparse.Namespace, name: str, run_dir: Path) -> float | None:
     return float(wall.read_text()) / 60 if wall.exists() else None
 
 
+def draw(e, run_dir: Path) -> list:
+    """The student's images of the evaluation samples, drawn once and kept beside it."""
+    from PIL import Image
+
+    s = e.settings
+    cache = run_dir / f"eval-{s['prompts']}x{s['seeds']}-{s['steps']}steps-g{s['guidance']:g}.npy"
+    if cache.exists():
+        return [Image.fromarray(a) for a in np.load(cache)]
+    images = e.draw(load_student_unet(run_dir / "student", e.pipe.unet))
+    np.save(cache, np.stack([np.asarray(i) for i in images]))
+    return images
+
+
 def main() -> None:
     args = parse_args()
     torch.set_flush_denormal(True)
@@ -119,8 +132,7 @@ def main() -> None:
     rows, images = {}, {}
     for name in names:
         minutes = train(args, name, out / name)
-        unet = load_student_unet(out / name / "student", e.pipe.unet)
-        images[name] = e.draw(unet)
+        images[name] = draw(e, out / name)
         values, _ = ev.judge(images[name], e.samples)
         values |= ev.similarity(images[name], images[REFERENCE])
         estimate = memory.estimate(config(args, name), target="cpu")
