@@ -187,3 +187,13 @@ def test_a_teacher_lora_follows_the_renumbered_stages(sd, tmp_path):
     pipe = StableDiffusionPipeline.from_pretrained(sd, unet=load_unet(sd))
     pipe.unet, _ = build_student(pipe.unet, load_preset("bk-sdm-tiny"))
     pipe.load_lora_weights(str(lora.save_lora(teacher, pairs, report, tmp_path / "student-lora")))
+
+
+def test_sampling_through_a_bf16_pipeline_leaves_a_training_student_untouched(sd):
+    """Sample grids during a run with a bf16 teacher must not round the fp32 student in place."""
+    pipe = load_pipeline(sd).to(dtype=torch.bfloat16)
+    student, _ = build_student(load_pipeline(sd).unet, load_preset("bk-sdm-small"))
+    before = {k: v.clone() for k, v in student.state_dict().items()}
+    generate(pipe, ["a red circle"], [0], steps=1, guidance=1.0, unet=student)
+    assert student.dtype == torch.float32
+    assert all(torch.equal(before[k], v) for k, v in student.state_dict().items())

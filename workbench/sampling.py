@@ -13,6 +13,7 @@ Schedulers (``workbench.schedulers``): ``default`` is the pipeline's own, ``lcm`
 from __future__ import annotations
 
 import contextlib
+import copy
 import functools
 from collections.abc import Sequence
 from pathlib import Path
@@ -75,8 +76,10 @@ def generate(
     pipe.scheduler = make_scheduler(scheduler, original_scheduler)
     if unet is not None:
         if unet.dtype != original.dtype or unet.device != original.device:
-            # Only when needed: diffusers warns about every dtype cast through .to().
-            unet = unet.to(device=original.device, dtype=original.dtype)
+            # A copy: Module.to works in place, and the caller's UNet may be a student in
+            # training (fp32) that a bf16 pipeline must not round. Only when needed:
+            # diffusers warns about every dtype cast through .to().
+            unet = copy.deepcopy(unet).to(device=original.device, dtype=original.dtype)
         pipe.unet = unet
     try:
         steer, negative_prompt = _steering(pipe, negative_prompt, guidance, nasa_scale)
