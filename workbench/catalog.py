@@ -121,7 +121,7 @@ def _build_cached(config_json: str) -> Catalog:
     return Catalog(config=config, topology=topo, units=tuple(units), atom_params=atom_params)
 
 
-FIGURES_SCHEMA = 1
+FIGURES_SCHEMA = 2  # 2: samplers are atoms of their own (whole-stage removal)
 
 
 def count_atom_params(config: dict[str, Any]) -> dict[str, int]:
