@@ -46,7 +46,7 @@ def half(b: dict, rank: int) -> dict:
 def step(student, teacher, b, setup) -> tuple[float, torch.optim.Optimizer]:
     optimizer = torch.optim.AdamW(student.parameters(), lr=1e-3)
     targets = losses.teacher_targets(teacher, b, setup)
-    terms = losses.OBJECTIVES["kd"](b, student, student, targets, setup)
+    terms = losses.OBJECTIVES["kd"].loss(b, student, student, targets, setup)
     terms["loss/total"].backward()
     optimizer.step()
     return terms["loss/total"].item(), optimizer

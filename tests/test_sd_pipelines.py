@@ -114,7 +114,7 @@ def test_the_ui_loads_applies_bk_sdm_and_compares(sd):
     teacher, student, summary = compare_tab.compare(
         store, Limits(), view, plan, "a red circle", "", "3", 1, 2.0, 32
     )
-    assert len(teacher) == len(student) == 1 and teacher[0][0].size == student[0][0].size == (32, 32)
+    assert len(teacher) == len(student) == 1 and teacher[0][0].size == student[0][0].size == (256, 256)  # 32 px shown 8x, pixel for pixel
     assert f"{len(TINY)} units removed" in summary
 
 
