@@ -214,3 +214,31 @@ def test_accelerate_launch_two_cpu_processes(base, tmp_path):
     losses, _ = _losses(run_dir)
     assert sorted(losses) == [0, 1]  # one row per step, written by rank 0 only
     assert UNet2DConditionModel.from_pretrained(run_dir / "student") is not None
+
+
+def test_a_run_can_start_from_a_student_distilled_before(base, tmp_path):
+    """``init_student``: stage 1 starts from a trained student's weights, not the teacher's kept ones."""
+    run_distillation(_config(base, steps=2, lr=1e-3), tmp_path / "first")
+    first = UNet2DConditionModel.from_pretrained(RunDir(tmp_path / "first").student).state_dict()
+    # a near-zero learning rate: the second run's student is (within float noise) where it started
+    run_distillation(_config(base, steps=1, lr=1e-12), tmp_path / "fresh")
+    run_distillation(_config(base, steps=1, lr=1e-12, init_student=str(tmp_path / "first")), tmp_path / "again")
+    fresh = UNet2DConditionModel.from_pretrained(RunDir(tmp_path / "fresh").student).state_dict()
+    again = UNet2DConditionModel.from_pretrained(RunDir(tmp_path / "again").student).state_dict()
+    assert max((again[k] - first[k]).abs().max().item() for k in first) < 1e-6
+    assert max((fresh[k] - first[k]).abs().max().item() for k in first) > 1e-4  # the teacher's weights differ
+    assert RunDir(tmp_path / "again").read_job()["config"]["init_student"] == str(tmp_path / "first")
+
+
+@pytest.mark.parametrize(
+    ("init", "message"),
+    [("missing", "holds no student"), ("other-plan", "transformer_layers_per_block=.*segmind-vega")],
+)
+def test_init_student_of_another_plan_is_refused_before_training(base, tmp_path, init, message):
+    folder = tmp_path / "none"
+    if init == "other-plan":
+        run_distillation(_config(base, steps=1), tmp_path / "ssd")  # an SSD-1B student
+        folder = tmp_path / "ssd"
+    with pytest.raises(WorkbenchError, match=message):
+        run_distillation(_config(base, preset="segmind-vega", init_student=str(folder)), tmp_path / "run")
+    assert not (tmp_path / "run" / "metrics.jsonl").exists()

@@ -187,6 +187,8 @@ class Distillation:
         previous = self.load_stage_student(k - 1) if k else None
         student, teacher, pairs = stage_models(self.pipe.unet, self.specs, k, previous, cfg.stage_teacher,
                                                cfg.feature_mode)  # fmt: skip
+        if k == 0 and cfg.init_student:  # a student distilled before (its architecture checked in preflight)
+            student.load_state_dict(self.load_init_student())
         teacher = as_teacher(teacher, acc.device, TEACHER_DTYPES[cfg.teacher_dtype])
         kind = cfg.stage_kind(k)
         if kind == "lcd":  # LCM's w-conditioning (the guidance scale as an embedding), or LCM-LoRA
@@ -217,9 +219,6 @@ class Distillation:
         schedule = optim.make_schedule(optimizer, cfg)
         wrapped, optimizer = acc.prepare(student, optimizer)
         acc.register_for_checkpointing(schedule)  # not prepared: accelerate would step it per process
-        pairs = pairs if cfg.w_feat > 0 else []
-        weights = sensitivity_kd.pair_weights(guidance, pairs, acc.device)
-        setup = losses.KDSetup(cfg.weights, pairs, cfg.normalize_features, weights)
         if kind == "lcd":  # its EMA target network is checkpointed with the stage: exact resume
             setup = self.lcd_setup(student)
             acc.register_for_checkpointing(setup.target)
@@ -255,6 +254,15 @@ class Distillation:
                         f"new) in {store.folder}; the teacher leaves the device")  # fmt: skip
         park(teacher)
         return store
+
+    def load_init_student(self) -> dict[str, Any]:
+        from diffusers import UNet2DConditionModel
+
+        from workbench.distill_config import init_student_folder
+
+        path = init_student_folder(self.config.init_student)
+        self.report.log(f"stage 1: the student starts from {path}")
+        return UNet2DConditionModel.from_pretrained(path).state_dict()
 
     def load_stage_student(self, k: int):
         from diffusers import UNet2DConditionModel

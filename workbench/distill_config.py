@@ -88,6 +88,10 @@ class DistillConfig:
     # "precompute": the teacher's targets written to disk before a stage's student steps, and
     # read back, so the teacher is off the device while the student trains (workbench.targets)
     teacher_targets: str = "live"
+    # stage 1's student starts from these weights (a run folder, or a UNet folder of a student
+    # with stage 1's architecture) instead of the teacher's kept ones: e.g. LCD on a student
+    # distilled earlier. None: from the teacher.
+    init_student: str | None = None
 
     @property
     def guidance(self) -> float:
@@ -418,6 +422,44 @@ def check_plans(config: DistillConfig, teacher_config: dict[str, Any]) -> list[A
     return specs
 
 
+def init_student_folder(value: str) -> Path:
+    """The UNet folder ``init_student`` names: a run folder (its trained ``student``) or a
+    UNet folder itself."""
+    path = Path(value).expanduser()
+    if (path / "student" / "config.json").is_file() and not (path / "config.json").is_file():
+        return path / "student"
+    return path
+
+
+def check_init_student(config: DistillConfig, specs: list[Any]) -> None:
+    """``init_student`` must hold a UNet of stage 1's architecture (read from its config alone)."""
+    if config.init_student is None:
+        return
+    from diffusers import UNet2DConditionModel
+
+    path = init_student_folder(config.init_student)
+    if not (path / "config.json").is_file():
+        raise ConfigError(
+            "init_student", "{field} {got!r} holds no student (no config.json, nor student/config.json); "
+            "give a run folder or a UNet folder written by a run or `python -m workbench export`",
+            got=config.init_student,
+        )  # fmt: skip
+    found = UNet2DConditionModel.load_config(path)
+    wanted = specs[0].config
+    telling = ("block_out_channels", "down_block_types", "layers_per_block", "transformer_layers_per_block")
+    for key in sorted((k for k in wanted if not k.startswith("_")), key=lambda k: (k not in telling, k)):
+        if _as_list(found.get(key)) != _as_list(wanted.get(key)):
+            raise ConfigError(
+                "init_student", "{field} {got!r} has {key}={have!r}, but stage 1's plan {plan!r} gives "
+                "{want!r}; give a student of that plan (e.g. a kd run's student with the same preset)",
+                got=str(path), key=key, have=found.get(key), want=wanted.get(key), plan=specs[0].plan.name,
+            )  # fmt: skip
+
+
+def _as_list(value: Any) -> Any:
+    return list(value) if isinstance(value, tuple) else value
+
+
 def check_guidance(config: DistillConfig, specs: list[Any]) -> None:
     """``freeze_sensitive`` must leave each stage's student something to freeze from."""
     from workbench.sensitivity_kd import kept_layer_units
@@ -569,4 +611,5 @@ def preflight(config: DistillConfig, *, base=None, run_dir: str | Path | None = 
     base = check_base(config, base)
     specs = check_plans(config, base.unet_config)
     check_guidance(config, specs)
+    check_init_student(config, specs)
     return Checked(config, base, specs)

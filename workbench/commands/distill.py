@@ -48,6 +48,12 @@ _OPTIONS: list[tuple[str, type, str]] = [
     ("--sample-steps", int, "denoising steps for sample grids"),
     ("--sample-guidance", float, "guidance scale for sample grids (default: the base's, toy 2, others 5)"),
     (
+        "--init-student",
+        str,
+        "stage 1's student starts from this trained student (a run folder or a UNet folder of stage 1's "
+        "architecture) instead of the teacher's kept weights, e.g. --objective lcd on a kd run's student",
+    ),
+    (
         "--lcd-guidance-min",
         float,
         "lcd: lowest guidance scale drawn for the teacher (default: 0.75 x the base's, at least 1)",
