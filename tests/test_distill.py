@@ -222,7 +222,9 @@ def test_a_run_can_start_from_a_student_distilled_before(base, tmp_path):
     first = UNet2DConditionModel.from_pretrained(RunDir(tmp_path / "first").student).state_dict()
     # a near-zero learning rate: the second run's student is (within float noise) where it started
     run_distillation(_config(base, steps=1, lr=1e-12), tmp_path / "fresh")
-    run_distillation(_config(base, steps=1, lr=1e-12, init_student=str(tmp_path / "first")), tmp_path / "again")
+    run_distillation(
+        _config(base, steps=1, lr=1e-12, init_student=str(tmp_path / "first")), tmp_path / "again"
+    )
     fresh = UNet2DConditionModel.from_pretrained(RunDir(tmp_path / "fresh").student).state_dict()
     again = UNet2DConditionModel.from_pretrained(RunDir(tmp_path / "again").student).state_dict()
     assert max((again[k] - first[k]).abs().max().item() for k in first) < 1e-6
