@@ -1,15 +1,22 @@
 """Few-step students on the toy: a Vega-preset student after block KD, then latent consistency
-distillation (LCD), against the teacher at 20 guided steps.
+distillation (LCD) in its forms, against the teacher at 20 guided steps.
 
-One run, two stages (``--stages segmind-vega,lcd``): layer-level block KD, then LCD from the
-original teacher (guided, scale drawn from the default range, DDIM solver over the 50-step grid,
-EMA target, pseudo-Huber loss). Every model is scored on the same held-out samples against the
-teacher's 20-step guided images (toy checker: fidelity, full prompt; PSNR / SSIM against the
-teacher's image of the same sample), each a mean with a 95% interval (cluster bootstrap over
-prompts), ratios to the teacher paired. Then the latency of one image, end to end (text
-encoders, every UNet call, VAE decode), interleaved teacher / student on this CPU.
+One block-KD run (layer-level KD, ``--preset segmind-vega``); then each LCD variant starts from
+that run's student (``--objective lcd --init-student``), so they share the same starting point:
 
-    OMP_NUM_THREADS=1 python benchmarks/lcd.py [--steps 400] [--prompts 81] [--seeds 3]
+- ``lcd``: full weights with LCM's w-embedding (the guidance scale as an input);
+- ``lcm-lora``: rank-R adapters on the KD student (no w-embedding, sampled without guidance);
+- ``rg-lcd``: ``lcd`` plus the reward term on the one-step prediction through the shipped toy
+  latent proxy reward model (``--reward``, ``--reward-weight``).
+
+Every model is scored at 1, 2, 4 and 8 steps on the same held-out samples against the teacher's
+20-step guided images (toy checker: fidelity, full prompt; PSNR / SSIM against the teacher's image
+of the same sample), each a mean with a 95% interval (cluster bootstrap over prompts), ratios to
+the teacher paired. Then the latency of one image, end to end (text encoders, every UNet call,
+VAE decode), interleaved on this CPU. Scores of each row are kept in ``OUT/scores/`` so a re-run
+draws only what is new.
+
+    OMP_NUM_THREADS=1 python benchmarks/lcd.py [--steps 400] [--lcd-steps 400] [--prompts 81] [--seeds 3]
 """
 
 from __future__ import annotations
@@ -34,36 +41,74 @@ from workbench.presets import load_preset
 from workbench.runs import RunDir, read_metrics
 from workbench.sampling import generate, load_student_unet
 
+VARIANTS = ("lcd", "lcm-lora", "rg-lcd")
+
 
 def parse_args() -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--base", default="toy")
     p.add_argument("--preset", default="segmind-vega")
-    p.add_argument("--steps", type=int, default=400, help="optimizer steps per stage (KD, then LCD)")
+    p.add_argument("--steps", type=int, default=400, help="optimizer steps of block KD")
+    p.add_argument("--lcd-steps", type=int, default=400, help="optimizer steps of each LCD variant")
+    p.add_argument("--variants", default=",".join(VARIANTS), help=f"LCD variants ({', '.join(VARIANTS)})")
+    p.add_argument("--lora-rank", type=int, default=16, help="rank of the LCM-LoRA variant")
+    p.add_argument(
+        "--reward", default="toy", help="rg-lcd: the reward model (default: the shipped toy proxy)"
+    )
+    p.add_argument("--reward-weight", type=float, default=1.0, help="rg-lcd: weight of the reward term")
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--lr", type=float, default=2e-4)
     p.add_argument("--samples", type=int, default=1024, help="cached toy training images")
-    p.add_argument("--prompts", type=int, default=None, help="held-out prompts (default: all 81)")
-    p.add_argument("--seeds", type=int, default=3, help="seeds per prompt (default 3)")
-    p.add_argument("--lcm-steps", default="8,4,2,1", help="LCM steps the LCD student is scored at")
+    scoring.add_sample_options(p)
+    p.add_argument("--step-counts", default="8,4,2,1", help="steps every model is scored at")
     p.add_argument("--latency-repeats", type=int, default=5)
     p.add_argument("--out", default="runs/lcd")
     return p.parse_args()
 
 
-def train(args: argparse.Namespace, run_dir: Path) -> dict[str, float]:
-    """Block KD then LCD in one run (resumed if it was stopped); minutes of each stage."""
-    if not (run_dir / "student" / "config.json").exists():
-        plan = load_preset(args.preset).to_dict()
-        config = DistillConfig(
-            stages=(plan, plan), objectives=("kd", "lcd"), steps=args.steps, base=args.base,
-            toy_samples=args.samples, batch_size=args.batch_size, lr=args.lr, log_every=10,
-            checkpoint_every=max(50, args.steps // 4), device="cpu",
-        )  # fmt: skip
-        run_distillation(config, run_dir, resume=(run_dir / "job.json").exists())
-    rows, _ = read_metrics(run_dir / "metrics.jsonl")
-    end = {stage: max(r["time"] for r in rows if r["stage"] == stage) for stage in (1, 2)}
-    return {"kd": end[1] / 60, "lcd": (end[2] - end[1]) / 60}  # from the run's own clock (resumes add up)
+def variant_fields(args: argparse.Namespace, variant: str) -> dict:
+    if variant == "lcd":
+        return {}
+    if variant == "lcm-lora":
+        return {"lcd_lora_rank": args.lora_rank}
+    if variant == "rg-lcd":
+        return {"lcd_reward": args.reward, "lcd_reward_weight": args.reward_weight}
+    raise SystemExit(f"unknown variant {variant!r}; choose from {', '.join(VARIANTS)}")
+
+
+def train(args: argparse.Namespace, out: Path, variants: list[str]) -> dict[str, float]:
+    """The KD run, then each LCD variant from its student (each resumed if stopped); minutes of each."""
+    plan = load_preset(args.preset).to_dict()
+    common = dict(stages=(plan,), base=args.base, toy_samples=args.samples, batch_size=args.batch_size,
+                  lr=args.lr, log_every=10, device="cpu")  # fmt: skip
+    runs = {"kd": DistillConfig(**common, steps=args.steps, checkpoint_every=max(50, args.steps // 4))}
+    for v in variants:
+        runs[v] = DistillConfig(**common, steps=args.lcd_steps, checkpoint_every=max(50, args.lcd_steps // 4),
+                                objectives=("lcd",), init_student=str(out / "kd"), **variant_fields(args, v))  # fmt: skip
+    minutes = {}
+    for name, config in runs.items():
+        run_dir = out / name
+        if not (run_dir / "student" / "config.json").exists():
+            print(f"training {name}", flush=True)
+            run_distillation(config, run_dir, resume=(run_dir / "job.json").exists())
+        rows, _ = read_metrics(run_dir / "metrics.jsonl")
+        minutes[name] = max(r["time"] for r in rows) / 60  # the run's own clock (resumes add up)
+    return minutes
+
+
+def score(e: ev.Evaluator, out: Path, name: str, unet, sampler: ev.Sampler) -> ev.Scores:
+    """A row's per-sample scores, from ``OUT/scores`` or drawn now."""
+    s = e.settings
+    slug = name.replace(" ", "_").replace(",", "")
+    cache = out / "scores" / f"{slug}-{s['prompts']}x{s['seeds']}.json"
+    if cache.exists():
+        return ev.Scores.from_rows(json.loads(cache.read_text()), e.samples)
+    started = time.perf_counter()
+    scores = e.student(unet, sampler)  # with unet None: the teacher, drawn the sampler's way
+    cache.parent.mkdir(parents=True, exist_ok=True)
+    cache.write_text(json.dumps(scores.rows()) + "\n")
+    print(f"scored {name} ({time.perf_counter() - started:.0f} s)", flush=True)
+    return scores
 
 
 def latency(pipe, models: list[tuple[str, object, ev.Sampler]], repeats: int) -> dict[str, float]:
@@ -82,39 +127,51 @@ def latency(pipe, models: list[tuple[str, object, ev.Sampler]], repeats: int) ->
 def main() -> None:
     args = parse_args()
     torch.set_flush_denormal(True)
-    out = Path(args.out) / f"{args.preset}-{args.steps}"
+    variants = [v.strip() for v in args.variants.split(",") if v.strip()]
+    out = Path(args.out) / f"{args.preset}-{args.steps}-{args.lcd_steps}"
     scoring.claim(out, args.base)
-    minutes = train(args, out / "run")
+    minutes = train(args, out, variants)
     e = scoring.evaluator(args.base, args.prompts, args.seeds)  # the teacher: 20 Euler steps, guidance 2
     g = e.guidance
-    run = RunDir(out / "run")
-    kd = load_student_unet(run.stage_dir(0), e.pipe.unet)
-    lcd = load_student_unet(run.student, e.pipe.unet)
-    rows = [("teacher, 4 Euler steps", None, ev.Sampler(4, g)), ("teacher, 2 Euler steps", None, ev.Sampler(2, g)),
-            ("block-KD student, 20 Euler steps", kd, ev.Sampler(20, g)),
-            ("block-KD student, 4 Euler steps", kd, ev.Sampler(4, g))]  # fmt: skip
-    rows += [
-        (f"LCD student, {n} LCM steps", lcd, ev.Sampler(int(n), g, "lcm")) for n in args.lcm_steps.split(",")
-    ]
+    counts = [int(n) for n in args.step_counts.split(",")]
+    kd = load_student_unet(RunDir(out / "kd").student, e.pipe.unet)
+    rows = [("block-KD student, 20 Euler steps", kd, ev.Sampler(20, g))]
+    for n in counts:
+        rows += [(f"teacher, {n} Euler steps", None, ev.Sampler(n, g)),
+                 (f"block-KD student, {n} Euler steps", kd, ev.Sampler(n, g))]  # fmt: skip
+    students = {v: load_student_unet(RunDir(out / v).student, e.pipe.unet) for v in variants}
+    for v, unet in students.items():  # LCM-LoRA has no w-embedding: one unguided call per step
+        rows += [(f"{v} student, {n} LCM steps", unet, ev.Sampler(n, 1.0 if v == "lcm-lora" else g, "lcm"))
+                 for n in counts]  # fmt: skip
     teacher = e.teacher()
     report = {"args": vars(args), "settings": e.settings, "interval": e.bootstrap.describe(), "minutes": minutes,
               "teacher": ev.as_dicts(e.summary(teacher)), "models": {}}  # fmt: skip
     for name, unet, sampler in rows:
-        scores = e.student(unet, sampler)  # with unet None: the teacher, drawn the sampler's way
-        report["models"][name] = {"sampler": sampler.to_dict(), **scoring.figures(e, scores)}
-        print(f"scored {name}", flush=True)
-    report["latency_s"] = latency(e.pipe, [("teacher, 20 steps, guided", None, ev.Sampler(20, g)),
-                                           ("LCD student, 4 LCM steps", lcd, ev.Sampler(4, g, "lcm")),
-                                           ("LCD student, 2 LCM steps", lcd, ev.Sampler(2, g, "lcm"))],
-                                  args.latency_repeats)  # fmt: skip
+        report["models"][name] = {
+            "sampler": sampler.to_dict(),
+            **scoring.figures(e, score(e, out, name, unet, sampler)),
+        }
+    if "rg-lcd" in students and "lcd" in students:  # paired: what the reward term changes
+        for n in counts:
+            a, b = (score(e, out, f"{v} student, {n} LCM steps", None, None) for v in ("rg-lcd", "lcd"))
+            report["models"][f"rg-lcd student, {n} LCM steps"]["minus_lcd"] = ev.as_dicts(e.difference(a, b))
+    timed = [("teacher, 20 steps, guided", None, ev.Sampler(20, g))]
+    timed += [
+        (f"{v} student, {n} LCM steps", students[v], ev.Sampler(n, 1.0 if v == "lcm-lora" else g, "lcm"))
+        for v in ("lcd", "lcm-lora")
+        if v in students
+        for n in (4, 2)
+    ]  # fmt: skip (rg-lcd: lcd's shape)
+    report["latency_s"] = latency(e.pipe, timed, args.latency_repeats)
     (out / "report.json").write_text(json.dumps(report, indent=1) + "\n")
     print_report(args, e, report)
 
 
 def print_report(args: argparse.Namespace, e, report: dict) -> None:
     m, teacher = report["minutes"], report["teacher"]
-    print(f"\n{args.preset} student of {args.base}: {args.steps} steps block KD ({m['kd']:.1f} min) then "
-          f"{args.steps} steps LCD ({m['lcd']:.1f} min), batch {args.batch_size}, lr {args.lr}\n"
+    trained = ", ".join(f"{k} {v:.1f} min" for k, v in m.items())
+    print(f"\n{args.preset} student of {args.base}: {args.steps} steps block KD, then {args.lcd_steps} steps of "
+          f"each LCD variant from its student ({trained}), batch {args.batch_size}, lr {args.lr}\n"
           f"{scoring.header(e, args.base)}\n")  # fmt: skip
     print(f"teacher (20 Euler steps, guided): full prompt {scoring.cell(teacher.get('full'))}, "
           f"fidelity {scoring.cell(teacher.get('fidelity'))}\n")  # fmt: skip
@@ -126,6 +183,12 @@ def print_report(args: argparse.Namespace, e, report: dict) -> None:
                             scoring.cell(s.get("full")), scoring.cell(vs.get("full"), 2),
                             scoring.cell(s["psnr"], 2), scoring.cell(s["ssim"])]))  # fmt: skip
     print("\n".join(scoring.table(rows, head)))
+    paired = [(n, f["minus_lcd"]) for n, f in report["models"].items() if "minus_lcd" in f]
+    if paired:
+        print("\nrg-lcd minus lcd, paired on the same samples:\n")
+        keys = ["fidelity", "full", "psnr", "ssim"]
+        table = [(n, [scoring.cell(d.get(k), 3) for k in keys]) for n, d in paired]
+        print("\n".join(scoring.table(table, ["model", *keys])))
     lat = report["latency_s"]
     teacher_s = lat["teacher, 20 steps, guided"]
     print("\nimage latency (CPU, batch 1, end to end, median of interleaved repeats):\n")
