@@ -48,14 +48,12 @@ def log(msg: str) -> None:
 
 def parse_args() -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--base", default="toy")
-    p.add_argument("--preset", default="segmind-vega", help="the hand-made plan to compare with")
+    scoring.add_training_options(
+        p, steps=400, samples=1024, preset_help="the hand-made plan to compare with",
+        steps_help="distillation steps per student (0: skip)",
+    )  # fmt: skip
     p.add_argument("--budget", type=float, default=None, help="params fraction (default: the preset's)")
     p.add_argument("--candidates", type=int, default=ap.CANDIDATES)
-    p.add_argument("--steps", type=int, default=400, help="distillation steps per student (0: skip)")
-    p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--lr", type=float, default=2e-4)
-    p.add_argument("--samples", type=int, default=1024, help="cached toy training images")
     p.add_argument("--train-seed", type=int, default=0, help="seed of every distillation run")
     scoring.add_sample_options(p)
     p.add_argument("--refresh-map", action="store_true", help="measure the sensitivity map again")

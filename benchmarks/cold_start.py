@@ -15,74 +15,41 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import socket
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
-import urllib.request
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout
+
+from workbench.errors import WorkbenchError
+from workbench.testing import running_app
+
 CHROMIUM = "/usr/bin/chromium"
 TOGGLES = 'input[type="checkbox"][name="mid_block"]'
 NUMBERS = "() => document.querySelector('#wb-numbers')?.innerText.includes('params')"
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def wait_for_server(url: str, proc: subprocess.Popen, timeout_s: float) -> None:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise SystemExit(f"the app exited with {proc.returncode}")
-        try:
-            with urllib.request.urlopen(url, timeout=2) as response:
-                if response.status == 200:
-                    return
-        except OSError:
-            time.sleep(0.05)
-    raise SystemExit(f"the app did not answer within {timeout_s:.0f} s")
-
-
 def one_round(base: str, cache: str | None, timeout_s: float) -> dict[str, float]:
     from playwright.sync_api import sync_playwright
 
-    port = free_port()
-    url = f"http://127.0.0.1:{port}/"
-    env = os.environ | {
-        "HF_HUB_OFFLINE": "1",
-        "GRADIO_ANALYTICS_ENABLED": "False",
-        "WORKBENCH_CACHE_DIR": cache or tempfile.mkdtemp(prefix="cold-start-cache-"),
-    }
+    env = {"WORKBENCH_CACHE_DIR": cache or tempfile.mkdtemp(prefix="cold-start-cache-")}
     load = os.getloadavg()[0]
     with sync_playwright() as p:  # the browser starts before the clock: it is the visitor's, not ours
         browser = p.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox", "--disable-gpu"])
         page = browser.new_page(viewport={"width": 1400, "height": 1000})
         page.set_default_timeout(timeout_s * 1000)
-        started = time.monotonic()
-        proc = subprocess.Popen(
-            [sys.executable, "app.py", "--port", str(port), "--base", base],
-            cwd=ROOT,
-            env=env,
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-        )
         try:
-            wait_for_server(url, proc, timeout_s)
-            server_s = time.monotonic() - started
-            page.goto(url)
-            page.wait_for_selector(TOGGLES)
-            page.wait_for_function(NUMBERS)
-            toggles_s = time.monotonic() - started
+            with running_app("--base", base, env=env, timeout_s=timeout_s, poll_s=0.05) as app:
+                server_s = time.monotonic() - app.started
+                page.goto(app.url)
+                page.wait_for_selector(TOGGLES)
+                page.wait_for_function(NUMBERS)
+                toggles_s = time.monotonic() - app.started
+        except WorkbenchError as e:
+            raise SystemExit(str(e)) from None
         finally:
-            proc.terminate()
-            proc.wait(timeout=30)
             browser.close()
     return {"load_avg_1min": round(load, 2), "server_s": round(server_s, 2), "toggles_s": round(toggles_s, 2)}
 

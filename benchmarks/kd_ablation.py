@@ -58,22 +58,14 @@ VARIANTS = {
 
 def parse_args() -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--base", default="toy")
-    p.add_argument("--preset", default="segmind-vega")
-    p.add_argument("--steps", type=int, default=400)
-    p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--lr", type=float, default=2e-4)
-    p.add_argument("--samples", type=int, default=1024, help="cached toy training images")
+    scoring.add_training_options(p, steps=400, samples=1024)
     p.add_argument("--train-seed", type=int, default=0, help="seed of every distillation run")
     scoring.add_sample_options(p)
     p.add_argument("--variants", default="layer,layer-normalized,task,output,block")
     p.add_argument("--reference", default="layer", help="the variant the others are compared with")
     p.add_argument("--out", default="runs/kd_ablation")
     args = p.parse_args()
-    names = args.variants.split(",")
-    unknown = [n for n in names if n not in VARIANTS]
-    if unknown:
-        p.error(f"unknown variants {unknown}; choose from {', '.join(VARIANTS)}")
+    names = scoring.variant_names(p, args.variants, VARIANTS)
     if args.reference not in ("undistilled", *names):
         p.error(f"--reference {args.reference!r} is not among the variants run")
     return args

@@ -56,20 +56,13 @@ ROOT = Path(__file__).resolve().parent.parent
 
 def parse_args() -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--base", default="toy")
-    p.add_argument("--preset", default="segmind-vega")
-    p.add_argument("--steps", type=int, default=100)
-    p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--lr", type=float, default=2e-4)
+    scoring.add_training_options(p, steps=100, samples=512)
     p.add_argument("--lora-rank", type=int, default=16)
-    p.add_argument("--samples", type=int, default=512, help="cached toy training images")
     scoring.add_sample_options(p)
     p.add_argument("--variants", default=",".join(VARIANTS))
     p.add_argument("--out", default="runs/memory_quality")
     args = p.parse_args()
-    unknown = [n for n in args.variants.split(",") if n not in VARIANTS]
-    if unknown:
-        p.error(f"unknown variants {unknown}; choose from {', '.join(VARIANTS)}")
+    scoring.variant_names(p, args.variants, VARIANTS)
     return args
 
 

@@ -24,6 +24,29 @@ def add_sample_options(p: argparse.ArgumentParser) -> None:
     )
 
 
+def add_training_options(
+    p: argparse.ArgumentParser, *, steps: int, samples: int, preset_help: str | None = None,
+    steps_help: str | None = None,
+) -> None:  # fmt: skip
+    """The distillation options every toy quality benchmark takes: teacher, preset student,
+    steps, batch size, learning rate and cached training images (only the defaults differ)."""
+    p.add_argument("--base", default="toy")
+    p.add_argument("--preset", default="segmind-vega", help=preset_help)
+    p.add_argument("--steps", type=int, default=steps, help=steps_help)
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--lr", type=float, default=2e-4)
+    p.add_argument("--samples", type=int, default=samples, help="cached toy training images")
+
+
+def variant_names(p: argparse.ArgumentParser, variants: str, known: dict[str, Any]) -> list[str]:
+    """The comma-separated ``--variants`` as a list; exits with the valid names if one is unknown."""
+    names = variants.split(",")
+    unknown = [n for n in names if n not in known]
+    if unknown:
+        p.error(f"unknown variants {unknown}; choose from {', '.join(known)}")
+    return names
+
+
 def claim(out: Path, base: str) -> None:
     """Tie an output folder to the teacher's weights: the students and cached scores in it
     are only valid for those, so a folder made from other weights is refused."""

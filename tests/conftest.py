@@ -53,6 +53,23 @@ def one_thread():
     torch.set_num_threads(before)
 
 
+@pytest.fixture(scope="module")
+def store():
+    """A UI store (its model, catalog and spec caches) shared by one test module."""
+    from workbench.ui.store import Store
+
+    return Store()
+
+
+@pytest.fixture(scope="session")
+def tiny_pipeline_dir(tmp_path_factory) -> str:
+    """An untrained tiny SDXL pipeline (real stock components) saved as a local diffusers folder
+    (read-only: share, don't modify)."""
+    from workbench.testing import tiny_pipeline
+
+    return str(tiny_pipeline(tmp_path_factory.mktemp("tiny-pipeline") / "pipe"))
+
+
 @pytest.fixture(scope="session")
 def perturbed_pipeline(tmp_path_factory) -> str:
     """A tiny SDXL pipeline whose every UNet weight matters (read-only: share, don't modify)."""

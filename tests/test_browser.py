@@ -8,12 +8,6 @@ missing (``.ci/install-browser`` installs both).
 
 from __future__ import annotations
 
-import os
-import socket
-import subprocess
-import sys
-import time
-import urllib.request
 from pathlib import Path
 
 import pytest
@@ -21,6 +15,7 @@ import pytest
 from workbench import presets
 from workbench.errors import WorkbenchError
 from workbench.models import resolve_base
+from workbench.testing import running_app
 from workbench.ui import format as fmt
 from workbench.ui.store import Store
 
@@ -44,56 +39,17 @@ def _toy_available() -> bool:
         return False
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _wait_until_up(url: str, proc: subprocess.Popen, log: Path) -> None:
-    deadline = time.monotonic() + START_TIMEOUT_S
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise AssertionError(f"the app exited with {proc.returncode}:\n{log.read_text()[-3000:]}")
-        try:
-            with urllib.request.urlopen(url, timeout=2) as response:
-                if response.status == 200:
-                    return
-        except OSError:
-            time.sleep(0.5)
-    raise AssertionError(f"the app did not answer within {START_TIMEOUT_S} s:\n{log.read_text()[-3000:]}")
-
-
 @pytest.fixture(scope="module")
 def app_url(tmp_path_factory):
-    port = _free_port()
-    log = tmp_path_factory.mktemp("app") / "app.log"
-    env = os.environ | {
-        "HF_HUB_OFFLINE": "1",
-        "GRADIO_ANALYTICS_ENABLED": "False",
+    env = {
         "WORKBENCH_CACHE_DIR": str(tmp_path_factory.mktemp("latency-cache")),
         # Tiny models gain nothing from threads; on a shared CPU spinning OpenMP threads cost 30x.
         "OMP_NUM_THREADS": "1",
         "WORKBENCH_RUNS_DIR": str(tmp_path_factory.mktemp("runs")),
     }
-    with open(log, "w") as out:
-        proc = subprocess.Popen(
-            [sys.executable, "app.py", "--port", str(port)],
-            cwd=ROOT,
-            env=env,
-            stdout=out,
-            stderr=subprocess.STDOUT,
-        )
-    url = f"http://127.0.0.1:{port}/"
-    try:
-        _wait_until_up(url, proc, log)
-        yield url
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            proc.kill()
+    log = tmp_path_factory.mktemp("app") / "app.log"
+    with running_app(env=env, log=log, timeout_s=START_TIMEOUT_S) as app:
+        yield app.url
 
 
 @pytest.fixture(scope="module")

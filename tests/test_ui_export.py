@@ -10,27 +10,16 @@ from workbench import presets
 from workbench.errors import WorkbenchError
 from workbench.runs import MetricsWriter, RunDir, write_json_atomic
 from workbench.surgery import build_student, save_student
-from workbench.testing import teacher_lora, tiny_pipeline
+from workbench.testing import teacher_lora
 from workbench.ui import export_tab, plan_view
-from workbench.ui.store import Store
 
 SSD_1B = list(presets.load_preset("ssd-1b").removed)
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
-def store() -> Store:
-    return Store()
-
-
-@pytest.fixture(scope="module")
-def pipeline_dir(tmp_path_factory) -> str:
-    return str(tiny_pipeline(tmp_path_factory.mktemp("tiny-pipeline") / "pipe", perturb=True))
-
-
-@pytest.fixture(scope="module")
-def lora_file(tmp_path_factory, pipeline_dir) -> str:
-    return str(teacher_lora(pipeline_dir, tmp_path_factory.mktemp("lora")))
+def lora_file(tmp_path_factory, perturbed_pipeline) -> str:
+    return str(teacher_lora(perturbed_pipeline, tmp_path_factory.mktemp("lora")))
 
 
 def _names(archive: str) -> set[str]:
@@ -51,16 +40,16 @@ def test_formats_say_which_clients_read_the_plan(store):
     )
 
 
-def test_lora_report_for_the_current_plan(store, pipeline_dir, lora_file):
-    view = plan_view.new_view(pipeline_dir, 64)
+def test_lora_report_for_the_current_plan(store, perturbed_pipeline, lora_file):
+    view = plan_view.new_view(perturbed_pipeline, 64)
     text = export_tab.lora_md(store, view, SSD_1B, lora_file)
     assert "32 pairs would land on the wrong module" in text and "renamed" in text and "surviving" in text
     assert export_tab.lora_md(store, view, SSD_1B, None) == ""
 
 
 @pytest.mark.slow
-def test_pipeline_export_with_the_remapped_lora(store, pipeline_dir, lora_file):
-    view = plan_view.new_view(pipeline_dir, 64)
+def test_pipeline_export_with_the_remapped_lora(store, perturbed_pipeline, lora_file):
+    view = plan_view.new_view(perturbed_pipeline, 64)
     archive, summary = export_tab.export_student(store, view, SSD_1B, "pipeline", "auto", lora_file=lora_file)
     names = _names(archive)
     assert {
@@ -73,21 +62,21 @@ def test_pipeline_export_with_the_remapped_lora(store, pipeline_dir, lora_file):
     assert "**LoRA** (remapped into `lora/`)" in summary
 
 
-def test_single_file_export_names_the_clients(store, pipeline_dir):
-    view = plan_view.new_view(pipeline_dir, 64)
+def test_single_file_export_names_the_clients(store, perturbed_pipeline):
+    view = plan_view.new_view(perturbed_pipeline, 64)
     archive, summary = export_tab.export_student(store, view, SSD_1B, "single-file", "bf16")
     assert any(n.endswith(".safetensors") for n in _names(archive)) and "bf16" in summary
     assert "Single-file clients" in summary and "from_single_file" in summary
 
 
 @pytest.fixture(scope="module")
-def runs(tmp_path_factory, store, pipeline_dir):
+def runs(tmp_path_factory, store, perturbed_pipeline):
     """A runs folder with one finished run (job.json, metrics, student/) and one without a student."""
     root = tmp_path_factory.mktemp("runs")
     plan = presets.load_preset("koala-700m")
-    student, spec = build_student(store.teacher_unet(pipeline_dir), plan)
+    student, spec = build_student(store.teacher_unet(perturbed_pipeline), plan)
     run = RunDir(root / "koala")
-    config = {"stages": [plan.to_dict()], "steps": 5, "base": pipeline_dir, "data": "toy", "batch_size": 2,
+    config = {"stages": [plan.to_dict()], "steps": 5, "base": perturbed_pipeline, "data": "toy", "batch_size": 2,
               "grad_accum": 1, "lr": 1e-4, "lr_schedule": "constant", "w_task": 1.0, "w_out": 0.5,
               "w_feat": 0.5, "feature_mode": "layer", "mixed_precision": "no"}  # fmt: skip
     write_json_atomic(run.job, {"config": config})
@@ -112,8 +101,8 @@ def test_a_trained_run_exports_with_its_card(store, runs):
     assert "5 optimizer steps" in card and run.root.as_posix() not in card
 
 
-def test_bad_uploads_and_formats_are_refused(store, pipeline_dir, tmp_path):
-    view = plan_view.new_view(pipeline_dir, 64)
+def test_bad_uploads_and_formats_are_refused(store, perturbed_pipeline, tmp_path):
+    view = plan_view.new_view(perturbed_pipeline, 64)
     pickled = tmp_path / "lora.ckpt"
     pickled.write_bytes(b"x")
     with pytest.raises(WorkbenchError, match="not a .safetensors file"):

@@ -11,7 +11,7 @@ import pytest
 from workbench import presets
 from workbench.errors import WorkbenchError
 from workbench.plan import PruningPlan
-from workbench.testing import tiny_pipeline, tiny_sdxl_config
+from workbench.testing import tiny_sdxl_config
 from workbench.ui import blocks_tab, compare_tab, export_tab, model_box, plan_view, presets_tab
 from workbench.ui import format as fmt
 from workbench.ui.settings import AppSettings, Limits, parse_args
@@ -23,11 +23,6 @@ SSD_1B = list(presets.load_preset("ssd-1b").removed)
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
-
-
-@pytest.fixture(scope="module")
-def store() -> Store:
-    return Store()
 
 
 @pytest.fixture(scope="module")
@@ -43,12 +38,6 @@ def tiny_unet_dir(tmp_path_factory) -> str:
     config = tiny_sdxl_config() | {"_class_name": "UNet2DConditionModel"}
     (folder / "config.json").write_text(json.dumps(config))
     return str(folder)
-
-
-@pytest.fixture(scope="module")
-def pipeline_dir(tmp_path_factory) -> str:
-    """An untrained tiny SDXL pipeline (real stock components) saved as a local diffusers folder."""
-    return str(tiny_pipeline(tmp_path_factory.mktemp("tiny-pipeline") / "pipe"))
 
 
 def numbers_of(outputs: tuple) -> str:
@@ -162,9 +151,9 @@ def test_resolution_reprices_and_rejects_bad_sizes(store, tiny_unet_dir):
         blocks_tab.set_resolution(store, view, [], "4096", "cpu", "bf16", max_px=2048)
 
 
-def test_profile_then_measure_on_a_real_tiny_pipeline(pipeline_dir, tmp_path, monkeypatch):
+def test_profile_then_measure_on_a_real_tiny_pipeline(tiny_pipeline_dir, tmp_path, monkeypatch):
     monkeypatch.setenv("WORKBENCH_CACHE_DIR", str(tmp_path / "latency"))
-    store, view = Store(), plan_view.new_view(pipeline_dir, 64)
+    store, view = Store(), plan_view.new_view(tiny_pipeline_dir, 64)
     assert plan_view.LATENCY_MISSING in blocks_tab.on_toggle(store, view, "cpu", "fp32", SSD_1B)[1]
     numbers, *_ = blocks_tab.profile_latency(store, view, SSD_1B, "cpu", "fp32")
     assert "latency, estimated (cpu, fp32)" in numbers and "faster" in numbers
@@ -346,9 +335,9 @@ def test_compare_on_a_config_says_sampling_needs_weights(store, sdxl):
         compare_tab.compare(store, Limits(), sdxl, [], "a red circle", "", "0", 2, 5.0, None)
 
 
-def test_compare_draws_teacher_and_student_with_the_same_seeds(pipeline_dir):
+def test_compare_draws_teacher_and_student_with_the_same_seeds(tiny_pipeline_dir):
     store = Store()
-    view = plan_view.new_view(pipeline_dir, 64)
+    view = plan_view.new_view(tiny_pipeline_dir, 64)
     teacher, student, summary = compare_tab.compare(
         store, Limits(), view, SSD_1B, "a red circle", "", "3", 1, 2.0, 32
     )
@@ -388,11 +377,11 @@ def test_export_needs_weights(store, sdxl):
         export_tab.export_student(store, sdxl, [])
 
 
-def test_export_zips_a_stock_diffusers_student(pipeline_dir, tmp_path):
+def test_export_zips_a_stock_diffusers_student(tiny_pipeline_dir, tmp_path):
     from diffusers import UNet2DConditionModel
 
     store = Store()
-    view = plan_view.new_view(pipeline_dir, 64)
+    view = plan_view.new_view(tiny_pipeline_dir, 64)
     archive, summary = export_tab.export_student(store, view, SSD_1B)
     with zipfile.ZipFile(archive) as z:
         names = {n.split("/", 1)[1] for n in z.namelist() if not n.endswith("/")}
@@ -400,7 +389,7 @@ def test_export_zips_a_stock_diffusers_student(pipeline_dir, tmp_path):
     assert {"config.json", "diffusion_pytorch_model.safetensors", "plan.json", "layer_map.json"} <= names
     folder = next(tmp_path.iterdir())
     unet = UNet2DConditionModel.from_pretrained(folder)
-    spec = store.spec(pipeline_dir, SSD_1B)
+    spec = store.spec(tiny_pipeline_dir, SSD_1B)
     assert sum(p.numel() for p in unet.parameters()) == spec.student_params
     assert PruningPlan.load(folder / "plan.json").removed == tuple(SSD_1B)
     assert folder.name in summary and "from_pretrained" in summary

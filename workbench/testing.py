@@ -6,14 +6,24 @@ every SDXL preset applies to it unchanged. ``tiny_sd15_config`` has SD 1.x's top
 (4 stages, cross-attention in the first three, no added conditioning), so the BK-SDM
 presets apply to it; ``tiny_sd_pipeline`` wraps it (or SD 2.1's variant) in a complete
 SD 1.x / 2.x pipeline with one text encoder.
+
+``running_app`` starts the real app (``python app.py``) on a free port for the browser tests
+and the cold-start benchmark.
 """
 
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
+from workbench.errors import WorkbenchError
 from workbench.models import CONFIG_DIR
+
+ROOT = Path(__file__).resolve().parent.parent  # the checkout that holds app.py
 
 _TINY = {
     "block_out_channels": [8, 16, 16],
@@ -192,3 +202,84 @@ def teacher_lora(
 
 def _metadata(config) -> dict[str, Any]:
     return {k: sorted(v) if isinstance(v, set) else v for k, v in config.to_dict().items()}
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on now."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@dataclass(frozen=True)
+class RunningApp:
+    url: str
+    started: float  # time.monotonic() just before the process started
+    log: Path | None
+
+
+@contextmanager
+def running_app(
+    *app_args: str,
+    env: Mapping[str, str] | None = None,
+    log: Path | None = None,
+    timeout_s: float = 180.0,
+    poll_s: float = 0.5,
+) -> Iterator[RunningApp]:
+    """Run ``python app.py --port <free port> *app_args`` from the checkout for the ``with``
+    block, yielding once the page answers 200. The app runs offline without analytics; ``env``
+    adds or overrides variables. Its output goes to ``log`` (else nowhere) and is quoted when
+    it exits or does not answer within ``timeout_s``. Terminated (killed after 20 s) at the end."""
+    import os
+    import subprocess
+    import sys
+    import time
+
+    if not (ROOT / "app.py").exists():
+        raise WorkbenchError(f"running_app needs a checkout with app.py; {ROOT} has none")
+    port = free_port()
+    url = f"http://127.0.0.1:{port}/"
+    variables = os.environ | {"HF_HUB_OFFLINE": "1", "GRADIO_ANALYTICS_ENABLED": "False"} | dict(env or {})
+    out = open(log, "w") if log is not None else subprocess.DEVNULL  # closed once the app has it
+    started = time.monotonic()
+    try:
+        proc = subprocess.Popen(
+            [sys.executable, "app.py", "--port", str(port), *app_args],
+            cwd=ROOT, env=variables, stdout=out, stderr=subprocess.STDOUT,
+        )  # fmt: skip
+    finally:
+        if log is not None:
+            out.close()
+    try:
+        _wait_until_up(url, proc, log, timeout_s, poll_s)
+        yield RunningApp(url, started, log)
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+def _wait_until_up(url: str, proc, log: Path | None, timeout_s: float, poll_s: float) -> None:
+    import time
+    import urllib.request
+
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise WorkbenchError(f"the app exited with {proc.returncode}{_tail(log)}")
+        try:
+            with urllib.request.urlopen(url, timeout=2) as response:
+                if response.status == 200:
+                    return
+        except OSError:
+            time.sleep(poll_s)
+    raise WorkbenchError(f"the app did not answer {url} within {timeout_s:.0f} s{_tail(log)}")
+
+
+def _tail(log: Path | None) -> str:
+    return f"; its output ends:\n{log.read_text()[-3000:]}" if log is not None else ""
