@@ -175,6 +175,7 @@ def save_reward(model: LatentRewardModel, folder: str | Path, extra: dict[str, A
     write_json_atomic(folder / CONFIG_FILE, model.config.to_dict())
     tensors = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
     atomic_write(folder / WEIGHTS_FILE, lambda tmp: save_file(tensors, str(tmp)))
+    (folder / WEIGHTS_FILE).chmod(0o644)  # safetensors writes its file private
     for name, value in (extra or {}).items():
         write_json_atomic(folder / name, value)
     return folder

@@ -259,10 +259,10 @@ def report(model, ex: Examples, table) -> dict[str, Any]:
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m workbench.toy.reward", description=__doc__.split("\n\n")[0])
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--train-scenes", type=int, default=2000, help="rendered training scenes (x3 sources)")
+    p.add_argument("--train-scenes", type=int, default=2400, help="rendered training scenes (x3 sources)")
     p.add_argument("--eval-scenes", type=int, default=400, help="rendered held-out scenes (x3 sources)")
-    p.add_argument("--swaps", type=int, default=3, help="changed captions per latent")
-    p.add_argument("--epochs", type=int, default=8)
+    p.add_argument("--swaps", type=int, default=4, help="changed captions per latent")
+    p.add_argument("--epochs", type=int, default=10)
     p.add_argument("--batch", type=int, default=256)
     p.add_argument("--lr", type=float, default=3e-3)
     p.add_argument("--width", type=int, default=32)
@@ -301,9 +301,11 @@ def main(argv: list[str] | None = None) -> int:
     fit(model, train, table, args.epochs, args.batch, args.lr, args.seed)
     metrics = {"held_out": report(model, held, table), "train": report(model, train, table)["all"]}
     minutes = round((time.time() - started) / 60, 2)
+    cpu_minutes = round(time.process_time() / 60, 2)
     training = {"command": command(args), **{k: v for k, v in vars(args).items() if k != "out"},
                 "training_pairs": len(train.prompts), "held_out_pairs": len(held.prompts),
                 "parameters": sum(p.numel() for p in model.parameters()), "minutes": minutes,
+                "cpu_minutes": cpu_minutes,
                 "torch": torch.__version__}  # fmt: skip
     save_reward(model, args.out, {"training.json": training, "metrics.json": metrics})
     (args.out / "README.md").write_text(readme(training, metrics["held_out"]), encoding="utf-8")
