@@ -232,14 +232,20 @@ class Distillation:
 
     def lcd_setup(self, student) -> losses.LCDSetup:
         """Consistency distillation on the teacher's noise schedule, with an EMA target network
-        that starts as a copy of the student."""
+        that starts as a copy of the student, and the frozen reward of RG-LCD if asked for (not
+        checkpointed: it never changes, so it is loaded again on resume)."""
+        from workbench.reward import load_reward
         from workbench.schedulers import LCM_ORIGINAL_STEPS
 
         cfg, schedule = self.config, self.batches.noise_schedule
         target = copy.deepcopy(student).eval().requires_grad_(False)
+        reward = load_reward(cfg.lcd_reward, self.base, student.device) if cfg.lcd_reward else None
+        if reward is not None:
+            self.report.log(f"lcd: reward {cfg.lcd_reward} with weight {cfg.lcd_reward_weight:g} (RG-LCD)")
         return losses.LCDSetup(schedule.alphas_cumprod.to(student.device).float(),
                                schedule.config.prediction_type, cfg.lcd_guidance, target, cfg.lcd_ema,
-                               cfg.lcd_loss, cfg.lcd_huber_c, LCM_ORIGINAL_STEPS)  # fmt: skip
+                               cfg.lcd_loss, cfg.lcd_huber_c, LCM_ORIGINAL_STEPS, reward,
+                               cfg.lcd_reward_weight)  # fmt: skip
 
     def precompute(self, k: int, teacher, setup: losses.KDSetup, acc) -> targets.TargetStore:
         """Stage ``k``'s teacher targets on disk (those still missing); the teacher then

@@ -85,6 +85,10 @@ class DistillConfig:
     lcd_lora_rank: int = (
         0  # > 0: LCM-LoRA (adapters of this rank, no w-embedding, a LoRA file); 0: full weights
     )
+    # RG-LCD: a differentiable reward of the lcd stage's one-step prediction (workbench.reward:
+    # a reward folder, "toy", or path/file.py:name / package.module:name), climbed with this weight
+    lcd_reward: str | None = None
+    lcd_reward_weight: float = 0.0
     # "precompute": the teacher's targets written to disk before a stage's student steps, and
     # read back, so the teacher is off the device while the student trains (workbench.targets)
     teacher_targets: str = "live"
@@ -189,6 +193,7 @@ REAL = {
     "lcd_guidance_max": (1.0, True, None, ">= 1 (1: no guidance)"),
     "lcd_ema": (0.0, True, 1.0, "in [0, 1)"),
     "lcd_huber_c": (0.0, False, None, "> 0"),
+    "lcd_reward_weight": (0.0, True, None, ">= 0 (0: no reward guidance)"),
 }
 OPTIONAL_REAL = ("sample_guidance", "lcd_guidance_min", "lcd_guidance_max")  # None: the base's
 CHOICES = {
@@ -290,6 +295,7 @@ def check_objectives(config: DistillConfig) -> None:
             "lcd_lora_rank", "{field} is the LCM-LoRA form of an lcd stage, but no stage is lcd; end "
             "{stages} with lcd or use {objectives} lcd",
         )  # fmt: skip
+    check_reward_fields(config)
     if not kinds:
         return
     if len(kinds) != len(config.stages):
@@ -311,6 +317,30 @@ def check_objectives(config: DistillConfig) -> None:
     if config.lcd_sample_steps > LCM_MAX_STEPS:
         raise ConfigError("lcd_sample_steps", "{field} must be 1 to {n} LCM steps, got {got}",
                           n=LCM_MAX_STEPS, got=config.lcd_sample_steps)  # fmt: skip
+
+
+def check_reward_fields(config: DistillConfig) -> None:
+    """RG-LCD: a reward and a weight > 0 come together, on a run with an lcd stage."""
+    from workbench.reward import FORMS
+
+    reward, weight = config.lcd_reward, config.lcd_reward_weight
+    if reward is not None and (not isinstance(reward, str) or not reward.strip()):
+        raise ConfigError("lcd_reward", "{field} is empty; give " + FORMS + ", or leave it out")
+    if reward is None and weight > 0:
+        raise ConfigError(
+            "lcd_reward_weight", "{field} {got:g} asks for reward guidance but there is no reward; give "
+            "{lcd_reward} (" + FORMS + ") or set {field} 0", got=weight,
+        )  # fmt: skip
+    if reward is not None and weight == 0:
+        raise ConfigError(
+            "lcd_reward", "{field} {got!r} is given but {lcd_reward_weight} is 0: it would do nothing; "
+            "give a weight > 0 (e.g. 0.1) or drop {field}", got=reward,
+        )  # fmt: skip
+    if reward is not None and "lcd" not in config.objectives:
+        raise ConfigError(
+            "lcd_reward", "{field} guides an lcd stage, but no stage is lcd; end {stages} with lcd or "
+            "use {objectives} lcd",
+        )  # fmt: skip
 
 
 def check_combination(config: DistillConfig) -> None:
@@ -498,7 +528,20 @@ def check_base(config: DistillConfig, base=None):
         )  # fmt: skip
     if config.has_lcd:
         check_lcd_base(base)
+    if config.lcd_reward is not None:
+        check_reward(config, base)
     return base
+
+
+def check_reward(config: DistillConfig, base) -> None:
+    """The reward's form, and a reward folder's config against the teacher (no weights read,
+    no user code run)."""
+    from workbench.reward import check_reward_spec
+
+    try:
+        check_reward_spec(config.lcd_reward, base)
+    except WorkbenchError as err:
+        raise ConfigError("lcd_reward", "{field}: {text}", text=str(err)) from None
 
 
 def check_lcd_base(base) -> None:

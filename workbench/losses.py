@@ -161,6 +161,10 @@ class LCDSetup:
     loss: str = "huber"
     huber_c: float = 0.001
     solver_steps: int = 50  # DDIM grid: skipping interval T / solver_steps (schedulers.LCM_ORIGINAL_STEPS)
+    # RG-LCD: a frozen differentiable reward (latents, cond) -> (B,) of the one-step prediction
+    # (workbench.reward), climbed with this weight; None: plain LCD
+    reward: Callable[..., torch.Tensor] | None = None
+    reward_weight: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -252,16 +256,21 @@ def lcd_targets(teacher: torch.nn.Module, batch: dict[str, Any], setup: LCDSetup
 
 def lcd_objective(batch: dict[str, Any], student: Callable, hooked: torch.nn.Module,
                   targets: ConsistencyTargets, setup: LCDSetup) -> dict[str, torch.Tensor]:  # fmt: skip
-    """The student's consistency output at (x_n, t_n) against the target's at (x_{n-k}, t_{n-k})."""
-    pred = consistency_function(
-        student, targets.x_t, targets.t, targets.w, batch["consistency"]["cond"], setup
-    )
+    """The student's consistency output at (x_n, t_n) against the target's at (x_{n-k}, t_{n-k});
+    with a reward (RG-LCD), minus its weighted mean over that output, the student's one-step
+    prediction of the clean latents (``loss/reward`` logs the mean reward)."""
+    cond = batch["consistency"]["cond"]
+    pred = consistency_function(student, targets.x_t, targets.t, targets.w, cond, setup)
     diff = pred - targets.target
     if setup.loss == "huber":
         loss = (torch.sqrt(diff.pow(2) + setup.huber_c**2) - setup.huber_c).mean()
     else:
         loss = diff.pow(2).mean()
-    return {"loss/lcd": loss, "loss/total": loss}
+    terms = {"loss/lcd": loss, "loss/total": loss}
+    if setup.reward is not None:  # (B,) scores of the prediction, differentiable w.r.t. it
+        terms["loss/reward"] = setup.reward(pred, cond).float().mean()
+        terms["loss/total"] = loss - setup.reward_weight * terms["loss/reward"]
+    return terms
 
 
 @torch.no_grad()

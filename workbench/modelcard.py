@@ -228,6 +228,13 @@ def _distillation(student: Student) -> str:
             f"; the last stage latent consistency distillation (guided teacher, DDIM solver, EMA target "
             f"{c.get('lcd_ema')}, {c.get('lcd_loss')} loss)"
         )
+        if c.get("lcd_reward"):
+            from workbench.reward import public_name
+
+            staged += (
+                f", reward-guided (RG-LCD): {c.get('lcd_reward_weight')} x the mean reward of the one-step "
+                f"prediction by {public_name(c['lcd_reward'])} subtracted from the loss"
+            )
     return (
         "## Distillation\n\n"
         f"{_steps(student)} optimizer steps{staged} on `{_data_name(c.get('data', 'toy'))}` data, batch "

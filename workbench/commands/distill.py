@@ -73,6 +73,14 @@ _OPTIONS: list[tuple[str, type, str]] = [
         "RUN_DIR/lcm_lora for load_lora_weights (0, default: full weights with the guidance embedding)",
     ),
     (
+        "--lcd-reward",
+        str,
+        "lcd: reward guidance (RG-LCD) of the one-step prediction: a reward folder, toy (the shipped "
+        "proxy of the toy checker), or a differentiable scorer (latents, cond) -> (B,) as "
+        "path/to/file.py:name or package.module:name (needs --lcd-reward-weight)",
+    ),
+    ("--lcd-reward-weight", float, "lcd: weight of the reward term, loss - weight x mean reward (e.g. 0.1)"),
+    (
         "--freeze-sensitive",
         int,
         "freeze the student modules of the N most sensitive kept teacher layers (sensitivity map; "
