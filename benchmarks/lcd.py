@@ -55,13 +55,14 @@ def parse_args() -> argparse.Namespace:
     p.add_argument(
         "--reward", default="toy", help="rg-lcd: the reward model (default: the shipped toy proxy)"
     )
-    p.add_argument("--reward-weight", type=float, default=1.0, help="rg-lcd: weight of the reward term")
+    p.add_argument("--reward-weight", type=float, default=0.1, help="rg-lcd: weight of the reward term")
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--lr", type=float, default=2e-4)
     p.add_argument("--samples", type=int, default=1024, help="cached toy training images")
     scoring.add_sample_options(p)
     p.add_argument("--step-counts", default="8,4,2,1", help="steps every model is scored at")
     p.add_argument("--latency-repeats", type=int, default=5)
+    p.add_argument("--train-only", action="store_true", help="train what is missing, score nothing")
     p.add_argument("--out", default="runs/lcd")
     return p.parse_args()
 
@@ -131,6 +132,8 @@ def main() -> None:
     out = Path(args.out) / f"{args.preset}-{args.steps}-{args.lcd_steps}"
     scoring.claim(out, args.base)
     minutes = train(args, out, variants)
+    if args.train_only:
+        return
     e = scoring.evaluator(args.base, args.prompts, args.seeds)  # the teacher: 20 Euler steps, guidance 2
     g = e.guidance
     counts = [int(n) for n in args.step_counts.split(",")]
