@@ -199,6 +199,10 @@ def test_a_reward_for_another_base_fails_preflight(perturbed_pipeline, tmp_path)
     with pytest.raises(WorkbenchError, match="text token width 16 but the base's UNet has 96"):
         preflight(_config(perturbed_pipeline, lcd_reward=str(tmp_path / "tiny")))
     assert preflight(_config(perturbed_pipeline)).config.lcd_reward == "toy"
+    (tmp_path / "scorers.py").write_text("def score(latents, cond):\n    return latents.mean((1, 2, 3))\n")
+    with pytest.raises(WorkbenchError, match="--lcd-reward: reward .*scorers.py:scroe.*has no 'scroe'"):
+        preflight(_config(perturbed_pipeline, lcd_reward=f"{tmp_path / 'scorers.py'}:scroe"))
+    assert preflight(_config(perturbed_pipeline, lcd_reward=f"{tmp_path / 'scorers.py'}:score"))
 
 
 def test_cli_flags_set_the_reward():

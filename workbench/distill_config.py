@@ -534,8 +534,8 @@ def check_base(config: DistillConfig, base=None):
 
 
 def check_reward(config: DistillConfig, base) -> None:
-    """The reward's form, and a reward folder's config against the teacher (no weights read,
-    no user code run)."""
+    """The reward's form, and a reward folder's config against the teacher, or the user's
+    scorer found in its file or module (no weights read, a factory not called)."""
     from workbench.reward import check_reward_spec
 
     try:

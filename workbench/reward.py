@@ -14,7 +14,8 @@ A reward is any callable ``reward(latents, cond) -> (B,)``, differentiable w.r.t
 checker (``workbench/assets/toy-sdxl/reward``, trained by ``python -m workbench.toy.reward``);
 or the user's own scorer, ``path/to/file.py:name`` or ``package.module:name``, naming a
 scorer or a factory that takes no arguments and returns one. ``check_reward_spec`` checks a
-spec's form (and a folder's config against the base) without loading any weights.
+spec's form (a folder's config against the base; a user's file or module imported and its
+name found, a factory not yet called) without loading any weights.
 
 ``LatentRewardModel`` is the workbench's own: a small conv net over the latents (with
 coordinate channels, so position is easy to read), FiLM-conditioned at every layer on the
@@ -259,12 +260,16 @@ def _find_module(name: str):
 
 
 def check_reward_spec(spec: Any, base=None) -> RewardSpec:
-    """``parse_reward_spec``, and a reward folder's config against the base (config files only)."""
+    """``parse_reward_spec``, and a reward folder's config against the base (config files only,
+    no weights), or the user's file or module imported and its object found (a factory is not
+    called yet: it may load weights)."""
     parsed = parse_reward_spec(spec)
     if parsed.kind in ("folder", "toy"):
         config = read_reward_config(parsed.location)
         if base is not None:
             check_against_base(config, base.unet_config, spec)
+    else:
+        _user_object(parsed, spec)
     return parsed
 
 
@@ -323,15 +328,20 @@ def load_reward(spec: str, base=None, device: Any = "cpu") -> Reward:
     return reward
 
 
-def _user_scorer(parsed: RewardSpec, spec: str) -> Reward:
-    """The named object of the user's file or module; a factory (no required arguments) is
-    called once for its scorer."""
+def _user_object(parsed: RewardSpec, spec: str) -> Any:
+    """The named callable of the user's file or module (imported once per process)."""
     module = _import_file(parsed.location) if parsed.kind == "file" else _import_module(parsed.location, spec)
     obj = getattr(module, parsed.name, None)
     if obj is None:
         raise WorkbenchError(f"reward {spec!r}: {parsed.location} has no {parsed.name!r}")
     if not callable(obj):
         raise WorkbenchError(f"reward {spec!r}: {parsed.name!r} is not callable; give {FORMS}")
+    return obj
+
+
+def _user_scorer(parsed: RewardSpec, spec: str) -> Reward:
+    """The user's scorer; a factory (a class, or no required arguments) is called once for it."""
+    obj = _user_object(parsed, spec)
     if inspect.isclass(obj) or _required_args(obj) == 0:  # a factory (a class: its instance)
         try:
             obj = obj()

@@ -328,7 +328,8 @@ the prompt's text inputs (token embeddings and pooled vector). Its score, the su
 log-sigmoids of the five logits, is the log-probability that the checker judges the whole prompt
 right. Used by `--lcd-reward toy` (reward-guided LCD).
 
-Made by `{training["command"]}` in {training["minutes"]} minutes ({training["threads"]} thread):
+Made by `{training["command"]}` in {training["minutes"]} minutes ({training["cpu_minutes"]} CPU minutes,
+{training["threads"]} thread; the same command gives the same weights):
 {training["training_pairs"]:,} (latent, prompt) pairs from training scenes (renders through the toy
 VAE, and one-step predictions of the guided teacher and of an undistilled Vega-pruned student from
 noised latents; each with its caption and {training["swaps"]} captions that change one or two
