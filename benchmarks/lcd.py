@@ -63,6 +63,11 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--step-counts", default="8,4,2,1", help="steps every model is scored at")
     p.add_argument("--latency-repeats", type=int, default=5)
     p.add_argument("--train-only", action="store_true", help="train what is missing, score nothing")
+    p.add_argument(
+        "--variants-only",
+        action="store_true",
+        help="score the variants' rows only (not the teacher's or KD's)",
+    )
     p.add_argument("--out", default="runs/lcd")
     return p.parse_args()
 
@@ -112,6 +117,26 @@ def score(e: ev.Evaluator, out: Path, name: str, unet, sampler: ev.Sampler) -> e
     return scores
 
 
+def load_teacher_images(e: ev.Evaluator, out: Path) -> Path:
+    """The teacher's reference images from ``OUT`` if an earlier run drew them (else drawn later
+    and saved there): one draw of the 20-step teacher serves every run on this folder."""
+    import numpy as np
+    from PIL import Image
+
+    s = e.settings
+    path = out / f"teacher-images-{s['prompts']}x{s['seeds']}-{s['steps']}steps-g{s['guidance']:g}.npz"
+    if path.exists():
+        e._teacher_images = [Image.fromarray(a) for a in np.load(path)["images"]]
+    return path
+
+
+def save_teacher_images(e: ev.Evaluator, path: Path) -> None:
+    import numpy as np
+
+    if not path.exists():
+        np.savez_compressed(path, images=np.stack([np.asarray(i) for i in e.teacher_images()]))
+
+
 def latency(pipe, models: list[tuple[str, object, ev.Sampler]], repeats: int) -> dict[str, float]:
     """Median seconds per image (batch 1, end to end), the models interleaved per repeat."""
     times: dict[str, list[float]] = {name: [] for name, *_ in models}
@@ -138,15 +163,17 @@ def main() -> None:
     g = e.guidance
     counts = [int(n) for n in args.step_counts.split(",")]
     kd = load_student_unet(RunDir(out / "kd").student, e.pipe.unet)
-    rows = [("block-KD student, 20 Euler steps", kd, ev.Sampler(20, g))]
-    for n in counts:
+    rows = [] if args.variants_only else [("block-KD student, 20 Euler steps", kd, ev.Sampler(20, g))]
+    for n in [] if args.variants_only else counts:
         rows += [(f"teacher, {n} Euler steps", None, ev.Sampler(n, g)),
                  (f"block-KD student, {n} Euler steps", kd, ev.Sampler(n, g))]  # fmt: skip
     students = {v: load_student_unet(RunDir(out / v).student, e.pipe.unet) for v in variants}
     for v, unet in students.items():  # LCM-LoRA has no w-embedding: one unguided call per step
         rows += [(f"{v} student, {n} LCM steps", unet, ev.Sampler(n, 1.0 if v == "lcm-lora" else g, "lcm"))
                  for n in counts]  # fmt: skip
+    images = load_teacher_images(e, out)
     teacher = e.teacher()
+    save_teacher_images(e, images)
     report = {"args": vars(args), "settings": e.settings, "interval": e.bootstrap.describe(), "minutes": minutes,
               "teacher": ev.as_dicts(e.summary(teacher)), "models": {}}  # fmt: skip
     for name, unet, sampler in rows:
