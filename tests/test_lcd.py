@@ -381,3 +381,16 @@ def test_a_negative_prompt_changes_a_guidance_free_sample(pipe):
         type(pipe.unet.attn_processors[next(iter(pipe.unet.attn_processors))]).__name__
         != "NegativeAwayProcessor"
     )
+
+
+def test_a_failed_unet_swap_puts_the_scheduler_back(pipe):
+    """A student that cannot be moved onto the pipeline (here: weights on the meta device)
+    must leave the pipeline's own scheduler and UNet in place."""
+    from workbench.catalog import meta_unet
+    from workbench.sampling import generate
+
+    scheduler, unet = pipe.scheduler, pipe.unet
+    broken = meta_unet(dict(pipe.unet.config)).half()  # another dtype: generate moves a copy
+    with pytest.raises(NotImplementedError):
+        generate(pipe, ["a red circle"], [0], steps=1, guidance=1.0, unet=broken, scheduler="lcm")
+    assert pipe.scheduler is scheduler and pipe.unet is unet

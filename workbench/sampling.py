@@ -73,15 +73,15 @@ def generate(
     default = pipe.unet.config.sample_size * pipe.vae_scale_factor
     height, width = height or default, width or default
     original, original_scheduler = pipe.unet, pipe.scheduler
-    pipe.scheduler = make_scheduler(scheduler, original_scheduler)
-    if unet is not None:
-        if unet.dtype != original.dtype or unet.device != original.device:
-            # A copy: Module.to works in place, and the caller's UNet may be a student in
-            # training (fp32) that a bf16 pipeline must not round. Only when needed:
-            # diffusers warns about every dtype cast through .to().
-            unet = copy.deepcopy(unet).to(device=original.device, dtype=original.dtype)
-        pipe.unet = unet
-    try:
+    try:  # from here on, whatever fails puts the pipeline's own UNet and scheduler back
+        pipe.scheduler = make_scheduler(scheduler, original_scheduler)
+        if unet is not None:
+            if unet.dtype != original.dtype or unet.device != original.device:
+                # A copy: Module.to works in place, and the caller's UNet may be a student in
+                # training (fp32) that a bf16 pipeline must not round. Only when needed:
+                # diffusers warns about every dtype cast through .to().
+                unet = copy.deepcopy(unet).to(device=original.device, dtype=original.dtype)
+            pipe.unet = unet
         steer, negative_prompt = _steering(pipe, negative_prompt, guidance, nasa_scale)
         images: list[Image.Image] = []
         with steer:
