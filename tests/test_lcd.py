@@ -184,6 +184,46 @@ def test_boundary_scalings_and_solver_grid():
     assert t.tolist() == [19, 39, 999] and prev.tolist() == [0, 19, 979]
 
 
+@pytest.mark.parametrize("kind", ["v_prediction", "epsilon", "sample"])
+def test_lcd_maths_is_diffusers_lcm_and_ddim(lcd_parts, kind):
+    """The consistency output is LCMScheduler.step's ``denoised`` and the solver step is
+    DDIMScheduler's (eta 0) on the 50-step grid, for each prediction type, on a real UNet output."""
+    import dataclasses
+
+    from diffusers import DDIMScheduler, DDPMScheduler, LCMScheduler
+
+    from workbench import losses
+    from workbench.models import TOY_DIR
+
+    teacher, _, setup, batch = lcd_parts
+    setup = dataclasses.replace(setup, prediction_type=kind)
+    config = DDPMScheduler.from_pretrained(TOY_DIR, subfolder="scheduler").config
+    # as keywords: from_config resets config keys the file left at their defaults (clip_sample)
+    lcm = LCMScheduler.from_config(config, prediction_type=kind, original_inference_steps=setup.solver_steps)
+    ddim = DDIMScheduler.from_config(config, prediction_type=kind, clip_sample=False, set_alpha_to_one=False,
+                                     timestep_spacing="trailing")  # fmt: skip
+    ddim.set_timesteps(setup.solver_steps)
+    x, text = batch["consistency"]["latents"][:1], _first(batch["consistency"]["cond"])
+    lcm.set_timesteps(4)
+    for t in [int(t) for t in lcm.timesteps[1:]]:  # 999: no x0 from epsilon on a zero-SNR schedule
+        tt = torch.tensor([t])
+        with torch.no_grad():
+            out = teacher(x, tt, **text).sample
+            mine = losses.consistency_function(teacher, x, tt, None, text, setup)
+        lcm._step_index = lcm.num_inference_steps - 1  # the last step: no fresh noise
+        assert torch.allclose(mine, lcm.step(out, t, x).denoised, atol=1e-5), t
+        alpha = setup.alphas_cumprod[tt][:, None, None, None]
+        x0, eps = losses.x0_and_eps(out, x, alpha, kind)
+        _, prev = losses.solver_timesteps(tt * setup.solver_steps // 1000, 1000, setup.solver_steps)
+        a_prev = setup.alphas_cumprod[prev][:, None, None, None]
+        ddim_prev = ddim.step(out, t, x, eta=0.0).prev_sample
+        assert torch.allclose(a_prev.sqrt() * x0 + (1 - a_prev).sqrt() * eps, ddim_prev, atol=1e-5), t
+
+
+def _first(value):
+    return {k: _first(v) for k, v in value.items()} if isinstance(value, dict) else value[:1]
+
+
 # --------------------------------------------------------------------------- the lcd stage in a run
 
 
