@@ -45,6 +45,7 @@ DTYPES = ("fp32", "fp16", "bf16")
 FILE_FORMATS = ("single-file", "checkpoint")
 NEEDS_PIPELINE = ("pipeline", "checkpoint")
 LAYER_MAP_FILE = "layer_map.json"
+LCD_EVAL_STEPS = 4  # LCM steps a consistency student is scored at (the runs' --lcd-sample-steps default)
 Progress = Callable[[float, str], None]
 
 
@@ -202,17 +203,22 @@ def _read_json(path: Path) -> dict[str, Any]:
 
 def evaluate(student: Student, pipeline, prompts: int = 20, seeds: int = 2) -> dict[str, Any]:
     """Teacher and student on the same held-out samples, for the card: the toy checker's
-    verdicts and PSNR/SSIM on the toy, PSNR/SSIM against the teacher elsewhere."""
+    verdicts and PSNR/SSIM on the toy, PSNR/SSIM against the teacher elsewhere. Both sample at
+    the base's guidance; a consistency-distilled (w-conditioned) student at ``LCD_EVAL_STEPS``
+    LCM steps, as it is meant to be sampled."""
     from workbench import evaluation
     from workbench.modelcard import public_name
+    from workbench.schedulers import is_w_conditioned
 
-    is_toy = student.base.kind == "toy"
+    is_toy, guidance = student.base.kind == "toy", student.base.guidance
     evaluator = evaluation.Evaluator(
-        pipeline, evaluation.default_samples(is_toy, prompts, seeds), checker=is_toy
+        pipeline, evaluation.default_samples(is_toy, prompts, seeds), checker=is_toy, guidance=guidance
     )
-    found = evaluation.result(
-        evaluator, student.base, evaluator.teacher(), evaluator.student(student.unet), None
-    )
+    sampler = None
+    if is_w_conditioned(student.unet):
+        sampler = evaluation.Sampler(steps=LCD_EVAL_STEPS, guidance=guidance, scheduler="lcm")
+    scores = evaluator.student(student.unet, sampler)
+    found = evaluation.result(evaluator, student.base, evaluator.teacher(), scores, None, sampler)
     found.pop("per_sample")
     return found | {"base": public_name(student.base), "weights": None}
 
