@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 import torch
 from diffusers import StableDiffusionXLPipeline
+from PIL import Image
 
 from workbench.cli import main
 from workbench.errors import WorkbenchError
@@ -278,6 +279,24 @@ def test_cli_stages_lcd_repeats_the_plan_before_it():
     assert "objectives" not in stage_fields(["ssd-1b"], "kd")
     with pytest.raises(WorkbenchError, match="lcd needs a plan before it"):
         stage_fields(["lcd"], None)
+
+
+def test_sample_grids_draw_an_lcm_lora_student_without_guidance(base, pipe, tmp_path):
+    """LCD students draw their grid rows with LCM; an LCM-LoRA one (no w-embedding, never
+    trained on the empty prompt) also without a classifier-free guidance pass."""
+    from workbench.distill import grid_sampler
+    from workbench.sampling import SampleGrids, generate, grid
+
+    assert grid_sampler(_config(base, objectives=()), 0) is None
+    assert grid_sampler(_config(base), 0) == {"scheduler": "lcm", "steps": 1}
+    lora = grid_sampler(_config(base, lcd_lora_rank=4), 0)
+    assert lora == {"scheduler": "lcm", "steps": 1, "guidance": 1.0}
+    grids = SampleGrids(pipe, tmp_path, ["a red circle"], steps=2, guidance=2.0)
+    saved = np.asarray(Image.open(grids.save(pipe.unet, 1, lora)))
+    row = generate(pipe, ["a red circle"], [0], unet=pipe.unet, **lora)
+    assert np.array_equal(saved, np.asarray(grid([grids.teacher_row, row])))
+    with pytest.raises(ValueError, match="sampler keys"):
+        grids.save(pipe.unet, 2, {"sched": "lcm"})
 
 
 @pytest.mark.slow

@@ -133,9 +133,8 @@ class Distillation:
         self.grids = SampleGrids(self.pipe, self.run_dir.samples, prompts, steps=cfg.sample_steps,
                                  guidance=cfg.guidance)  # fmt: skip
 
-    def sampler(self, k: int) -> tuple[str, int] | None:
-        """How stage ``k``'s student draws its sample grids: few LCM steps after LCD."""
-        return ("lcm", self.config.lcd_sample_steps) if self.config.stage_kind(k) == "lcd" else None
+    def sampler(self, k: int) -> dict[str, Any] | None:
+        return grid_sampler(self.config, k)
 
     def start_run_folder(self, resume: bool) -> None:
         self.run_dir.root.mkdir(parents=True, exist_ok=True)
@@ -310,7 +309,7 @@ class Distillation:
             atomic_dir(self.run_dir.stage_dir(k), lambda tmp: save_student(student, spec, tmp))
         return True
 
-    def save_grid(self, student, step: int, sampler: tuple[str, int] | None) -> None:
+    def save_grid(self, student, step: int, sampler: dict[str, Any] | None) -> None:
         with on_device(self.pipe, self.acc.device):  # parked parts come back for the grid only
             self.grids.save(student, step, sampler)
 
@@ -345,6 +344,17 @@ class Distillation:
         atomic_dir(self.run_dir.student, write)
         remove_tree(self.run_dir.root / "targets")  # precomputed teacher targets: spent
         self.report.log(f"student saved to {self.run_dir.student}")
+
+
+def grid_sampler(config: DistillConfig, k: int) -> dict[str, Any] | None:
+    """How stage ``k``'s student draws its sample grids (``SampleGrids.save``'s overrides): few
+    LCM steps after LCD; an LCM-LoRA student also without classifier-free guidance (no
+    w-embedding: the guided teacher's flow is in its weights, and it never trained on the empty
+    prompt that a guided pass would add)."""
+    if config.stage_kind(k) != "lcd":
+        return None
+    sampler: dict[str, Any] = {"scheduler": "lcm", "steps": config.lcd_sample_steps}
+    return sampler | {"guidance": 1.0} if config.lcd_lora_rank else sampler
 
 
 # The step the loop takes: the teacher's targets, the stage's objective, backward (gradients
