@@ -281,6 +281,18 @@ def test_cli_stages_lcd_repeats_the_plan_before_it():
         stage_fields(["lcd"], None)
 
 
+def test_fsdp_refuses_lcd_and_lora_kd_before_anything_loads(base):
+    """A sharded student cannot be deep-copied into LCD's EMA target (torch: "FSDP does not
+    support deepcopy"): refused in one line at setup, as LoRA-KD is."""
+    from workbench.distill import check_sharding
+
+    check_sharding(_config(base), sharded=False)
+    with pytest.raises(WorkbenchError, match="lcd stage with FSDP.*--multi_gpu"):
+        check_sharding(_config(base), sharded=True)
+    with pytest.raises(WorkbenchError, match="--lora-rank with FSDP"):
+        check_sharding(_config(base, objectives=(), lora_rank=4), sharded=True)
+
+
 def test_sample_grids_draw_an_lcm_lora_student_without_guidance(base, pipe, tmp_path):
     """LCD students draw their grid rows with LCM; an LCM-LoRA one (no w-embedding, never
     trained on the empty prompt) also without a classifier-free guidance pass."""

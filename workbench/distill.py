@@ -117,9 +117,7 @@ class Distillation:
         cfg = self.config
         self.acc = make_accelerator(cfg)
         self.sharded = is_sharded(self.acc)  # FSDP: no process can draw a grid alone mid-run
-        if self.sharded and cfg.lora_rank:
-            raise WorkbenchError("--lora-rank with FSDP: adapters hold a fraction of the weights already; "
-                                 "launch with --multi_gpu (DDP) instead, or use --lora-rank 0")  # fmt: skip
+        check_sharding(cfg, self.sharded)
         self.report = Reporter(self.run_dir, main=self.acc.is_main_process, started=self.report.started)
         if self.report.main:
             self.start_run_folder(resume)
@@ -344,6 +342,17 @@ class Distillation:
         atomic_dir(self.run_dir.student, write)
         remove_tree(self.run_dir.root / "targets")  # precomputed teacher targets: spent
         self.report.log(f"student saved to {self.run_dir.student}")
+
+
+def check_sharding(config: DistillConfig, sharded: bool) -> None:
+    """What a sharded (FSDP) run cannot do, refused before any model loads."""
+    if sharded and config.lora_rank:
+        raise WorkbenchError("--lora-rank with FSDP: adapters hold a fraction of the weights already; "
+                             "launch with --multi_gpu (DDP) instead, or use --lora-rank 0")  # fmt: skip
+    if sharded and config.has_lcd:  # torch: "FSDP does not support deepcopy"
+        raise WorkbenchError("an lcd stage with FSDP: its EMA target network is a copy of the student, "
+                             "which a sharded student cannot be copied into; launch with --multi_gpu (DDP) "
+                             "instead")  # fmt: skip
 
 
 def grid_sampler(config: DistillConfig, k: int) -> dict[str, Any] | None:
