@@ -36,6 +36,19 @@ def test_loss_figure_downsamples_and_lists_terms():
     assert "feat/down_blocks.1.resnets.0" in names
 
 
+def test_loss_figure_shows_the_lcd_terms_and_a_negative_total():
+    """An LCD stage logs loss/lcd (and, reward-guided, loss/reward, with a total that can go
+    below zero): all are drawn, and the y axis is linear when a value would be lost on a log one."""
+    rows = [
+        {"step": i, "loss/total": 0.02 - 0.01 * i, "loss/lcd": 0.02, "loss/reward": float(i)}
+        for i in range(4)
+    ]
+    fig = dt.loss_figure(rows, per_layer=False)
+    assert [t["name"] for t in fig["data"]] == ["total", "lcd", "reward"]
+    assert fig["layout"]["yaxis"]["type"] == "linear"
+    assert dt.loss_figure(rows[1:2], per_layer=False)["layout"]["yaxis"]["type"] == "log"
+
+
 def test_status_of_a_dead_run_says_failed(tmp_path):
     run = RunDir(tmp_path / "r")
     run.root.mkdir()
