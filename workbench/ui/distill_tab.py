@@ -219,7 +219,7 @@ def estimate_or_explain(store: Store, view: dict[str, Any], removed: list[str], 
 
 # --------------------------------------------------------------------------- watch
 
-_METRICS: dict[str, tuple[int, list[dict[str, Any]]]] = {}  # run folder -> (offset, rows)
+_METRICS: dict[str, tuple[int | None, int, list[dict[str, Any]]]] = {}  # run folder -> (inode, offset, rows)
 _METRICS_LOCK = threading.Lock()
 
 
@@ -227,12 +227,14 @@ def metrics_rows(run_dir: str) -> list[dict[str, Any]]:
     """All metric rows of a run, read incrementally (each poll reads only new lines)."""
     path = RunDir(Path(run_dir)).metrics
     with _METRICS_LOCK:
-        offset, rows = _METRICS.get(run_dir, (0, []))
-        if path.exists() and path.stat().st_size < offset:  # rewritten on resume: start over
+        inode, offset, rows = _METRICS.get(run_dir, (None, 0, []))
+        now = path.stat().st_ino if path.exists() else None
+        # a resume replaces the file (atomically: a new inode), and may regrow it past the offset
+        if now != inode or (path.exists() and path.stat().st_size < offset):
             offset, rows = 0, []
         new, offset = read_metrics(path, offset)
         rows = rows + new
-        _METRICS[run_dir] = (offset, rows)
+        _METRICS[run_dir] = (now, offset, rows)
         return rows
 
 
