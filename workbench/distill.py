@@ -305,6 +305,10 @@ class Distillation:
         student, spec = full_student(stage.accelerator, stage, self.specs[k], main), self.specs[k]
         if main:  # the next stage starts from it (adapters merged: a stock UNet)
             atomic_dir(self.run_dir.stage_dir(k), lambda tmp: save_student(student, spec, tmp))
+        if isinstance(stage.teacher, targets.TargetStore):  # precomputed targets: spent with the stage
+            stage.accelerator.wait_for_everyone()  # every process is done reading its own
+            if main:
+                remove_tree(self.run_dir.targets(k))
         return True
 
     def save_grid(self, student, step: int, sampler: dict[str, Any] | None) -> None:
