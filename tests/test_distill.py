@@ -32,6 +32,23 @@ def _config(base, steps=4, preset="ssd-1b", **kw):
     return DistillConfig(**(fields | kw))
 
 
+@pytest.mark.slow
+def test_a_bf16_teacher_run_draws_its_sample_grids(base, tmp_path):
+    """--teacher-dtype bf16 (the cheapest memory-lean option) on the pipeline's own UNet: the
+    teacher is a cast copy, so the fp32 pipeline still draws the grids (it failed at the final
+    grid: 'expected m1 and m2 to have the same dtype')."""
+    from workbench.models import as_teacher
+
+    unet = UNet2DConditionModel.from_pretrained(base, subfolder="unet")
+    teacher = as_teacher(unet, "cpu", torch.bfloat16)
+    assert teacher.dtype == torch.bfloat16 and unet.dtype == torch.float32
+    assert as_teacher(unet, "cpu", torch.float32) is unet
+    w = "down_blocks.0.resnets.0.conv1.weight"
+    assert torch.equal(teacher.state_dict()[w], unet.state_dict()[w].to(torch.bfloat16))
+    status = run_distillation(_config(base, steps=1, teacher_dtype="bf16"), tmp_path / "run")
+    assert status["state"] == "done" and list(RunDir(tmp_path / "run").samples.glob("step_*.png"))
+
+
 def _losses(run_dir):
     rows, _ = read_metrics(Path(run_dir) / "metrics.jsonl")
     return {r["step"]: r["loss/total"] for r in rows}, rows

@@ -346,3 +346,36 @@ def test_card_carries_the_toy_evaluation(toy_students, tmp_path):
     section = card.split("## Evaluation")[1].split("## ")[0]
     assert "2 samples (2 prompts x 1 seeds)" in section and "full prompt" in section and "SSIM" in section
     assert str(TOY_DIR) not in card
+
+
+@pytest.mark.slow
+def test_card_evaluation_uses_the_bases_guidance_and_lcm_for_a_consistency_student(toy_students):
+    """The toy teacher samples at guidance 2 (not SDXL's 5); a w-conditioned student is scored
+    the way it is meant to sample (few LCM steps), and the record says so."""
+    from workbench.models import TOY_GUIDANCE
+    from workbench.surgery import with_guidance_embedding
+
+    plain = toy_students["koala-700m"]
+    lcd = export.Student(spec=plain.spec, base=plain.base, unet=with_guidance_embedding(plain.unet))
+    pipe = export.load_pipeline(plain.base)
+    found = export.evaluate(lcd, pipe, prompts=1, seeds=1)
+    assert found["settings"]["guidance"] == TOY_GUIDANCE
+    assert found["settings"]["student_sampler"] == {"scheduler": "lcm", "steps": 4, "guidance": TOY_GUIDANCE}
+    assert "student_sampler" not in export.evaluate(plain, pipe, prompts=1, seeds=1)["settings"]
+
+
+def test_an_lcm_lora_students_pipeline_samples_with_lcm_and_says_guidance_1(toy_students, tmp_path):
+    """An LCM-LoRA run's student is a stock UNet (adapters merged) that samples with LCM and no
+    guided pass: the pipeline format carries the LCM scheduler and the card says so."""
+    from workbench.runs import RunDir
+
+    plain = toy_students["koala-700m"]
+    run = RunDir(tmp_path / "run")
+    run.root.mkdir()
+    run.write_job({"base": "toy", "objectives": ["lcd"], "lcd_lora_rank": 4, "steps": 2}, plain.base, [])
+    lora = export.Student(spec=plain.spec, base=plain.base, unet=plain.unet, run=run)
+    assert export.consistency_kind(lora) == "lora" and export.consistency_kind(plain) is None
+    out = export.export(lora, "pipeline", tmp_path / "p").out
+    assert "LCMScheduler" in (out / "scheduler" / "scheduler_config.json").read_text()
+    card = (out / "README.md").read_text()
+    assert "LCM-LoRA" in card and "guidance_scale=1" in card and "Use the teacher's scheduler" not in card

@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 import torch
 from diffusers import StableDiffusionXLPipeline
+from PIL import Image
 
 from workbench.cli import main
 from workbench.errors import WorkbenchError
@@ -184,6 +185,46 @@ def test_boundary_scalings_and_solver_grid():
     assert t.tolist() == [19, 39, 999] and prev.tolist() == [0, 19, 979]
 
 
+@pytest.mark.parametrize("kind", ["v_prediction", "epsilon", "sample"])
+def test_lcd_maths_is_diffusers_lcm_and_ddim(lcd_parts, kind):
+    """The consistency output is LCMScheduler.step's ``denoised`` and the solver step is
+    DDIMScheduler's (eta 0) on the 50-step grid, for each prediction type, on a real UNet output."""
+    import dataclasses
+
+    from diffusers import DDIMScheduler, DDPMScheduler, LCMScheduler
+
+    from workbench import losses
+    from workbench.models import TOY_DIR
+
+    teacher, _, setup, batch = lcd_parts
+    setup = dataclasses.replace(setup, prediction_type=kind)
+    config = DDPMScheduler.from_pretrained(TOY_DIR, subfolder="scheduler").config
+    # as keywords: from_config resets config keys the file left at their defaults (clip_sample)
+    lcm = LCMScheduler.from_config(config, prediction_type=kind, original_inference_steps=setup.solver_steps)
+    ddim = DDIMScheduler.from_config(config, prediction_type=kind, clip_sample=False, set_alpha_to_one=False,
+                                     timestep_spacing="trailing")  # fmt: skip
+    ddim.set_timesteps(setup.solver_steps)
+    x, text = batch["consistency"]["latents"][:1], _first(batch["consistency"]["cond"])
+    lcm.set_timesteps(4)
+    for t in [int(t) for t in lcm.timesteps[1:]]:  # 999: no x0 from epsilon on a zero-SNR schedule
+        tt = torch.tensor([t])
+        with torch.no_grad():
+            out = teacher(x, tt, **text).sample
+            mine = losses.consistency_function(teacher, x, tt, None, text, setup)
+        lcm._step_index = lcm.num_inference_steps - 1  # the last step: no fresh noise
+        assert torch.allclose(mine, lcm.step(out, t, x).denoised, atol=1e-5), t
+        alpha = setup.alphas_cumprod[tt][:, None, None, None]
+        x0, eps = losses.x0_and_eps(out, x, alpha, kind)
+        _, prev = losses.solver_timesteps(tt * setup.solver_steps // 1000, 1000, setup.solver_steps)
+        a_prev = setup.alphas_cumprod[prev][:, None, None, None]
+        ddim_prev = ddim.step(out, t, x, eta=0.0).prev_sample
+        assert torch.allclose(a_prev.sqrt() * x0 + (1 - a_prev).sqrt() * eps, ddim_prev, atol=1e-5), t
+
+
+def _first(value):
+    return {k: _first(v) for k, v in value.items()} if isinstance(value, dict) else value[:1]
+
+
 # --------------------------------------------------------------------------- the lcd stage in a run
 
 
@@ -238,6 +279,36 @@ def test_cli_stages_lcd_repeats_the_plan_before_it():
     assert "objectives" not in stage_fields(["ssd-1b"], "kd")
     with pytest.raises(WorkbenchError, match="lcd needs a plan before it"):
         stage_fields(["lcd"], None)
+
+
+def test_fsdp_refuses_lcd_and_lora_kd_before_anything_loads(base):
+    """A sharded student cannot be deep-copied into LCD's EMA target (torch: "FSDP does not
+    support deepcopy"): refused in one line at setup, as LoRA-KD is."""
+    from workbench.distill import check_sharding
+
+    check_sharding(_config(base), sharded=False)
+    with pytest.raises(WorkbenchError, match="lcd stage with FSDP.*--multi_gpu"):
+        check_sharding(_config(base), sharded=True)
+    with pytest.raises(WorkbenchError, match="--lora-rank with FSDP"):
+        check_sharding(_config(base, objectives=(), lora_rank=4), sharded=True)
+
+
+def test_sample_grids_draw_an_lcm_lora_student_without_guidance(base, pipe, tmp_path):
+    """LCD students draw their grid rows with LCM; an LCM-LoRA one (no w-embedding, never
+    trained on the empty prompt) also without a classifier-free guidance pass."""
+    from workbench.distill import grid_sampler
+    from workbench.sampling import SampleGrids, generate, grid
+
+    assert grid_sampler(_config(base, objectives=()), 0) is None
+    assert grid_sampler(_config(base), 0) == {"scheduler": "lcm", "steps": 1}
+    lora = grid_sampler(_config(base, lcd_lora_rank=4), 0)
+    assert lora == {"scheduler": "lcm", "steps": 1, "guidance": 1.0}
+    grids = SampleGrids(pipe, tmp_path, ["a red circle"], steps=2, guidance=2.0)
+    saved = np.asarray(Image.open(grids.save(pipe.unet, 1, lora)))
+    row = generate(pipe, ["a red circle"], [0], unet=pipe.unet, **lora)
+    assert np.array_equal(saved, np.asarray(grid([grids.teacher_row, row])))
+    with pytest.raises(ValueError, match="sampler keys"):
+        grids.save(pipe.unet, 2, {"sched": "lcm"})
 
 
 @pytest.mark.slow
@@ -381,3 +452,16 @@ def test_a_negative_prompt_changes_a_guidance_free_sample(pipe):
         type(pipe.unet.attn_processors[next(iter(pipe.unet.attn_processors))]).__name__
         != "NegativeAwayProcessor"
     )
+
+
+def test_a_failed_unet_swap_puts_the_scheduler_back(pipe):
+    """A student that cannot be moved onto the pipeline (here: weights on the meta device)
+    must leave the pipeline's own scheduler and UNet in place."""
+    from workbench.catalog import meta_unet
+    from workbench.sampling import generate
+
+    scheduler, unet = pipe.scheduler, pipe.unet
+    broken = meta_unet(dict(pipe.unet.config)).half()  # another dtype: generate moves a copy
+    with pytest.raises(NotImplementedError):
+        generate(pipe, ["a red circle"], [0], steps=1, guidance=1.0, unet=broken, scheduler="lcm")
+    assert pipe.scheduler is scheduler and pipe.unet is unet

@@ -146,6 +146,10 @@ def test_bad_inputs_are_one_line_errors(tiny_base):
         memory.estimate(_config(tiny_base), target="tpu")
     with pytest.raises(WorkbenchError, match="batch size must be > 0"):
         memory.estimate(_config(tiny_base, batch_size=0))
+    # an lcd stage is not modelled: one line, not a KeyError from inside the step (which, from a
+    # run's out-of-memory handler, would have hidden the out-of-memory error itself)
+    with pytest.raises(WorkbenchError, match="not lcd .*estimate the stages before lcd"):
+        memory.estimate(_config(tiny_base, objectives=("lcd",)))
 
 
 @pytest.mark.slow

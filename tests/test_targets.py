@@ -67,6 +67,23 @@ def test_a_precomputed_run_resumes_exactly(base, tmp_path):
         assert resumed[step] == pytest.approx(value, abs=1e-6), step
 
 
+@pytest.mark.slow
+def test_a_finished_stages_targets_leave_the_disk(base, tmp_path):
+    """Each stage's precomputed targets are deleted once its student is saved, not kept until
+    the whole run ends (disk would grow with every stage)."""
+    stages = tuple(load_preset(p).to_dict() for p in ("ssd-1b", "segmind-vega"))
+    config = _config(base, teacher_targets="precompute", stages=stages, steps=2, grad_accum=1)
+    os.environ["WORKBENCH_FAULT_STEP"] = "2"  # stage 2's first step: its targets are on disk
+    try:
+        with pytest.raises(RuntimeError, match="injected fault"):
+            run_distillation(config, tmp_path / "run")
+    finally:
+        del os.environ["WORKBENCH_FAULT_STEP"]
+    run = RunDir(tmp_path / "run")
+    assert not run.targets(0).exists() and list((run.targets(1) / "rank_0").glob("*.safetensors"))
+    assert run_distillation(None, tmp_path / "run", resume=True)["state"] == "done"
+
+
 def test_the_store_round_trips_and_names_a_missing_step(tmp_path):
     store = targets.TargetStore(tmp_path / "rank_0")
     base = torch.randn(2, 8, 4, 4)

@@ -36,6 +36,38 @@ def test_loss_figure_downsamples_and_lists_terms():
     assert "feat/down_blocks.1.resnets.0" in names
 
 
+def test_loss_figure_shows_the_lcd_terms_and_a_negative_total():
+    """An LCD stage logs loss/lcd (and, reward-guided, loss/reward, with a total that can go
+    below zero): all are drawn, and the y axis is linear when a value would be lost on a log one."""
+    rows = [
+        {"step": i, "loss/total": 0.02 - 0.01 * i, "loss/lcd": 0.02, "loss/reward": float(i)}
+        for i in range(4)
+    ]
+    fig = dt.loss_figure(rows, per_layer=False)
+    assert [t["name"] for t in fig["data"]] == ["total", "lcd", "reward"]
+    assert fig["layout"]["yaxis"]["type"] == "linear"
+    assert dt.loss_figure(rows[1:2], per_layer=False)["layout"]["yaxis"]["type"] == "log"
+
+
+def test_metrics_polling_follows_a_resume_that_regrows_the_file(tmp_path):
+    """A resume rewrites metrics.jsonl (rows after the checkpoint dropped) and appends again;
+    a poll after it has grown past the old offset must not read from that offset."""
+    from workbench.runs import MetricsWriter
+
+    run = RunDir(tmp_path / "r")
+    run.root.mkdir()
+    first = MetricsWriter(run)
+    for step in range(3):
+        first.write({"step": step, "loss/total": 1.0})
+    first.close()
+    assert [r["step"] for r in dt.metrics_rows(str(run.root))] == [0, 1, 2]
+    again = MetricsWriter(run, truncate_after_step=0)  # resumed from the checkpoint after step 0
+    for step in (1, 2, 3):
+        again.write({"step": step, "loss/total": 0.123456789, "loss/task": 0.5})  # longer rows
+    again.close()
+    assert [r["step"] for r in dt.metrics_rows(str(run.root))] == [0, 1, 2, 3]
+
+
 def test_status_of_a_dead_run_says_failed(tmp_path):
     run = RunDir(tmp_path / "r")
     run.root.mkdir()

@@ -117,9 +117,7 @@ class Distillation:
         cfg = self.config
         self.acc = make_accelerator(cfg)
         self.sharded = is_sharded(self.acc)  # FSDP: no process can draw a grid alone mid-run
-        if self.sharded and cfg.lora_rank:
-            raise WorkbenchError("--lora-rank with FSDP: adapters hold a fraction of the weights already; "
-                                 "launch with --multi_gpu (DDP) instead, or use --lora-rank 0")  # fmt: skip
+        check_sharding(cfg, self.sharded)
         self.report = Reporter(self.run_dir, main=self.acc.is_main_process, started=self.report.started)
         if self.report.main:
             self.start_run_folder(resume)
@@ -133,9 +131,8 @@ class Distillation:
         self.grids = SampleGrids(self.pipe, self.run_dir.samples, prompts, steps=cfg.sample_steps,
                                  guidance=cfg.guidance)  # fmt: skip
 
-    def sampler(self, k: int) -> tuple[str, int] | None:
-        """How stage ``k``'s student draws its sample grids: few LCM steps after LCD."""
-        return ("lcm", self.config.lcd_sample_steps) if self.config.stage_kind(k) == "lcd" else None
+    def sampler(self, k: int) -> dict[str, Any] | None:
+        return grid_sampler(self.config, k)
 
     def start_run_folder(self, resume: bool) -> None:
         self.run_dir.root.mkdir(parents=True, exist_ok=True)
@@ -314,9 +311,13 @@ class Distillation:
         student, spec = full_student(stage.accelerator, stage, self.specs[k], main), self.specs[k]
         if main:  # the next stage starts from it (adapters merged: a stock UNet)
             atomic_dir(self.run_dir.stage_dir(k), lambda tmp: save_student(student, spec, tmp))
+        if isinstance(stage.teacher, targets.TargetStore):  # precomputed targets: spent with the stage
+            stage.accelerator.wait_for_everyone()  # every process is done reading its own
+            if main:
+                remove_tree(self.run_dir.targets(k))
         return True
 
-    def save_grid(self, student, step: int, sampler: tuple[str, int] | None) -> None:
+    def save_grid(self, student, step: int, sampler: dict[str, Any] | None) -> None:
         with on_device(self.pipe, self.acc.device):  # parked parts come back for the grid only
             self.grids.save(student, step, sampler)
 
@@ -351,6 +352,28 @@ class Distillation:
         atomic_dir(self.run_dir.student, write)
         remove_tree(self.run_dir.root / "targets")  # precomputed teacher targets: spent
         self.report.log(f"student saved to {self.run_dir.student}")
+
+
+def check_sharding(config: DistillConfig, sharded: bool) -> None:
+    """What a sharded (FSDP) run cannot do, refused before any model loads."""
+    if sharded and config.lora_rank:
+        raise WorkbenchError("--lora-rank with FSDP: adapters hold a fraction of the weights already; "
+                             "launch with --multi_gpu (DDP) instead, or use --lora-rank 0")  # fmt: skip
+    if sharded and config.has_lcd:  # torch: "FSDP does not support deepcopy"
+        raise WorkbenchError("an lcd stage with FSDP: its EMA target network is a copy of the student, "
+                             "which a sharded student cannot be copied into; launch with --multi_gpu (DDP) "
+                             "instead")  # fmt: skip
+
+
+def grid_sampler(config: DistillConfig, k: int) -> dict[str, Any] | None:
+    """How stage ``k``'s student draws its sample grids (``SampleGrids.save``'s overrides): few
+    LCM steps after LCD; an LCM-LoRA student also without classifier-free guidance (no
+    w-embedding: the guided teacher's flow is in its weights, and it never trained on the empty
+    prompt that a guided pass would add)."""
+    if config.stage_kind(k) != "lcd":
+        return None
+    sampler: dict[str, Any] = {"scheduler": "lcm", "steps": config.lcd_sample_steps}
+    return sampler | {"guidance": 1.0} if config.lcd_lora_rank else sampler
 
 
 # The step the loop takes: the teacher's targets, the stage's objective, backward (gradients

@@ -45,6 +45,7 @@ DTYPES = ("fp32", "fp16", "bf16")
 FILE_FORMATS = ("single-file", "checkpoint")
 NEEDS_PIPELINE = ("pipeline", "checkpoint")
 LAYER_MAP_FILE = "layer_map.json"
+LCD_EVAL_STEPS = 4  # LCM steps a consistency student is scored at (the runs' --lcd-sample-steps default)
 Progress = Callable[[float, str], None]
 
 
@@ -104,6 +105,18 @@ class Student:
     @property
     def trained(self) -> bool:
         return self.run is not None
+
+
+def consistency_kind(student: Student) -> str | None:
+    """How a consistency-distilled student samples: ``"w"`` (LCD with LCM's guidance embedding:
+    LCM steps, guidance as an input), ``"lora"`` (an LCM-LoRA run's student, adapters merged: LCM
+    steps without guidance, which is in its weights), None (the teacher's way)."""
+    from workbench.schedulers import is_w_conditioned
+
+    if is_w_conditioned(student.unet):
+        return "w"
+    config = (student.run.read_job().get("config") or {}) if student.run else {}
+    return "lora" if "lcd" in (config.get("objectives") or ()) and config.get("lcd_lora_rank") else None
 
 
 def student_from_plan(base: Base, plan: PruningPlan, teacher=None) -> Student:
@@ -202,17 +215,21 @@ def _read_json(path: Path) -> dict[str, Any]:
 
 def evaluate(student: Student, pipeline, prompts: int = 20, seeds: int = 2) -> dict[str, Any]:
     """Teacher and student on the same held-out samples, for the card: the toy checker's
-    verdicts and PSNR/SSIM on the toy, PSNR/SSIM against the teacher elsewhere."""
+    verdicts and PSNR/SSIM on the toy, PSNR/SSIM against the teacher elsewhere. Both sample at
+    the base's guidance; a consistency-distilled student at ``LCD_EVAL_STEPS`` LCM steps, as it
+    is meant to be sampled (``consistency_kind``)."""
     from workbench import evaluation
     from workbench.modelcard import public_name
 
-    is_toy = student.base.kind == "toy"
+    is_toy, guidance = student.base.kind == "toy", student.base.guidance
     evaluator = evaluation.Evaluator(
-        pipeline, evaluation.default_samples(is_toy, prompts, seeds), checker=is_toy
+        pipeline, evaluation.default_samples(is_toy, prompts, seeds), checker=is_toy, guidance=guidance
     )
-    found = evaluation.result(
-        evaluator, student.base, evaluator.teacher(), evaluator.student(student.unet), None
-    )
+    kind, sampler = consistency_kind(student), None
+    if kind is not None:  # an LCM-LoRA student has its guidance in its weights: no guided pass
+        sampler = evaluation.Sampler(LCD_EVAL_STEPS, guidance if kind == "w" else 1.0, "lcm")
+    scores = evaluator.student(student.unet, sampler)
+    found = evaluation.result(evaluator, student.base, evaluator.teacher(), scores, None, sampler)
     found.pop("per_sample")
     return found | {"base": public_name(student.base), "weights": None}
 
@@ -328,10 +345,10 @@ def check_student_for(fmt: str, student: Student) -> None:
 
 
 def _write_pipeline(student: Student, folder: Path, dtype: str, pipeline, stem: str) -> None:
-    from workbench.schedulers import is_w_conditioned, make_scheduler
+    from workbench.schedulers import make_scheduler
 
     components = {**pipeline.components, "unet": student.unet}
-    if is_w_conditioned(student.unet):  # a consistency-distilled student samples with LCM
+    if consistency_kind(student):  # a consistency-distilled student (LCD or LCM-LoRA) samples with LCM
         components["scheduler"] = make_scheduler("lcm", pipeline.scheduler)
     type(pipeline)(**components).save_pretrained(folder)  # shares the teacher's modules, copies nothing
     if dtype != "fp32":

@@ -870,6 +870,7 @@ def _check(config) -> None:
         (config.teacher_targets in TEACHER_TARGETS, f"unknown teacher targets {config.teacher_targets!r}; choose one of {', '.join(TEACHER_TARGETS)}"),
         (config.optimizer in OPTIMIZERS, f"unknown optimizer {config.optimizer!r}; choose one of {', '.join(OPTIMIZERS)}"),
         (isinstance(config.lora_rank, int) and config.lora_rank >= 0, f"LoRA rank must be a whole number >= 0 (0: full weights), got {config.lora_rank!r}"),
+        (not config.has_lcd, "the memory estimate models block-removal KD stages, not lcd (EMA target network, guided teacher passes); estimate the stages before lcd, e.g. --stages segmind-vega"),
     ]  # fmt: skip
     for ok, message in checks:
         if not ok:

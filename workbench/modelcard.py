@@ -269,6 +269,8 @@ def _evaluation(student: Student, evaluation: dict[str, Any] | None) -> str:
 
 
 def _loading(student: Student, fmt: str, dtype: str, weights_file: str | None) -> str:
+    from workbench.export import consistency_kind
+
     base, teacher = student.base, public_name(student.base)
     pipe_cls = (
         "StableDiffusionXLPipeline"
@@ -306,8 +308,10 @@ def _loading(student: Student, fmt: str, dtype: str, weights_file: str | None) -
         ),
     }
     scheduler = _scheduler_note(base)
-    if student.unet is not None and student.unet.config.get("time_cond_proj_dim") is not None:
-        return f"## How to load it\n\n{snippets[fmt]}{scheduler}\n\n{LCD_NOTE}"
+    kind = consistency_kind(student) if student.unet is not None else None
+    if kind is not None:
+        note = LCD_NOTE if kind == "w" else LCM_LORA_NOTE
+        return f"## How to load it\n\n{snippets[fmt]}{scheduler}\n\n{note}"
     return (
         f"## How to load it\n\n{snippets[fmt]}{scheduler}\n\nUse the teacher's scheduler and settings "
         "(prediction type, steps, guidance): the student predicts what its teacher predicts."
@@ -321,6 +325,15 @@ LCD_NOTE = (
     "guidance pass:\n\n```python\nfrom diffusers import LCMScheduler\n\n"
     "pipe.scheduler = LCMScheduler.from_config(pipe.scheduler.config)\n"
     'image = pipe("a photo of a cat", num_inference_steps=4, guidance_scale=2.0).images[0]\n```'
+)
+
+LCM_LORA_NOTE = (
+    "This student is an LCM-LoRA run's (latent consistency distillation through low-rank adapters, "
+    "merged into the weights): sample it with `LCMScheduler` (the `pipeline` format carries one) at 1 "
+    "to 8 steps and `guidance_scale=1`; the teacher's guidance is in its weights, and a guided pass "
+    "would add it again:\n\n```python\nfrom diffusers import LCMScheduler\n\n"
+    "pipe.scheduler = LCMScheduler.from_config(pipe.scheduler.config)\n"
+    'image = pipe("a photo of a cat", num_inference_steps=4, guidance_scale=1.0).images[0]\n```'
 )
 
 

@@ -204,10 +204,20 @@ def freeze_pipeline(pipe):
 
 
 def as_teacher(unet, device, dtype):
-    """``unet`` as a teacher: eval mode, no gradients, on ``device`` in ``dtype``."""
+    """``unet`` as a teacher: eval mode, no gradients, on ``device`` in ``dtype``. Another dtype
+    gives a cast copy and leaves ``unet`` in its own: the pipeline it may belong to keeps
+    sampling (its text encoders and VAE are in that dtype; a bf16 UNet among fp32 encoders
+    cannot run the pipeline)."""
+    from workbench.catalog import meta_unet
+
     unet = unet.to(device).eval().requires_grad_(False)
-    # Cast only when needed: diffusers warns about every dtype cast through .to().
-    return unet if unet.dtype == dtype else unet.to(dtype)
+    if unet.dtype == dtype:
+        return unet
+    # built on the meta device and given cast tensors: no second full-precision copy
+    teacher = meta_unet(dict(unet.config))
+    state = {k: v.detach().to(dtype) if v.is_floating_point() else v for k, v in unet.state_dict().items()}
+    teacher.load_state_dict(state, assign=True)
+    return teacher.eval().requires_grad_(False)
 
 
 PIPELINE_PARTS = ("unet", "vae", "text_encoder", "text_encoder_2")

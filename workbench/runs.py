@@ -8,7 +8,7 @@ RUN/
   samples/        teacher-vs-student grids on fixed seeds: step_000100.png, ...
   checkpoints/    step_000100/ (student, optimizer, scheduler, RNG, data position, checkpoint.json)
   stages/         stage_1/, ...: each finished stage's student (the next stage starts from it)
-  targets/        stage_1/rank_0/step_N_M.safetensors: precomputed teacher targets (deleted when done)
+  targets/        stage_1/rank_0/step_N_M.safetensors: precomputed teacher targets (deleted with their stage)
   student/        the final diffusers UNet folder + plan.json + layer_map.json + README.md
   STOP            created by whoever wants the run to stop; the run checkpoints and exits
   log.txt         the process's stdout/stderr when started by `jobs.start`

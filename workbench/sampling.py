@@ -17,6 +17,7 @@ import copy
 import functools
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import torch
 from diffusers import StableDiffusionXLPipeline, UNet2DConditionModel
@@ -73,15 +74,15 @@ def generate(
     default = pipe.unet.config.sample_size * pipe.vae_scale_factor
     height, width = height or default, width or default
     original, original_scheduler = pipe.unet, pipe.scheduler
-    pipe.scheduler = make_scheduler(scheduler, original_scheduler)
-    if unet is not None:
-        if unet.dtype != original.dtype or unet.device != original.device:
-            # A copy: Module.to works in place, and the caller's UNet may be a student in
-            # training (fp32) that a bf16 pipeline must not round. Only when needed:
-            # diffusers warns about every dtype cast through .to().
-            unet = copy.deepcopy(unet).to(device=original.device, dtype=original.dtype)
-        pipe.unet = unet
-    try:
+    try:  # from here on, whatever fails puts the pipeline's own UNet and scheduler back
+        pipe.scheduler = make_scheduler(scheduler, original_scheduler)
+        if unet is not None:
+            if unet.dtype != original.dtype or unet.device != original.device:
+                # A copy: Module.to works in place, and the caller's UNet may be a student in
+                # training (fp32) that a bf16 pipeline must not round. Only when needed:
+                # diffusers warns about every dtype cast through .to().
+                unet = copy.deepcopy(unet).to(device=original.device, dtype=original.dtype)
+            pipe.unet = unet
         steer, negative_prompt = _steering(pipe, negative_prompt, guidance, nasa_scale)
         images: list[Image.Image] = []
         with steer:
@@ -161,14 +162,18 @@ def grid(rows: list[list[Image.Image]]) -> Image.Image:
     return out
 
 
+SAMPLER_KEYS = frozenset({"scheduler", "steps", "guidance"})  # what a grid's student row may change
+
+
 class SampleGrids:
     """Teacher (top row) vs student (bottom row) on fixed prompts and seeds, saved as
     ``folder/step_NNNNNNN.png``. The teacher row is drawn once, when first needed, with the
-    pipeline's scheduler; the student row with ``student_sampler`` ((scheduler, steps), e.g.
-    ``("lcm", 4)`` for a consistency-distilled student) when given, else the same."""
+    pipeline's scheduler; the student row with ``student_sampler`` (``generate`` keywords that
+    override the grid's: scheduler, steps, guidance; e.g. ``{"scheduler": "lcm", "steps": 4}``
+    for a consistency-distilled student) when given, else the same."""
 
     def __init__(self, pipe, folder: Path, prompts: Sequence[str], *, steps: int, guidance: float,
-                 student_sampler: tuple[str, int] | None = None) -> None:  # fmt: skip
+                 student_sampler: dict[str, Any] | None = None) -> None:  # fmt: skip
         self.pipe, self.folder, self.prompts = pipe, Path(folder), list(prompts)
         self.kw = {"steps": steps, "guidance": guidance}
         self.student_sampler = student_sampler
@@ -180,13 +185,13 @@ class SampleGrids:
     def path(self, step: int) -> Path:
         return self.folder / f"step_{step:07d}.png"
 
-    def save(self, student: UNet2DConditionModel, step: int, sampler: tuple[str, int] | None = None) -> Path:
-        """The grid of ``step``; ``sampler`` ((scheduler, steps)) overrides the student row's."""
+    def save(self, student: UNet2DConditionModel, step: int, sampler: dict[str, Any] | None = None) -> Path:
+        """The grid of ``step``; ``sampler`` (``generate`` keywords) overrides the student row's."""
+        if unknown := set(sampler or {}) - SAMPLER_KEYS:
+            raise ValueError(f"sample grid sampler keys {sorted(unknown)}; use {sorted(SAMPLER_KEYS)}")
         was_training = student.training
         student.eval()
-        kw = dict(self.kw)
-        if sampler or self.student_sampler:
-            kw["scheduler"], kw["steps"] = sampler or self.student_sampler
+        kw = self.kw | (sampler or self.student_sampler or {})
         try:
             row = generate(self.pipe, self.prompts, range(len(self.prompts)), unet=student, **kw)
         finally:

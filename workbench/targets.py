@@ -8,7 +8,7 @@ outputs of the feature pairs' teacher modules are written, one safetensors file 
 micro-batch, into ``RUN/targets/stage_K/rank_R/``; then the teacher leaves the device and
 every student step reads its targets back. A resumed run computes only the files that are
 missing (each is written atomically), so it takes the same steps an uninterrupted one
-would. The files are deleted when the run is done.
+would. A stage's files are deleted once its student is saved.
 
 Disk: a step's targets hold the teacher's prediction and every paired feature map, in the
 teacher's dtype (``python -m workbench memory`` prints the bytes per step).

@@ -41,7 +41,7 @@ PLAN_FILE = "input-plan.json"
 MAX_POINTS = 400  # points per curve in the loss plot; longer runs are strided
 POLL_S = 2.0
 SAMPLE_PX = 512  # a smaller sample grid is shown enlarged to at least this width
-MAIN_TERMS = ("loss/total", "loss/task", "loss/out", "loss/feat")
+MAIN_TERMS = ("loss/total", "loss/task", "loss/out", "loss/feat", "loss/lcd", "loss/reward")
 # Run options the form sets (DistillConfig fields and CLI flags of the same names), in form order.
 FORM_KEYS = ("steps", "toy_samples", "batch_size", "lr", "w_task", "w_out", "w_feat", "feature_mode",
              "mixed_precision", "stage_teacher", "sample_every", "checkpoint_every", "feature_weights",
@@ -219,7 +219,7 @@ def estimate_or_explain(store: Store, view: dict[str, Any], removed: list[str], 
 
 # --------------------------------------------------------------------------- watch
 
-_METRICS: dict[str, tuple[int, list[dict[str, Any]]]] = {}  # run folder -> (offset, rows)
+_METRICS: dict[str, tuple[int | None, int, list[dict[str, Any]]]] = {}  # run folder -> (inode, offset, rows)
 _METRICS_LOCK = threading.Lock()
 
 
@@ -227,12 +227,14 @@ def metrics_rows(run_dir: str) -> list[dict[str, Any]]:
     """All metric rows of a run, read incrementally (each poll reads only new lines)."""
     path = RunDir(Path(run_dir)).metrics
     with _METRICS_LOCK:
-        offset, rows = _METRICS.get(run_dir, (0, []))
-        if path.exists() and path.stat().st_size < offset:  # rewritten on resume: start over
+        inode, offset, rows = _METRICS.get(run_dir, (None, 0, []))
+        now = path.stat().st_ino if path.exists() else None
+        # a resume replaces the file (atomically: a new inode), and may regrow it past the offset
+        if now != inode or (path.exists() and path.stat().st_size < offset):
             offset, rows = 0, []
         new, offset = read_metrics(path, offset)
         rows = rows + new
-        _METRICS[run_dir] = (offset, rows)
+        _METRICS[run_dir] = (now, offset, rows)
         return rows
 
 
@@ -242,7 +244,8 @@ def _stride(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 
 def loss_figure(rows: list[dict[str, Any]], per_layer: bool) -> dict[str, Any]:
-    """Plotly figure: one line per loss term (per feature pair too if asked), log y."""
+    """Plotly figure: one line per loss term (per feature pair too if asked), log y unless a
+    value is <= 0 (a reward-guided LCD total, the mean reward), which a log axis would drop."""
     shown = _stride(rows)
     keys = [k for k in MAIN_TERMS if any(k in r for r in rows)]
     if per_layer:
@@ -253,11 +256,12 @@ def loss_figure(rows: list[dict[str, Any]], per_layer: bool) -> dict[str, Any]:
          "line": {"width": 2 if k in MAIN_TERMS else 1}}
         for k in keys
     ]  # fmt: skip
+    scale = "log" if all(y > 0 for t in traces for y in t["y"]) else "linear"
     return {
         "data": traces,
         "layout": {
             "height": 360, "margin": {"l": 50, "r": 10, "t": 30, "b": 40},
-            "xaxis": {"title": {"text": "step"}}, "yaxis": {"title": {"text": "loss"}, "type": "log"},
+            "xaxis": {"title": {"text": "step"}}, "yaxis": {"title": {"text": "loss"}, "type": scale},
             "legend": {"orientation": "h", "y": -0.2}, "title": {"text": "training losses", "x": 0.01},
         },
     }  # fmt: skip
