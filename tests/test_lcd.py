@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 import torch
@@ -61,6 +63,7 @@ def test_one_step_lcm_sampling_with_the_cli_puts_the_scheduler_back(base, tmp_pa
     assert out.exists()
     assert main([*argv[:-1], "9", "--out", str(out)]) == 2
     assert "1 to 8 steps" in capsys.readouterr().err
+    assert main([*argv[:-2], "--out", str(out)]) == 0  # no --steps: LCM's default (4), not 20
 
 
 @pytest.mark.slow
@@ -269,6 +272,15 @@ def test_lcd_needs_the_teachers_scheduler(base, tmp_path):
     shutil.rmtree(copy / "scheduler")
     with pytest.raises(WorkbenchError, match="no readable scheduler"):
         preflight(_config(str(copy)))
+    # epsilon on a zero-terminal-SNR schedule: no clean latents from the noise at t=999
+    zero_snr = shutil.copytree(base, tmp_path / "eps-zero-snr")
+    path = zero_snr / "scheduler" / "scheduler_config.json"
+    config = json.loads(path.read_text())
+    path.write_text(json.dumps(config | {"prediction_type": "epsilon", "rescale_betas_zero_snr": True}))
+    with pytest.raises(WorkbenchError, match="epsilon on a zero-terminal-SNR"):
+        preflight(_config(str(zero_snr)))
+    path.write_text(json.dumps(config | {"prediction_type": "v_prediction", "rescale_betas_zero_snr": True}))
+    preflight(_config(str(zero_snr)))
 
 
 def test_cli_stages_lcd_repeats_the_plan_before_it():

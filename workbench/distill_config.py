@@ -563,6 +563,12 @@ def check_lcd_base(base) -> None:
             "base", "lcd: base {name!r} predicts {kind!r}; LCD supports epsilon, v_prediction and sample",
             name=base.name, kind=kind,
         )  # fmt: skip
+    if kind == "epsilon" and scheduler.get("rescale_betas_zero_snr"):
+        raise ConfigError(
+            "base", "lcd: base {name!r} predicts epsilon on a zero-terminal-SNR schedule, where the "
+            "clean latents cannot be read from the noise at t=999 (on LCD's grid); LCD needs v_prediction "
+            "or sample with zero terminal SNR, or a schedule without it", name=base.name,
+        )  # fmt: skip
 
 
 def check_run_dir(run_dir: str | Path, resume: bool) -> RunDir:

@@ -31,7 +31,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     )  # fmt: skip
     p.add_argument("--seed", type=int, default=0, help="noise seed (default 0)")
     p.add_argument(
-        "--steps", type=int, default=20, help="denoising steps (default 20; 1-8 with --scheduler lcm)"
+        "--steps",
+        type=int,
+        default=None,
+        help="denoising steps (default 20; with --scheduler lcm 1-8, default 4)",
     )
     p.add_argument(
         "--scheduler", default="default",
@@ -53,6 +56,8 @@ def validate(args: argparse.Namespace) -> None:
         raise WorkbenchError(
             "--prompt is empty; describe the image, e.g. 'a red circle on a white background'"
         )
+    if args.steps is None:
+        args.steps = 4 if args.scheduler == "lcm" else 20
     check_sampler(args.scheduler, args.steps)
     check_scale(args.nasa_scale, "--nasa-scale")
     if args.guidance is not None and args.guidance < 0:
