@@ -368,6 +368,47 @@ def test_nasa_steers_cross_attention_and_puts_the_processors_back(lcd_parts):
         check_scale(-1.0)
 
 
+def test_nasa_steers_the_pooled_embedding_of_sdxl_unets(lcd_parts):
+    from workbench.negative import negative_away
+
+    _, student, _, batch = lcd_parts
+    student = __import__("copy").deepcopy(student).eval()
+    x, text = batch["consistency"]["latents"], batch["consistency"]["cond"]
+    t, w = torch.tensor([500, 500]), guidance_embedding(torch.tensor([2.0, 2.0]), 256)
+    gen = torch.Generator().manual_seed(2)
+    negative, away = torch.randn(1, 4, 16, generator=gen), torch.randn(1, 8, generator=gen)
+    added = text["added_cond_kwargs"]
+    shifted = text | {"added_cond_kwargs": added | {"text_embeds": added["text_embeds"] - 1.5 * away}}
+    with torch.no_grad():
+        plain = student(x, t, timestep_cond=w, **text).sample
+        with negative_away(student, negative, 0.0, away):
+            off = student(x, t, timestep_cond=w, **text).sample
+        with negative_away(student, negative, 1.5):
+            attention_only = student(x, t, timestep_cond=w, **text).sample
+            by_hand = student(x, t, timestep_cond=w, **shifted).sample
+        with negative_away(student, negative, 1.5, away):
+            both = student(x, t, timestep_cond=w, **text).sample
+    assert torch.allclose(off, plain, atol=1e-6)  # scale 0: off, the pooled embedding too
+    assert (both - attention_only).abs().max() > 1e-3  # the pooled direction matters
+    assert torch.allclose(both, by_hand, atol=1e-5)  # pooled' = pooled - scale * away, exactly
+    assert not student._forward_pre_hooks  # the hook is gone afterwards
+    with (
+        pytest.raises(WorkbenchError, match="added_cond_kwargs"),
+        negative_away(student, negative, 1.0, away),
+    ):
+        student(x, t, text["encoder_hidden_states"], timestep_cond=w)
+    assert not student._forward_pre_hooks  # gone after an error too
+
+
+def test_nasa_refuses_a_pooled_direction_for_a_unet_without_one(tiny_sd15_teacher):
+    from workbench.negative import negative_away, takes_pooled
+
+    assert not takes_pooled(tiny_sd15_teacher)
+    with pytest.raises(WorkbenchError, match="no pooled text embedding"):
+        with negative_away(tiny_sd15_teacher, torch.zeros(1, 4, 16), 1.0, torch.zeros(1, 8)):
+            pass
+
+
 def test_a_negative_prompt_changes_a_guidance_free_sample(pipe):
     from workbench.sampling import generate
 
@@ -381,3 +422,6 @@ def test_a_negative_prompt_changes_a_guidance_free_sample(pipe):
         type(pipe.unet.attn_processors[next(iter(pipe.unet.attn_processors))]).__name__
         != "NegativeAwayProcessor"
     )
+    assert not pipe.unet._forward_pre_hooks  # the pooled steering is gone too
+    off = generate(pipe, ["a red circle"], [0], negative_prompt="red", nasa_scale=0.0, **kw)[0]
+    assert np.array_equal(np.asarray(off), np.asarray(plain))  # scale 0: no negative prompt at all

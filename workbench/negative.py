@@ -9,8 +9,19 @@ before the output projection:
 
     out = W (softmax(Q K+^T / sqrt(d)) V+  -  scale * softmax(Q K-^T / sqrt(d)) V-) + b
 
-so features are steered away from what the negative prompt names. ``negative_away`` swaps
-the processors in for a block of code and always puts the UNet's own back.
+so features are steered away from what the negative prompt names.
+
+SDXL-family UNets also take the prompt through a *pooled* text embedding (the added
+conditioning ``text_embeds``, summed into the time embedding), which cross-attention never
+sees: on the toy teacher it carries the colour. NASA steers it the same way, by the scale
+times the negative prompt's own direction, its pooled embedding less the empty prompt's:
+
+    pooled' = pooled - scale * (pooled(negative) - pooled(""))
+
+which is what a negative prompt does under classifier-free guidance, where it replaces the
+empty prompt's prediction, taken to first order in the pooled embedding. SD 1.x/2.x have no
+pooled conditioning; there NASA is the cross-attention alone. ``negative_away`` swaps the
+processors (and the pooled hook) in for a block of code and always puts the UNet's own back.
 """
 
 from __future__ import annotations
@@ -53,10 +64,39 @@ class NegativeAwayProcessor:
         return out - self.scale * away
 
 
+def takes_pooled(unet) -> bool:
+    """Whether ``unet`` takes a pooled text embedding (SDXL's added conditioning ``text_embeds``)."""
+    return unet.config.get("addition_embed_type") == "text_time"
+
+
+def _pooled_hook(away: torch.Tensor, scale: float):
+    """A forward pre-hook that moves ``added_cond_kwargs["text_embeds"]`` by ``-scale * away``."""
+
+    def hook(_unet, args, kwargs):
+        added = kwargs.get("added_cond_kwargs")
+        if not added or "text_embeds" not in added:
+            raise WorkbenchError(
+                "NASA steers the pooled text embedding: call the UNet with added_cond_kwargs={'text_embeds': ...}"
+            )
+        pooled = added["text_embeds"]
+        shift = scale * away.to(pooled.device, pooled.dtype)
+        return args, kwargs | {"added_cond_kwargs": added | {"text_embeds": pooled - shift}}
+
+    return hook
+
+
 @contextmanager
-def negative_away(unet, negative: torch.Tensor, scale: float) -> Iterator[None]:
+def negative_away(
+    unet, negative: torch.Tensor, scale: float, pooled_away: torch.Tensor | None = None
+) -> Iterator[None]:
     """NASA on every cross-attention of ``unet`` (processors named ``...attn2.processor``)
-    while the block runs; the UNet's own processors are put back afterwards, even on error."""
+    while the block runs, and with ``pooled_away`` (the negative prompt's pooled embedding
+    less the empty prompt's, (1 or B, D)) on the pooled text embedding too; the UNet's own
+    processors are put back afterwards, even on error."""
+    if pooled_away is not None and not takes_pooled(unet):
+        raise WorkbenchError(
+            "this UNet takes no pooled text embedding (SD 1.x/2.x): give NASA no pooled direction"
+        )
     original = unet.attn_processors
     for name in original:
         if name.endswith("attn2.processor"):
@@ -67,7 +107,12 @@ def negative_away(unet, negative: torch.Tensor, scale: float) -> Iterator[None]:
         name: NegativeAwayProcessor(p, negative, scale) if name.endswith("attn2.processor") else p
         for name, p in original.items()
     })  # fmt: skip
+    handle = None
     try:
+        if pooled_away is not None and scale != 0:
+            handle = unet.register_forward_pre_hook(_pooled_hook(pooled_away, scale), with_kwargs=True)
         yield
     finally:
+        if handle is not None:
+            handle.remove()
         unet.set_attn_processor(original)

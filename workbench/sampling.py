@@ -25,7 +25,7 @@ from PIL import Image
 from workbench.errors import WorkbenchError
 from workbench.files import atomic_write
 from workbench.models import check_unet_folder
-from workbench.negative import NASA_SCALE, check_scale, negative_away
+from workbench.negative import NASA_SCALE, check_scale, negative_away, takes_pooled
 from workbench.schedulers import check_sampler, is_w_conditioned, make_scheduler
 
 # What a swapped-in UNet must share with the pipeline's own for sampling to work.
@@ -97,12 +97,17 @@ def generate(
 def _steering(pipe, negative_prompt: str | None, guidance: float, scale: float):
     """(context to sample in, negative prompt for the pipeline): guidance-free sampling (a
     w-conditioned UNet, or guidance <= 1) has no unconditional pass, so NASA takes the
-    negative prompt into the cross-attention; guided sampling passes it to the pipeline."""
+    negative prompt into the cross-attention and, for SDXL-family UNets, the pooled text
+    embedding; guided sampling passes it to the pipeline."""
     if not negative_prompt or not (is_w_conditioned(pipe.unet) or guidance <= 1):
         return contextlib.nullcontext(), negative_prompt
+    scale = check_scale(scale)
+    encode = functools.partial(pipe.encode_prompt, device=pipe.device, num_images_per_prompt=1,
+                               do_classifier_free_guidance=False)  # fmt: skip
     with torch.no_grad():
-        embeds = pipe.encode_prompt(negative_prompt, device=pipe.device, do_classifier_free_guidance=False)[0]
-    return negative_away(pipe.unet, embeds, check_scale(scale)), None
+        encoded = encode(negative_prompt)  # SDXL family: (embeds, _, pooled, _); SD 1.x/2.x: (embeds, _)
+        pooled_away = encoded[2] - encode("")[2] if takes_pooled(pipe.unet) else None
+    return negative_away(pipe.unet, encoded[0], scale, pooled_away), None
 
 
 def _draw(pipe, chunk: list[str], negative_prompt, steps, guidance, height, width, latents) -> list:
