@@ -368,44 +368,66 @@ def test_nasa_steers_cross_attention_and_puts_the_processors_back(lcd_parts):
         check_scale(-1.0)
 
 
+def test_pooled_steering_takes_out_the_prompts_content_along_the_negative():
+    from workbench.negative import pooled_negative
+
+    gen = torch.Generator().manual_seed(3)
+    empty, negative, other = (torch.randn(1, 8, generator=gen) for _ in range(3))
+    d = (negative - empty) / (negative - empty).norm()
+    aside = other - ((other - empty) @ d.T) * d  # content orthogonal to the negative's direction
+    pooled = torch.cat([aside + 2.0 * d, aside])
+    neg = pooled_negative(negative, empty)
+    assert torch.allclose(neg.steer(pooled, 0.0), pooled)  # scale 0: off
+    assert torch.allclose(neg.steer(pooled, 1.0), torch.cat([aside, aside]), atol=1e-5)  # none left
+    assert torch.allclose(neg.steer(pooled, 2.0)[0], aside - 2.0 * d, atol=1e-5)  # as much the other way
+    with pytest.raises(WorkbenchError, match="one text encoder"):
+        pooled_negative(negative, torch.zeros(1, 4))
+
+
 def test_nasa_steers_the_pooled_embedding_of_sdxl_unets(lcd_parts):
-    from workbench.negative import negative_away
+    from workbench.negative import negative_away, pooled_negative
 
     _, student, _, batch = lcd_parts
     student = __import__("copy").deepcopy(student).eval()
     x, text = batch["consistency"]["latents"], batch["consistency"]["cond"]
     t, w = torch.tensor([500, 500]), guidance_embedding(torch.tensor([2.0, 2.0]), 256)
     gen = torch.Generator().manual_seed(2)
-    negative, away = torch.randn(1, 4, 16, generator=gen), torch.randn(1, 8, generator=gen)
+    negative = torch.randn(1, 4, 16, generator=gen)
+    pooled = pooled_negative(torch.randn(1, 8, generator=gen), torch.randn(1, 8, generator=gen))
     added = text["added_cond_kwargs"]
-    shifted = text | {"added_cond_kwargs": added | {"text_embeds": added["text_embeds"] - 1.5 * away}}
+    shifted = text | {"added_cond_kwargs": added | {"text_embeds": pooled.steer(added["text_embeds"], 1.5)}}
     with torch.no_grad():
         plain = student(x, t, timestep_cond=w, **text).sample
-        with negative_away(student, negative, 0.0, away):
+        with negative_away(student, negative, 0.0, pooled):
             off = student(x, t, timestep_cond=w, **text).sample
         with negative_away(student, negative, 1.5):
             attention_only = student(x, t, timestep_cond=w, **text).sample
             by_hand = student(x, t, timestep_cond=w, **shifted).sample
-        with negative_away(student, negative, 1.5, away):
+        with negative_away(student, negative, 1.5, pooled):
             both = student(x, t, timestep_cond=w, **text).sample
+        with negative_away(student, negative, 0.0, pooled, pooled_scale=1.5):
+            pooled_only = student(x, t, timestep_cond=w, **text).sample
     assert torch.allclose(off, plain, atol=1e-6)  # scale 0: off, the pooled embedding too
-    assert (both - attention_only).abs().max() > 1e-3  # the pooled direction matters
-    assert torch.allclose(both, by_hand, atol=1e-5)  # pooled' = pooled - scale * away, exactly
+    assert (both - attention_only).abs().max() > 1e-3  # the pooled embedding is steered
+    assert torch.allclose(both, by_hand, atol=1e-5)  # ... by PooledNegative.steer, at the scale
+    assert (pooled_only - plain).abs().max() > 1e-3 and (pooled_only - both).abs().max() > 1e-3
     assert not student._forward_pre_hooks  # the hook is gone afterwards
     with (
         pytest.raises(WorkbenchError, match="added_cond_kwargs"),
-        negative_away(student, negative, 1.0, away),
+        negative_away(student, negative, 1.0, pooled),
     ):
         student(x, t, text["encoder_hidden_states"], timestep_cond=w)
     assert not student._forward_pre_hooks  # gone after an error too
 
 
 def test_nasa_refuses_a_pooled_direction_for_a_unet_without_one(tiny_sd15_teacher):
-    from workbench.negative import negative_away, takes_pooled
+    from workbench.negative import negative_away, pooled_negative, takes_pooled
 
     assert not takes_pooled(tiny_sd15_teacher)
     with pytest.raises(WorkbenchError, match="no pooled text embedding"):
-        with negative_away(tiny_sd15_teacher, torch.zeros(1, 4, 16), 1.0, torch.zeros(1, 8)):
+        with negative_away(
+            tiny_sd15_teacher, torch.zeros(1, 4, 16), 1.0, pooled_negative(*torch.ones(2, 1, 8))
+        ):
             pass
 
 

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 
 import torch
 
@@ -69,8 +70,34 @@ def takes_pooled(unet) -> bool:
     return unet.config.get("addition_embed_type") == "text_time"
 
 
-def _pooled_hook(away: torch.Tensor, scale: float):
-    """A forward pre-hook that moves ``added_cond_kwargs["text_embeds"]`` by ``-scale * away``."""
+@dataclass(frozen=True)
+class PooledNegative:
+    """A negative prompt in the pooled text embedding: its pooled embedding and the empty
+    prompt's, (1, D) each."""
+
+    negative: torch.Tensor
+    empty: torch.Tensor
+
+    def steer(self, pooled: torch.Tensor, scale: float) -> torch.Tensor:
+        """``pooled`` (B, D) with ``scale`` x its content along the negative prompt's direction
+        taken out (scale 1: none left; 2: as much again the other way)."""
+        empty = self.empty.to(pooled.device, pooled.dtype)
+        direction = self.negative.to(pooled.device, pooled.dtype) - empty
+        direction = direction / direction.norm(dim=-1, keepdim=True).clamp_min(1e-12)
+        content = ((pooled - empty) * direction).sum(-1, keepdim=True)  # (B, 1)
+        return pooled - scale * content * direction
+
+
+def pooled_negative(negative: torch.Tensor, empty: torch.Tensor) -> PooledNegative:
+    if negative.shape[-1] != empty.shape[-1]:
+        raise WorkbenchError(
+            f"pooled embeddings of {negative.shape[-1]} and {empty.shape[-1]} values; give one text encoder's"
+        )
+    return PooledNegative(negative.detach(), empty.detach())
+
+
+def _pooled_hook(pooled: PooledNegative, scale: float):
+    """A forward pre-hook that steers ``added_cond_kwargs["text_embeds"]`` away from ``pooled``."""
 
     def hook(_unet, args, kwargs):
         added = kwargs.get("added_cond_kwargs")
@@ -78,24 +105,29 @@ def _pooled_hook(away: torch.Tensor, scale: float):
             raise WorkbenchError(
                 "NASA steers the pooled text embedding: call the UNet with added_cond_kwargs={'text_embeds': ...}"
             )
-        pooled = added["text_embeds"]
-        shift = scale * away.to(pooled.device, pooled.dtype)
-        return args, kwargs | {"added_cond_kwargs": added | {"text_embeds": pooled - shift}}
+        return args, kwargs | {
+            "added_cond_kwargs": added | {"text_embeds": pooled.steer(added["text_embeds"], scale)}
+        }
 
     return hook
 
 
 @contextmanager
 def negative_away(
-    unet, negative: torch.Tensor, scale: float, pooled_away: torch.Tensor | None = None
+    unet,
+    negative: torch.Tensor,
+    scale: float,
+    pooled: PooledNegative | None = None,
+    pooled_scale: float | None = None,
 ) -> Iterator[None]:
     """NASA on every cross-attention of ``unet`` (processors named ``...attn2.processor``)
-    while the block runs, and with ``pooled_away`` (the negative prompt's pooled embedding
-    less the empty prompt's, (1 or B, D)) on the pooled text embedding too; the UNet's own
-    processors are put back afterwards, even on error."""
-    if pooled_away is not None and not takes_pooled(unet):
+    while the block runs, and with ``pooled`` on the pooled text embedding too, at
+    ``pooled_scale`` (default: ``scale``); the UNet's own processors are put back
+    afterwards, even on error."""
+    pooled_scale = scale if pooled_scale is None else pooled_scale
+    if pooled is not None and not takes_pooled(unet):
         raise WorkbenchError(
-            "this UNet takes no pooled text embedding (SD 1.x/2.x): give NASA no pooled direction"
+            "this UNet takes no pooled text embedding (SD 1.x/2.x): give NASA no pooled negative"
         )
     original = unet.attn_processors
     for name in original:
@@ -109,8 +141,8 @@ def negative_away(
     })  # fmt: skip
     handle = None
     try:
-        if pooled_away is not None and scale != 0:
-            handle = unet.register_forward_pre_hook(_pooled_hook(pooled_away, scale), with_kwargs=True)
+        if pooled is not None and pooled_scale != 0:
+            handle = unet.register_forward_pre_hook(_pooled_hook(pooled, pooled_scale), with_kwargs=True)
         yield
     finally:
         if handle is not None:

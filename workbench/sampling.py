@@ -25,7 +25,7 @@ from PIL import Image
 from workbench.errors import WorkbenchError
 from workbench.files import atomic_write
 from workbench.models import check_unet_folder
-from workbench.negative import NASA_SCALE, check_scale, negative_away, takes_pooled
+from workbench.negative import NASA_SCALE, check_scale, negative_away, pooled_negative, takes_pooled
 from workbench.schedulers import check_sampler, is_w_conditioned, make_scheduler
 
 # What a swapped-in UNet must share with the pipeline's own for sampling to work.
@@ -106,8 +106,8 @@ def _steering(pipe, negative_prompt: str | None, guidance: float, scale: float):
                                do_classifier_free_guidance=False)  # fmt: skip
     with torch.no_grad():
         encoded = encode(negative_prompt)  # SDXL family: (embeds, _, pooled, _); SD 1.x/2.x: (embeds, _)
-        pooled_away = encoded[2] - encode("")[2] if takes_pooled(pipe.unet) else None
-    return negative_away(pipe.unet, encoded[0], scale, pooled_away), None
+        pooled = pooled_negative(encoded[2], encode("")[2]) if takes_pooled(pipe.unet) else None
+    return negative_away(pipe.unet, encoded[0], scale, pooled), None
 
 
 def _draw(pipe, chunk: list[str], negative_prompt, steps, guidance, height, width, latents) -> list:
