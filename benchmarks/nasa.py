@@ -5,20 +5,22 @@ Guidance-free sampling has no unconditional pass for a negative prompt: a w-cond
 (LCD) student at few LCM steps (``--unet``), or the toy teacher at guidance 1. Each held-out
 toy prompt is drawn once without a negative prompt, then, for every attribute the toy checker
 reads, with the prompt's own word(s) for it as the negative prompt ("red", "circle", "white
-background", "top left", "large"), at each NASA scale. *Named value still seen*: the fraction
-of images that still show the value the negative prompt names (NASA works if it falls below
-the no-negative row); *others right*: the mean accuracy of the four attributes not named
-(they should hold). A last check names a *different* colour than the prompt's: the image's
-colour should stay. Means with 95% intervals (cluster bootstrap over prompts); differences
+background", "top left", "large"), at each NASA scale. *Prompt's value seen*: the fraction
+of images that still show the value the prompt (and the negative prompt) names; NASA works if
+it falls below the no-negative row. *Others right*: the mean accuracy of the four attributes
+not named (they should hold). A last check names a *different* colour than the prompt's:
+the image's colour should stay. Means with 95% intervals (cluster bootstrap over prompts); differences
 to no negative prompt are paired (same samples, same resamples), bold where the interval
 excludes 0.
 
-``--parts`` picks what NASA steers: ``both`` (what ``generate`` does: the cross-attention,
-and the pooled text embedding of SDXL-family UNets), ``attention`` (the cross-attention
-alone, NASA before the pooled steering) or ``pooled`` (the pooled embedding alone).
+``--scales`` lists NASA settings, each ``A/P`` (cross-attention scale A, pooled scale P) or
+one number for both. ``--parts`` picks what NASA steers: ``both`` (what ``generate`` does: the
+cross-attention, and the pooled text embedding of SDXL-family UNets), ``attention`` (the
+cross-attention alone, NASA before the pooled steering) or ``pooled`` (the pooled embedding
+alone).
 
-    OMP_NUM_THREADS=1 python benchmarks/nasa.py [--unet RUN/student --scheduler lcm --steps 4]
-        [--prompts 20] [--seeds 2] [--scales 0.5,1,2] [--parts both]
+    OMP_NUM_THREADS=1 python benchmarks/nasa.py [--unet RUN/student --scheduler lcm --steps 4
+        --guidance 2] [--prompts 20] [--seeds 2] [--scales 0.5/1,0.5/2,1/2] [--parts both]
 """
 
 from __future__ import annotations
@@ -68,7 +70,13 @@ def verdicts(kind: str, seen: list[dict], wanted: list[dict]) -> tuple[np.ndarra
     return named, rest
 
 
-def steering(pipe, unet, negative: str, scale: float, parts: str):
+def parse_scales(text: str) -> list[tuple[float, float]]:
+    """``"0.5/2,1"`` -> ``[(0.5, 2.0), (1.0, 1.0)]``: (cross-attention, pooled) scales."""
+    pairs = [part.split("/") for part in text.split(",")]
+    return [(float(p[0]), float(p[-1])) for p in pairs]
+
+
+def steering(pipe, unet, negative: str, scale: tuple[float, float], parts: str):
     """The benchmark's own NASA context for ``--parts attention|pooled``, built from
     ``workbench.negative`` as ``generate`` builds it."""
     encode = functools.partial(pipe.encode_prompt, device=pipe.device, num_images_per_prompt=1,
@@ -76,7 +84,8 @@ def steering(pipe, unet, negative: str, scale: float, parts: str):
     with torch.no_grad():
         embeds, _, pooled, _ = encode(negative)
         pooled = pooled_negative(pooled, encode("")[2]) if parts == "pooled" else None
-    return negative_away(unet, embeds, scale if parts == "attention" else 0.0, pooled, pooled_scale=scale)
+    attention = scale[0] if parts == "attention" else 0.0
+    return negative_away(unet, embeds, attention, pooled, pooled_scale=scale[1])
 
 
 def draw(pipe, unet, samples, negatives, scale, parts, kw) -> list:
@@ -86,7 +95,8 @@ def draw(pipe, unet, samples, negatives, scale, parts, kw) -> list:
         idx = [i for i, n in enumerate(negatives) if n == negative]
         prompts, seeds = [samples[i].prompt for i in idx], [samples[i].seed for i in idx]
         if negative is None or parts == "both":
-            out = generate(pipe, prompts, seeds, unet=unet, negative_prompt=negative, nasa_scale=scale, **kw)
+            out = generate(pipe, prompts, seeds, unet=unet, negative_prompt=negative, nasa_scale=scale[0],
+                           nasa_pooled_scale=scale[1], **kw)  # fmt: skip
         else:
             with steering(pipe, unet or pipe.unet, negative, scale, parts):
                 out = generate(pipe, prompts, seeds, unet=unet, **kw)
@@ -105,7 +115,9 @@ def main() -> None:
     p.add_argument("--guidance", type=float, default=1.0, help="1: no classifier-free guidance")
     p.add_argument("--prompts", type=int, default=20)
     p.add_argument("--seeds", type=int, default=2)
-    p.add_argument("--scales", default="0.5,1,2")
+    p.add_argument(
+        "--scales", default="0.5/1,0.5/2,1/2", help="A/P (attention/pooled), or one number for both"
+    )
     p.add_argument("--parts", choices=("both", "attention", "pooled"), default="both")
     args = p.parse_args()
     torch.set_flush_denormal(True)
@@ -123,30 +135,32 @@ def main() -> None:
     print(f"{who}, guidance {args.guidance:g}, NASA on {args.parts}, {len(samples)} held-out samples "
           f"({args.prompts} prompts x {args.seeds} seeds); mean [95% interval, cluster bootstrap over prompts]\n")  # fmt: skip
     start = time.time()
-    plain = [
-        checker.describe(im) for im in draw(pipe, unet, samples, [None] * len(samples), 0.0, args.parts, kw)
-    ]
+    none = [None] * len(samples)
+    plain = [checker.describe(im) for im in draw(pipe, unet, samples, none, (0.0, 0.0), args.parts, kw)]
     rows = []
     for kind in KINDS:
         named0, rest0 = verdicts(kind, plain, wanted)
-        rows.append(
-            (
-                f"{kind}: none",
-                ["-", cell(boot.mean(named0).to_dict()), "-", cell(boot.mean(rest0).to_dict()), "-"],
-            )
-        )
+        rows.append((f"{kind}: none", ["-", cell(boot.mean(named0).to_dict()), "-", cell(boot.mean(rest0).to_dict()), "-"]))  # fmt: skip
         negatives = [negative_words(kind, w) for w in wanted]
-        for scale in (float(x) for x in args.scales.split(",")):
+        for scale in parse_scales(args.scales):
             seen = [
                 checker.describe(im) for im in draw(pipe, unet, samples, negatives, scale, args.parts, kw)
             ]
             named, rest = verdicts(kind, seen, wanted)
             rows.append((f"{kind}: {'a different colour' if kind == OTHER_COLOUR else 'its own'}", [
-                f"{scale:g}", cell(boot.mean(named).to_dict()), diff_cell(boot.difference(named, named0).to_dict()),
+                "/".join(f"{x:g}" for x in scale), cell(boot.mean(named).to_dict()),
+                diff_cell(boot.difference(named, named0).to_dict()),
                 cell(boot.mean(rest).to_dict()), diff_cell(boot.difference(rest, rest0).to_dict()),
             ]))  # fmt: skip
         print(f"{kind} done ({time.time() - start:.0f} s)", file=sys.stderr, flush=True)
-    head = ["negative prompt", "NASA scale", "prompt's value seen", "vs none", "others right", "vs none"]
+    head = [
+        "negative prompt",
+        "NASA scales (attention/pooled)",
+        "prompt's value seen",
+        "vs none",
+        "others right",
+        "vs none",
+    ]
     print("\n".join(table(rows, head)))
     print(f"\n({time.time() - start:.0f} s)")
 

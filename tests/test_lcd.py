@@ -86,12 +86,14 @@ def test_compare_takes_a_negative_prompt_per_model():
 
     store = Store()
     args = ("a red circle", "blue", "0", 4, 1.0, None, "lcm", 2)
-    request = compare_tab.validate(store, "sdxl-base", Limits(), *args, " red ", 1.5)
+    request = compare_tab.validate(store, "sdxl-base", Limits(), *args, " red ", 1.5, 0.7)
     assert request.student_kw == {"scheduler": "lcm", "steps": 2, "negative_prompt": "red"}
-    assert request.nasa_scale == 1.5 and request.negative == "blue"
+    assert request.nasa_scale == 1.5 and request.nasa_pooled_scale == 0.7 and request.negative == "blue"
     assert compare_tab.validate(store, "sdxl-base", Limits(), *args).student_kw["negative_prompt"] == "blue"
     with pytest.raises(WorkbenchError, match="NASA scale must be a number from 0 to 2"):
         compare_tab.validate(store, "sdxl-base", Limits(), *args, "", 5)
+    with pytest.raises(WorkbenchError, match="NASA pooled scale must be a number from 0 to 2"):
+        compare_tab.validate(store, "sdxl-base", Limits(), *args, "", 0.5, -1)
 
 
 # --------------------------------------------------------------------------- w-conditioning and the loss

@@ -13,14 +13,17 @@ so features are steered away from what the negative prompt names.
 
 SDXL-family UNets also take the prompt through a *pooled* text embedding (the added
 conditioning ``text_embeds``, summed into the time embedding), which cross-attention never
-sees: on the toy teacher it carries the colour. NASA steers it the same way, by the scale
-times the negative prompt's own direction, its pooled embedding less the empty prompt's:
+sees: on the toy teacher it carries the colour and the background. NASA steers it too, with
+its own scale: it takes out ``pooled_scale`` times the prompt's content along the negative
+prompt's direction, both measured from the empty prompt's pooled embedding e:
 
-    pooled' = pooled - scale * (pooled(negative) - pooled(""))
+    d = (pooled(negative) - e) / |pooled(negative) - e|
+    pooled' = pooled - pooled_scale * ((pooled - e) . d) d
 
-which is what a negative prompt does under classifier-free guidance, where it replaces the
-empty prompt's prediction, taken to first order in the pooled embedding. SD 1.x/2.x have no
-pooled conditioning; there NASA is the cross-attention alone. ``negative_away`` swaps the
+(1: nothing of the negative's direction left; 2: as much again the other way). A negative
+prompt the prompt does not share (another colour) moves it little, unlike subtracting the
+negative's direction outright. SD 1.x/2.x have no pooled conditioning; there NASA is the
+cross-attention alone. ``negative_away`` swaps the
 processors (and the pooled hook) in for a block of code and always puts the UNet's own back.
 """
 
@@ -34,7 +37,10 @@ import torch
 
 from workbench.errors import WorkbenchError
 
-NASA_SCALE = 0.5  # default strength; 0 leaves the output unchanged
+NASA_SCALE = 0.5  # default strength in the cross-attention; 0 leaves the output unchanged
+# Default strength on the pooled embedding: it suppresses there with far less harm to what the
+# negative prompt does not name than the cross-attention does (benchmarks/README.md, NASA).
+NASA_POOLED_SCALE = 2.0
 MAX_NASA_SCALE = 2.0
 
 
