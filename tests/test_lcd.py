@@ -62,6 +62,15 @@ def test_one_step_lcm_sampling_with_the_cli_puts_the_scheduler_back(base, tmp_pa
     assert "1 to 8 steps" in capsys.readouterr().err
 
 
+def test_sample_cli_takes_both_nasa_scales(base, tmp_path, capsys):
+    out = tmp_path / "steered.png"
+    argv = ["sample", "--base", base, "--prompt", "a red circle", "--guidance", "1", "--steps", "2",
+            "--negative-prompt", "red", "--out", str(out)]  # fmt: skip
+    assert main([*argv, "--nasa-scale", "0.5", "--nasa-pooled-scale", "1.5"]) == 0 and out.exists()
+    assert main([*argv, "--nasa-pooled-scale", "3"]) == 2
+    assert "--nasa-pooled-scale must be a number from 0 to 2" in capsys.readouterr().err
+
+
 @pytest.mark.slow
 def test_compare_samples_the_student_with_its_own_scheduler(base):
     from workbench.ui import compare_tab, plan_view
@@ -447,5 +456,11 @@ def test_a_negative_prompt_changes_a_guidance_free_sample(pipe):
         != "NegativeAwayProcessor"
     )
     assert not pipe.unet._forward_pre_hooks  # the pooled steering is gone too
-    off = generate(pipe, ["a red circle"], [0], negative_prompt="red", nasa_scale=0.0, **kw)[0]
-    assert np.array_equal(np.asarray(off), np.asarray(plain))  # scale 0: no negative prompt at all
+    off, pooled_only = (
+        generate(
+            pipe, ["a red circle"], [0], negative_prompt="red", nasa_scale=0.0, nasa_pooled_scale=p, **kw
+        )[0]
+        for p in (0.0, 2.0)
+    )
+    assert np.array_equal(np.asarray(off), np.asarray(plain))  # both scales 0: no negative prompt at all
+    assert not np.array_equal(np.asarray(pooled_only), np.asarray(plain))  # the pooled embedding alone acts
