@@ -38,9 +38,10 @@ import torch
 from workbench.errors import WorkbenchError
 
 NASA_SCALE = 0.5  # default strength in the cross-attention; 0 leaves the output unchanged
-# Default strength on the pooled embedding: it suppresses there with far less harm to what the
-# negative prompt does not name than the cross-attention does (benchmarks/README.md, NASA).
-NASA_POOLED_SCALE = 2.0
+# Default strength on the pooled embedding, where NASA suppresses with far less harm to what the
+# negative prompt does not name than in the cross-attention; on the toy, 1.5 takes the named
+# colour out of 78-82% of images while the other attributes hold (benchmarks/README.md, NASA).
+NASA_POOLED_SCALE = 1.5
 MAX_NASA_SCALE = 2.0
 
 
