@@ -66,6 +66,15 @@ def test_one_step_lcm_sampling_with_the_cli_puts_the_scheduler_back(base, tmp_pa
     assert main([*argv[:-2], "--out", str(out)]) == 0  # no --steps: LCM's default (4), not 20
 
 
+def test_sample_cli_takes_both_nasa_scales(base, tmp_path, capsys):
+    out = tmp_path / "steered.png"
+    argv = ["sample", "--base", base, "--prompt", "a red circle", "--guidance", "1", "--steps", "2",
+            "--negative-prompt", "red", "--out", str(out)]  # fmt: skip
+    assert main([*argv, "--nasa-scale", "0.5", "--nasa-pooled-scale", "1.5"]) == 0 and out.exists()
+    assert main([*argv, "--nasa-pooled-scale", "3"]) == 2
+    assert "--nasa-pooled-scale must be a number from 0 to 2" in capsys.readouterr().err
+
+
 @pytest.mark.slow
 def test_compare_samples_the_student_with_its_own_scheduler(base):
     from workbench.ui import compare_tab, plan_view
@@ -90,12 +99,14 @@ def test_compare_takes_a_negative_prompt_per_model():
 
     store = Store()
     args = ("a red circle", "blue", "0", 4, 1.0, None, "lcm", 2)
-    request = compare_tab.validate(store, "sdxl-base", Limits(), *args, " red ", 1.5)
+    request = compare_tab.validate(store, "sdxl-base", Limits(), *args, " red ", 1.5, 0.7)
     assert request.student_kw == {"scheduler": "lcm", "steps": 2, "negative_prompt": "red"}
-    assert request.nasa_scale == 1.5 and request.negative == "blue"
+    assert request.nasa_scale == 1.5 and request.nasa_pooled_scale == 0.7 and request.negative == "blue"
     assert compare_tab.validate(store, "sdxl-base", Limits(), *args).student_kw["negative_prompt"] == "blue"
     with pytest.raises(WorkbenchError, match="NASA scale must be a number from 0 to 2"):
         compare_tab.validate(store, "sdxl-base", Limits(), *args, "", 5)
+    with pytest.raises(WorkbenchError, match="NASA pooled scale must be a number from 0 to 2"):
+        compare_tab.validate(store, "sdxl-base", Limits(), *args, "", 0.5, -1)
 
 
 # --------------------------------------------------------------------------- w-conditioning and the loss
@@ -451,6 +462,69 @@ def test_nasa_steers_cross_attention_and_puts_the_processors_back(lcd_parts):
         check_scale(-1.0)
 
 
+def test_pooled_steering_takes_out_the_prompts_content_along_the_negative():
+    from workbench.negative import pooled_negative
+
+    gen = torch.Generator().manual_seed(3)
+    empty, negative, other = (torch.randn(1, 8, generator=gen) for _ in range(3))
+    d = (negative - empty) / (negative - empty).norm()
+    aside = other - ((other - empty) @ d.T) * d  # content orthogonal to the negative's direction
+    pooled = torch.cat([aside + 2.0 * d, aside])
+    neg = pooled_negative(negative, empty)
+    assert torch.allclose(neg.steer(pooled, 0.0), pooled)  # scale 0: off
+    assert torch.allclose(neg.steer(pooled, 1.0), torch.cat([aside, aside]), atol=1e-5)  # none left
+    assert torch.allclose(neg.steer(pooled, 2.0)[0], aside - 2.0 * d, atol=1e-5)  # as much the other way
+    with pytest.raises(WorkbenchError, match="one text encoder"):
+        pooled_negative(negative, torch.zeros(1, 4))
+
+
+def test_nasa_steers_the_pooled_embedding_of_sdxl_unets(lcd_parts):
+    from workbench.negative import negative_away, pooled_negative
+
+    _, student, _, batch = lcd_parts
+    student = __import__("copy").deepcopy(student).eval()
+    x, text = batch["consistency"]["latents"], batch["consistency"]["cond"]
+    t, w = torch.tensor([500, 500]), guidance_embedding(torch.tensor([2.0, 2.0]), 256)
+    gen = torch.Generator().manual_seed(2)
+    negative = torch.randn(1, 4, 16, generator=gen)
+    pooled = pooled_negative(torch.randn(1, 8, generator=gen), torch.randn(1, 8, generator=gen))
+    added = text["added_cond_kwargs"]
+    shifted = text | {"added_cond_kwargs": added | {"text_embeds": pooled.steer(added["text_embeds"], 1.5)}}
+    with torch.no_grad():
+        plain = student(x, t, timestep_cond=w, **text).sample
+        with negative_away(student, negative, 0.0, pooled):
+            off = student(x, t, timestep_cond=w, **text).sample
+        with negative_away(student, negative, 1.5):
+            attention_only = student(x, t, timestep_cond=w, **text).sample
+            by_hand = student(x, t, timestep_cond=w, **shifted).sample
+        with negative_away(student, negative, 1.5, pooled):
+            both = student(x, t, timestep_cond=w, **text).sample
+        with negative_away(student, negative, 0.0, pooled, pooled_scale=1.5):
+            pooled_only = student(x, t, timestep_cond=w, **text).sample
+    assert torch.allclose(off, plain, atol=1e-6)  # scale 0: off, the pooled embedding too
+    assert (both - attention_only).abs().max() > 1e-3  # the pooled embedding is steered
+    assert torch.allclose(both, by_hand, atol=1e-5)  # ... by PooledNegative.steer, at the scale
+    assert (pooled_only - plain).abs().max() > 1e-3 and (pooled_only - both).abs().max() > 1e-3
+    assert not student._forward_pre_hooks  # the hook is gone afterwards
+    with (
+        pytest.raises(WorkbenchError, match="added_cond_kwargs"),
+        negative_away(student, negative, 1.0, pooled),
+    ):
+        student(x, t, text["encoder_hidden_states"], timestep_cond=w)
+    assert not student._forward_pre_hooks  # gone after an error too
+
+
+def test_nasa_refuses_a_pooled_direction_for_a_unet_without_one(tiny_sd15_teacher):
+    from workbench.negative import negative_away, pooled_negative, takes_pooled
+
+    assert not takes_pooled(tiny_sd15_teacher)
+    with pytest.raises(WorkbenchError, match="no pooled text embedding"):
+        with negative_away(
+            tiny_sd15_teacher, torch.zeros(1, 4, 16), 1.0, pooled_negative(*torch.ones(2, 1, 8))
+        ):
+            pass
+
+
 def test_a_negative_prompt_changes_a_guidance_free_sample(pipe):
     from workbench.sampling import generate
 
@@ -464,6 +538,15 @@ def test_a_negative_prompt_changes_a_guidance_free_sample(pipe):
         type(pipe.unet.attn_processors[next(iter(pipe.unet.attn_processors))]).__name__
         != "NegativeAwayProcessor"
     )
+    assert not pipe.unet._forward_pre_hooks  # the pooled steering is gone too
+    off, pooled_only = (
+        generate(
+            pipe, ["a red circle"], [0], negative_prompt="red", nasa_scale=0.0, nasa_pooled_scale=p, **kw
+        )[0]
+        for p in (0.0, 2.0)
+    )
+    assert np.array_equal(np.asarray(off), np.asarray(plain))  # both scales 0: no negative prompt at all
+    assert not np.array_equal(np.asarray(pooled_only), np.asarray(plain))  # the pooled embedding alone acts
 
 
 def test_a_failed_unet_swap_puts_the_scheduler_back(pipe):

@@ -104,6 +104,15 @@ def test_samples_the_same_noise_through_teacher_and_student(sd):
     assert one[0].tobytes() != other[0].tobytes()
 
 
+def test_a_negative_prompt_without_guidance_steers_the_cross_attention_alone(sd):
+    pipe = load_pipeline(sd)  # no pooled text embedding: NASA is the cross-attention only
+    kw = {"steps": 2, "guidance": 1.0, "height": 32, "width": 32}
+    plain, steered = (
+        generate(pipe, ["a red circle"], [0], negative_prompt=n, **kw)[0] for n in (None, "red")
+    )
+    assert plain.tobytes() != steered.tobytes() and not pipe.unet._forward_pre_hooks
+
+
 def test_the_ui_loads_applies_bk_sdm_and_compares(sd):
     store = Store()
     view = plan_view.new_view("toy", 64)
@@ -114,7 +123,10 @@ def test_the_ui_loads_applies_bk_sdm_and_compares(sd):
     teacher, student, summary = compare_tab.compare(
         store, Limits(), view, plan, "a red circle", "", "3", 1, 2.0, 32
     )
-    assert len(teacher) == len(student) == 1 and teacher[0][0].size == student[0][0].size == (256, 256)  # 32 px shown 8x, pixel for pixel
+    assert len(teacher) == len(student) == 1 and teacher[0][0].size == student[0][0].size == (
+        256,
+        256,
+    )  # 32 px shown 8x, pixel for pixel
     assert f"{len(TINY)} units removed" in summary
 
 

@@ -9,20 +9,39 @@ before the output projection:
 
     out = W (softmax(Q K+^T / sqrt(d)) V+  -  scale * softmax(Q K-^T / sqrt(d)) V-) + b
 
-so features are steered away from what the negative prompt names. ``negative_away`` swaps
-the processors in for a block of code and always puts the UNet's own back.
+so features are steered away from what the negative prompt names.
+
+SDXL-family UNets also take the prompt through a *pooled* text embedding (the added
+conditioning ``text_embeds``, summed into the time embedding), which cross-attention never
+sees: on the toy teacher it carries the colour and the background. NASA steers it too, with
+its own scale: it takes out ``pooled_scale`` times the prompt's content along the negative
+prompt's direction, both measured from the empty prompt's pooled embedding e:
+
+    d = (pooled(negative) - e) / |pooled(negative) - e|
+    pooled' = pooled - pooled_scale * ((pooled - e) . d) d
+
+(1: nothing of the negative's direction left; 2: as much again the other way). A negative
+prompt the prompt does not share (another colour) moves it little, unlike subtracting the
+negative's direction outright. SD 1.x/2.x have no pooled conditioning; there NASA is the
+cross-attention alone. ``negative_away`` swaps the
+processors (and the pooled hook) in for a block of code and always puts the UNet's own back.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 
 import torch
 
 from workbench.errors import WorkbenchError
 
-NASA_SCALE = 0.5  # default strength; 0 leaves the output unchanged
+NASA_SCALE = 0.5  # default strength in the cross-attention; 0 leaves the output unchanged
+# Default strength on the pooled embedding, where NASA suppresses with far less harm to what the
+# negative prompt does not name than in the cross-attention; on the toy, 1.5 takes the named
+# colour out of 78-82% of images while the other attributes hold (benchmarks/README.md, NASA).
+NASA_POOLED_SCALE = 1.5
 MAX_NASA_SCALE = 2.0
 
 
@@ -53,10 +72,70 @@ class NegativeAwayProcessor:
         return out - self.scale * away
 
 
+def takes_pooled(unet) -> bool:
+    """Whether ``unet`` takes a pooled text embedding (SDXL's added conditioning ``text_embeds``)."""
+    return unet.config.get("addition_embed_type") == "text_time"
+
+
+@dataclass(frozen=True)
+class PooledNegative:
+    """A negative prompt in the pooled text embedding: its pooled embedding and the empty
+    prompt's, (1, D) each."""
+
+    negative: torch.Tensor
+    empty: torch.Tensor
+
+    def steer(self, pooled: torch.Tensor, scale: float) -> torch.Tensor:
+        """``pooled`` (B, D) with ``scale`` x its content along the negative prompt's direction
+        taken out (scale 1: none left; 2: as much again the other way)."""
+        empty = self.empty.to(pooled.device, pooled.dtype)
+        direction = self.negative.to(pooled.device, pooled.dtype) - empty
+        direction = direction / direction.norm(dim=-1, keepdim=True).clamp_min(1e-12)
+        content = ((pooled - empty) * direction).sum(-1, keepdim=True)  # (B, 1)
+        return pooled - scale * content * direction
+
+
+def pooled_negative(negative: torch.Tensor, empty: torch.Tensor) -> PooledNegative:
+    if negative.shape[-1] != empty.shape[-1]:
+        raise WorkbenchError(
+            f"pooled embeddings of {negative.shape[-1]} and {empty.shape[-1]} values; give one text encoder's"
+        )
+    return PooledNegative(negative.detach(), empty.detach())
+
+
+def _pooled_hook(pooled: PooledNegative, scale: float):
+    """A forward pre-hook that steers ``added_cond_kwargs["text_embeds"]`` away from ``pooled``."""
+
+    def hook(_unet, args, kwargs):
+        added = kwargs.get("added_cond_kwargs")
+        if not added or "text_embeds" not in added:
+            raise WorkbenchError(
+                "NASA steers the pooled text embedding: call the UNet with added_cond_kwargs={'text_embeds': ...}"
+            )
+        return args, kwargs | {
+            "added_cond_kwargs": added | {"text_embeds": pooled.steer(added["text_embeds"], scale)}
+        }
+
+    return hook
+
+
 @contextmanager
-def negative_away(unet, negative: torch.Tensor, scale: float) -> Iterator[None]:
+def negative_away(
+    unet,
+    negative: torch.Tensor,
+    scale: float,
+    pooled: PooledNegative | None = None,
+    pooled_scale: float | None = None,
+) -> Iterator[None]:
     """NASA on every cross-attention of ``unet`` (processors named ``...attn2.processor``)
-    while the block runs; the UNet's own processors are put back afterwards, even on error."""
+    while the block runs, and with ``pooled`` on the pooled text embedding too, at
+    ``pooled_scale`` (default: ``scale``); the UNet's own processors are put back
+    afterwards, even on error."""
+    pooled_scale = scale if pooled_scale is None else pooled_scale
+    if pooled is not None and not takes_pooled(unet):
+        raise WorkbenchError(
+            "this UNet takes no pooled text embedding (SD 1.x/2.x): give NASA no pooled negative"
+        )
     original = unet.attn_processors
     for name in original:
         if name.endswith("attn2.processor"):
@@ -67,7 +146,12 @@ def negative_away(unet, negative: torch.Tensor, scale: float) -> Iterator[None]:
         name: NegativeAwayProcessor(p, negative, scale) if name.endswith("attn2.processor") else p
         for name, p in original.items()
     })  # fmt: skip
+    handle = None
     try:
+        if pooled is not None and pooled_scale != 0:
+            handle = unet.register_forward_pre_hook(_pooled_hook(pooled, pooled_scale), with_kwargs=True)
         yield
     finally:
+        if handle is not None:
+            handle.remove()
         unet.set_attn_processor(original)

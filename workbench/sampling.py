@@ -26,7 +26,14 @@ from PIL import Image
 from workbench.errors import WorkbenchError
 from workbench.files import atomic_write
 from workbench.models import check_unet_folder
-from workbench.negative import NASA_SCALE, check_scale, negative_away
+from workbench.negative import (
+    NASA_POOLED_SCALE,
+    NASA_SCALE,
+    check_scale,
+    negative_away,
+    pooled_negative,
+    takes_pooled,
+)
 from workbench.schedulers import check_sampler, is_w_conditioned, make_scheduler
 
 # What a swapped-in UNet must share with the pipeline's own for sampling to work.
@@ -62,12 +69,14 @@ def generate(
     batch_size: int = 16,
     scheduler: str = "default",
     nasa_scale: float = NASA_SCALE,
+    nasa_pooled_scale: float = NASA_POOLED_SCALE,
 ) -> list[Image.Image]:
     """One image per (prompt, seed); with ``unet``, that UNet runs in place of the
     pipeline's own, with ``scheduler`` in place of its scheduler (both are put back
     afterwards, even on error). A negative prompt goes into classifier-free guidance; when
     sampling is guidance-free (a w-conditioned student, or guidance <= 1) it goes into the
-    cross-attention instead (NASA, ``workbench.negative``) with ``nasa_scale``."""
+    cross-attention instead (NASA, ``workbench.negative``) with ``nasa_scale``, and for an
+    SDXL-family UNet into its pooled text embedding with ``nasa_pooled_scale``."""
     if len(prompts) != len(seeds):
         raise ValueError(f"{len(prompts)} prompts but {len(seeds)} seeds; give one seed per prompt")
     check_sampler(scheduler, steps)
@@ -83,7 +92,7 @@ def generate(
                 # diffusers warns about every dtype cast through .to().
                 unet = copy.deepcopy(unet).to(device=original.device, dtype=original.dtype)
             pipe.unet = unet
-        steer, negative_prompt = _steering(pipe, negative_prompt, guidance, nasa_scale)
+        steer, negative_prompt = _steering(pipe, negative_prompt, guidance, nasa_scale, nasa_pooled_scale)
         images: list[Image.Image] = []
         with steer:
             for start in range(0, len(prompts), batch_size):
@@ -95,15 +104,20 @@ def generate(
         pipe.unet, pipe.scheduler = original, original_scheduler
 
 
-def _steering(pipe, negative_prompt: str | None, guidance: float, scale: float):
+def _steering(pipe, negative_prompt: str | None, guidance: float, scale: float, pooled_scale: float):
     """(context to sample in, negative prompt for the pipeline): guidance-free sampling (a
     w-conditioned UNet, or guidance <= 1) has no unconditional pass, so NASA takes the
-    negative prompt into the cross-attention; guided sampling passes it to the pipeline."""
+    negative prompt into the cross-attention and, for SDXL-family UNets, the pooled text
+    embedding; guided sampling passes it to the pipeline."""
     if not negative_prompt or not (is_w_conditioned(pipe.unet) or guidance <= 1):
         return contextlib.nullcontext(), negative_prompt
+    scale, pooled_scale = check_scale(scale), check_scale(pooled_scale, "NASA pooled scale")
+    encode = functools.partial(pipe.encode_prompt, device=pipe.device, num_images_per_prompt=1,
+                               do_classifier_free_guidance=False)  # fmt: skip
     with torch.no_grad():
-        embeds = pipe.encode_prompt(negative_prompt, device=pipe.device, do_classifier_free_guidance=False)[0]
-    return negative_away(pipe.unet, embeds, check_scale(scale)), None
+        encoded = encode(negative_prompt)  # SDXL family: (embeds, _, pooled, _); SD 1.x/2.x: (embeds, _)
+        pooled = pooled_negative(encoded[2], encode("")[2]) if takes_pooled(pipe.unet) else None
+    return negative_away(pipe.unet, encoded[0], scale, pooled, pooled_scale), None
 
 
 def _draw(pipe, chunk: list[str], negative_prompt, steps, guidance, height, width, latents) -> list:

@@ -10,7 +10,7 @@ import torch
 from workbench.commands._common import add_base
 from workbench.errors import WorkbenchError
 from workbench.models import check_unet_folder, load_pipeline, resolve_base
-from workbench.negative import NASA_SCALE, check_scale
+from workbench.negative import NASA_POOLED_SCALE, NASA_SCALE, check_scale
 from workbench.schedulers import check_sampler
 
 _IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp")
@@ -23,11 +23,18 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--negative-prompt", default=None,
         help="what to steer away from (optional); guidance-free sampling (a w-conditioned student, or "
-        "--guidance 1) takes it in the cross-attention (NASA, --nasa-scale)",
+        "--guidance 1) takes it in the cross-attention and the pooled text embedding (NASA, --nasa-scale, "
+        "--nasa-pooled-scale)",
     )  # fmt: skip
     p.add_argument(
         "--nasa-scale", type=float, default=NASA_SCALE,
-        help=f"how hard guidance-free sampling steers away from the negative prompt (0-2, default {NASA_SCALE:g})",
+        help=f"how hard guidance-free sampling steers the cross-attention away from the negative prompt "
+        f"(0-2, default {NASA_SCALE:g})",
+    )  # fmt: skip
+    p.add_argument(
+        "--nasa-pooled-scale", type=float, default=NASA_POOLED_SCALE,
+        help="how hard it steers the pooled text embedding (SDXL family; 0-2, default "
+        f"{NASA_POOLED_SCALE:g}: 1 takes out the prompt's content along the negative prompt's)",
     )  # fmt: skip
     p.add_argument("--seed", type=int, default=0, help="noise seed (default 0)")
     p.add_argument(
@@ -60,6 +67,7 @@ def validate(args: argparse.Namespace) -> None:
         args.steps = 4 if args.scheduler == "lcm" else 20
     check_sampler(args.scheduler, args.steps)
     check_scale(args.nasa_scale, "--nasa-scale")
+    check_scale(args.nasa_pooled_scale, "--nasa-pooled-scale")
     if args.guidance is not None and args.guidance < 0:
         raise WorkbenchError(f"--guidance must be >= 0 (1 or less disables guidance), got {args.guidance}")
     if args.unet:  # before any model loads: a wrong --unet fails in a blink
@@ -86,6 +94,7 @@ def run(args: argparse.Namespace) -> int:
         unet=unet,
         scheduler=args.scheduler,
         nasa_scale=args.nasa_scale,
+        nasa_pooled_scale=args.nasa_pooled_scale,
     )
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -16,7 +16,7 @@ import gradio as gr
 
 from workbench.cost import latent_size
 from workbench.errors import WorkbenchError
-from workbench.negative import MAX_NASA_SCALE, NASA_SCALE, check_scale
+from workbench.negative import MAX_NASA_SCALE, NASA_POOLED_SCALE, NASA_SCALE, check_scale
 from workbench.schedulers import SCHEDULERS, check_sampler
 from workbench.ui import format as fmt
 from workbench.ui.settings import Limits
@@ -43,6 +43,7 @@ class Request:
     student_steps: int | None = None  # None: the teacher's steps
     student_negative: str | None = None  # None: the teacher's negative prompt
     nasa_scale: float = NASA_SCALE  # a negative prompt of guidance-free sampling steers the attention
+    nasa_pooled_scale: float = NASA_POOLED_SCALE  # ... and the pooled text embedding (SDXL family)
 
     @property
     def student_kw(self) -> dict[str, Any]:
@@ -90,6 +91,7 @@ def validate(
     student_steps: Any = None,
     student_negative: str = "",
     nasa_scale: Any = NASA_SCALE,
+    nasa_pooled_scale: Any = NASA_POOLED_SCALE,
 ) -> Request:
     """Check every field before any model is touched. The student samples with its own
     scheduler (``schedulers.SCHEDULERS``) and steps (empty: the teacher's)."""
@@ -112,6 +114,9 @@ def validate(
     return Request(
         student_negative=(student_negative or "").strip() or None,
         nasa_scale=check_scale(_number(nasa_scale, "NASA scale", float)),
+        nasa_pooled_scale=check_scale(
+            _number(nasa_pooled_scale, "NASA pooled scale", float), "NASA pooled scale"
+        ),
         student_scheduler=student_scheduler,
         student_steps=own_steps,
         prompt=prompt.strip(),
@@ -161,13 +166,14 @@ def compare(
     student_steps: Any = None,
     student_negative: str = "",
     nasa_scale: Any = NASA_SCALE,
+    nasa_pooled_scale: Any = NASA_POOLED_SCALE,
 ) -> tuple[list, list, str]:
     """(teacher images, student images, summary Markdown), each image captioned with its time."""
     from workbench.sampling import generate  # imports diffusers pipelines: only when sampling
 
     name = view["base"]
     request = validate(store, name, limits, prompt, negative, seeds, steps, guidance, size,
-                       student_scheduler, student_steps, student_negative, nasa_scale)  # fmt: skip
+                       student_scheduler, student_steps, student_negative, nasa_scale, nasa_pooled_scale)  # fmt: skip
     report = ProgressAdapter(progress) if progress is not None else (lambda *a, **k: None)
     pipe = store.pipeline(name, ProgressAdapter(report, 0.0, 0.05))  # says so if there are no weights
     student, spec = store.student(name, plan, ProgressAdapter(report, 0.05, 0.1))
@@ -178,6 +184,7 @@ def compare(
         "height": request.size,
         "width": request.size,
         "nasa_scale": request.nasa_scale,
+        "nasa_pooled_scale": request.nasa_pooled_scale,
     }
     teacher_out, student_out = [], []
     total = 2 * len(request.seeds)
@@ -256,7 +263,7 @@ def build(ctx: Shared) -> None:
                 student_negative = gr.Textbox(
                     label="Student negative prompt", placeholder="empty: the same", elem_id="wb-student-negative",
                     info="a guidance-free student (w-conditioned, or guidance <= 1) takes it in its "
-                    "cross-attention (NASA)",
+                    "cross-attention and pooled text embedding (NASA)",
                 )  # fmt: skip
         with gr.Column(scale=1):
             seeds = gr.Textbox(
@@ -291,7 +298,12 @@ def build(ctx: Shared) -> None:
             )  # fmt: skip
             nasa_scale = gr.Slider(
                 0, MAX_NASA_SCALE, value=NASA_SCALE, step=0.1, label="NASA scale", elem_id="wb-nasa-scale",
-                info="how hard guidance-free sampling steers away from the negative prompt",
+                info="how hard guidance-free sampling steers the cross-attention away from the negative prompt",
+            )  # fmt: skip
+            nasa_pooled_scale = gr.Slider(
+                0, MAX_NASA_SCALE, value=NASA_POOLED_SCALE, step=0.1, label="NASA pooled scale",
+                elem_id="wb-nasa-pooled-scale",
+                info="... and the pooled text embedding (SDXL family; 1: none of the negative's direction left)",
             )  # fmt: skip
     go = gr.Button("Generate teacher and student", variant="primary")
     summary = gr.Markdown(elem_id="wb-compare-summary")
@@ -310,8 +322,8 @@ def build(ctx: Shared) -> None:
     store = ctx.store
 
     @inline_errors(n_outputs=3, status_at=2)
-    def on_generate(view, plan, p, n, s, st, g, sz, sch, sst, sn, ns, progress=gr.Progress()):
-        return compare(store, limits, view, plan, p, n, s, st, g, sz, progress, sch, sst, sn, ns)
+    def on_generate(view, plan, p, n, s, st, g, sz, sch, sst, sn, ns, nps, progress=gr.Progress()):
+        return compare(store, limits, view, plan, p, n, s, st, g, sz, progress, sch, sst, sn, ns, nps)
 
     size_base = gr.State(None)  # the model the image size was chosen for
 
@@ -343,5 +355,6 @@ def build(ctx: Shared) -> None:
         student_steps,
         student_negative,
         nasa_scale,
+        nasa_pooled_scale,
     ]
     go.click(on_generate, inputs, [teacher, student, summary], api_visibility="private", **ctx.model_event())
