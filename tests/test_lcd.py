@@ -355,6 +355,8 @@ def test_lcd_run_resumes_exactly_and_exports_a_w_conditioned_student(base, tmp_p
     for step, value in reference.items():
         assert resumed[step] == pytest.approx(value, abs=1e-6), step
     run = RunDir(tmp_path / "straight")
+    card = (run.student / "README.md").read_text()
+    assert "by latent consistency distillation" in card and "output KD" not in card  # an LCD-only recipe
     unet, info = UNet2DConditionModel.from_pretrained(run.student, output_loading_info=True)
     assert all(not v for v in info.values()) and unet.config.time_cond_proj_dim == 256
     assert list(run.samples.glob("step_*.png"))

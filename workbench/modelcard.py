@@ -222,11 +222,15 @@ def _distillation(student: Student) -> str:
                 f" Frozen while distilling (the most sensitive layers): {', '.join(final['frozen_modules'])}."
             )
     stages = len(c.get("stages", ()))
+    kinds = list(c.get("objectives") or ["kd"] * stages)
     staged = f" in {stages} progressive stages" if stages > 1 else ""
-    if "lcd" in c.get("objectives", ()):
+    if c.get("init_student"):
+        staged += " from a student distilled earlier"
+    if "lcd" in kinds:
         staged += (
-            f"; the last stage latent consistency distillation (guided teacher, DDIM solver, EMA target "
-            f"{c.get('lcd_ema')}, {c.get('lcd_loss')} loss)"
+            f"; {'the last stage' if stages > 1 else 'by'} latent consistency distillation (guided teacher, "
+            f"DDIM solver, EMA target {c.get('lcd_ema')}, {c.get('lcd_loss')} loss"
+            f"{', LCM-LoRA rank ' + str(c['lcd_lora_rank']) if c.get('lcd_lora_rank') else ''})"
         )
         if c.get("lcd_reward"):
             from workbench.reward import public_name
@@ -235,12 +239,19 @@ def _distillation(student: Student) -> str:
                 f", reward-guided (RG-LCD): {c.get('lcd_reward_weight')} x the mean reward of the one-step "
                 f"prediction by {public_name(c['lcd_reward'])} subtracted from the loss"
             )
+    kd_loss = (
+        ""
+        if "kd" not in kinds
+        else (
+            f"; {'block-removal stages: ' if 'lcd' in kinds else ''}loss = {c.get('w_task')} x task + "
+            f"{c.get('w_out')} x output KD + {c.get('w_feat')} x `{c.get('feature_mode')}` feature KD"
+        )
+    )
     return (
         "## Distillation\n\n"
         f"{_steps(student)} optimizer steps{staged} on `{_data_name(c.get('data', 'toy'))}` data, batch "
         f"{c.get('batch_size')} x {c.get('grad_accum')} accumulation, learning rate {c.get('lr')} "
-        f"({c.get('lr_schedule')}), precision {c.get('mixed_precision')}; loss = {c.get('w_task')} x task "
-        f"+ {c.get('w_out')} x output KD + {c.get('w_feat')} x `{c.get('feature_mode')}` feature KD.{guided}\n\n"
+        f"({c.get('lr_schedule')}), precision {c.get('mixed_precision')}{kd_loss}.{guided}\n\n"
         f"Final losses (step {last.get('step', '?')}):\n\n| term | value |\n|---|---|\n{losses}"
     )
 
