@@ -16,7 +16,7 @@ the teacher paired. Then the latency of one image, end to end (text encoders, ev
 VAE decode), interleaved on this CPU. Scores of each row are kept in ``OUT/scores/`` so a re-run
 draws only what is new.
 
-    OMP_NUM_THREADS=1 python benchmarks/lcd.py [--steps 400] [--lcd-steps 400] [--prompts 81] [--seeds 3]
+    OMP_NUM_THREADS=1 python benchmarks/lcd.py [--steps 400] [--lcd-steps 400] [--prompts 81] [--seeds 8]
 """
 
 from __future__ import annotations
