@@ -149,6 +149,36 @@ class DistillConfig:
         return [PruningPlan.from_dict(s, origin=f"stage {i + 1} plan") for i, s in enumerate(self.stages)]
 
 
+# --------------------------------------------------------------------------- stage lists
+
+LCD_STAGE = "lcd"  # in a stage list: consistency distillation on the plan before it
+
+
+def stage_fields(names: list[Any], objective: str | None = None) -> dict[str, Any]:
+    """``stages`` (plans) and ``objectives`` of a stage list (``--stages``, the app's form):
+    preset names, plan files or ``PruningPlan`` values, and ``lcd``, which repeats the plan
+    before it as a latent consistency distillation stage. ``objective`` (with one plan) says
+    what that stage optimises."""
+    from workbench.presets import load_preset
+
+    plans, kinds = [], []
+    for name in names:
+        if name == LCD_STAGE:
+            if not plans:
+                raise ConfigError("stages", "{field}: lcd needs a plan before it, e.g. segmind-vega,lcd")
+            plans.append(plans[-1])
+            kinds.append("lcd")
+        else:
+            plans.append((name if isinstance(name, PruningPlan) else load_preset(name)).to_dict())
+            kinds.append("kd")
+    if objective is not None:
+        kinds = [objective]
+    fields: dict[str, Any] = {"stages": tuple(plans)}
+    if any(k != "kd" for k in kinds):
+        fields["objectives"] = tuple(kinds)
+    return fields
+
+
 # --------------------------------------------------------------------------- field checks
 
 # whole-number fields: (smallest valid value, what a valid value is)
