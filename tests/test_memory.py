@@ -309,6 +309,7 @@ def test_cli_estimates_an_lcd_stage(tiny_base, capsys):
     assert "lcd needs a plan before it" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_stage_peaks_are_reused_where_nothing_a_step_reads_changed(plain, lcd, tiny_base):
     again = memory.estimate(
         dataclasses.replace(_config(tiny_base), steps=5, seed=3), target="cpu"
