@@ -268,3 +268,13 @@ def test_lcd_options_without_an_lcd_stage(base, tmp_path):
                                       Limits(), tmp_path)  # fmt: skip
     assert "LCM-LoRA rank" in html.unescape(message) and not any(tmp_path.iterdir())
     assert dt.stage_names("a, lcd", lcd=True) == ["a", "lcd"] and dt.stage_names("", lcd=True) == ["lcd"]
+
+
+def test_a_number_too_large_for_a_float_is_named_not_missing(base, tmp_path):
+    """1e400 is Infinity in the page; FINITE_JS sends it as text, not as an empty box."""
+    for key, value in (("lr", "Infinity"), ("steps", "Infinity"), ("lcd_guidance_max", "-Infinity")):
+        message, _ = dt.launch_or_explain(Store(), {"base": base}, [], "koala-700m", "", "", _values(**{key: value}),
+                                          Limits(), tmp_path, lcd=True)  # fmt: skip
+        text = html.unescape(message)
+        assert f"{dt.LABELS[key]} is not a finite number" in text and "missing" not in text, text
+    assert dt.form_fields({"data": "NaN"})["data"] == "NaN"  # text boxes keep their text

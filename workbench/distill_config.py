@@ -240,11 +240,19 @@ def _is_real(value: Any) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
+def _check_finite(field: str, value: Any, kind: str) -> None:
+    if isinstance(value, float) and not math.isfinite(value):
+        raise ConfigError(
+            field, f"{{field}} is not a finite number (got {{got}}: too large?); give {kind}", got=value
+        )
+
+
 def check_whole(field: str, value: Any) -> None:
     low, text = WHOLE[field]
     kind = text if text.startswith("a whole number") else f"a whole number {text}"
     if value is None:
         raise ConfigError(field, f"{{field}} is missing; give {kind}")
+    _check_finite(field, value, kind)
     if not _is_whole(value):
         raise ConfigError(field, f"{{field}} must be {kind}, got {{got!r}}", got=value)
     if value < low:
@@ -257,6 +265,7 @@ def check_real(field: str, value: Any) -> None:
     low, low_ok, high, text = REAL[field]
     if value is None:
         raise ConfigError(field, f"{{field}} is missing; give a number {text}")
+    _check_finite(field, value, f"a number {text}")
     if not _is_real(value):
         raise ConfigError(field, f"{{field}} must be a number {text}, got {{got!r}}", got=value)
     if value < low or (value == low and not low_ok) or (high is not None and value >= high):

@@ -286,7 +286,7 @@ def build(ctx: Shared) -> None:
                 info="lcm: consistency-distilled students, 1-8 steps",
             )  # fmt: skip
             student_steps = gr.Number(
-                label="Student steps", value=None, precision=0, elem_id="wb-student-steps",
+                label="Student steps", value=None, elem_id="wb-student-steps",  # no precision: it shows None as 0
                 info="empty: the teacher's steps",
             )  # fmt: skip
             nasa_scale = gr.Slider(

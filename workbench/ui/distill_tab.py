@@ -36,7 +36,7 @@ from workbench.presets import check_name, list_presets, load_preset
 from workbench.runs import ACTIVE, RunDir, effective_state, list_runs, read_metrics
 from workbench.ui import format as fmt
 from workbench.ui.settings import Limits
-from workbench.ui.shared import Shared, inline_errors, plot, user_errors
+from workbench.ui.shared import FINITE_JS, NON_FINITE, Shared, inline_errors, plot, user_errors
 from workbench.ui.store import Store
 
 CURRENT_PLAN = "(current plan)"
@@ -66,6 +66,10 @@ FORM_KEYS = ("steps", "toy_samples", "batch_size", "lr", "w_task", "w_out", "w_f
 APP_DEFAULTS = {"steps": 200, "toy_samples": 512, "sample_every": 50, "checkpoint_every": 50}
 FORM_DEFAULTS = {k: v for k, v in (DistillConfig.defaults() | APP_DEFAULTS).items() if k in FORM_KEYS}
 OPTIONAL = {k for k, v in FORM_DEFAULTS.items() if v is None}  # empty box: the run's default (None)
+# the fields a number box sets (not a choice, not text)
+NUMBERS = {
+    k for k in FORM_KEYS if k not in CHOICES and "str" not in str(DistillConfig.__dataclass_fields__[k].type)
+}
 LCD_LABEL = "End with an LCD stage (few-step student)"
 # What the page calls each option: the form's labels, and the boxes that set the others.
 LABELS = {
@@ -100,6 +104,8 @@ def form_fields(form: dict[str, Any]) -> dict[str, Any]:
             fields[key] = int(value)
         if key in OPTIONAL and isinstance(value, str) and not value.strip():
             fields[key] = None  # an empty text box: the run's default
+        if key in NUMBERS and value in NON_FINITE:  # a number box beyond float (FINITE_JS)
+            fields[key] = float(value)
     return fields
 
 
@@ -519,9 +525,9 @@ def _box(key: str, info: str) -> Any:
     elem_id = "wb-distill-" + key.replace("_", "-")
     if key in CHOICES:
         return gr.Dropdown(list(CHOICES[key]), value=value, elem_id=elem_id, **kw)
-    if "str" in str(DistillConfig.__dataclass_fields__[key].type):
-        return gr.Textbox(value or "", elem_id=elem_id, **kw)
-    return gr.Number(value, elem_id=elem_id, **kw)
+    if key in NUMBERS:
+        return gr.Number(value, elem_id=elem_id, **kw)
+    return gr.Textbox(value or "", elem_id=elem_id, **kw)
 
 
 def _watch() -> Watch:
@@ -563,12 +569,13 @@ def _wire_launch(ctx: Shared, form: Form, watch: Watch) -> None:
         form.name,
         *(form.fields[k] for k in FORM_KEYS),
     ]
-    form.start.click(on_launch, inputs, [form.message, watch.picker], api_visibility="private")
+    private = {"api_visibility": "private", "js": FINITE_JS}
+    form.start.click(on_launch, inputs, [form.message, watch.picker], **private)
 
     def on_estimate(view, removed, choice, stage_text, lcd, _name, *values):
         return estimate_or_explain(ctx.store, view, removed, choice, stage_text, values, lcd)
 
-    form.estimate.click(on_estimate, inputs, form.memory, api_visibility="private")
+    form.estimate.click(on_estimate, inputs, form.memory, **private)
 
 
 def _wire_watch(ctx: Shared, form: Form, w: Watch) -> None:
