@@ -197,12 +197,16 @@ def test_lcd_boxes_start_at_the_runs_defaults():
     defaults = DistillConfig.defaults()
     for key in dt.LCD_KEYS:
         box = form.fields[key]
-        assert box.value == defaults[key] and box.label == dt.LABELS[key], key
+        assert (
+            box.value == (defaults[key] if defaults[key] is not None else "") and box.label == dt.LABELS[key]
+        ), key
     assert isinstance(form.fields["lcd_loss"], gr.Dropdown)
+    # Gradio's number box shows and sends None as 0: an optional number is a text box, empty
     assert (
-        isinstance(form.fields["lcd_guidance_min"], gr.Number)
-        and form.fields["lcd_guidance_min"].value is None
+        isinstance(form.fields["lcd_guidance_min"], gr.Textbox)
+        and form.fields["lcd_guidance_min"].value == ""
     )
+    assert isinstance(form.fields["lcd_ema"], gr.Number)
     assert form.lcd.value is False
 
 
@@ -271,10 +275,14 @@ def test_lcd_options_without_an_lcd_stage(base, tmp_path):
 
 
 def test_a_number_too_large_for_a_float_is_named_not_missing(base, tmp_path):
-    """1e400 is Infinity in the page; FINITE_JS sends it as text, not as an empty box."""
-    for key, value in (("lr", "Infinity"), ("steps", "Infinity"), ("lcd_guidance_max", "-Infinity")):
+    """1e400 in a number box reaches the server as None (the page holds Infinity, JSON sends
+    null): the message says it may be that. An optional number's text box reads it as inf."""
+    for key, value, says in (("steps", None, "Steps is missing; give a whole number > 0 (the box is empty, or holds "
+                              "a number too large to read, like 1e400)"),
+                             ("lcd_guidance_max", "1e400", "LCD guidance max is not a finite number (got inf"),
+                             ("lcd_guidance_min", "two", "LCD guidance min must be a number >= 1 (1: no guidance), got 'two'")):  # fmt: skip
         message, _ = dt.launch_or_explain(Store(), {"base": base}, [], "koala-700m", "", "", _values(**{key: value}),
                                           Limits(), tmp_path, lcd=True)  # fmt: skip
-        text = html.unescape(message)
-        assert f"{dt.LABELS[key]} is not a finite number" in text and "missing" not in text, text
-    assert dt.form_fields({"data": "NaN"})["data"] == "NaN"  # text boxes keep their text
+        assert says in html.unescape(message), message
+    assert dt.form_fields({"lcd_guidance_min": " 2.5 ", "lcd_guidance_max": ""})["lcd_guidance_min"] == 2.5
+    assert dt.form_fields({"lcd_guidance_max": ""})["lcd_guidance_max"] is None

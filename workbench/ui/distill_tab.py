@@ -36,7 +36,7 @@ from workbench.presets import check_name, list_presets, load_preset
 from workbench.runs import ACTIVE, RunDir, effective_state, list_runs, read_metrics
 from workbench.ui import format as fmt
 from workbench.ui.settings import Limits
-from workbench.ui.shared import FINITE_JS, NON_FINITE, Shared, inline_errors, plot, user_errors
+from workbench.ui.shared import Shared, inline_errors, plot, user_errors
 from workbench.ui.store import Store
 
 CURRENT_PLAN = "(current plan)"
@@ -91,6 +91,12 @@ def label_of(field: str) -> str:
 def explain(err: WorkbenchError) -> str:
     """An error as the page says it: options named by their labels, not their CLI flags."""
     text = err.phrased(label_of) if isinstance(err, ConfigError) else str(err)
+    if (
+        isinstance(err, ConfigError)
+        and err.field in NUMBERS
+        and err.template.startswith("{field} is missing")
+    ):
+        text += " (the box is empty, or holds a number too large to read, like 1e400)"  # both arrive as None
     return text[:1].upper() + text[1:] if text[:1].isascii() else text  # not λ -> Λ
 
 
@@ -104,9 +110,19 @@ def form_fields(form: dict[str, Any]) -> dict[str, Any]:
             fields[key] = int(value)
         if key in OPTIONAL and isinstance(value, str) and not value.strip():
             fields[key] = None  # an empty text box: the run's default
-        if key in NUMBERS and value in NON_FINITE:  # a number box beyond float (FINITE_JS)
-            fields[key] = float(value)
+        if key in OPTIONAL and key in NUMBERS and isinstance(value, str):
+            fields[key] = _number_or_text(value)
     return fields
+
+
+def _number_or_text(text: str) -> float | str | None:
+    """An optional number's text box: empty is None (the run's default), a number its float
+    (1e400: inf, which the preflight calls not finite), anything else the text, for the
+    preflight to reject."""
+    try:
+        return float(text) if text.strip() else None
+    except ValueError:
+        return text
 
 
 def stage_names(stages: str, lcd: bool = False) -> list[str]:
@@ -519,13 +535,14 @@ def _form(limits: Limits) -> Form:
 
 def _box(key: str, info: str) -> Any:
     """The input of a DistillConfig field, from its default and type: a dropdown of its
-    choices, a text box (empty: None where that is the default) or a number box (no
-    rounding and no bounds: the preflight judges, the page names the box)."""
+    choices, a number box (no rounding and no bounds: the preflight judges, the page names
+    the box), or a text box: for text, and for a number whose default is None (empty: the
+    run's default), since Gradio's number box shows and sends an empty value as 0."""
     value, kw = FORM_DEFAULTS[key], {"label": LABELS[key], "info": info, "min_width": 140}
     elem_id = "wb-distill-" + key.replace("_", "-")
     if key in CHOICES:
         return gr.Dropdown(list(CHOICES[key]), value=value, elem_id=elem_id, **kw)
-    if key in NUMBERS:
+    if key in NUMBERS and key not in OPTIONAL:
         return gr.Number(value, elem_id=elem_id, **kw)
     return gr.Textbox(value or "", elem_id=elem_id, **kw)
 
@@ -569,13 +586,12 @@ def _wire_launch(ctx: Shared, form: Form, watch: Watch) -> None:
         form.name,
         *(form.fields[k] for k in FORM_KEYS),
     ]
-    private = {"api_visibility": "private", "js": FINITE_JS}
-    form.start.click(on_launch, inputs, [form.message, watch.picker], **private)
+    form.start.click(on_launch, inputs, [form.message, watch.picker], api_visibility="private")
 
     def on_estimate(view, removed, choice, stage_text, lcd, _name, *values):
         return estimate_or_explain(ctx.store, view, removed, choice, stage_text, values, lcd)
 
-    form.estimate.click(on_estimate, inputs, form.memory, **private)
+    form.estimate.click(on_estimate, inputs, form.memory, api_visibility="private")
 
 
 def _wire_watch(ctx: Shared, form: Form, w: Watch) -> None:

@@ -21,11 +21,6 @@ from workbench.ui import plan_view, plots
 from workbench.ui.settings import AppSettings
 from workbench.ui.store import Store
 
-# A Number box holding more than a float can (1e400) is Infinity in the page, which JSON sends
-# as null: indistinguishable from an empty box. Run before an event's handler, this sends such
-# values as text instead, so the handler can say "not a finite number" (its inputs in order).
-FINITE_JS = "(...values) => values.map(v => typeof v === 'number' && !Number.isFinite(v) ? String(v) : v)"
-NON_FINITE = ("Infinity", "-Infinity", "NaN")
 MODEL_QUEUE = "model"  # every handler that touches weights or times the CPU waits in this one queue
 
 
