@@ -279,7 +279,7 @@ def test_a_number_too_large_for_a_float_is_named_not_missing(base, tmp_path):
     null): the message says it may be that. An optional number's text box reads it as inf."""
     for key, value, says in (("steps", None, "Steps is missing; give a whole number > 0 (the box is empty, or holds "
                               "a number too large to read, like 1e400)"),
-                             ("lcd_guidance_max", "1e400", "LCD guidance max is not a finite number (got inf"),
+                             ("lcd_guidance_max", "1e400", "LCD guidance max is not a finite number (got inf: too large)"),
                              ("lcd_guidance_min", "two", "LCD guidance min must be a number >= 1 (1: no guidance), got 'two'")):  # fmt: skip
         message, _ = dt.launch_or_explain(Store(), {"base": base}, [], "koala-700m", "", "", _values(**{key: value}),
                                           Limits(), tmp_path, lcd=True)  # fmt: skip

@@ -241,9 +241,11 @@ def _is_real(value: Any) -> bool:
 
 
 def _check_finite(field: str, value: Any, kind: str) -> None:
-    if isinstance(value, float) and not math.isfinite(value):
+    if isinstance(value, float) and math.isnan(value):
+        raise ConfigError(field, f"{{field}} is not a number (got nan); give {kind}")
+    if isinstance(value, float) and math.isinf(value):
         raise ConfigError(
-            field, f"{{field}} is not a finite number (got {{got}}: too large?); give {kind}", got=value
+            field, f"{{field}} is not a finite number (got {{got}}: too large); give {kind}", got=value
         )
 
 
