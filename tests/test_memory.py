@@ -287,6 +287,8 @@ def test_lcd_options_the_recipe_refuses_are_refused(tiny_base):
         memory.estimate(dataclasses.replace(two, stages=two.stages * 2, objectives=("lcd", "kd")))
     with pytest.raises(WorkbenchError, match="precompute does not apply to an lcd stage"):
         memory.estimate(_config(tiny_base, objectives=("lcd",), teacher_targets="precompute"))
+    with pytest.raises(WorkbenchError, match="--ranks with an lcd stage"):
+        memory.estimate(_config(tiny_base, objectives=("lcd",)), ranks=2)
     lean = [o.flags for o in memory.LEAN_OPTIONS if o.applies(_config(tiny_base, objectives=("lcd",)))]
     assert "--lcd-lora-rank 64" in lean and "--lora-rank 64" not in lean
     assert "--teacher-targets precompute" not in lean
@@ -315,6 +317,7 @@ def test_stage_peaks_are_reused_where_nothing_a_step_reads_changed(plain, lcd, t
         dataclasses.replace(_config(tiny_base), steps=5, seed=3), target="cpu"
     )  # no step reads these
     assert again.stages[0] is plain.stages[0]
+    assert "1 of 1 stage peaks reused from an earlier estimate" in again.notes[-1]
     two = _config(tiny_base)
     staged = memory.estimate(
         dataclasses.replace(two, stages=two.stages * 2, objectives=("kd", "lcd")), target="cpu"

@@ -767,18 +767,19 @@ def _peak_key(config, base, k: int, target: str) -> str:
     return json.dumps([fields, teacher, k, target, torch.__version__], sort_keys=True, default=str)
 
 
-def _cached_stage_peak(config, base, specs, k: int, shapes: _Shapes, target: str, fake: bool) -> StagePeak:
+def _cached_stage_peak(config, base, specs, k: int, shapes: _Shapes, target: str,
+                       fake: bool) -> tuple[StagePeak, bool]:  # fmt: skip
+    """(stage ``k``'s peak, whether it was kept from an earlier estimate)."""
     if not fake:  # the real step is the check of the fake one: always run
-        return _stage_peak(config, base, specs, k, shapes, target, fake)
+        return _stage_peak(config, base, specs, k, shapes, target, fake), False
     key = _peak_key(config, base, k, target)
     peak = _PEAKS.get(key)
     if peak is None:
-        peak = _stage_peak(config, base, specs, k, shapes, target, fake)
-        _PEAKS[key] = peak
+        _PEAKS[key] = _stage_peak(config, base, specs, k, shapes, target, fake)
         while len(_PEAKS) > _PEAKS_KEPT:
             _PEAKS.popitem(last=False)
     _PEAKS.move_to_end(key)
-    return peak
+    return _PEAKS[key], peak is not None
 
 
 def _state_bytes(optimizer: torch.optim.Optimizer) -> int:
@@ -856,12 +857,15 @@ def estimate(config, target: str = "cuda", fake: bool = True, ranks: int = 1) ->
     specs = check_plans(config, base.unet_config)
     shapes = _shapes(base, resolution_of(config, base))
     encoders, note = encoder_bytes(base)
-    peaks = tuple(_cached_stage_peak(config, base, specs, k, shapes, target, fake) for k in range(len(specs)))
+    found = [_cached_stage_peak(config, base, specs, k, shapes, target, fake) for k in range(len(specs))]
+    peaks, reused = tuple(peak for peak, _ in found), sum(hit for _, hit in found)
     if ranks > 1:
         peaks = tuple(
             shard(peak, spec.config, ranks, config.mixed_precision) for peak, spec in zip(peaks, specs)
         )
     notes = [n for n in (note, _sampling_note(config, peaks, encoders), _shard_note(ranks)) if n]
+    if reused:
+        notes.append(f"{reused} of {len(specs)} stage peaks reused from an earlier estimate in this process")
     if config.freeze_sensitive:
         notes.append(
             "--freeze-sensitive is not applied: the frozen layers come from the sensitivity map; "
@@ -890,6 +894,11 @@ def check_ranks(config, ranks: int) -> None:
     if ranks > 1 and config.lora_rank:
         raise WorkbenchError(
             "--ranks with --lora-rank: LoRA runs are not sharded (launch them with DDP); use one"
+        )
+    if ranks > 1 and config.has_lcd:  # the recipe refuses it: FSDP cannot copy the student
+        raise WorkbenchError(
+            "--ranks with an lcd stage: its EMA target network is a copy of the student, which FSDP "
+            "cannot make (launch it with DDP); use one"
         )
 
 
