@@ -30,7 +30,7 @@ def _config(**changes):
         ("lr", None, "lr is missing; give a number > 0"),
         ("lr", float("nan"), "lr is not a number (got nan); give a number > 0"),
         ("lr", float("inf"), "lr is not a finite number (got inf: too large); give a number > 0"),
-        ("steps", float("-inf"), "steps is not a finite number (got -inf: too large); give a whole number > 0"),
+        ("steps", float("-inf"), "steps is not a finite number (got -inf: too far below zero); give a whole number > 0"),
         ("w_out", None, "w_out is missing; give a number >= 0"),
         ("w_feat", -1.0, "w_feat must be >= 0, got -1.0"),
         ("uncond_prob", 1.0, "uncond_prob must be in [0, 1), got 1.0"),

@@ -244,8 +244,9 @@ def _check_finite(field: str, value: Any, kind: str) -> None:
     if isinstance(value, float) and math.isnan(value):
         raise ConfigError(field, f"{{field}} is not a number (got nan); give {kind}")
     if isinstance(value, float) and math.isinf(value):
+        size = "too large" if value > 0 else "too far below zero"
         raise ConfigError(
-            field, f"{{field}} is not a finite number (got {{got}}: too large); give {kind}", got=value
+            field, f"{{field}} is not a finite number (got {{got}}: {size}); give {kind}", got=value
         )
 
 
