@@ -187,10 +187,8 @@ def table(presets: list[str], batches: list[int], options: dict[str, dict]) -> l
 
     torch.set_num_threads(1)
     rows = []
-    print(
-        "| preset | batch | options | peak GiB | teacher | weights | gradients | optimizer | activations | encoders | 24 GB |"
-    )
-    print("|---|---|---|---|---|---|---|---|---|---|---|")
+    print(f"| preset | batch | options | peak GiB | {' | '.join(memory.CATEGORIES)} | 24 GB |")
+    print("|---" * (len(memory.CATEGORIES) + 5) + "|")
     for preset in presets:
         for batch in batches:
             for label, fields in options.items():

@@ -8,6 +8,7 @@ missing (``.ci/install-browser`` installs both).
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 
 import pytest
@@ -40,12 +41,17 @@ def _toy_available() -> bool:
 
 
 @pytest.fixture(scope="module")
-def app_url(tmp_path_factory):
+def runs_dir(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("runs")
+
+
+@pytest.fixture(scope="module")
+def app_url(tmp_path_factory, runs_dir):
     env = {
         "WORKBENCH_CACHE_DIR": str(tmp_path_factory.mktemp("latency-cache")),
         # Tiny models gain nothing from threads; on a shared CPU spinning OpenMP threads cost 30x.
         "OMP_NUM_THREADS": "1",
-        "WORKBENCH_RUNS_DIR": str(tmp_path_factory.mktemp("runs")),
+        "WORKBENCH_RUNS_DIR": str(runs_dir),
     }
     log = tmp_path_factory.mktemp("app") / "app.log"
     with running_app(env=env, log=log, timeout_s=START_TIMEOUT_S) as app:
@@ -331,3 +337,51 @@ def test_distill_launch_watch_and_stop(page):
     )
     assert "running" not in picker.input_value()
     page.screenshot(path=str(SHOTS / "08-distill-stopped.png"), full_page=True)
+
+
+def _fill(page, elem: str, value: str) -> None:
+    box = page.locator(f"#{elem} input[type='number'], #{elem} textarea, #{elem} input[type='text']").first
+    box.fill(value)
+    box.press("Tab")
+
+
+def test_distill_an_lcd_stage_reaches_the_run_and_a_backwards_guidance_range_is_refused(page, runs_dir):
+    import json
+
+    from workbench import jobs
+    from workbench.runs import ACTIVE, RunDir, effective_state
+
+    page.get_by_role("tab", name="Distill").click()
+    page.locator("#wb-distill-plan input").click()
+    page.get_by_role("option", name="koala-700m").click()
+    page.locator("#wb-distill-lcd input[type='checkbox']").check()
+    page.get_by_text("LCD stage options").click()
+    assert (
+        page.locator(
+            "#wb-distill-lcd-guidance-min textarea, #wb-distill-lcd-guidance-min input"
+        ).first.input_value()
+        == ""
+    )
+    _fill(page, "wb-distill-lcd-guidance-min", "5")
+    _fill(page, "wb-distill-lcd-guidance-max", "2")
+    message = _launch(page)
+    assert "Not launched" in message and "LCD guidance min 5 > LCD guidance max 2" in message, message
+    page.screenshot(path=str(SHOTS / "09-distill-lcd-backwards.png"), full_page=True)
+    _fill(page, "wb-distill-lcd-guidance-max", "")  # empty: the base's (toy: 3)
+    for elem, value in (("wb-distill-steps", "2"), ("wb-distill-toy-samples", "16"), ("wb-distill-batch-size", "2"),
+                        ("wb-distill-sample-every", "0"), ("wb-distill-lcd-ema", "0.9"),
+                        ("wb-distill-lcd-sample-steps", "2")):  # fmt: skip
+        _fill(page, elem, value)
+    page.locator("#wb-distill-name textarea, #wb-distill-name input").first.fill("browser-lcd")
+    assert "started browser-lcd" in _launch(page)
+    run = RunDir(runs_dir / "browser-lcd")
+    deadline = time.monotonic() + 300
+    while not run.job.exists() and time.monotonic() < deadline:
+        time.sleep(1)
+    config = json.loads(run.job.read_text())["config"]
+    jobs.stop_run(run.root)
+    assert config["objectives"] == ["kd", "lcd"] and config["stages"][0] == config["stages"][1]
+    assert (config["lcd_guidance_min"], config["lcd_guidance_max"], config["lcd_ema"]) == (5.0, None, 0.9)
+    assert config["lcd_sample_steps"] == 2 and config["steps"] == 2
+    while effective_state(run.read_status()) in ACTIVE and time.monotonic() < deadline:
+        time.sleep(1)

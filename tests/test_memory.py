@@ -241,3 +241,98 @@ def test_the_estimate_reads_like_the_written_targets(tiny_base, tmp_path):
     setup = losses.KDSetup(config.weights, spec.feature_pairs("layer"))
     written = targets.TargetStore(tmp_path).write(0, 0, losses.teacher_targets(teacher, batch, setup))
     assert memory.estimate(config, target="cpu").stages[0].targets_disk_bytes == written
+
+
+# --------------------------------------------------------------------------- lcd stages
+
+
+@pytest.fixture(scope="module")
+def lcd(tiny_base) -> memory.MemoryEstimate:
+    return memory.estimate(_config(tiny_base, objectives=("lcd",)), target="cpu")
+
+
+def test_an_lcd_stage_holds_its_target_network(plain, lcd, tiny_base):
+    """An lcd stage: the student gains the guidance embedding, the EMA target network (a full
+    copy of it) is its own category, and the step (2x-batch teacher, target, student) peaks
+    above the kd step of the same plan (which has no target network)."""
+    from workbench.surgery import GUIDANCE_EMBED_DIM
+
+    kd, stage = plain.stages[0], lcd.stages[0]
+    assert (stage.kind, kd.kind) == ("lcd", "kd") and lcd.settings["stage_kinds"] == ["lcd"]
+    channels = json.loads(open(f"{tiny_base}/config.json").read())["block_out_channels"][0]
+    cond_proj = 4 * GUIDANCE_EMBED_DIM * channels  # bias-free Linear into the time embedding, fp32
+    assert stage.resident["weights"] == kd.resident["weights"] + cond_proj
+    assert stage.resident["target"] == stage.resident["weights"] and kd.resident["target"] == 0
+    assert lcd.categories["target"] == stage.resident["target"] and plain.categories["target"] == 0
+    assert lcd.total > plain.total and sum(lcd.categories.values()) == lcd.total
+    assert "(lcd)" in memory.report(lcd)
+
+
+def test_the_lcd_estimate_tracks_the_real_step(lcd, tiny_base):
+    real = memory.estimate(_config(tiny_base, objectives=("lcd",)), target="cpu", fake=False)
+    assert real.peak.phase == lcd.peak.phase
+    for name in memory.CATEGORIES:
+        assert abs(real.categories[name] - lcd.categories[name]) <= 0.01 * real.total, name
+
+
+@pytest.mark.slow
+def test_lcm_lora_trains_adapters_on_a_frozen_student(lcd, tiny_base):
+    lora = memory.estimate(_config(tiny_base, objectives=("lcd",), lcd_lora_rank=4), target="cpu")
+    full, stage = lcd.stages[0], lora.stages[0]
+    assert stage.trainable_params < stage.student_params // 2  # rank 4 on tiny widths: a third
+    assert stage.resident["optimizer_states"] < full.resident["optimizer_states"] // 2
+    assert stage.resident["target"] == stage.resident["weights"]  # the copy holds the adapters too
+    assert lora.total < lcd.total  # smaller optimizer states outweigh the adapters
+
+
+def test_lcd_options_the_recipe_refuses_are_refused(tiny_base):
+    with pytest.raises(WorkbenchError, match="only the last stage can be lcd"):
+        two = _config(tiny_base)
+        memory.estimate(dataclasses.replace(two, stages=two.stages * 2, objectives=("lcd", "kd")))
+    with pytest.raises(WorkbenchError, match="precompute does not apply to an lcd stage"):
+        memory.estimate(_config(tiny_base, objectives=("lcd",), teacher_targets="precompute"))
+    with pytest.raises(WorkbenchError, match="--ranks with an lcd stage"):
+        memory.estimate(_config(tiny_base, objectives=("lcd",)), ranks=2)
+    lean = [o.flags for o in memory.LEAN_OPTIONS if o.applies(_config(tiny_base, objectives=("lcd",)))]
+    assert "--lcd-lora-rank 64" in lean and "--lora-rank 64" not in lean
+    assert "--teacher-targets precompute" not in lean
+
+
+@pytest.mark.slow
+def test_cli_estimates_an_lcd_stage(tiny_base, capsys):
+    from workbench.cli import main
+
+    code = main(["memory", "--base", tiny_base, "--stages", "ssd-1b,lcd", "--batch-size", "2", "--target", "cpu",
+                 "--no-suggest", "--json"])  # fmt: skip
+    assert code == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["settings"]["stage_kinds"] == ["kd", "lcd"] and [s["kind"] for s in out["stages"]] == [
+        "kd",
+        "lcd",
+    ]
+    assert out["stages"][1]["resident"]["target"] > 0 and out["stages"][0]["resident"]["target"] == 0
+    assert main(["memory", "--base", tiny_base, "--stages", "lcd"]) == 2
+    assert "lcd needs a plan before it" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_stage_peaks_are_reused_where_nothing_a_step_reads_changed(plain, lcd, tiny_base):
+    again = memory.estimate(
+        dataclasses.replace(_config(tiny_base), steps=5, seed=3), target="cpu"
+    )  # no step reads these
+    assert again.stages[0] is plain.stages[0]
+    assert "1 of 1 stage peaks reused from an earlier estimate" in again.notes[-1]
+    two = _config(tiny_base)
+    staged = memory.estimate(
+        dataclasses.replace(two, stages=two.stages * 2, objectives=("kd", "lcd")), target="cpu"
+    )
+    assert staged.stages[0] is plain.stages[0]  # the kd stage before the lcd stage: the kd run's
+    assert staged.stages[1].kind == "lcd" and staged.stages[1].resident == lcd.stages[0].resident
+    from workbench.models import resolve_base
+
+    base = resolve_base(tiny_base)
+    key = memory._peak_key(_config(tiny_base), base, 0, "cpu")
+    assert key == memory._peak_key(dataclasses.replace(_config(tiny_base), steps=9), base, 0, "cpu")
+    for changed in ({"batch_size": 1}, {"mixed_precision": "bf16"}, {"lcd_ema": 0.5}, {"resolution": 128}):
+        assert memory._peak_key(_config(tiny_base, **changed), base, 0, "cpu") != key, changed
+    assert memory._peak_key(_config(tiny_base), base, 0, "cuda") != key

@@ -5,6 +5,7 @@ import json
 import os
 import time
 import zipfile
+from pathlib import Path
 
 import gradio as gr
 import pytest
@@ -207,3 +208,113 @@ def test_the_memory_estimate_of_the_form_before_launch(base):
     hint = {"gpu_gb": 16, "fits": True, "options": ["teacher in bf16"], "flags": "--teacher-dtype bf16",
             "total_gb": 0.5}  # fmt: skip
     assert "| 16 GB | fits | teacher in bf16 (peak 0.50 GiB" in dt.memory_md(result, [hint])
+
+
+# --------------------------------------------------------------------------- the LCD stage
+
+LCD_FORM = {"lcd_guidance_min": 1.5, "lcd_guidance_max": None, "lcd_ema": 0.9, "lcd_loss": "l2",
+            "lcd_huber_c": 0.01, "lcd_sample_steps": 2.0, "lcd_lora_rank": 0.0}  # fmt: skip
+
+
+def _values(**changes) -> tuple:
+    form = dt.FORM_DEFAULTS | FORM | LCD_FORM | changes
+    return tuple(form[k] for k in dt.FORM_KEYS)
+
+
+def test_lcd_boxes_start_at_the_runs_defaults():
+    from workbench.distill_config import DistillConfig
+
+    with gr.Blocks():
+        form = dt._form(Limits())
+    defaults = DistillConfig.defaults()
+    for key in dt.LCD_KEYS:
+        box = form.fields[key]
+        assert (
+            box.value == (defaults[key] if defaults[key] is not None else "") and box.label == dt.LABELS[key]
+        ), key
+    assert isinstance(form.fields["lcd_loss"], gr.Dropdown)
+    # Gradio's number box shows and sends None as 0: an optional number is a text box, empty
+    assert (
+        isinstance(form.fields["lcd_guidance_min"], gr.Textbox)
+        and form.fields["lcd_guidance_min"].value == ""
+    )
+    assert isinstance(form.fields["lcd_ema"], gr.Number)
+    assert form.lcd.value is False
+
+
+@pytest.mark.parametrize(
+    ("stages", "plan_first"), [("", True), ("koala-700m", False), ("koala-700m, lcd", False)]
+)
+def test_an_lcd_launch_reaches_the_cli_with_the_forms_config(base, tmp_path, monkeypatch, stages, plan_first):
+    """What Launch starts (the CLI's arguments, parsed by the CLI) is the config the page
+    checked: plans, objectives and every LCD option, typed."""
+    from workbench.cli import build_parser
+    from workbench.commands.distill import config_from_args
+    from workbench.presets import load_preset
+
+    started = {}
+
+    def start_run(root, name, argv, files=None):
+        started.update(argv=argv, files=files or {})
+        return RunDir(Path(root) / name)
+
+    monkeypatch.setattr(dt.jobs, "start_run", start_run)
+    plan = load_preset("koala-700m")
+    form = dict(zip(dt.FORM_KEYS, _values()))
+    config = dt.run_config(base, plan if plan_first else None, form, stages, lcd=True)
+    assert config.objectives == ("kd", "lcd") and config.stages[0] == config.stages[1] == plan.to_dict()
+    assert (config.lcd_guidance_min, config.lcd_guidance_max, config.lcd_ema) == (1.5, None, 0.9)
+    assert (
+        config.lcd_sample_steps == 2 and isinstance(config.lcd_sample_steps, int) and config.lcd_loss == "l2"
+    )
+    message, _ = dt.launch_or_explain(Store(), {"base": base}, [], "koala-700m", stages, "lcd-run", _values(),
+                                      Limits(), tmp_path, lcd=True)  # fmt: skip
+    assert "started lcd-run" in message, message
+    assert "--lcd-guidance-max" not in started["argv"]  # empty: the base's
+    for name, text in started["files"].items():
+        (tmp_path / name).write_text(text, encoding="utf-8")
+    argv = [a.replace("{run}", str(tmp_path)) for a in started["argv"]]
+    args = build_parser().parse_args(["distill", "--run-dir", str(tmp_path / "r"), *argv])
+    assert config_from_args(args) == config
+
+
+@pytest.mark.parametrize(
+    "changes, says",
+    [({"lcd_guidance_min": 5.0, "lcd_guidance_max": 2.0},
+      "The guidance range runs backwards: LCD guidance min 5 > LCD guidance max 2"),
+     ({"lcd_guidance_min": 0.5}, "LCD guidance min must be >= 1 (1: no guidance), got 0.5"),
+     ({"lcd_ema": 1.0}, "LCD EMA decay must be in [0, 1), got 1.0"),
+     ({"lcd_ema": None}, "LCD EMA decay is missing"),
+     ({"lcd_huber_c": 0.0}, "LCD Huber c must be > 0, got 0.0"),
+     ({"lcd_sample_steps": 2.5}, "LCM sample steps must be a whole number of LCM steps from 1 to 8, got 2.5"),
+     ({"lcd_sample_steps": 9}, "LCM sample steps must be 1 to 8 LCM steps, got 9"),
+     ({"lcd_lora_rank": -1}, "LCM-LoRA rank must be a whole number >= 0"),
+     ({"lcd_loss": "l1"}, "Unknown LCD loss 'l1'")],
+)  # fmt: skip
+def test_bad_lcd_values_name_their_box_and_launch_nothing(base, tmp_path, changes, says):
+    message, picker = dt.launch_or_explain(Store(), {"base": base}, [], "koala-700m", "", "", _values(**changes),
+                                           Limits(), tmp_path, lcd=True)  # fmt: skip
+    text = html.unescape(message)
+    assert "Not launched" in text and says in text and "--" not in text, text
+    assert picker == gr.skip() and not any(tmp_path.iterdir())
+
+
+def test_lcd_options_without_an_lcd_stage(base, tmp_path):
+    message, _ = dt.launch_or_explain(Store(), {"base": base}, [], "koala-700m", "", "", _values(lcd_lora_rank=4),
+                                      Limits(), tmp_path)  # fmt: skip
+    assert "LCM-LoRA rank" in html.unescape(message) and not any(tmp_path.iterdir())
+    assert dt.stage_names("a, lcd", lcd=True) == ["a", "lcd"] and dt.stage_names("", lcd=True) == ["lcd"]
+
+
+def test_a_number_too_large_for_a_float_is_named_not_missing(base, tmp_path):
+    """1e400 in a number box reaches the server as None (the page holds Infinity, JSON sends
+    null): the message says it may be that. An optional number's text box reads it as inf."""
+    for key, value, says in (("steps", None, "Steps is missing; give a whole number > 0 (the box is empty, or holds "
+                              "a number too large to read, like 1e400)"),
+                             ("lcd_guidance_max", "1e400", "LCD guidance max is not a finite number (got inf: too large)"),
+                             ("lcd_guidance_min", "two", "LCD guidance min must be a number >= 1 (1: no guidance), got 'two'")):  # fmt: skip
+        message, _ = dt.launch_or_explain(Store(), {"base": base}, [], "koala-700m", "", "", _values(**{key: value}),
+                                          Limits(), tmp_path, lcd=True)  # fmt: skip
+        assert says in html.unescape(message), message
+    assert dt.form_fields({"lcd_guidance_min": " 2.5 ", "lcd_guidance_max": ""})["lcd_guidance_min"] == 2.5
+    assert dt.form_fields({"lcd_guidance_max": ""})["lcd_guidance_max"] is None

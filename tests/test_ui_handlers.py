@@ -441,3 +441,10 @@ def test_build_app_lays_out_the_tabs_without_loading_weights(store):
     labels = {b.label for b in demo.blocks.values() if isinstance(b, gr.Tab)}
     assert {"Blocks", "Presets", "Compare", "Export"} <= labels
     assert not store.is_loaded("sdxl-base")
+
+
+def test_latency_dtype_defaults_to_fp32_on_cpu():
+    from workbench.ui.blocks_tab import default_dtype
+
+    assert default_dtype("cpu") == "fp32"
+    assert default_dtype("cuda") in ("bf16", "fp16")

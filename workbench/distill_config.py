@@ -157,6 +157,36 @@ class DistillConfig:
         return [PruningPlan.from_dict(s, origin=f"stage {i + 1} plan") for i, s in enumerate(self.stages)]
 
 
+# --------------------------------------------------------------------------- stage lists
+
+LCD_STAGE = "lcd"  # in a stage list: consistency distillation on the plan before it
+
+
+def stage_fields(names: list[Any], objective: str | None = None) -> dict[str, Any]:
+    """``stages`` (plans) and ``objectives`` of a stage list (``--stages``, the app's form):
+    preset names, plan files or ``PruningPlan`` values, and ``lcd``, which repeats the plan
+    before it as a latent consistency distillation stage. ``objective`` (with one plan) says
+    what that stage optimises."""
+    from workbench.presets import load_preset
+
+    plans, kinds = [], []
+    for name in names:
+        if name == LCD_STAGE:
+            if not plans:
+                raise ConfigError("stages", "{field}: lcd needs a plan before it, e.g. segmind-vega,lcd")
+            plans.append(plans[-1])
+            kinds.append("lcd")
+        else:
+            plans.append((name if isinstance(name, PruningPlan) else load_preset(name)).to_dict())
+            kinds.append("kd")
+    if objective is not None:
+        kinds = [objective]
+    fields: dict[str, Any] = {"stages": tuple(plans)}
+    if any(k != "kd" for k in kinds):
+        fields["objectives"] = tuple(kinds)
+    return fields
+
+
 # --------------------------------------------------------------------------- field checks
 
 # whole-number fields: (smallest valid value, what a valid value is)
@@ -219,11 +249,22 @@ def _is_real(value: Any) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
+def _check_finite(field: str, value: Any, kind: str) -> None:
+    if isinstance(value, float) and math.isnan(value):
+        raise ConfigError(field, f"{{field}} is not a number (got nan); give {kind}")
+    if isinstance(value, float) and math.isinf(value):
+        size = "too large" if value > 0 else "too far below zero"
+        raise ConfigError(
+            field, f"{{field}} is not a finite number (got {{got}}: {size}); give {kind}", got=value
+        )
+
+
 def check_whole(field: str, value: Any) -> None:
     low, text = WHOLE[field]
     kind = text if text.startswith("a whole number") else f"a whole number {text}"
     if value is None:
         raise ConfigError(field, f"{{field}} is missing; give {kind}")
+    _check_finite(field, value, kind)
     if not _is_whole(value):
         raise ConfigError(field, f"{{field}} must be {kind}, got {{got!r}}", got=value)
     if value < low:
@@ -236,6 +277,7 @@ def check_real(field: str, value: Any) -> None:
     low, low_ok, high, text = REAL[field]
     if value is None:
         raise ConfigError(field, f"{{field}} is missing; give a number {text}")
+    _check_finite(field, value, f"a number {text}")
     if not _is_real(value):
         raise ConfigError(field, f"{{field}} must be a number {text}, got {{got!r}}", got=value)
     if value < low or (value == low and not low_ok) or (high is not None and value >= high):

@@ -106,6 +106,17 @@ def check_dtype(dtype: str, device: str):
     return table[key]
 
 
+def default_dtype(device: str) -> str:
+    """The dtype a latency on ``device`` is measured in unless asked otherwise: fp32 on CPU
+    (what it runs at full speed on any CPU; bf16 is fast only with AMX/AVX512-BF16), bf16 on a
+    GPU that has it, else fp16."""
+    if not device.startswith("cuda"):
+        return "fp32"
+    import torch
+
+    return "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "fp16"
+
+
 def default_resolution(base: Base, device: str) -> int:
     """512 px on CPU (affordable), the model's native size on GPU."""
     if device == "cpu":

@@ -10,6 +10,8 @@ puts it in one category:
 
 - ``teacher``: the teacher's weights (in ``--teacher-dtype``);
 - ``weights``: the student's weights (fp32, as the recipe trains them);
+- ``target``: an ``lcd`` stage's EMA target network, a full copy of the student (its
+  guidance embedding or LCM-LoRA adapters included), never trained directly;
 - ``gradients``: the student's ``.grad`` tensors;
 - ``optimizer``: optimizer states, and the optimizer step's (and gradient clipping's)
   temporary tensors;
@@ -19,6 +21,11 @@ puts it in one category:
 - ``encoders``: the pipeline's text encoders and VAE. The recipe encodes the data once and
   then parks them on the CPU, so a student step holds none of them (0); they come back,
   with the teacher, only for sample grids (a note gives that figure for ``--sample-every``).
+
+An ``lcd`` stage (latent consistency distillation, ``losses.OBJECTIVES["lcd"]``) runs its
+own step: the guided teacher over the doubled batch (prompt and empty prompt) and the
+target network, both without gradients, then the student (with the guidance embedding, or
+LCM-LoRA adapters on its frozen weights) with them, and the target's EMA update.
 
 With ``--teacher-targets precompute`` the teacher runs first, over every micro-batch of the
 stage (phase ``precompute``: student weights and teacher resident, no optimizer states yet),
@@ -48,6 +55,7 @@ import json
 import math
 import time
 import weakref
+from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -60,7 +68,7 @@ from torch.utils._pytree import tree_flatten
 from workbench.errors import WorkbenchError
 from workbench.targets import TargetStore
 
-CATEGORIES = ("teacher", "weights", "gradients", "optimizer", "activations", "encoders")
+CATEGORIES = ("teacher", "weights", "target", "gradients", "optimizer", "activations", "encoders")
 TARGETS = ("cuda", "cpu")
 GPU_SIZES_GB = (16, 24, 40, 48, 80)
 GIB = 2**30
@@ -94,6 +102,7 @@ class StagePeak:
     trainable_params: int
     teacher_params: int
     targets_disk_bytes: int = 0  # per optimizer step and process (--teacher-targets precompute)
+    kind: str = "kd"  # what the stage optimises (losses.OBJECTIVES)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -413,20 +422,33 @@ def _text_len(base) -> int:
     return 77
 
 
-def _batch(shapes: _Shapes, batch_size: int) -> dict[str, Any]:
-    """A micro-batch as the recipe's ``_batch`` returns it (fp32 inputs, int64 timesteps)."""
+def _batch(shapes: _Shapes, batch_size: int, consistency: bool = False) -> dict[str, Any]:
+    """A micro-batch as ``data.Batches`` returns it (fp32 inputs, int64 timesteps); with
+    ``consistency``, also the inputs of consistency distillation."""
     b, c, s = batch_size, shapes.latent_channels, shapes.latent_size
     inputs: dict[str, Any] = {
         "sample": torch.randn(b, c, s, s),
         "timestep": torch.randint(0, 1000, (b,)),
-        "encoder_hidden_states": torch.randn(b, shapes.text_len, shapes.text_dim),
+        **_text(shapes, b, drop=False),
     }
+    batch = {"inputs": inputs, "target": torch.randn(b, c, s, s)}
+    if consistency:
+        batch["consistency"] = {"latents": torch.randn(b, c, s, s), "noise": torch.randn(b, c, s, s),
+                                "u": torch.rand(b), "cond": _text(shapes, b, drop=False),
+                                "uncond": _text(shapes, b, drop=True)}  # fmt: skip
+    return batch
+
+
+def _text(shapes: _Shapes, b: int, drop: bool) -> dict[str, Any]:
+    """Text inputs of ``b`` examples; the empty prompt's are one example expanded (a view)."""
+
+    def rows(*shape: int) -> torch.Tensor:
+        return torch.randn(*shape).expand(b, *shape) if drop else torch.randn(b, *shape)
+
+    out: dict[str, Any] = {"encoder_hidden_states": rows(shapes.text_len, shapes.text_dim)}
     if shapes.pooled_dim is not None:
-        inputs["added_cond_kwargs"] = {
-            "text_embeds": torch.randn(b, shapes.pooled_dim),
-            "time_ids": torch.randn(b, 6),
-        }
-    return {"inputs": inputs, "target": torch.randn(b, c, s, s)}
+        out["added_cond_kwargs"] = {"text_embeds": rows(shapes.pooled_dim), "time_ids": torch.randn(b, 6)}
+    return out
 
 
 def encoder_bytes(base) -> tuple[int, str | None]:
@@ -456,11 +478,13 @@ def _safetensors_numel(path: Path) -> int:
 
 @dataclass
 class _Stage:
-    """One stage's fake models, as the recipe's ``_stage_models`` makes them."""
+    """One stage's fake models, as the recipe's ``Distillation.stage`` makes them."""
 
+    kind: str  # losses.OBJECTIVES
     student: Any
     teacher: Any
     pairs: list[tuple[str, str]]
+    target: Any = None  # an lcd stage's EMA target network
 
 
 def _stage_models(config, base, specs, k: int, mode) -> _Stage:
@@ -468,24 +492,39 @@ def _stage_models(config, base, specs, k: int, mode) -> _Stage:
     from workbench.lora_kd import init_spec
 
     spec, init = specs[k], init_spec(specs, k)  # init: the student's map to what it starts from
-    dtype = TEACHER_DTYPES[config.teacher_dtype]
+    dtype, kind = TEACHER_DTYPES[config.teacher_dtype], config.stage_kind(k)
     teacher_config, pairs = base.unet_config, spec.feature_pairs(config.feature_mode)
     if k > 0 and config.stage_teacher == "previous":  # the original UNet is parked on the CPU
         teacher_config, pairs = specs[k - 1].config, init.feature_pairs(config.feature_mode)
     teacher = _unet(teacher_config, mode, dtype).eval().requires_grad_(False)
-    adapt = None
-    if config.lora_rank:
-        from workbench.lora_kd import add_adapters
+    student_config, adapt = spec.config, _adapter(config, init, kind)
+    if kind == "lcd":
+        pairs = []
+        if not config.lcd_lora_rank:  # LCM's w-conditioning: surgery.with_guidance_embedding
+            from workbench.surgery import GUIDANCE_EMBED_DIM
 
-        def adapt(model):
-            add_adapters(model, init, config.lora_rank)
-
-    student = _unet(spec.config, mode, torch.float32, adapt).train()
-    if not config.lora_rank:
+            student_config = dict(spec.config) | {"time_cond_proj_dim": GUIDANCE_EMBED_DIM}
+    student = _unet(student_config, mode, torch.float32, adapt).train()
+    if adapt is None:
         student.requires_grad_(True)
+    target = None
+    if kind == "lcd":  # a copy of the student as it starts (adapters too), never trained
+        target = _unet(student_config, mode, torch.float32, adapt).eval().requires_grad_(False)
     if config.gradient_checkpointing:
         student.enable_gradient_checkpointing(_checkpoint)
-    return _Stage(student, teacher, pairs)
+    return _Stage(kind, student, teacher, pairs, target)
+
+
+def _adapter(config, init, kind: str):
+    """What puts the stage's adapters on a student (None: full weights train): LoRA-enhanced
+    KD's, or LCM-LoRA's on an lcd stage."""
+    from workbench import lora_kd
+
+    if kind == "lcd" and config.lcd_lora_rank:
+        return lambda model: lora_kd.add_consistency_adapters(model, config.lcd_lora_rank)
+    if kind != "lcd" and config.lora_rank:
+        return lambda model: lora_kd.add_adapters(model, init, config.lora_rank)
+    return None
 
 
 def _optimizer(config, params: list[torch.Tensor], target: str) -> torch.optim.Optimizer:
@@ -560,11 +599,30 @@ class _Accelerator:
         return torch.nn.utils.clip_grad_norm_(params, max_norm, foreach=self.target == "cuda")
 
 
-def _setup(config, models: _Stage):
+def _setup(config, models: _Stage, schedule: tuple[list[float], str] | None = None):
+    """The stage objective's setup, as the recipe makes it (``Distillation.stage``,
+    ``Distillation.lcd_setup``); an lcd stage's needs the teacher's ``_noise_schedule``."""
     from workbench import losses
 
+    if models.kind == "lcd":
+        from workbench.schedulers import LCM_ORIGINAL_STEPS
+
+        alphas, prediction = torch.tensor(schedule[0]), schedule[1]  # (T,) on the device
+        return losses.LCDSetup(alphas, prediction, config.lcd_guidance, models.target, config.lcd_ema,
+                               config.lcd_loss, config.lcd_huber_c, LCM_ORIGINAL_STEPS)  # fmt: skip
     pairs = models.pairs if config.w_feat > 0 else []
     return losses.KDSetup(config.weights, pairs, config.normalize_features, None)
+
+
+def _noise_schedule(base) -> tuple[list[float], str]:
+    """(alphas_cumprod (T,), prediction type) of the teacher's scheduler (a stock DDPM
+    schedule where the base has no scheduler file)."""
+    from diffusers import DDPMScheduler
+
+    path = Path(base.location or ".") / "scheduler" / "scheduler_config.json"
+    config = json.loads(path.read_text(encoding="utf-8")) if base.location and path.exists() else {}
+    schedule = DDPMScheduler.from_config(config)
+    return schedule.alphas_cumprod.tolist(), schedule.config.prediction_type
 
 
 @dataclass(frozen=True)
@@ -595,7 +653,7 @@ def _precompute(config, models: _Stage, shapes: _Shapes, tracker: _Tracker) -> t
 
 
 def _train_step(config, models: _Stage, optimizer, shapes: _Shapes, target: str, tracker: _Tracker,
-                store: _Stored | None = None) -> None:  # fmt: skip
+                store: _Stored | None = None, schedule=None) -> None:  # fmt: skip
     """The recipe's own optimizer step (``distill.train_step``), phases marked for the tracker.
 
     Two micro-batches stand for any gradient accumulation: from the second on, the
@@ -609,15 +667,17 @@ def _train_step(config, models: _Stage, optimizer, shapes: _Shapes, target: str,
     def batches(_g: int, micro: int) -> dict[str, Any]:
         tracker.label = f" (micro-batch {micro + 1})" if labels else ""
         tracker.enter("batch")
-        return _batch(shapes, config.batch_size)
+        return _batch(shapes, config.batch_size, consistency=models.kind == "lcd")
 
-    setup = _setup(config, models)
+    setup = _setup(config, models, schedule)
     handles = [
         models.teacher.register_forward_pre_hook(lambda *_: tracker.enter("teacher forward")),
         models.student.register_forward_pre_hook(lambda *_: tracker.enter("student forward")),
         optimizer.register_step_pre_hook(lambda *_: tracker.enter("optimizer step", "optimizer")),
     ]
-    stage = distill.Stage(0, config.stage_kind(0), models.student, models.student, store or models.teacher, setup,
+    if models.target is not None:
+        handles.append(models.target.register_forward_pre_hook(lambda *_: tracker.enter("target forward")))
+    stage = distill.Stage(0, models.kind, models.student, models.student, store or models.teacher, setup,
                           optimizer, optim.make_schedule(optimizer, config), _Accelerator(config, target, tracker), 0)  # fmt: skip
     try:
         distill.train_step(stage, batches, 0, config)
@@ -636,10 +696,14 @@ def _stage_peak(config, base, specs, k: int, shapes: _Shapes, target: str, fake:
     trainable = [p for p in models.student.parameters() if p.requires_grad]
     tracker = _Tracker()
     precompute, disk = config.teacher_targets == "precompute", 0
+    schedule = _noise_schedule(base) if models.kind == "lcd" else None  # real values, before the mode
     for t in (*models.teacher.parameters(), *models.teacher.buffers()):
         tracker.claim(t, "teacher")
     for t in (*models.student.parameters(), *models.student.buffers()):
         tracker.claim(t, "weights")
+    target_tensors = [*models.target.parameters(), *models.target.buffers()] if models.target else []
+    for t in target_tensors:
+        tracker.claim(t, "target")
     hooks = [
         p.register_post_accumulate_grad_hook(lambda p: tracker.claim(p.grad, "gradients")) for p in trainable
     ]
@@ -651,7 +715,7 @@ def _stage_peak(config, base, specs, k: int, shapes: _Shapes, target: str, fake:
                     store, disk = _precompute(config, models, shapes, tracker)
             optimizer = _optimizer(config, trainable, target)
             with tracker:
-                _train_step(config, models, optimizer, shapes, target, tracker, store)
+                _train_step(config, models, optimizer, shapes, target, tracker, store, schedule)
             states = _state_bytes(optimizer)
     finally:
         for hook in hooks:
@@ -670,13 +734,52 @@ def _stage_peak(config, base, specs, k: int, shapes: _Shapes, target: str, fake:
             if precompute
             else _storage_bytes([*models.teacher.parameters(), *models.teacher.buffers()]),
             "optimizer_states": states,
+            "target": _storage_bytes(target_tensors),
             "encoders": 0,  # parked on the CPU during student steps
         },
         student_params=spec.student_params,
         trainable_params=sum(p.numel() for p in trainable),
         teacher_params=sum(p.numel() for p in models.teacher.parameters()),
         targets_disk_bytes=disk * config.grad_accum,
+        kind=models.kind,
     )
+
+
+# Stage peaks already estimated in this process (the app's repeated estimates, the ladder of
+# suggestions, a kd stage shared by runs that differ later): exact, since a stage's peak is a
+# pure function of the key below. Most of an estimate is fake-tensor dispatch (~0.3 ms an op).
+_PEAKS: OrderedDict[str, StagePeak] = OrderedDict()
+_PEAKS_KEPT = 64
+# Options no step reads: they change nothing a stage holds.
+_NOT_IN_A_STEP = ("steps", "seed", "data", "toy_samples", "log_every", "checkpoint_every", "keep_checkpoints",
+                  "sample_every", "sample_steps", "sample_prompts", "teacher_image_steps")  # fmt: skip
+
+
+def _peak_key(config, base, k: int, target: str) -> str:
+    """What stage ``k``'s peak depends on: the options, the stages up to it (its plan and
+    the one it starts from) and their kinds, the teacher's UNet and files, the target."""
+    fields = {n: v for n, v in config.to_dict().items() if n not in _NOT_IN_A_STEP}
+    fields |= {
+        "stages": fields["stages"][: k + 1],
+        "objectives": [config.stage_kind(i) for i in range(k + 1)],
+    }
+    teacher = {"name": base.name, "location": str(base.location), "unet": base.unet_config}
+    return json.dumps([fields, teacher, k, target, torch.__version__], sort_keys=True, default=str)
+
+
+def _cached_stage_peak(config, base, specs, k: int, shapes: _Shapes, target: str,
+                       fake: bool) -> tuple[StagePeak, bool]:  # fmt: skip
+    """(stage ``k``'s peak, whether it was kept from an earlier estimate)."""
+    if not fake:  # the real step is the check of the fake one: always run
+        return _stage_peak(config, base, specs, k, shapes, target, fake), False
+    key = _peak_key(config, base, k, target)
+    peak = _PEAKS.get(key)
+    if peak is None:
+        _PEAKS[key] = _stage_peak(config, base, specs, k, shapes, target, fake)
+        while len(_PEAKS) > _PEAKS_KEPT:
+            _PEAKS.popitem(last=False)
+    _PEAKS.move_to_end(key)
+    return _PEAKS[key], peak is not None
 
 
 def _state_bytes(optimizer: torch.optim.Optimizer) -> int:
@@ -754,12 +857,15 @@ def estimate(config, target: str = "cuda", fake: bool = True, ranks: int = 1) ->
     specs = check_plans(config, base.unet_config)
     shapes = _shapes(base, resolution_of(config, base))
     encoders, note = encoder_bytes(base)
-    peaks = tuple(_stage_peak(config, base, specs, k, shapes, target, fake) for k in range(len(specs)))
+    found = [_cached_stage_peak(config, base, specs, k, shapes, target, fake) for k in range(len(specs))]
+    peaks, reused = tuple(peak for peak, _ in found), sum(hit for _, hit in found)
     if ranks > 1:
         peaks = tuple(
             shard(peak, spec.config, ranks, config.mixed_precision) for peak, spec in zip(peaks, specs)
         )
     notes = [n for n in (note, _sampling_note(config, peaks, encoders), _shard_note(ranks)) if n]
+    if reused:
+        notes.append(f"{reused} of {len(specs)} stage peaks reused from an earlier estimate in this process")
     if config.freeze_sensitive:
         notes.append(
             "--freeze-sensitive is not applied: the frozen layers come from the sensitivity map; "
@@ -788,6 +894,11 @@ def check_ranks(config, ranks: int) -> None:
     if ranks > 1 and config.lora_rank:
         raise WorkbenchError(
             "--ranks with --lora-rank: LoRA runs are not sharded (launch them with DDP); use one"
+        )
+    if ranks > 1 and config.has_lcd:  # the recipe refuses it: FSDP cannot copy the student
+        raise WorkbenchError(
+            "--ranks with an lcd stage: its EMA target network is a copy of the student, which FSDP "
+            "cannot make (launch it with DDP); use one"
         )
 
 
@@ -856,6 +967,8 @@ def _check(config) -> None:
         STAGE_TEACHERS,
         TEACHER_DTYPES,
         TEACHER_TARGETS,
+        check_lcd_combination,
+        check_objectives,
     )
     from workbench.surgery import FEATURE_MODES
 
@@ -875,6 +988,9 @@ def _check(config) -> None:
     for ok, message in checks:
         if not ok:
             raise WorkbenchError(message)
+    check_objectives(config)  # one known kind per stage, lcd last
+    if config.has_lcd:
+        check_lcd_combination(config)  # no KD LoRA, no precomputed targets
 
 
 def settings_of(config, base, resolution: int) -> dict[str, Any]:
@@ -882,6 +998,7 @@ def settings_of(config, base, resolution: int) -> dict[str, Any]:
     return {
         "base": base.name,
         "plans": [s.get("name") for s in config.stages],
+        "stage_kinds": [config.stage_kind(k) for k in range(len(config.stages))],
         "resolution": resolution,
         "batch_size": config.batch_size,
         "grad_accum": config.grad_accum,
@@ -892,6 +1009,7 @@ def settings_of(config, base, resolution: int) -> dict[str, Any]:
         "teacher_runs": config.w_out > 0 or (config.w_feat > 0 and config.feature_mode != "none"),
         "optimizer": config.optimizer,
         "lora_rank": config.lora_rank,
+        "lcd_lora_rank": config.lcd_lora_rank,
         "teacher_targets": config.teacher_targets,
     }
 
@@ -936,7 +1054,9 @@ LEAN_OPTIONS: tuple[LeanOption, ...] = (
         "teacher targets precomputed to disk (the teacher off the GPU during student steps)",
         "--teacher-targets precompute",
         lambda c: (
-            c.teacher_targets == "live" and (c.w_out > 0 or (c.w_feat > 0 and c.feature_mode != "none"))
+            c.teacher_targets == "live"
+            and not c.has_lcd  # an lcd stage's targets need the live teacher and target network
+            and (c.w_out > 0 or (c.w_feat > 0 and c.feature_mode != "none"))
         ),
         lambda c: dataclasses.replace(c, teacher_targets="precompute"),
     ),
@@ -949,8 +1069,14 @@ LEAN_OPTIONS: tuple[LeanOption, ...] = (
     LeanOption(
         "LoRA-enhanced distillation (adapters where a layer's input is unchanged)",
         "--lora-rank 64",
-        lambda c: c.lora_rank == 0,
+        lambda c: c.lora_rank == 0 and not c.has_lcd,
         lambda c: dataclasses.replace(c, lora_rank=64),
+    ),
+    LeanOption(
+        "LCM-LoRA (adapters on the frozen student; its target network copies them)",
+        "--lcd-lora-rank 64",
+        lambda c: c.has_lcd and c.lcd_lora_rank == 0,
+        lambda c: dataclasses.replace(c, lcd_lora_rank=64),
     ),
     LeanOption(
         "half the batch, twice the accumulation (same effective batch, slower)",
@@ -1017,8 +1143,9 @@ def gib(n: int) -> str:
 def report(result: MemoryEstimate, hints: list[dict[str, Any]] | None = None) -> str:
     """The estimate as plain text (the CLI prints it; the app shows it before Launch)."""
     s = result.settings
+    plans = [f"{p} (lcd)" if kind == "lcd" else str(p) for p, kind in zip(s["plans"], s["stage_kinds"])]
     lines = [
-        f"peak {gib(result.total)} per process ({result.target}) for {', '.join(map(str, s['plans']))} on "
+        f"peak {gib(result.total)} per process ({result.target}) for {', '.join(plans)} on "
         f"{s['base']}, {s['resolution']} px, batch {s['batch_size']} x {s['grad_accum']} accumulation, "
         f"teacher {s['teacher_dtype']}, mixed precision {s['mixed_precision']}, gradient checkpointing "
         f"{'on' if s['gradient_checkpointing'] else 'off'}, teacher targets {s['teacher_targets']}; the peak is in stage {result.peak.stage}'s "

@@ -16,10 +16,10 @@ from workbench.distill_config import (
     TEACHER_DTYPES,
     TEACHER_TARGETS,
     DistillConfig,
+    stage_fields,
 )
 from workbench.errors import WorkbenchError
 from workbench.losses import LCD_LOSSES
-from workbench.presets import load_preset
 
 # CLI flag -> DistillConfig field, for the plain options.
 _OPTIONS: list[tuple[str, type, str]] = [
@@ -189,26 +189,6 @@ def given_fields(args: argparse.Namespace) -> dict:
             fields[name] = True
     if args.sample_prompt:
         fields["sample_prompts"] = tuple(args.sample_prompt)
-    return fields
-
-
-def stage_fields(names: list[str], objective: str | None) -> dict:
-    """``stages`` (plans) and ``objectives`` from stage names: ``lcd`` repeats the plan before it."""
-    plans, kinds = [], []
-    for name in names:
-        if name == "lcd":
-            if not plans:
-                raise WorkbenchError("--stages: lcd needs a plan before it, e.g. segmind-vega,lcd")
-            plans.append(plans[-1])
-            kinds.append("lcd")
-        else:
-            plans.append(load_preset(name).to_dict())
-            kinds.append("kd")
-    if objective is not None:
-        kinds = [objective]
-    fields: dict = {"stages": tuple(plans)}
-    if any(k != "kd" for k in kinds):
-        fields["objectives"] = tuple(kinds)
     return fields
 
 

@@ -12,9 +12,9 @@ from workbench.distill_config import (
     TEACHER_DTYPES,
     TEACHER_TARGETS,
     DistillConfig,
+    stage_fields,
 )
 from workbench.errors import WorkbenchError
-from workbench.presets import load_preset
 from workbench.surgery import FEATURE_MODES
 
 # CLI flag -> DistillConfig field: the options the estimate depends on.
@@ -25,6 +25,12 @@ _OPTIONS: list[tuple[str, type, str]] = [
     ("--w-out", float, "weight of the output KD loss (0 with no feature loss: no teacher forward)"),
     ("--w-feat", float, "weight of the feature KD loss (0: no feature hooks)"),
     ("--lora-rank", int, "LoRA-enhanced distillation with adapters of this rank (0: full weights)"),
+    (
+        "--lcd-lora-rank",
+        int,
+        "lcd: LCM-LoRA adapters of this rank on the frozen student (0: full weights with the guidance "
+        "embedding)",
+    ),
     (
         "--sample-every",
         int,
@@ -47,7 +53,12 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
     add_base(p)
     p.add_argument("--preset", help="the plan: a preset name or plan file (one stage)")
-    p.add_argument("--stages", help="progressive run: comma-separated presets/plan files")
+    p.add_argument(
+        "--stages",
+        help="progressive run: comma-separated presets/plan files; 'lcd' as the last adds a latent "
+        "consistency distillation stage on the previous plan (e.g. segmind-vega,lcd)",
+    )
+    p.add_argument("--objective", help="with --preset: what the one stage optimises: kd (default) or lcd")
     for flag, kind, text in _OPTIONS:
         p.add_argument(flag, type=kind, help=text)
     for flag, choices in _CHOICES:
@@ -75,8 +86,10 @@ def register(sub: argparse._SubParsersAction) -> None:
 def config_from_args(args: argparse.Namespace) -> DistillConfig:
     if bool(args.preset) == bool(args.stages):
         raise WorkbenchError("give exactly one of --preset (one stage) or --stages (comma-separated presets)")
+    if args.objective and not args.preset:
+        raise WorkbenchError("--objective goes with --preset; with --stages, end the list with lcd")
     names = [args.preset] if args.preset else [s.strip() for s in args.stages.split(",") if s.strip()]
-    fields: dict = {"stages": tuple(load_preset(n).to_dict() for n in names), "steps": 1, "base": args.base}
+    fields: dict = stage_fields(names, args.objective) | {"steps": 1, "base": args.base}
     for flag, *_ in (*_OPTIONS, *_CHOICES):
         key = flag[2:].replace("-", "_")
         if getattr(args, key) is not None:

@@ -360,7 +360,7 @@ def _panel(ctx: Shared) -> None:
                 label="Resolution (px) for FLOPs and latency", allow_custom_value=True, scale=2
             )
             ctx.device = gr.Dropdown(DEVICES, value="cpu", label="Device", scale=1)
-            ctx.dtype = gr.Dropdown(DTYPES, value="bf16", label="Dtype", scale=1)
+            ctx.dtype = gr.Dropdown(DTYPES, value=default_dtype("cpu"), label="Dtype", scale=1)
         with gr.Row():
             teacher_steps = gr.Number(20, precision=0, label="Teacher steps (guided: 2 calls each)", scale=1)
             student_steps = gr.Number(4, precision=0, label="Student steps", scale=1)
@@ -401,17 +401,28 @@ def _wire_panel(ctx: Shared, profile_btn: gr.Button, measure_btn: gr.Button, mea
         [ctx.view, *ctx.panel],
         api_visibility="private",
     )
-    for dd in (ctx.device, ctx.dtype):
-        dd.input(
-            on_latency_settings,
-            [ctx.view, ctx.plan, *ctx.panel_inputs()],
-            ctx.panel,
-            api_visibility="private",
-        )
+    ctx.dtype.input(
+        on_latency_settings, [ctx.view, ctx.plan, *ctx.panel_inputs()], ctx.panel, api_visibility="private"
+    )
+
+    def on_device(view, plan, device):  # a new device: its own default dtype (fp32 on CPU)
+        dtype = default_dtype(device)
+        return dtype, *on_latency_settings(view, plan, device, dtype)
+
+    ctx.device.input(
+        on_device, [ctx.view, ctx.plan, ctx.device], [ctx.dtype, *ctx.panel], api_visibility="private"
+    )
     profile_btn.click(on_profile, [ctx.view, ctx.plan, *ctx.panel_inputs()], ctx.panel, **ctx.model_event())
     measure_btn.click(
         on_measure, [ctx.view, ctx.plan, *ctx.panel_inputs(), *steps], measured, **ctx.model_event()
     )
+
+
+def default_dtype(device: str) -> str:
+    """The Dtype box's value for ``device``: fp32 on CPU, bf16 (or fp16) on CUDA."""
+    from workbench import latency
+
+    return latency.default_dtype(device)
 
 
 def initial_panel(store: Store, view: dict[str, Any], device: str, dtype: str) -> tuple:

@@ -293,8 +293,8 @@ def build(ctx: Shared) -> None:
                 info="lcm: consistency-distilled students, 1-8 steps",
             )  # fmt: skip
             student_steps = gr.Number(
-                label="Student steps", value=None, precision=0, elem_id="wb-student-steps",
-                info="empty: the teacher's steps",
+                label="Student steps", value=0, elem_id="wb-student-steps",  # no precision: 2.5 is refused, not rounded
+                info="0 (or empty): the teacher's steps",
             )  # fmt: skip
             nasa_scale = gr.Slider(
                 0, MAX_NASA_SCALE, value=NASA_SCALE, step=0.1, label="NASA scale", elem_id="wb-nasa-scale",

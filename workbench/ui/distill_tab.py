@@ -19,13 +19,16 @@ import gradio as gr
 
 from workbench import jobs
 from workbench.distill_config import (
+    CHOICES,
     FEATURE_MODES,
     FEATURE_WEIGHTS,
+    LCD_STAGE,
     PRECISIONS,
     STAGE_TEACHERS,
     WHOLE,
     DistillConfig,
     preflight,
+    stage_fields,
 )
 from workbench.errors import ConfigError, WorkbenchError
 from workbench.plan import PruningPlan
@@ -42,13 +45,34 @@ MAX_POINTS = 400  # points per curve in the loss plot; longer runs are strided
 POLL_S = 2.0
 SAMPLE_PX = 512  # a smaller sample grid is shown enlarged to at least this width
 MAIN_TERMS = ("loss/total", "loss/task", "loss/out", "loss/feat", "loss/lcd", "loss/reward")
+# The LCD stage's options: (DistillConfig field, label, hint), one box each, in form order. A
+# field in CHOICES gets a dropdown, a text field a text box, any other a number box; its value
+# is the field's default. Another option is one more line here.
+LCD_BOXES = (
+    ("lcd_guidance_min", "LCD guidance min", "lowest guidance scale the teacher runs with; empty: the base's"),
+    ("lcd_guidance_max", "LCD guidance max", "highest guidance scale; empty: the base's"),
+    ("lcd_ema", "LCD EMA decay", "of the target network, in [0, 1)"),
+    ("lcd_loss", "LCD loss", "huber (pseudo-Huber) or l2"),
+    ("lcd_huber_c", "LCD Huber c", "the pseudo-Huber loss's c, > 0"),
+    ("lcd_sample_steps", "LCM sample steps", "LCM steps of the sample grids, 1 to 8"),
+    ("lcd_lora_rank", "LCM-LoRA rank", "> 0: LCM-LoRA adapters of this rank; 0: full weights with the guidance embedding"),
+    ("lcd_reward", "RG-LCD reward", "empty: plain LCD; toy (the shipped toy proxy), a reward folder, or file.py:name"),
+    ("lcd_reward_weight", "RG-LCD reward weight", "weight of the reward term (> 0 with a reward, 0 without)"),
+)  # fmt: skip
+LCD_KEYS = tuple(key for key, *_ in LCD_BOXES)
 # Run options the form sets (DistillConfig fields and CLI flags of the same names), in form order.
 FORM_KEYS = ("steps", "toy_samples", "batch_size", "lr", "w_task", "w_out", "w_feat", "feature_mode",
              "mixed_precision", "stage_teacher", "sample_every", "checkpoint_every", "feature_weights",
-             "freeze_sensitive", "data")  # fmt: skip
+             "freeze_sensitive", "data", *LCD_KEYS)  # fmt: skip
 # Where the app starts differently from the run's own defaults (short runs, frequent feedback).
 APP_DEFAULTS = {"steps": 200, "toy_samples": 512, "sample_every": 50, "checkpoint_every": 50}
 FORM_DEFAULTS = {k: v for k, v in (DistillConfig.defaults() | APP_DEFAULTS).items() if k in FORM_KEYS}
+OPTIONAL = {k for k, v in FORM_DEFAULTS.items() if v is None}  # empty box: the run's default (None)
+# the fields a number box sets (not a choice, not text)
+NUMBERS = {
+    k for k in FORM_KEYS if k not in CHOICES and "str" not in str(DistillConfig.__dataclass_fields__[k].type)
+}
+LCD_LABEL = "End with an LCD stage (few-step student)"
 # What the page calls each option: the form's labels, and the boxes that set the others.
 LABELS = {
     "steps": "Steps", "toy_samples": "Toy images", "batch_size": "Batch size", "lr": "Learning rate",
@@ -56,7 +80,8 @@ LABELS = {
     "mixed_precision": "Mixed precision", "stage_teacher": "Stage teacher", "sample_every": "Samples every",
     "checkpoint_every": "Checkpoint every", "feature_weights": "Feature weights",
     "freeze_sensitive": "Freeze most sensitive", "data": "Data",
-    "base": "Teacher model", "stages": "Plan / progressive stages",
+    "base": "Teacher model", "stages": "Plan / progressive stages", "objectives": "stage kinds",
+    **{key: label for key, label, _ in LCD_BOXES},
 }  # fmt: skip
 
 
@@ -68,6 +93,12 @@ def label_of(field: str) -> str:
 def explain(err: WorkbenchError) -> str:
     """An error as the page says it: options named by their labels, not their CLI flags."""
     text = err.phrased(label_of) if isinstance(err, ConfigError) else str(err)
+    if (
+        isinstance(err, ConfigError)
+        and err.field in NUMBERS
+        and err.template.startswith("{field} is missing")
+    ):
+        text += " (the box is empty, or holds a number too large to read, like 1e400)"  # both arrive as None
     return text[:1].upper() + text[1:] if text[:1].isascii() else text  # not λ -> Λ
 
 
@@ -79,7 +110,33 @@ def form_fields(form: dict[str, Any]) -> dict[str, Any]:
     for key, value in fields.items():
         if key in WHOLE and isinstance(value, float) and value.is_integer():
             fields[key] = int(value)
+        if key in OPTIONAL and isinstance(value, str) and not value.strip():
+            fields[key] = None  # an empty text box: the run's default
+        if key in OPTIONAL and key in NUMBERS and isinstance(value, str):
+            fields[key] = _number_or_text(value)
     return fields
+
+
+def _number_or_text(text: str) -> float | str | None:
+    """An optional number's text box: empty is None (the run's default), a number its float
+    (1e400: inf, which the preflight calls not finite), anything else the text, for the
+    preflight to reject."""
+    try:
+        return float(text) if text.strip() else None
+    except ValueError:
+        return text
+
+
+def stage_names(stages: str, lcd: bool = False) -> list[str]:
+    """The progressive stages the form names (empty: the plan alone), ending with ``lcd`` when
+    the LCD stage is asked for (once, however it is asked)."""
+    names = [s.strip() for s in (stages or "").split(",") if s.strip()]
+    return names + [LCD_STAGE] if lcd and names[-1:] != [LCD_STAGE] else names
+
+
+def needs_plan(names: list[str]) -> bool:
+    """Whether the Plan picker's plan starts the run: no stage names, or only ``lcd``."""
+    return all(n == LCD_STAGE for n in names)
 
 
 def runs_root() -> Path:
@@ -100,27 +157,33 @@ def plan_for(store: Store, base: str, choice: str, removed: list[str]) -> Prunin
     return load_preset(choice)
 
 
-def launch_argv(base: str, form: dict[str, Any], stages: str) -> list[str]:
+def launch_argv(base: str, form: dict[str, Any], stages: str, lcd: bool = False) -> list[str]:
     """CLI arguments for ``distill``; the plan file is written into the run folder."""
+    names = stage_names(stages, lcd)
+    if needs_plan(names):
+        names = ["{run}/" + PLAN_FILE, *names]
     argv = ["--base", base]
-    argv += ["--stages", stages] if stages else ["--preset", "{run}/" + PLAN_FILE]
+    argv += ["--stages", ",".join(names)] if len(names) > 1 else ["--preset", names[0]]
     for key, value in form_fields(form).items():
+        if value is None and key in OPTIONAL:
+            continue  # the run's default
         argv += [f"--{key.replace('_', '-')}", str(value)]
     return argv
 
 
-def run_config(base: str, plan: PruningPlan | None, form: dict[str, Any], stages: str) -> DistillConfig:
-    """The run the form asks for: its plan (or progressive stages) and options."""
-    names = [s.strip() for s in stages.split(",") if s.strip()] if stages else []
-    plans = [load_preset(n).to_dict() for n in names] or [plan.to_dict()]
-    return DistillConfig(stages=tuple(plans), base=base, **form_fields(form))
+def run_config(base: str, plan: PruningPlan | None, form: dict[str, Any], stages: str,
+               lcd: bool = False) -> DistillConfig:  # fmt: skip
+    """The run the form asks for: its plan (or progressive stages, maybe ending with an LCD
+    stage) and options."""
+    names = stage_names(stages, lcd)
+    fields = stage_fields([plan, *names] if needs_plan(names) else names)
+    return DistillConfig(base=base, **fields, **form_fields(form))
 
 
-def check_launch(
-    store: Store, base: str, plan: PruningPlan, form: dict[str, Any], stages: str, limits: Limits
-) -> None:
+def check_launch(store: Store, base: str, plan: PruningPlan, form: dict[str, Any], stages: str,
+                 limits: Limits, lcd: bool = False) -> None:  # fmt: skip
     """Everything the run itself would reject (the preflight), then the app's own limits."""
-    config = run_config(base, plan, form, stages)
+    config = run_config(base, plan, form, stages, lcd)
     specs = preflight(config, base=store.base(base)).specs
     if limits.max_distill_steps and config.steps * len(specs) > limits.max_distill_steps:
         raise ConfigError(
@@ -134,27 +197,28 @@ def check_launch(
 
 
 def launch(store: Store, base: str, choice: str, removed: list[str], form: dict[str, Any],
-           stages: str, name: str, limits: Limits, root: Path | None = None) -> str:  # fmt: skip
+           stages: str, name: str, limits: Limits, root: Path | None = None, lcd: bool = False) -> str:  # fmt: skip
     """Validate, then start the run; returns its folder."""
     stages = (stages or "").strip()
-    plan = None if stages else plan_for(store, base, choice, removed)
-    check_launch(store, base, plan, form, stages, limits)
+    plan = plan_for(store, base, choice, removed) if needs_plan(stage_names(stages, lcd)) else None
+    check_launch(store, base, plan, form, stages, limits, lcd)
     name = check_name(
         (name or "").strip() or f"{time.strftime('%Y%m%d-%H%M%S')}-{plan.name if plan else 'stages'}", "run"
     )
     files = {PLAN_FILE: plan.to_json()} if plan else {}
-    run = jobs.start_run(root or runs_root(), name, launch_argv(base, form, stages), files=files)
+    run = jobs.start_run(root or runs_root(), name, launch_argv(base, form, stages, lcd), files=files)
     return str(run.root)
 
 
 def launch_or_explain(store: Store, view: dict[str, Any], removed: list[str], choice: str, stages: str,
-                      name: str, values: tuple, limits: Limits, root: Path | None = None) -> tuple:  # fmt: skip
+                      name: str, values: tuple, limits: Limits, root: Path | None = None,
+                      lcd: bool = False) -> tuple:  # fmt: skip
     """Launch from the form's values (in ``FORM_KEYS`` order): (message, run picker update).
     A bad value is named by its label, and nothing starts."""
     fields = dict(zip(FORM_KEYS, values))
     fields["data"] = (fields["data"] or "").strip()
     try:
-        run_dir = launch(store, view["base"], choice, removed, fields, stages, name, limits, root)
+        run_dir = launch(store, view["base"], choice, removed, fields, stages, name, limits, root, lcd)
     except WorkbenchError as err:
         return fmt.error_md(explain(err), "Not launched"), gr.skip()
     started = fmt.ok_md(f"started {Path(run_dir).name}")
@@ -164,16 +228,15 @@ def launch_or_explain(store: Store, view: dict[str, Any], removed: list[str], ch
 # --------------------------------------------------------------------------- will it fit?
 
 
-def memory_estimate(
-    store: Store, base: str, choice: str, removed: list[str], form: dict[str, Any], stages: str
-):
+def memory_estimate(store: Store, base: str, choice: str, removed: list[str], form: dict[str, Any],
+                    stages: str, lcd: bool = False):  # fmt: skip
     """(estimate, cheapest options per GPU size it misses) of the form's run, on a CUDA GPU
     (``workbench.memory``: the real step on fake tensors; nothing is loaded)."""
     from workbench import memory
 
     stages = (stages or "").strip()
-    plan = None if stages else plan_for(store, base, choice, removed)
-    config = preflight(run_config(base, plan, form, stages), base=store.base(base)).config
+    plan = plan_for(store, base, choice, removed) if needs_plan(stage_names(stages, lcd)) else None
+    config = preflight(run_config(base, plan, form, stages, lcd), base=store.base(base)).config
     result = memory.estimate(config)
     return result, memory.suggestions(config, result)
 
@@ -207,12 +270,12 @@ def _fix(hint: dict[str, Any] | None) -> str:
 
 
 def estimate_or_explain(store: Store, view: dict[str, Any], removed: list[str], choice: str, stages: str,
-                        values: tuple) -> str:  # fmt: skip
+                        values: tuple, lcd: bool = False) -> str:  # fmt: skip
     """The memory panel for the form's values (in ``FORM_KEYS`` order), or why there is none."""
     form = dict(zip(FORM_KEYS, values))
     form["data"] = (form["data"] or "").strip()
     try:
-        return memory_md(*memory_estimate(store, view["base"], choice, removed, form, stages))
+        return memory_md(*memory_estimate(store, view["base"], choice, removed, form, stages, lcd))
     except WorkbenchError as err:
         return fmt.error_md(explain(err), "No estimate")
 
@@ -371,6 +434,7 @@ class Form:
 
     plan_choice: Any
     stages: Any
+    lcd: Any  # the "end with an LCD stage" checkbox
     name: Any
     fields: dict[str, Any]
     start: Any
@@ -412,7 +476,16 @@ def _form(limits: Limits) -> Form:
     plan_choice = gr.Dropdown(
         [CURRENT_PLAN, *list_presets()], value=CURRENT_PLAN, label="Plan", elem_id="wb-distill-plan"
     )
-    stages = gr.Textbox(label="Progressive stages (optional)", placeholder="e.g. ssd-1b, segmind-vega")
+    stages = gr.Textbox(
+        label="Progressive stages (optional)",
+        placeholder="e.g. ssd-1b, segmind-vega (or ssd-1b, lcd)",
+        elem_id="wb-distill-stages",
+    )
+    lcd = gr.Checkbox(
+        False, label=LCD_LABEL, elem_id="wb-distill-lcd",
+        info="latent consistency distillation after the plan's stages: a student that samples in 1-8 "
+        "LCM steps (its options below)",
+    )  # fmt: skip
     f: dict[str, Any] = {}
 
     def number(key: str, value: Any = None, **kw: Any) -> gr.Number:
@@ -450,6 +523,10 @@ def _form(limits: Limits) -> Form:
     with gr.Row():
         f["sample_every"], f["checkpoint_every"] = number("sample_every"), number("checkpoint_every")
         name = gr.Textbox(label="Run name (optional)", elem_id="wb-distill-name")
+    with gr.Accordion("LCD stage options", open=False, elem_id="wb-distill-lcd-options"):
+        with gr.Row():
+            for key, _, info in LCD_BOXES:
+                f[key] = _box(key, info)
     start = gr.Button("Launch run", variant="primary", elem_id="wb-distill-launch")
     message = gr.Markdown(elem_id="wb-distill-message")
     with gr.Accordion("Will it fit? GPU memory of this run", open=True):
@@ -459,7 +536,21 @@ def _form(limits: Limits) -> Form:
             "options that make it fit, before anything is loaded.</span>",
             elem_id="wb-distill-memory",
         )
-    return Form(plan_choice, stages, name, f, start, message, estimate, memory)
+    return Form(plan_choice, stages, lcd, name, f, start, message, estimate, memory)
+
+
+def _box(key: str, info: str) -> Any:
+    """The input of a DistillConfig field, from its default and type: a dropdown of its
+    choices, a number box (no rounding and no bounds: the preflight judges, the page names
+    the box), or a text box: for text, and for a number whose default is None (empty: the
+    run's default), since Gradio's number box shows and sends an empty value as 0."""
+    value, kw = FORM_DEFAULTS[key], {"label": LABELS[key], "info": info, "min_width": 140}
+    elem_id = "wb-distill-" + key.replace("_", "-")
+    if key in CHOICES:
+        return gr.Dropdown(list(CHOICES[key]), value=value, elem_id=elem_id, **kw)
+    if key in NUMBERS and key not in OPTIONAL:
+        return gr.Number(value, elem_id=elem_id, **kw)
+    return gr.Textbox(value or "", elem_id=elem_id, **kw)
 
 
 def _watch() -> Watch:
@@ -487,21 +578,24 @@ def _watch() -> Watch:
 def _wire_launch(ctx: Shared, form: Form, watch: Watch) -> None:
     limits = ctx.settings.limits
 
-    def on_launch(view, removed, choice, stage_text, run_name, *values):
-        return launch_or_explain(ctx.store, view, removed, choice, stage_text, run_name, values, limits)
+    def on_launch(view, removed, choice, stage_text, lcd, run_name, *values):
+        return launch_or_explain(
+            ctx.store, view, removed, choice, stage_text, run_name, values, limits, lcd=lcd
+        )
 
     inputs = [
         ctx.view,
         ctx.plan,
         form.plan_choice,
         form.stages,
+        form.lcd,
         form.name,
         *(form.fields[k] for k in FORM_KEYS),
     ]
     form.start.click(on_launch, inputs, [form.message, watch.picker], api_visibility="private")
 
-    def on_estimate(view, removed, choice, stage_text, _name, *values):
-        return estimate_or_explain(ctx.store, view, removed, choice, stage_text, values)
+    def on_estimate(view, removed, choice, stage_text, lcd, _name, *values):
+        return estimate_or_explain(ctx.store, view, removed, choice, stage_text, values, lcd)
 
     form.estimate.click(on_estimate, inputs, form.memory, api_visibility="private")
 
