@@ -146,10 +146,6 @@ def test_bad_inputs_are_one_line_errors(tiny_base):
         memory.estimate(_config(tiny_base), target="tpu")
     with pytest.raises(WorkbenchError, match="batch size must be > 0"):
         memory.estimate(_config(tiny_base, batch_size=0))
-    # an lcd stage is not modelled: one line, not a KeyError from inside the step (which, from a
-    # run's out-of-memory handler, would have hidden the out-of-memory error itself)
-    with pytest.raises(WorkbenchError, match="not lcd .*estimate the stages before lcd"):
-        memory.estimate(_config(tiny_base, objectives=("lcd",)))
 
 
 @pytest.mark.slow
@@ -336,3 +332,12 @@ def test_stage_peaks_are_reused_where_nothing_a_step_reads_changed(plain, lcd, t
     for changed in ({"batch_size": 1}, {"mixed_precision": "bf16"}, {"lcd_ema": 0.5}, {"resolution": 128}):
         assert memory._peak_key(_config(tiny_base, **changed), base, 0, "cpu") != key, changed
     assert memory._peak_key(_config(tiny_base), base, 0, "cuda") != key
+
+
+def test_an_rg_lcd_estimate_says_the_reward_is_not_counted(lcd, tiny_base, tmp_path):
+    scorer = tmp_path / "scorer.py"
+    scorer.write_text("def score(latents, cond):\n    return latents.mean(dim=(1, 2, 3))\n")
+    config = _config(tiny_base, objectives=("lcd",), lcd_reward=f"{scorer}:score", lcd_reward_weight=0.1)
+    estimate = memory.estimate(config, target="cpu")
+    assert any("reward is not counted" in n for n in estimate.notes)
+    assert not any("reward" in n for n in lcd.notes)
