@@ -257,7 +257,8 @@ def _config(base, **kw):
     [
         ({"lcd_guidance_min": 4.0, "lcd_guidance_max": 2.0}, "guidance range runs backwards"),
         ({"lcd_sample_steps": 0}, "lcd-sample-steps must be a whole number of LCM steps"),
-        ({"lcd_sample_steps": 9}, "1 to 8 LCM steps"),
+        ({"lcd_sample_steps": 9}, "from 1 to 8, got 9"),
+        ({"lcd_sample_steps": 10**12}, "from 1 to 8, got 1000000000000"),
         ({"objectives": ("lcd", "kd"), "stages": None}, "only the last stage can be lcd"),
         ({"objectives": ("consistency",)}, "unknown objective 'consistency'"),
         ({"objectives": ("kd", "lcd")}, "2 objectives for 1 stages"),

@@ -18,6 +18,7 @@ from workbench.errors import ConfigError, WorkbenchError, flag
 from workbench.losses import LCD_LOSSES, OBJECTIVES, LossWeights
 from workbench.plan import PruningPlan
 from workbench.runs import RunDir
+from workbench.schedulers import LCM_MAX_STEPS
 from workbench.sensitivity_kd import FEATURE_WEIGHTS
 from workbench.surgery import FEATURE_MODES
 
@@ -209,6 +210,7 @@ WHOLE = {
     "lcd_lora_rank": (0, "a whole number >= 0 (0: full weights with the guidance embedding)"),
 }
 MAX_WHOLE = 2**31 - 1  # beyond any real run, and beyond the int32 counters and indices it would meet
+WHOLE_MAX = {"lcd_sample_steps": LCM_MAX_STEPS}  # fields with a ceiling of their own
 # real-number fields: (lowest value, whether it is allowed, highest value (excluded), text)
 REAL = {
     "lr": (0.0, False, None, "> 0"),
@@ -267,7 +269,7 @@ def check_whole(field: str, value: Any) -> None:
     _check_finite(field, value, kind)
     if not _is_whole(value):
         raise ConfigError(field, f"{{field}} must be {kind}, got {{got!r}}", got=value)
-    if value < low:
+    if value < low or (field in WHOLE_MAX and value > WHOLE_MAX[field]):
         raise ConfigError(field, f"{{field}} must be {text}, got {{got}}", got=value)
     if value > MAX_WHOLE:
         raise ConfigError(field, "{field} {got} is too large; at most {most}", got=value, most=MAX_WHOLE)
@@ -329,8 +331,6 @@ def check_fields(config: DistillConfig) -> None:
 def check_objectives(config: DistillConfig) -> None:
     """One known objective per stage; consistency distillation last (its student is
     w-conditioned: block removal after it would have to rebuild that)."""
-    from workbench.schedulers import LCM_MAX_STEPS
-
     kinds = config.objectives
     if config.lcd_lora_rank and "lcd" not in kinds:
         raise ConfigError(
@@ -356,9 +356,6 @@ def check_objectives(config: DistillConfig) -> None:
             "objectives", "{field}: only the last stage can be lcd (got {got}); put block-removal "
             "stages first, e.g. --stages segmind-vega,lcd", got=",".join(kinds),
         )  # fmt: skip
-    if config.lcd_sample_steps > LCM_MAX_STEPS:
-        raise ConfigError("lcd_sample_steps", "{field} must be 1 to {n} LCM steps, got {got}",
-                          n=LCM_MAX_STEPS, got=config.lcd_sample_steps)  # fmt: skip
 
 
 def check_reward_fields(config: DistillConfig) -> None:
