@@ -287,7 +287,7 @@ def test_an_lcd_launch_reaches_the_cli_with_the_forms_config(base, tmp_path, mon
      ({"lcd_ema": None}, "LCD EMA decay is missing"),
      ({"lcd_huber_c": 0.0}, "LCD Huber c must be > 0, got 0.0"),
      ({"lcd_sample_steps": 2.5}, "LCM sample steps must be a whole number of LCM steps from 1 to 8, got 2.5"),
-     ({"lcd_sample_steps": 9}, "LCM sample steps must be 1 to 8 LCM steps, got 9"),
+     ({"lcd_sample_steps": 9}, "LCM sample steps must be a whole number of LCM steps from 1 to 8, got 9"),
      ({"lcd_lora_rank": -1}, "LCM-LoRA rank must be a whole number >= 0"),
      ({"lcd_loss": "l1"}, "Unknown LCD loss 'l1'")],
 )  # fmt: skip
