@@ -112,36 +112,11 @@ def test_compare_takes_a_negative_prompt_per_model():
 # --------------------------------------------------------------------------- w-conditioning and the loss
 
 
-def _text(gen, b=2):
-    return {
-        "encoder_hidden_states": torch.randn(b, 4, 16, generator=gen),
-        "added_cond_kwargs": {"text_embeds": torch.randn(b, 8, generator=gen), "time_ids": torch.randn(b, 6, generator=gen)},
-    }  # fmt: skip
-
-
 @pytest.fixture(scope="module")
 def lcd_parts(tiny_teacher):
-    """(teacher, w-conditioned student, LCD setup, a batch) on the tiny SDXL UNet."""
-    import copy
+    from workbench.testing import lcd_parts
 
-    from diffusers import DDPMScheduler
-
-    from workbench import losses
-    from workbench.models import TOY_DIR
-    from workbench.surgery import with_guidance_embedding
-
-    schedule = DDPMScheduler.from_pretrained(TOY_DIR, subfolder="scheduler")  # v-prediction, zero SNR
-    teacher = copy.deepcopy(tiny_teacher).requires_grad_(False)
-    student = with_guidance_embedding(copy.deepcopy(teacher))
-    target = copy.deepcopy(student).requires_grad_(False)
-    setup = losses.LCDSetup(schedule.alphas_cumprod.float(), "v_prediction", (1.5, 3.0), target, 0.95)
-    gen = torch.Generator().manual_seed(0)
-    batch = {
-        "inputs": {"timestep": torch.tensor([100, 900])},
-        "consistency": {"latents": torch.randn(2, 4, 8, 8, generator=gen), "noise": torch.randn(2, 4, 8, 8, generator=gen),
-                        "u": torch.tensor([0.2, 0.9]), "cond": _text(gen), "uncond": _text(gen)},
-    }  # fmt: skip
-    return teacher, student, setup, batch
+    return lcd_parts(tiny_teacher)
 
 
 def test_w_conditioning_starts_as_the_unet_and_then_changes_the_output(lcd_parts, tiny_teacher):
@@ -339,19 +314,13 @@ def test_sample_grids_draw_an_lcm_lora_student_without_guidance(base, pipe, tmp_
 def test_lcd_run_resumes_exactly_and_exports_a_w_conditioned_student(base, tmp_path):
     from diffusers import UNet2DConditionModel
 
-    from workbench.distill import run_distillation
-    from workbench.runs import RunDir, read_metrics
+    from workbench.runs import RunDir
+    from workbench.testing import straight_and_resumed
 
-    def losses_of(run):
-        rows, _ = read_metrics(run / "metrics.jsonl")
+    def by_step(rows):
         return {r["step"]: r["loss/lcd"] for r in rows}
 
-    run_distillation(_config(base), tmp_path / "straight")
-    reference = losses_of(tmp_path / "straight")
-    RunDir(tmp_path / "split").request_stop()  # honoured after the first step
-    assert run_distillation(_config(base), tmp_path / "split")["state"] == "stopped"
-    assert run_distillation(None, tmp_path / "split", resume=True)["state"] == "done"
-    resumed = losses_of(tmp_path / "split")
+    reference, resumed = map(by_step, straight_and_resumed(_config(base), tmp_path))
     assert sorted(resumed) == [0, 1, 2]  # step 2's target is the EMA network restored from the checkpoint
     for step, value in reference.items():
         assert resumed[step] == pytest.approx(value, abs=1e-6), step

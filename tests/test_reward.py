@@ -11,15 +11,9 @@ import torch
 
 from workbench.errors import WorkbenchError
 from workbench.reward import LatentRewardModel, RewardConfig, load_reward, save_reward
+from workbench.testing import random_text_inputs
 
 pytestmark = pytest.mark.usefixtures("one_thread")
-
-
-def _text(gen, b=2, tokens=16, pooled=8):
-    return {
-        "encoder_hidden_states": torch.randn(b, 4, tokens, generator=gen),
-        "added_cond_kwargs": {"text_embeds": torch.randn(b, pooled, generator=gen), "time_ids": torch.randn(b, 6, generator=gen)},
-    }  # fmt: skip
 
 
 def _reward(tokens=16, pooled=8, channels=4, seed=0) -> LatentRewardModel:
@@ -33,23 +27,10 @@ def _reward(tokens=16, pooled=8, channels=4, seed=0) -> LatentRewardModel:
 @pytest.fixture(scope="module")
 def lcd_parts(tiny_teacher):
     """(student, LCD setup, batch, targets) on the tiny SDXL UNet (text width 16, pooled 8)."""
-    from diffusers import DDPMScheduler
-
     from workbench import losses
-    from workbench.models import TOY_DIR
-    from workbench.surgery import with_guidance_embedding
+    from workbench.testing import lcd_parts
 
-    schedule = DDPMScheduler.from_pretrained(TOY_DIR, subfolder="scheduler")
-    teacher = copy.deepcopy(tiny_teacher).requires_grad_(False)
-    student = with_guidance_embedding(copy.deepcopy(teacher))
-    target = copy.deepcopy(student).requires_grad_(False)
-    setup = losses.LCDSetup(schedule.alphas_cumprod.float(), "v_prediction", (1.5, 3.0), target, 0.95)
-    gen = torch.Generator().manual_seed(0)
-    batch = {
-        "inputs": {"timestep": torch.tensor([300, 900])},
-        "consistency": {"latents": torch.randn(2, 4, 8, 8, generator=gen), "noise": torch.randn(2, 4, 8, 8, generator=gen),
-                        "u": torch.tensor([0.2, 0.9]), "cond": _text(gen), "uncond": _text(gen)},
-    }  # fmt: skip
+    teacher, student, setup, batch = lcd_parts(tiny_teacher, timesteps=(300, 900))
     return student, setup, batch, losses.lcd_targets(teacher, batch, setup)
 
 
@@ -81,7 +62,7 @@ def test_the_reward_term_changes_the_loss_and_the_gradient(lcd_parts):
 
 def test_reward_gradient_climbs_the_score():
     reward, gen = _reward(), torch.Generator().manual_seed(1)
-    latents, cond = torch.randn(3, 4, 8, 8, generator=gen, requires_grad=True), _text(gen, 3)
+    latents, cond = torch.randn(3, 4, 8, 8, generator=gen, requires_grad=True), random_text_inputs(gen, 3)
     score = reward(latents, cond)
     assert score.shape == (3,) and (score <= 0).all()
     (grad,) = torch.autograd.grad(score.sum(), latents)
@@ -97,7 +78,7 @@ def test_reward_folder_round_trips_and_is_checked_against_the_base(tmp_path):
     save_reward(model, tmp_path / "r")
     loaded = load_reward(str(tmp_path / "r"), resolve_base("toy"))
     gen = torch.Generator().manual_seed(0)
-    x, cond = torch.randn(2, 4, 16, 16, generator=gen), _text(gen, 2, 96, 32)
+    x, cond = torch.randn(2, 4, 16, 16, generator=gen), random_text_inputs(gen, 2, 96, 32)
     assert torch.equal(loaded(x, cond), model(x, cond)) and not loaded.training
     save_reward(_reward(tokens=96, pooled=32, channels=3), tmp_path / "three")
     with pytest.raises(WorkbenchError, match="reads latent channels 3 but the base's UNet has 4"):
@@ -270,19 +251,13 @@ def test_the_toy_proxy_agrees_with_the_checker_on_held_out_renders():
 
 @pytest.mark.slow
 def test_rg_lcd_run_logs_the_reward_resumes_exactly_and_names_it_in_the_card(perturbed_pipeline, tmp_path):
-    from workbench.distill import run_distillation
-    from workbench.runs import RunDir, read_metrics
+    from workbench.runs import RunDir
+    from workbench.testing import straight_and_resumed
 
-    def rows_of(run):
-        rows, _ = read_metrics(run / "metrics.jsonl")
+    def by_step(rows):
         return {r["step"]: (r["loss/lcd"], r["loss/reward"], r["loss/total"]) for r in rows}
 
-    run_distillation(_config(perturbed_pipeline), tmp_path / "straight")
-    reference = rows_of(tmp_path / "straight")
-    RunDir(tmp_path / "split").request_stop()  # honoured after the first step
-    assert run_distillation(_config(perturbed_pipeline), tmp_path / "split")["state"] == "stopped"
-    assert run_distillation(None, tmp_path / "split", resume=True)["state"] == "done"
-    resumed = rows_of(tmp_path / "split")
+    reference, resumed = map(by_step, straight_and_resumed(_config(perturbed_pipeline), tmp_path))
     assert sorted(resumed) == [0, 1, 2]
     for step, values in reference.items():
         assert resumed[step] == pytest.approx(values, abs=1e-6), step

@@ -283,3 +283,58 @@ def _wait_until_up(url: str, proc, log: Path | None, timeout_s: float, poll_s: f
 
 def _tail(log: Path | None) -> str:
     return f"; its output ends:\n{log.read_text()[-3000:]}" if log is not None else ""
+
+
+def random_text_inputs(gen, batch: int = 2, tokens: int = 16, pooled: int = 8) -> dict[str, Any]:
+    """Random UNet text inputs of the tiny SDXL pipeline's widths (4 tokens; time ids 6)."""
+    import torch
+
+    return {
+        "encoder_hidden_states": torch.randn(batch, 4, tokens, generator=gen),
+        "added_cond_kwargs": {"text_embeds": torch.randn(batch, pooled, generator=gen),
+                              "time_ids": torch.randn(batch, 6, generator=gen)},
+    }  # fmt: skip
+
+
+def lcd_parts(teacher, timesteps: tuple[int, int] = (100, 900)) -> tuple[Any, Any, Any, dict[str, Any]]:
+    """(teacher, w-conditioned student, LCD setup, consistency batch) on a tiny SDXL UNet and the
+    toy's noise schedule (v-prediction, zero terminal SNR), seeded: what the LCD tests train."""
+    import copy
+
+    import torch
+    from diffusers import DDPMScheduler
+
+    from workbench import losses
+    from workbench.models import TOY_DIR
+    from workbench.surgery import with_guidance_embedding
+
+    schedule = DDPMScheduler.from_pretrained(TOY_DIR, subfolder="scheduler")
+    teacher = copy.deepcopy(teacher).requires_grad_(False)
+    student = with_guidance_embedding(copy.deepcopy(teacher))
+    target = copy.deepcopy(student).requires_grad_(False)
+    setup = losses.LCDSetup(schedule.alphas_cumprod.float(), "v_prediction", (1.5, 3.0), target, 0.95)
+    gen = torch.Generator().manual_seed(0)
+    batch = {
+        "inputs": {"timestep": torch.tensor(timesteps)},
+        "consistency": {"latents": torch.randn(2, 4, 8, 8, generator=gen), "noise": torch.randn(2, 4, 8, 8, generator=gen),
+                        "u": torch.tensor([0.2, 0.9]), "cond": random_text_inputs(gen),
+                        "uncond": random_text_inputs(gen)},
+    }  # fmt: skip
+    return teacher, student, setup, batch
+
+
+def straight_and_resumed(config, folder: Path) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """The metrics rows of ``config`` run straight through (``folder/straight``) and of the same
+    run stopped after its first step and resumed (``folder/split``): what resume tests compare."""
+    from workbench.distill import run_distillation
+    from workbench.runs import RunDir, read_metrics
+
+    run_distillation(config, folder / "straight")
+    RunDir(folder / "split").request_stop()  # honoured after the first step
+    if run_distillation(config, folder / "split")["state"] != "stopped":
+        raise AssertionError("the split run did not stop after its first step")
+    if run_distillation(None, folder / "split", resume=True)["state"] != "done":
+        raise AssertionError("the resumed run did not finish")
+    return read_metrics(folder / "straight" / "metrics.jsonl")[0], read_metrics(
+        folder / "split" / "metrics.jsonl"
+    )[0]
