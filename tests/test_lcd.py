@@ -107,6 +107,14 @@ def test_compare_takes_a_negative_prompt_per_model():
         compare_tab.validate(store, "sdxl-base", Limits(), *args, "", 5)
     with pytest.raises(WorkbenchError, match="NASA pooled scale must be a number from 0 to 2"):
         compare_tab.validate(store, "sdxl-base", Limits(), *args, "", 0.5, -1)
+    with pytest.raises(
+        WorkbenchError, match="student steps must be 1 to 100, or 0 for the teacher's steps, got -1"
+    ):
+        compare_tab.validate(store, "sdxl-base", Limits(), *args[:-2], "default", -1)
+    assert (
+        compare_tab.validate(store, "sdxl-base", Limits(), *args[:-2], "default", 0).student_kw["steps"]
+        is None
+    )
 
 
 # --------------------------------------------------------------------------- w-conditioning and the loss

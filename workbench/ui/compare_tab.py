@@ -109,7 +109,9 @@ def validate(
         )
     own_steps = None if student_steps in (None, "", 0) else _number(student_steps, "student steps", int)
     if own_steps is not None and not 1 <= own_steps <= limits.max_steps:
-        raise WorkbenchError(f"student steps must be between 1 and {limits.max_steps}, got {student_steps}")
+        raise WorkbenchError(
+            f"student steps must be 1 to {limits.max_steps}, or 0 for the teacher's steps, got {student_steps}"
+        )
     check_sampler(student_scheduler, own_steps or n_steps, "student steps")
     return Request(
         student_negative=(student_negative or "").strip() or None,
