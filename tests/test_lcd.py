@@ -111,10 +111,8 @@ def test_compare_takes_a_negative_prompt_per_model():
         WorkbenchError, match="student steps must be 1 to 100, or 0 for the teacher's steps, got -1"
     ):
         compare_tab.validate(store, "sdxl-base", Limits(), *args[:-2], "default", -1)
-    assert (
-        compare_tab.validate(store, "sdxl-base", Limits(), *args[:-2], "default", 0).student_kw["steps"]
-        is None
-    )
+    teachers = compare_tab.validate(store, "sdxl-base", Limits(), *args[:-2], "default", 0)
+    assert teachers.student_kw["steps"] == 4  # 0: the teacher's steps
 
 
 # --------------------------------------------------------------------------- w-conditioning and the loss
