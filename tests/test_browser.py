@@ -217,7 +217,11 @@ def test_compare_draws_teacher_and_student(page):
     assert page.locator("#wb-teacher img").count() >= 2
     summary = page.locator("#wb-compare-summary").inner_text()
     assert "2 seed(s), 2 steps, guidance 2," in summary and "per image" in summary
-    # the toy's 64 px come 4x enlarged and are drawn no larger; captions show whole
+    # the toy's 64 px come 4x enlarged and are drawn no larger; captions show whole (once decoded:
+    # an <img> is in the page before its picture has loaded, with naturalWidth 0)
+    page.wait_for_function(
+        "() => [...document.querySelectorAll('#wb-teacher img')].every(i => i.complete && i.naturalWidth > 0)"
+    )
     shown = page.locator("#wb-teacher img").first.evaluate(
         "i => [i.naturalWidth, i.getBoundingClientRect().width]"
     )
