@@ -157,6 +157,12 @@ def plan_for(store: Store, base: str, choice: str, removed: list[str]) -> Prunin
     return load_preset(choice)
 
 
+def form_plan(store: Store, base: str, choice: str, removed: list[str], stages: str,
+              lcd: bool) -> PruningPlan | None:  # fmt: skip
+    """The Plan picker's plan when it starts the run (no progressive stages named), else None."""
+    return plan_for(store, base, choice, removed) if needs_plan(stage_names(stages, lcd)) else None
+
+
 def launch_argv(base: str, form: dict[str, Any], stages: str, lcd: bool = False) -> list[str]:
     """CLI arguments for ``distill``; the plan file is written into the run folder."""
     names = stage_names(stages, lcd)
@@ -199,8 +205,7 @@ def check_launch(store: Store, base: str, plan: PruningPlan, form: dict[str, Any
 def launch(store: Store, base: str, choice: str, removed: list[str], form: dict[str, Any],
            stages: str, name: str, limits: Limits, root: Path | None = None, lcd: bool = False) -> str:  # fmt: skip
     """Validate, then start the run; returns its folder."""
-    stages = (stages or "").strip()
-    plan = plan_for(store, base, choice, removed) if needs_plan(stage_names(stages, lcd)) else None
+    plan = form_plan(store, base, choice, removed, stages, lcd)
     check_launch(store, base, plan, form, stages, limits, lcd)
     name = check_name(
         (name or "").strip() or f"{time.strftime('%Y%m%d-%H%M%S')}-{plan.name if plan else 'stages'}", "run"
@@ -234,8 +239,7 @@ def memory_estimate(store: Store, base: str, choice: str, removed: list[str], fo
     (``workbench.memory``: the real step on fake tensors; nothing is loaded)."""
     from workbench import memory
 
-    stages = (stages or "").strip()
-    plan = plan_for(store, base, choice, removed) if needs_plan(stage_names(stages, lcd)) else None
+    plan = form_plan(store, base, choice, removed, stages, lcd)
     config = preflight(run_config(base, plan, form, stages, lcd), base=store.base(base)).config
     result = memory.estimate(config)
     return result, memory.suggestions(config, result)
