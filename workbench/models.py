@@ -63,6 +63,11 @@ class Base:
         return TOY_GUIDANCE if self.kind == "toy" else DEFAULT_GUIDANCE
 
 
+def is_hub_id(name: str) -> bool:
+    """Whether ``name`` has the shape of a hub id (``org/name``), whatever is on disk."""
+    return bool(_HUB_ID.match(name)) and ".." not in name and not name.startswith((".", "/", "~"))
+
+
 def resolve_base(name: str | None = None) -> Base:
     """Resolve a base name to its UNet config without loading any weights."""
     name = (name or DEFAULT_BASE).strip()
@@ -79,7 +84,7 @@ def _resolve_cached(name: str) -> Base:
     path = Path(name).expanduser()
     if path.exists():
         return _local(path, name=name)
-    if _HUB_ID.match(name) and not name.startswith((".", "/", "~")):
+    if is_hub_id(name):
         return _hub(name)
     raise WorkbenchError(
         f"base {name!r} is not a built-in name, an existing folder, or a hub id; use toy, "

@@ -37,8 +37,9 @@ from workbench.errors import WorkbenchError
 from workbench.files import remove_tree, write_json_atomic, write_text_atomic
 from workbench.progress import Progress
 
-STATES = ("queued", "running", "done", "failed", "stopped")
-ACTIVE = ("queued", "running")
+# waiting: in the Space's queue, no process yet; queued: process started, not yet training
+STATES = ("waiting", "queued", "running", "done", "failed", "stopped")
+ACTIVE = ("waiting", "queued", "running")
 
 
 def read_json(path: Path, default: Any = None) -> Any:

@@ -1,20 +1,38 @@
 """The Gradio app: ``build_app(settings)`` lays out the page; ``serve(settings)`` launches it.
 
 Layout: a header, the model box, then one tab per file in this package (Blocks, Presets,
-Compare, Export, and Distill when ``workbench/ui/distill_tab.py`` exists). Tabs talk to
-each other only through the session states in ``Shared`` (plain data) and the process-wide
-model store.
+Compare, Export, Distill). Tabs talk to each other only through the session states in
+``Shared`` (plain data) and the process-wide model store.
+
+In Space mode (``settings.space``) each page first learns its visitor: a random token its
+browser keeps in local storage (``gr.BrowserState``), hashed into the folder of the visitor's
+own runs (``workbench.space``). A background thread starts queued runs and deletes what
+visitors left once it expires.
 """
 
 from __future__ import annotations
 
+import os
+import secrets
 import threading
+import time
+from pathlib import Path
 from typing import Any
 
 import gradio as gr
 
+from workbench import jobs, space
 from workbench.errors import WorkbenchError
-from workbench.ui import blocks_tab, compare_tab, distill_tab, export_tab, model_box, plan_view, presets_tab
+from workbench.ui import (
+    blocks_tab,
+    compare_tab,
+    distill_tab,
+    export_tab,
+    model_box,
+    plan_view,
+    presets_tab,
+    visitors,
+)
 from workbench.ui.settings import AppSettings
 from workbench.ui.shared import Shared
 from workbench.ui.store import Store, get_store, native_resolution
@@ -30,6 +48,9 @@ TABS = (
 # visitor): on a 2-core machine, loading them (diffusers and transformers imports, ~10 s) beside
 # the first page's handlers would delay the page by as much.
 FIRST_PAGE_WAIT_S = 60.0
+SWEEP_S = 5.0  # Space: how often the queue is looked at (expiry: every EXPIRE_EVERY sweeps)
+EXPIRE_EVERY = 60
+VISITOR_KEY = "workbench-visitor"  # the browser's local storage key of the visitor's token
 RESIZE_JS = "() => { setTimeout(() => window.dispatchEvent(new Event('resize')), 50); }"
 INTRO = (
     "Make a smaller, faster SDXL UNet: **remove blocks** (left), watch parameters, FLOPs and latency "
@@ -82,7 +103,9 @@ def build_app(
     # Downloads (an SDXL student zip is ~5 GB) leave Gradio's cache an hour after they were made.
     with gr.Blocks(title=TITLE, analytics_enabled=False, delete_cache=(1800, 3600)) as demo:
         gr.Markdown(f"# {TITLE}\n{INTRO}" + (_space_note(settings) if settings.space else ""))
-        box, load = model_box.build(start)
+        box, load = model_box.build(start, settings.space)
+        token = gr.BrowserState(None, storage_key=VISITOR_KEY, secret=_browser_secret(settings))
+        visitor = gr.State(None)
         ctx = Shared(
             settings=settings,
             store=store,
@@ -91,6 +114,10 @@ def build_app(
             plan=gr.State([]),
             model_status=gr.Markdown(elem_id="wb-model-status"),
             first_page=first_page or threading.Event(),
+            visitor=visitor,
+            visitor_ready=demo.load(
+                lambda t: _init_visitor(settings, t), token, [token, visitor], api_visibility="private"
+            ),
         )
         with gr.Tabs():
             for label, build in TABS:
@@ -108,9 +135,56 @@ def _space_note(settings: AppSettings) -> str:
     lim = settings.limits
     return (
         f"\n\n<span class='wb-muted'>Shared CPU Space: at most {lim.max_steps} steps, {lim.max_seeds} seeds and "
-        f"{lim.max_sample_px} px per comparison; weights of UNets up to {lim.max_weight_params / 1e9:g}B params. "
+        f"{lim.max_sample_px} px per comparison; weights of UNets up to {lim.max_weight_params / 1e9:g}B params; "
+        f"{lim.max_active_runs} distillation run(s) train at a time, the rest wait in a queue. Your runs and "
+        f"uploads are yours alone and are deleted {lim.run_ttl_s / 3600:g} h after their last change. "
+        "Teachers by name or hub id, data by upload: no paths or code on this server. "
         "Run it locally for more.</span>"
     )
+
+
+def _init_visitor(settings: AppSettings, token: Any) -> tuple:
+    """(token, visitor key) of a page: the browser's token, or a new one; None off a Space."""
+    if not settings.space:
+        return gr.skip(), None
+    token = token if space.valid_token(token) else space.new_token()
+    return token, space.visitor_key(token)
+
+
+def _browser_secret(settings: AppSettings) -> str | None:
+    """The key that encrypts visitors' tokens in their browsers; kept beside the runs so a
+    restarted Space still knows its visitors (``$WORKBENCH_SECRET`` overrides)."""
+    if not settings.space:
+        return None
+    if env := os.environ.get("WORKBENCH_SECRET"):
+        return env
+    path = visitors.runs_root() / space.VISITORS / ".secret"
+    if not path.exists():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(secrets.token_urlsafe(32), encoding="utf-8")
+        path.chmod(0o600)
+    return path.read_text(encoding="utf-8").strip()
+
+
+def sweep(settings: AppSettings, n: int = 0) -> None:
+    """One look after the visitors' runs: start waiting runs; every ``EXPIRE_EVERY``-th time,
+    delete what has expired."""
+    root, lim = visitors.runs_root(), settings.limits
+    jobs.dispatch(space.all_run_folders(root), lim.max_active_runs)
+    if n % EXPIRE_EVERY == 0:
+        for path in space.expire(root, lim.run_ttl_s, lim.max_disk_bytes):
+            print(f"workbench: expired {Path(path).name}")
+
+
+def _sweeper(settings: AppSettings) -> None:
+    n = 0
+    while True:
+        try:
+            sweep(settings, n)
+        except (OSError, WorkbenchError) as err:  # a damaged run folder must not stop the queue
+            print(f"workbench: sweep failed: {err}")
+        n += 1
+        time.sleep(SWEEP_S)
 
 
 def _distill_tab(ctx: Shared) -> None:
@@ -162,11 +236,14 @@ def serve(settings: AppSettings) -> None:
     store = get_store()
     start, _ = model_box.start_base(store, settings.base)
     threading.Thread(target=warm_up, args=(store, start, first_page), name="warm-up", daemon=True).start()
-    demo.queue(default_concurrency_limit=4).launch(
+    if settings.space:
+        threading.Thread(target=_sweeper, args=(settings,), name="sweeper", daemon=True).start()
+    # On a Space, a bounded queue: past max_size waiting events, a visitor is told to come back.
+    demo.queue(default_concurrency_limit=4, max_size=64 if settings.space else None).launch(
         server_name=settings.host,
         server_port=settings.port,
         theme=theme(),
         css=CSS,
         show_error=True,
-        allowed_paths=[str(distill_tab.runs_root())],  # sample grids of runs kept outside the project
+        allowed_paths=[str(visitors.runs_root())],  # sample grids of runs kept outside the project
     )

@@ -3,11 +3,14 @@
 A run is an ordinary ``python -m workbench distill`` process (``workbench.jobs``); this tab
 only writes its options and then reads its run folder (status, metrics, samples), so runs
 started from a shell, or before a page reload or an app restart, show up the same way.
+
+On the owner's machine the page sees every run in ``runs/``. On a shared Space a page sees
+only its visitor's runs (``Runs``, ``workbench.space``): data comes as an upload, never a
+path; rewards and stages are the app's own names; runs wait in one queue for the CPU.
 """
 
 from __future__ import annotations
 
-import os
 import shutil
 import threading
 import time
@@ -17,7 +20,7 @@ from typing import Any
 
 import gradio as gr
 
-from workbench import jobs
+from workbench import jobs, space
 from workbench.distill_config import (
     CHOICES,
     FEATURE_MODES,
@@ -35,9 +38,10 @@ from workbench.plan import PruningPlan
 from workbench.presets import check_name, list_presets, load_preset
 from workbench.runs import ACTIVE, RunDir, effective_state, list_runs, read_metrics
 from workbench.ui import format as fmt
-from workbench.ui.settings import Limits
+from workbench.ui.settings import AppSettings, Limits
 from workbench.ui.shared import Shared, inline_errors, plot, user_errors
 from workbench.ui.store import Store
+from workbench.ui.visitors import Runs, as_runs, page_runs, visible_runs
 
 CURRENT_PLAN = "(current plan)"
 PLAN_FILE = "input-plan.json"
@@ -139,10 +143,16 @@ def needs_plan(names: list[str]) -> bool:
     return all(n == LCD_STAGE for n in names)
 
 
-def runs_root() -> Path:
-    """``runs/`` beside the project, or ``$WORKBENCH_RUNS_DIR``."""
-    env = os.environ.get("WORKBENCH_RUNS_DIR")
-    return Path(env) if env else Path(__file__).resolve().parents[2] / "runs"
+def visitor_form(form: dict[str, Any], choice: str, stages: str, uploaded: str | None) -> dict[str, Any]:
+    """A Space visitor's form with every box that could name code or a server path checked:
+    data is toy or their upload, the reward the shipped one, plan and stages preset names."""
+    if choice != CURRENT_PLAN:
+        space.check_preset(choice)
+    space.check_stage_names(stage_names(stages))
+    return form | {
+        "data": space.data_source(form.get("data"), uploaded),
+        "lcd_reward": space.check_reward(form.get("lcd_reward")),
+    }
 
 
 # --------------------------------------------------------------------------- launch
@@ -203,30 +213,43 @@ def check_launch(store: Store, base: str, plan: PruningPlan, form: dict[str, Any
 
 
 def launch(store: Store, base: str, choice: str, removed: list[str], form: dict[str, Any],
-           stages: str, name: str, limits: Limits, root: Path | None = None, lcd: bool = False) -> str:  # fmt: skip
-    """Validate, then start the run; returns its folder."""
+           stages: str, name: str, limits: Limits, root: Runs | Path | None = None, lcd: bool = False,
+           uploaded: str | None = None) -> str:  # fmt: skip
+    """Validate, then start the run (on a Space: queue it); returns its folder."""
+    runs = as_runs(root)
+    if runs.space:
+        form = visitor_form(form, choice, stages, uploaded)
     plan = form_plan(store, base, choice, removed, stages, lcd)
     check_launch(store, base, plan, form, stages, limits, lcd)
     name = check_name(
         (name or "").strip() or f"{time.strftime('%Y%m%d-%H%M%S')}-{plan.name if plan else 'stages'}", "run"
     )
     files = {PLAN_FILE: plan.to_json()} if plan else {}
-    run = jobs.start_run(root or runs_root(), name, launch_argv(base, form, stages, lcd), files=files)
+    argv = launch_argv(base, form, stages, lcd)
+    if not runs.space:
+        return str(jobs.start_run(runs.folder, name, argv, files=files).root)
+    if busy := [r for r in list_runs(runs.folder) if r["state"] in ACTIVE]:
+        raise WorkbenchError(
+            f"your run {busy[0]['name']!r} is still {busy[0]['state']}; stop it first (one run per visitor here)"
+        )
+    run = jobs.submit_run(runs.folder, name, argv, files=files)
+    runs.dispatch()
     return str(run.root)
 
 
 def launch_or_explain(store: Store, view: dict[str, Any], removed: list[str], choice: str, stages: str,
-                      name: str, values: tuple, limits: Limits, root: Path | None = None,
-                      lcd: bool = False) -> tuple:  # fmt: skip
+                      name: str, values: tuple, limits: Limits, root: Runs | Path | None = None,
+                      lcd: bool = False, uploaded: str | None = None) -> tuple:  # fmt: skip
     """Launch from the form's values (in ``FORM_KEYS`` order): (message, run picker update).
     A bad value is named by its label, and nothing starts."""
     fields = dict(zip(FORM_KEYS, values))
     fields["data"] = (fields["data"] or "").strip()
     try:
-        run_dir = launch(store, view["base"], choice, removed, fields, stages, name, limits, root, lcd)
+        run_dir = launch(store, view["base"], choice, removed, fields, stages, name, limits, root, lcd, uploaded)
     except WorkbenchError as err:
         return fmt.error_md(explain(err), "Not launched"), gr.skip()
-    started = fmt.ok_md(f"started {Path(run_dir).name}")
+    state = effective_state(RunDir(Path(run_dir)).read_status())
+    started = fmt.ok_md(f"{'queued' if state == 'waiting' else 'started'} {Path(run_dir).name}")
     return started, gr.update(choices=run_choices(root), value=run_dir)
 
 
@@ -234,11 +257,14 @@ def launch_or_explain(store: Store, view: dict[str, Any], removed: list[str], ch
 
 
 def memory_estimate(store: Store, base: str, choice: str, removed: list[str], form: dict[str, Any],
-                    stages: str, lcd: bool = False):  # fmt: skip
+                    stages: str, lcd: bool = False, visitor: tuple[str | None] | None = None):  # fmt: skip
     """(estimate, cheapest options per GPU size it misses) of the form's run, on a CUDA GPU
-    (``workbench.memory``: the real step on fake tensors; nothing is loaded)."""
+    (``workbench.memory``: the real step on fake tensors; nothing is loaded). ``visitor``:
+    a Space visitor's upload (a 1-tuple), whose form is checked as for a launch."""
     from workbench import memory
 
+    if visitor is not None:
+        form = visitor_form(form, choice, stages, visitor[0])
     plan = form_plan(store, base, choice, removed, stages, lcd)
     config = preflight(run_config(base, plan, form, stages, lcd), base=store.base(base)).config
     result = memory.estimate(config)
@@ -274,12 +300,12 @@ def _fix(hint: dict[str, Any] | None) -> str:
 
 
 def estimate_or_explain(store: Store, view: dict[str, Any], removed: list[str], choice: str, stages: str,
-                        values: tuple, lcd: bool = False) -> str:  # fmt: skip
+                        values: tuple, lcd: bool = False, visitor: tuple[str | None] | None = None) -> str:  # fmt: skip
     """The memory panel for the form's values (in ``FORM_KEYS`` order), or why there is none."""
     form = dict(zip(FORM_KEYS, values))
     form["data"] = (form["data"] or "").strip()
     try:
-        return memory_md(*memory_estimate(store, view["base"], choice, removed, form, stages, lcd))
+        return memory_md(*memory_estimate(store, view["base"], choice, removed, form, stages, lcd, visitor))
     except WorkbenchError as err:
         return fmt.error_md(explain(err), "No estimate")
 
@@ -334,7 +360,7 @@ def loss_figure(rows: list[dict[str, Any]], per_layer: bool) -> dict[str, Any]:
     }  # fmt: skip
 
 
-def status_md(run_dir: str | None) -> str:
+def status_md(run_dir: str | None, runs: Runs | None = None) -> str:
     if not run_dir:
         return "<span class='wb-muted'>No run selected. Launch one, or pick a past run.</span>"
     run = RunDir(Path(run_dir))
@@ -346,6 +372,8 @@ def status_md(run_dir: str | None) -> str:
         line += f", stage {status['stage']}"
     if status.get("message") and state == "running":  # e.g. measuring the sensitivity map
         line += f"<br>{fmt.escape(status['message'])}"
+    if state == "waiting" and runs is not None and (queue := runs.queue_line(run_dir)):
+        line += f"<br>{queue}"
     if state == "failed":
         error = status.get("error") or _log_tail(run) or "the process ended without reporting (killed?)"
         hint = "Resume continues from the last checkpoint."
@@ -390,25 +418,25 @@ def sample_view(run_dir: str | None) -> tuple[str, Any]:
     return caption, fmt.enlarged(image, SAMPLE_PX) if k > 1 else path
 
 
-def run_choices(root: Path | None = None) -> list[tuple[str, str]]:
+def run_choices(root: Runs | Path | None = None) -> list[tuple[str, str]]:
     return [
         (f"{r['name']} ({r['state']}, step {r['step']})", r["run_dir"])
-        for r in list_runs(root or runs_root())
+        for r in list_runs(as_runs(root).folder)
     ]
 
 
-def active_run(root: Path | None = None) -> str | None:
-    """The run in progress (queued or running), if any: one at a time on this machine."""
-    return next((r["run_dir"] for r in list_runs(root or runs_root()) if r["state"] in ACTIVE), None)
+def active_run(root: Runs | Path | None = None) -> str | None:
+    """The run in progress (waiting, queued or running), if any: one at a time on this machine."""
+    return next((r["run_dir"] for r in list_runs(as_runs(root).folder) if r["state"] in ACTIVE), None)
 
 
-def picker_on_open(root: Path | None = None) -> tuple[Any, list[tuple[str, str]]]:
+def picker_on_open(root: Runs | Path | None = None) -> tuple[Any, list[tuple[str, str]]]:
     """A page opens (or reloads): every run, the one in progress selected; and the list shown."""
     choices = run_choices(root)
     return gr.update(choices=choices, value=active_run(root)), choices
 
 
-def picker_refresh(shown: list[tuple[str, str]] | None, root: Path | None = None) -> tuple[Any, Any]:
+def picker_refresh(shown: list[tuple[str, str]] | None, root: Runs | Path | None = None) -> tuple[Any, Any]:
     """The run list with each run's live state and step; untouched while nothing changed (so
     an open list stays open)."""
     choices = run_choices(root)
@@ -417,10 +445,9 @@ def picker_refresh(shown: list[tuple[str, str]] | None, root: Path | None = None
     return gr.update(choices=choices), choices
 
 
-def student_zip(run_dir: str | None) -> str:
+def student_zip(run_dir: str | None, runs: Runs | None = None) -> str:
     """The run's trained student (diffusers folder + plan + layer map + model card) as a zip."""
-    if not run_dir:
-        raise WorkbenchError("select a run first")
+    run_dir = as_runs(runs).own(run_dir)
     student = RunDir(Path(run_dir)).student
     if not (student / "config.json").exists():
         raise WorkbenchError("this run has no exported student yet; it appears when the run is done")
@@ -441,6 +468,8 @@ class Form:
     lcd: Any  # the "end with an LCD stage" checkbox
     name: Any
     fields: dict[str, Any]
+    upload: Any  # Space: the visitor's data file (None on the owner's machine)
+    uploaded: Any  # Space: the folder the upload was unpacked into (server-side state)
     start: Any
     message: Any
     estimate: Any
@@ -467,15 +496,15 @@ class Watch:
 def build(ctx: Shared) -> None:
     with gr.Row():
         with gr.Column(scale=2):
-            form = _form(ctx.settings.limits)
+            form = _form(ctx.settings)
         with gr.Column(scale=3):
-            watch = _watch()
+            watch = _watch(ctx.settings)
     _wire_launch(ctx, form, watch)
     _wire_watch(ctx, form, watch)
 
 
-def _form(limits: Limits) -> Form:
-    D = FORM_DEFAULTS
+def _form(settings: AppSettings) -> Form:
+    limits, D = settings.limits, FORM_DEFAULTS
     gr.Markdown("### New run\nTrains the student of a plan against the loaded teacher (its own process).")
     plan_choice = gr.Dropdown(
         [CURRENT_PLAN, *list_presets()], value=CURRENT_PLAN, label="Plan", elem_id="wb-distill-plan"
@@ -498,11 +527,17 @@ def _form(limits: Limits) -> Form:
         value = D[key] if value is None else value
         return gr.Number(value, label=LABELS[key], elem_id="wb-distill-" + key.replace("_", "-"), **kw)
 
+    data_info = (
+        "toy, or a file you upload here (this Space takes no server paths)"
+        if settings.space else "toy, an image folder, or a .txt prompt file"
+    )  # fmt: skip
     with gr.Row():
-        f["data"] = gr.Textbox(
-            D["data"], label=LABELS["data"], info="toy, an image folder, or a .txt prompt file", scale=3
-        )
+        f["data"] = gr.Textbox(D["data"], label=LABELS["data"], info=data_info, scale=3, elem_id="wb-distill-data")
         f["toy_samples"] = number("toy_samples")
+    upload = gr.File(
+        label="Your data: a .zip of images with NAME.txt captions (or a metadata.jsonl), or a .txt of prompts",
+        file_types=[".zip", ".txt"], type="filepath", visible=settings.space, elem_id="wb-distill-upload",
+    )  # fmt: skip
     with gr.Row():
         f["steps"] = number("steps", min(D["steps"], limits.max_distill_steps or D["steps"]))
         f["batch_size"] = number("batch_size")
@@ -540,7 +575,7 @@ def _form(limits: Limits) -> Form:
             "options that make it fit, before anything is loaded.</span>",
             elem_id="wb-distill-memory",
         )
-    return Form(plan_choice, stages, lcd, name, f, start, message, estimate, memory)
+    return Form(plan_choice, stages, lcd, name, f, upload, gr.State(None), start, message, estimate, memory)
 
 
 def _box(key: str, info: str) -> Any:
@@ -557,10 +592,11 @@ def _box(key: str, info: str) -> Any:
     return gr.Textbox(value or "", elem_id=elem_id, **kw)
 
 
-def _watch() -> Watch:
+def _watch(settings: AppSettings) -> Watch:
     with gr.Row():
+        # A Space page lists its visitor's runs once it knows them (never the folder of all runs).
         picker = gr.Dropdown(
-            run_choices(), label="Run", scale=4, allow_custom_value=False, elem_id="wb-run-picker"
+            [] if settings.space else run_choices(), label="Run", scale=4, allow_custom_value=False, elem_id="wb-run-picker"
         )
         refresh = gr.Button("↻", scale=0, min_width=40)
     status = gr.Markdown(status_md(None), elem_id="wb-run-status")
@@ -580,11 +616,15 @@ def _watch() -> Watch:
 
 
 def _wire_launch(ctx: Shared, form: Form, watch: Watch) -> None:
-    limits = ctx.settings.limits
+    settings, private = ctx.settings, {"api_visibility": "private"}
 
-    def on_launch(view, removed, choice, stage_text, lcd, run_name, *values):
+    def on_launch(view, removed, choice, stage_text, lcd, run_name, visitor, uploaded, *values):
+        try:
+            runs = page_runs(settings, visitor)
+        except WorkbenchError as err:
+            return fmt.error_md(explain(err), "Not launched"), gr.skip()
         return launch_or_explain(
-            ctx.store, view, removed, choice, stage_text, run_name, values, limits, lcd=lcd
+            ctx.store, view, removed, choice, stage_text, run_name, values, settings.limits, runs, lcd, uploaded
         )
 
     inputs = [
@@ -594,50 +634,87 @@ def _wire_launch(ctx: Shared, form: Form, watch: Watch) -> None:
         form.stages,
         form.lcd,
         form.name,
+        ctx.visitor,
+        form.uploaded,
         *(form.fields[k] for k in FORM_KEYS),
     ]
-    form.start.click(on_launch, inputs, [form.message, watch.picker], api_visibility="private")
+    form.start.click(on_launch, inputs, [form.message, watch.picker], concurrency_limit=1, **private)
 
-    def on_estimate(view, removed, choice, stage_text, lcd, _name, *values):
-        return estimate_or_explain(ctx.store, view, removed, choice, stage_text, values, lcd)
+    def on_estimate(view, removed, choice, stage_text, lcd, _name, _visitor, uploaded, *values):
+        visitor = (uploaded,) if settings.space else None
+        return estimate_or_explain(ctx.store, view, removed, choice, stage_text, values, lcd, visitor)
 
-    form.estimate.click(on_estimate, inputs, form.memory, api_visibility="private")
+    form.estimate.click(on_estimate, inputs, form.memory, concurrency_limit=1, **private)
+
+    def on_upload(path, visitor):
+        if not path:
+            return gr.skip(), None, ""
+        try:
+            source, summary = space.unpack_data(path, page_runs(settings, visitor).folder, settings.limits.upload)
+        except WorkbenchError as err:
+            return gr.skip(), None, fmt.error_md(str(err), "Upload refused")
+        shown = space.UPLOADED + Path(path).name
+        return shown, source, fmt.ok_md(f"{fmt.escape(shown)}: {summary}; the Data box now names it")
+
+    form.upload.upload(
+        on_upload, [form.upload, ctx.visitor], [form.fields["data"], form.uploaded, form.message],
+        concurrency_limit=1, **private,
+    )  # fmt: skip
 
 
 def _wire_watch(ctx: Shared, form: Form, w: Watch) -> None:
-    private = {"api_visibility": "private"}
+    settings, private = ctx.settings, {"api_visibility": "private"}
 
-    def on_tick(run_dir, layers):
+    def on_tick(run_dir, layers, visitor):
+        try:
+            runs = page_runs(settings, visitor)
+            runs.dispatch()  # a waiting run starts as soon as the Space has room
+            run_dir = runs.own(run_dir) if run_dir else None
+        except WorkbenchError as err:
+            return fmt.error_md(str(err)), gr.skip(), gr.skip(), gr.skip()
         if not run_dir:
             return status_md(None), gr.skip(), gr.skip(), gr.skip()
-        return status_md(run_dir), plot(loss_figure(metrics_rows(run_dir), layers)), *sample_view(run_dir)
+        return (
+            status_md(run_dir, runs), plot(loss_figure(metrics_rows(run_dir), layers)), *sample_view(run_dir)
+        )  # fmt: skip
 
     outputs = [w.status, w.losses, w.caption, w.sample]
+    watched = [w.picker, w.per_layer, ctx.visitor]
     timer = gr.Timer(POLL_S)
-    timer.tick(on_tick, [w.picker, w.per_layer], outputs, show_progress="hidden", **private)
-    w.picker.change(on_tick, [w.picker, w.per_layer], outputs, **private)
-    w.per_layer.change(on_tick, [w.picker, w.per_layer], outputs, **private)
+    timer.tick(on_tick, watched, outputs, show_progress="hidden", **private)
+    w.picker.change(on_tick, watched, outputs, **private)
+    w.per_layer.change(on_tick, watched, outputs, **private)
     shown = gr.State(None)  # the run list as this page shows it
-    listing = {"inputs": [shown], "outputs": [w.picker, shown], **private}
-    timer.tick(picker_refresh, show_progress="hidden", **listing)  # states change: stopped, done
-    w.refresh.click(picker_refresh, **listing)
-    # Runs started from a shell or before a reload/restart appear when the page opens, and
-    # the one in progress is selected.
-    ctx.demo.load(picker_on_open, None, [w.picker, shown], **private)
-    w.stop.click(inline_errors(1, 0)(_stop), w.picker, form.message, **private)
-    w.resume.click(inline_errors(1, 0)(_resume), w.picker, form.message, **private)
-    w.download.click(user_errors(student_zip), w.picker, w.student_file, **private)
+
+    def on_refresh(shown_now, visitor):
+        return picker_refresh(shown_now, visible_runs(settings, visitor))
+
+    def on_open(visitor):
+        return picker_on_open(visible_runs(settings, visitor))
+
+    listing = {"inputs": [shown, ctx.visitor], "outputs": [w.picker, shown], **private}
+    timer.tick(on_refresh, show_progress="hidden", **listing)  # states change: stopped, done
+    w.refresh.click(on_refresh, **listing)
+    # Runs started from a shell or before a reload/restart appear when the page opens (once
+    # the visitor is known), and the one in progress is selected.
+    ctx.visitor_ready.then(on_open, ctx.visitor, [w.picker, shown], **private)
+    acts = [w.picker, ctx.visitor]
+    w.stop.click(inline_errors(1, 0)(lambda r, v: _stop(r, page_runs(settings, v))), acts, form.message, **private)
+    w.resume.click(
+        inline_errors(1, 0)(lambda r, v: _resume(r, page_runs(settings, v))), acts, form.message, **private
+    )
+    w.download.click(
+        user_errors(lambda r, v: student_zip(r, page_runs(settings, v))), acts, w.student_file, **private
+    )
 
 
-def _stop(run_dir: str | None) -> str:
-    if not run_dir:
-        raise WorkbenchError("select a run first")
-    jobs.stop_run(run_dir)
+def _stop(run_dir: str | None, runs: Runs | None = None) -> str:
+    jobs.stop_run(as_runs(runs).own(run_dir))
     return "<div class='wb-notice'>stop requested: the run checkpoints and stops after its current step</div>"
 
 
-def _resume(run_dir: str | None) -> str:
-    if not run_dir:
-        raise WorkbenchError("select a run first")
-    jobs.resume_run(run_dir)
+def _resume(run_dir: str | None, runs: Runs | None = None) -> str:
+    runs = as_runs(runs)
+    jobs.resume_run(runs.own(run_dir), queued=runs.space)
+    runs.dispatch()
     return "<div class='wb-ok'>resumed</div>"

@@ -24,6 +24,7 @@ from workbench.sgm import client_support
 from workbench.ui import format as fmt
 from workbench.ui.shared import ProgressAdapter, Shared, inline_errors
 from workbench.ui.store import Store
+from workbench.ui.visitors import Runs, as_runs, page_runs, visible_runs
 
 CURRENT_PLAN = "current plan"
 FORMAT_LABELS = {
@@ -40,17 +41,12 @@ def slug(text: str) -> str:
     return re.sub(r"[^A-Za-z0-9._-]+", "-", Path(text).name or text).strip("-.") or "model"
 
 
-def runs_root() -> Path:
-    from workbench.ui.distill_tab import runs_root as root
-
-    return root()
-
-
-def source_choices(root: Path | None = None) -> list[tuple[str, str]]:
-    """The current plan, then every run that has a trained student (newest first)."""
+def source_choices(root: Runs | Path | None = None) -> list[tuple[str, str]]:
+    """The current plan, then every run (on a Space: the visitor's own) that has a trained
+    student (newest first)."""
     runs = [
         (f"run {r['name']} (trained student)", r["run_dir"])
-        for r in list_runs(root or runs_root())
+        for r in list_runs(as_runs(root).folder)
         if (RunDir(Path(r["run_dir"])).student / "config.json").is_file()
     ]
     return [(f"{CURRENT_PLAN} (built from the teacher)", CURRENT_PLAN), *runs]
@@ -222,7 +218,7 @@ def build(ctx: Shared) -> None:
     with gr.Row(equal_height=False):
         with gr.Column(scale=1):
             source = gr.Dropdown(
-                source_choices(), value=CURRENT_PLAN, label="Student", elem_id="wb-export-source"
+                source_choices(visible_runs(ctx.settings, None)), value=CURRENT_PLAN, label="Student", elem_id="wb-export-source"
             )
             fmt_box = gr.Radio(
                 [(label, key) for key, label in FORMAT_LABELS.items()], value="diffusers", label="Format",
@@ -246,28 +242,40 @@ def build(ctx: Shared) -> None:
     with gr.Row(equal_height=False):
         archive = gr.File(label="Student (.zip)", interactive=False, scale=1)
         summary = gr.Markdown(elem_id="wb-export-summary")
-    store = ctx.store
+    store, settings = ctx.store, ctx.settings
+
+    def own(source_dir: str | None, visitor: str | None) -> str:
+        """The current plan, or a run this page may export (on a Space: the visitor's own)."""
+        if source_dir in (None, CURRENT_PLAN):
+            return CURRENT_PLAN
+        return page_runs(settings, visitor).own(source_dir)
 
     @inline_errors(n_outputs=2, status_at=1)
-    def on_export(view, plan, fmt_name, dtype_name, source_dir, lora_path, scores, progress=gr.Progress()):
+    def on_export(view, plan, fmt_name, dtype_name, source_dir, lora_path, scores, visitor, progress=gr.Progress()):
+        source_dir = own(source_dir, visitor)
         return export_student(
             store, view, plan, fmt_name, dtype_name, source_dir, lora_path, scores, progress
         )
 
     @inline_errors(n_outputs=1, status_at=0)
-    def on_lora(view, plan, lora_path, source_dir):
-        return lora_md(store, view, plan, lora_path, source_dir)
+    def on_lora(view, plan, lora_path, source_dir, visitor):
+        return lora_md(store, view, plan, lora_path, own(source_dir, visitor))
 
     def on_plan(view, plan):
         return formats_md(store, view, plan)
 
     go.click(
-        on_export, [ctx.view, ctx.plan, fmt_box, dtype, source, lora_in, scored], [archive, summary],
+        on_export, [ctx.view, ctx.plan, fmt_box, dtype, source, lora_in, scored, ctx.visitor], [archive, summary],
         api_visibility="private", **ctx.model_event(),
     )  # fmt: skip
-    lora_in.change(on_lora, [ctx.view, ctx.plan, lora_in, source], lora_report, api_visibility="private")
+    lora_in.change(
+        on_lora, [ctx.view, ctx.plan, lora_in, source, ctx.visitor], lora_report, api_visibility="private"
+    )
     ctx.plan.change(on_plan, [ctx.view, ctx.plan], formats, api_visibility="private")
     ctx.demo.load(on_plan, [ctx.view, ctx.plan], formats, api_visibility="private")
-    refresh = {"fn": lambda: gr.update(choices=source_choices()), "inputs": None, "outputs": source}
-    ctx.demo.load(**refresh, api_visibility="private")
+    refresh = {
+        "fn": lambda visitor: gr.update(choices=source_choices(visible_runs(settings, visitor))),
+        "inputs": ctx.visitor, "outputs": source,
+    }  # fmt: skip
+    ctx.visitor_ready.then(**refresh, api_visibility="private")
     source.focus(**refresh, api_visibility="private")  # runs finished since the page loaded

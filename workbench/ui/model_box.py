@@ -6,6 +6,7 @@ from typing import Any
 
 import gradio as gr
 
+from workbench import space
 from workbench.errors import WorkbenchError
 from workbench.models import BUILTIN_CONFIGS, Base
 from workbench.ui import format as fmt
@@ -74,14 +75,18 @@ def load_model(
     device: str,
     dtype: str,
     progress: Any = None,
+    visitor_names: bool = False,
 ) -> tuple:
-    """Resolve, catalog, price and (if it has weights) load a teacher; keep the plan if it fits."""
+    """Resolve, catalog, price and (if it has weights) load a teacher; keep the plan if it fits.
+    ``visitor_names`` (a Space): built-in names and hub ids only, never a folder on the server."""
     report = ProgressAdapter(progress) if progress is not None else (lambda *a, **k: None)
     name = (text or "").strip()
     if not name:
         raise WorkbenchError(
             f"type a model: toy, {', '.join(BUILTIN_CONFIGS)}, a local diffusers folder or a hub id"
         )
+    if visitor_names:
+        space.check_base_name(name)
     report(0.05, f"resolving {name}")
     base = store.base(name)
     report(0.15, "listing removable units")
@@ -99,12 +104,12 @@ def load_model(
 
 def load_or_explain(
     store: Store, limits: Limits, text: str, view: dict[str, Any], plan: list[str], device: str,
-    dtype: str, n_panel: int, progress: Any = None,
+    dtype: str, n_panel: int, progress: Any = None, visitor_names: bool = False,
 ) -> tuple:  # fmt: skip
     """``load_model``'s outputs; if the load fails, the reason in the status line above the
     current teacher's, and every other output kept (nothing marked as errored)."""
     try:
-        return load_model(store, limits, text, view, plan, device, dtype, progress)
+        return load_model(store, limits, text, view, plan, device, dtype, progress, visitor_names)
     except WorkbenchError as err:
         gr.Warning(str(err))
         status = fmt.error_md(str(err), "Could not load that model") + "\n\n" + status_md(store, view["base"])
@@ -137,15 +142,16 @@ def _carry_plan(store: Store, name: str, plan: list[str]) -> tuple[list[str], st
         return [], "The previous plan does not fit this model, so the plan starts empty."
 
 
-def build(start: str) -> tuple[gr.Dropdown, gr.Button]:
+def build(start: str, space_mode: bool = False) -> tuple[gr.Dropdown, gr.Button]:
     """The model picker row (wired later by ``wire``, once the panel it updates exists)."""
+    kinds = "" if space_mode else " a local diffusers folder (pipeline or UNet) or"
     with gr.Row(equal_height=False, elem_id="wb-model-row"):
         box = gr.Dropdown(
             choices=["toy", *BUILTIN_CONFIGS],
             value=start,
             allow_custom_value=True,
             label="Teacher model",
-            info="toy, a built-in config (no weights), a local diffusers folder (pipeline or UNet) or a hub id",
+            info=f"toy, a built-in config (no weights),{kinds} a hub id",
             scale=5,
         )
         load = gr.Button("Load", variant="primary", scale=1, min_width=120, elem_id="wb-load")
@@ -156,7 +162,9 @@ def wire(ctx: Shared, box: gr.Dropdown, load: gr.Button) -> None:
     store, limits = ctx.store, ctx.settings.limits
 
     def on_load(text, view, plan, device, dtype, progress=gr.Progress()):
-        return load_or_explain(store, limits, text, view, plan, device, dtype, len(ctx.panel), progress)
+        return load_or_explain(
+            store, limits, text, view, plan, device, dtype, len(ctx.panel), progress, ctx.settings.space
+        )
 
     gr.on(
         [load.click, box.select],

@@ -9,7 +9,7 @@ from typing import Any
 
 import gradio as gr
 
-from workbench import presets
+from workbench import presets, space
 from workbench.errors import WorkbenchError
 from workbench.plan import PruningPlan
 from workbench.surgery import StudentSpec
@@ -127,7 +127,9 @@ def _original_name(file: Path) -> str:
 
 
 def build(ctx: Shared) -> None:
-    store = ctx.store
+    store, on_space = ctx.store, ctx.settings.space
+    # A Space visitor picks presets by name and keeps their own plans as files (no writes to presets/).
+    picked = space.check_preset if on_space else (lambda name: name)
     with gr.Row(equal_height=False):
         with gr.Column(scale=1):
             gr.Markdown("### Presets\nPlans saved in `presets/`. Applying one replaces the toggles.")
@@ -139,7 +141,7 @@ def build(ctx: Shared) -> None:
             name = gr.Textbox(label="Name", placeholder="e.g. my-ssd-variant (letters, digits, . _ -)")
             description = gr.Textbox(label="Description", lines=2, placeholder="what it removes and why")
             with gr.Row():
-                save = gr.Button("Save as preset")
+                save = gr.Button("Save as preset", visible=not on_space)
                 download = gr.Button("Download JSON")
                 upload = gr.UploadButton(
                     "Upload JSON…", file_types=[".json"], type="filepath", elem_id="wb-upload"
@@ -149,14 +151,16 @@ def build(ctx: Shared) -> None:
 
     @user_errors
     def on_choose(view, preset):
-        return preset_md(store, view, preset)
+        return preset_md(store, view, picked(preset))
 
     @inline_errors(n_outputs=3 + len(ctx.panel), status_at=2)
     def on_apply(view, preset, device, dtype):
-        return apply_preset(store, view, preset, device, dtype)
+        return apply_preset(store, view, picked(preset), device, dtype)
 
     @inline_errors(n_outputs=2, status_at=0)
     def on_save(view, plan, preset_name, text):
+        if on_space:
+            raise WorkbenchError("this Space saves no presets on its disk: download the JSON and upload it later")
         return save_plan(store, view, plan, preset_name, text)
 
     @inline_errors(n_outputs=2, status_at=1)

@@ -12,6 +12,7 @@ import os
 from dataclasses import dataclass, field
 
 from workbench.models import DEFAULT_BASE
+from workbench.space import UploadLimits
 
 
 @dataclass(frozen=True)
@@ -28,6 +29,12 @@ class Limits:
     # For the Distill tab: the largest run a visitor may launch (None: no limit).
     max_distill_steps: int | None = None
     max_distill_params: int | None = None
+    # Space only: runs training at once across all visitors (the rest wait in one queue), and
+    # what visitors leave on disk (runs, uploads) expires after run_ttl_s or past max_disk_bytes.
+    max_active_runs: int = 1
+    run_ttl_s: float = 24 * 3600
+    max_disk_bytes: int = 10 * 2**30
+    upload: UploadLimits = field(default_factory=UploadLimits)
 
     @classmethod
     def for_space(cls) -> Limits:
@@ -42,6 +49,7 @@ class Limits:
             max_weight_params=1_000_000_000,  # SD 1.5-sized UNets at most; SDXL would not fit
             max_distill_steps=200,
             max_distill_params=50_000_000,
+            max_active_runs=1,
         )
 
 

@@ -39,6 +39,10 @@ class Shared:
     resolution: gr.Dropdown | None = None
     panel: list[gr.components.Component] = field(default_factory=list)  # numbers, notes, map, bars
     first_page: threading.Event = field(default_factory=threading.Event)  # set once a page has its panel
+    # Space: the visitor's key (``workbench.space.visitor_key``; None on the owner's machine),
+    # set when the page loads; events that need it run after ``visitor_ready``.
+    visitor: gr.State | None = None
+    visitor_ready: Any = None
 
     def panel_inputs(self) -> list[gr.components.Component]:
         """Inputs a handler needs to redraw the deltas panel, after its own."""
