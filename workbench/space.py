@@ -174,7 +174,7 @@ def unpack_data(upload: str | Path, folder: Path, limits: UploadLimits = UploadL
     upload = Path(upload)
     size = upload.stat().st_size
     if size > limits.max_bytes:
-        raise WorkbenchError(f"the upload is {size / 2**20:.1f} MB; this Space takes up to {limits.max_bytes // 2**20} MB")
+        raise WorkbenchError(f"the upload is {_size_text(size)}; this Space takes up to {_size_text(limits.max_bytes)}")
     suffix = upload.suffix.lower()
     if suffix not in (".txt", ".zip"):
         raise WorkbenchError(f"upload a .zip of captioned images or a .txt of prompts, not a {suffix or 'file without suffix'}")
@@ -187,6 +187,10 @@ def unpack_data(upload: str | Path, folder: Path, limits: UploadLimits = UploadL
     except WorkbenchError:
         remove_tree(dest)
         raise
+
+
+def _size_text(n: int) -> str:
+    return f"{n / 2**20:.1f} MB" if n >= 2**20 else f"{n:,} bytes"
 
 
 def _prompts(upload: Path, dest: Path, limits: UploadLimits) -> tuple[str, str]:
@@ -242,7 +246,7 @@ def _check_members(members: list[zipfile.ZipInfo], limits: UploadLimits) -> None
     total = sum(m.file_size for m in members)
     if total > limits.max_unpacked_bytes:
         raise WorkbenchError(
-            f"the zip unpacks to {total / 2**20:.0f} MB; this Space takes up to {limits.max_unpacked_bytes // 2**20} MB"
+            f"the zip unpacks to {_size_text(total)}; this Space takes up to {_size_text(limits.max_unpacked_bytes)}"
         )
     allowed = (*IMAGE_SUFFIXES, *_CAPTIONS)
     for m in members:
@@ -298,8 +302,9 @@ def expire(runs_root: str | Path, max_age_s: float, max_bytes: int, now: float |
     for path in gone:
         remove_tree(path)
     for folder in all_run_folders(runs_root):  # a visitor with nothing left leaves no folder
-        if not any(folder.iterdir()):
-            folder.rmdir()
+        for empty in (folder / UPLOADS, folder):
+            if empty.is_dir() and not any(empty.iterdir()):
+                empty.rmdir()
     return [str(p) for p in gone]
 
 
