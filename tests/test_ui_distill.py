@@ -14,7 +14,7 @@ from workbench.errors import WorkbenchError
 from workbench.runs import RunDir
 from workbench.testing import tiny_pipeline
 from workbench.ui import distill_tab as dt
-from workbench.ui.settings import Limits
+from workbench.ui.settings import AppSettings, Limits
 from workbench.ui.store import Store
 
 FORM = {"steps": 3, "toy_samples": 16, "batch_size": 2, "lr": 1e-4, "w_task": 1.0, "w_out": 0.5, "w_feat": 0.5,
@@ -225,7 +225,7 @@ def test_lcd_boxes_start_at_the_runs_defaults():
     from workbench.distill_config import DistillConfig
 
     with gr.Blocks():
-        form = dt._form(Limits())
+        form = dt._form(AppSettings())
     defaults = DistillConfig.defaults()
     for key in dt.LCD_KEYS:
         box = form.fields[key]

@@ -3,7 +3,8 @@
 ```
 RUN/
   job.json        the full configuration (plans included), written once at start
-  status.json     state (queued/running/done/failed/stopped), step, pid, error; atomic
+  status.json     state (waiting/queued/running/done/failed/stopped), step, pid, error; atomic
+  launch.json     a waiting run's command, until the Space's queue starts it
   metrics.jsonl   one flushed JSON line per logged step: step, time, lr, loss/...
   samples/        teacher-vs-student grids on fixed seeds: step_000100.png, ...
   checkpoints/    step_000100/ (student, optimizer, scheduler, RNG, data position, checkpoint.json)

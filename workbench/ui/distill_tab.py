@@ -367,7 +367,9 @@ def status_md(run_dir: str | None, runs: Runs | None = None) -> str:
     status = run.read_status()
     state = effective_state(status)
     total = status.get("total_steps") or run.read_job().get("config", {}).get("steps", "?")
-    line = f"<b>{fmt.escape(run.root.name)}</b>: {state}, step {status.get('step', 0)} / {total}"
+    line = f"<b>{fmt.escape(run.root.name)}</b>: {state}"
+    if state != "waiting":  # a waiting run has no step yet
+        line += f", step {status.get('step', 0)} / {total}"
     if status.get("stage"):
         line += f", stage {status['stage']}"
     if status.get("message") and state == "running":  # e.g. measuring the sensitivity map
@@ -598,7 +600,7 @@ def _watch(settings: AppSettings) -> Watch:
         picker = gr.Dropdown(
             [] if settings.space else run_choices(), label="Run", scale=4, allow_custom_value=False, elem_id="wb-run-picker"
         )
-        refresh = gr.Button("↻", scale=0, min_width=40)
+        refresh = gr.Button("↻", scale=0, min_width=40, elem_id="wb-run-refresh")
     status = gr.Markdown(status_md(None), elem_id="wb-run-status")
     per_layer = gr.Checkbox(False, label="show per-layer feature terms")
     losses = gr.Plot(label="losses", elem_id="wb-loss-plot")
