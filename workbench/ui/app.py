@@ -21,7 +21,7 @@ from typing import Any
 
 import gradio as gr
 
-from workbench import jobs, space
+from workbench import cache, jobs, space
 from workbench.errors import WorkbenchError
 from workbench.ui import (
     blocks_tab,
@@ -152,13 +152,14 @@ def _init_visitor(settings: AppSettings, token: Any) -> tuple:
 
 
 def _browser_secret(settings: AppSettings) -> str | None:
-    """The key that encrypts visitors' tokens in their browsers; kept beside the runs so a
-    restarted Space still knows its visitors (``$WORKBENCH_SECRET`` overrides)."""
+    """The key that encrypts visitors' tokens in their browsers; kept in the workbench's cache
+    (never under the runs folder, which Gradio serves) so a restarted Space still knows its
+    visitors. ``$WORKBENCH_SECRET`` overrides."""
     if not settings.space:
         return None
     if env := os.environ.get("WORKBENCH_SECRET"):
         return env
-    path = visitors.runs_root() / space.VISITORS / ".secret"
+    path = cache.root() / "space-secret"
     if not path.exists():
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(secrets.token_urlsafe(32), encoding="utf-8")
