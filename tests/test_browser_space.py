@@ -164,3 +164,35 @@ def test_two_visitors_see_only_their_own_runs_and_the_second_waits_in_the_queue(
     stranger = _visitor(browser, app_url)
     stranger.locator("#wb-run-picker input").click()
     assert not [o for o in stranger.locator("[role='option']").all_inner_texts() if "run" in o]
+
+
+def test_a_visitor_trains_on_an_upload_and_a_bad_upload_is_refused(app_url, browser, tmp_path):
+    import io
+    import zipfile
+
+    from PIL import Image
+
+    page = _visitor(browser, app_url)
+    good = tmp_path / "squares.zip"
+    with zipfile.ZipFile(good, "w") as z:
+        for name, colour in (("red", (220, 20, 20)), ("blue", (20, 20, 220))):
+            buf = io.BytesIO()
+            Image.new("RGB", (64, 64), colour).save(buf, format="PNG")
+            z.writestr(f"squares/{name}.png", buf.getvalue())
+            z.writestr(f"squares/{name}.txt", f"a {name} square")
+    bad = tmp_path / "bad.zip"
+    with zipfile.ZipFile(bad, "w") as z:
+        z.writestr("run_me.py", "print('hi')")
+    page.locator("#wb-distill-upload input[type='file']").set_input_files(str(bad))
+    page.wait_for_function("() => document.querySelector('#wb-distill-message').innerText.includes('Upload refused')")
+    assert "may hold only images" in page.locator("#wb-distill-message").inner_text()
+    page.locator("#wb-distill-upload button[aria-label='Clear']").first.click()
+    page.locator("#wb-distill-upload input[type='file']").set_input_files(str(good))
+    page.wait_for_function("() => document.querySelector('#wb-distill-message').innerText.includes('2 images')")
+    data = page.locator("#wb-distill-data textarea, #wb-distill-data input").first.input_value()
+    assert data == "uploaded: squares.zip", data
+    page.screenshot(path=str(SHOTS / "space-5-upload.png"), full_page=False)
+    _pick_plan(page, "koala-700m")
+    _fill(page, "wb-distill-steps", "2")
+    estimate = _press(page, "#wb-distill-estimate", "#wb-distill-memory", "Peak GPU memory|No estimate")
+    assert "Peak GPU memory" in estimate, estimate  # the upload is the run's data
