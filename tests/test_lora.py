@@ -142,6 +142,143 @@ def test_kohya_named_lora_remaps_like_the_diffusers_one(lora_file, tmp_path):
         assert torch.equal(pair.a, other.a) and torch.equal(pair.b, other.b) and pair.scale == other.scale
 
 
+# ------------------------------------------------------------------ every LoRA form
+
+WIDE = ("to_q", "to_k", "to_v", "to_out.0", "proj_in", "proj_out", "ff.net.0.proj", "ff.net.2", "conv1", "conv2",
+        "conv_shortcut", "conv", "time_emb_proj")  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def wide_raw(tmp_path_factory):
+    """A peft LoRA (rank 4, alpha 8) on every kind of UNet target and the first text encoder:
+    its raw tensors, keyed ``unet.<module>.lora_A.weight`` as save_lora_weights wrote them."""
+    out = tmp_path_factory.mktemp("wide")
+    text = ("q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2")  # as kohya's trainers target CLIP
+    file = teacher_lora(TOY_DIR, out, unet_targets=WIDE, text_targets=text, seed=1)
+    with safe_open(str(file), framework="pt") as f:
+        return {k: f.get_tensor(k) for k in f.keys()}, f.metadata()
+
+
+def _pairs(raw) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """UNet module -> (A, B) of the raw peft tensors."""
+    return {
+        k.removeprefix("unet.").removesuffix(".lora_A.weight"): (v, raw[k.replace(".lora_A.", ".lora_B.")])
+        for k, v in raw.items()
+        if k.startswith("unet.") and k.endswith(".lora_A.weight")
+    }
+
+
+def _text_pairs(raw) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    return {
+        k.removeprefix("text_encoder.").removesuffix(".lora_A.weight"): (v, raw[k.replace(".lora_A.", ".lora_B.")])
+        for k, v in raw.items()
+        if k.startswith("text_encoder.") and k.endswith(".lora_A.weight")
+    }
+
+
+def _form_peft_without_metadata(raw, metadata, path):
+    save_file(raw, str(path))
+    return 1.0  # no alphas: diffusers applies B @ A (alpha = rank)
+
+
+def _form_training_script(raw, metadata, path):
+    """What diffusers' training scripts save: convert_state_dict_to_diffusers renames the attention
+    projections' pairs to .lora.down/.lora.up and leaves proj_in, ff, convs as lora_A/lora_B."""
+    from diffusers.utils import convert_state_dict_to_diffusers
+
+    converted = convert_state_dict_to_diffusers(raw)
+    assert any(".to_k.lora.down." in k for k in converted) and any(".ff.net.2.lora_A." in k for k in converted)
+    save_file(converted, str(path), metadata=metadata)
+    return 2.0  # the metadata's alpha 8 over rank 4
+
+
+def _kohya_file(raw, path, sgm_names: bool, alphas: bool) -> None:
+    modules = sgm.unet_module_map(resolve_base("toy").unet_config)
+    out = {}
+    groups = [("lora_unet_", _pairs(raw), True), ("lora_te1_", _text_pairs(raw), False)]
+    for prefix, pairs, unet in groups:
+        for module, (a, b) in pairs.items():
+            if unet:
+                path_ = sgm.unet_key(module, modules) if sgm_names else module
+            else:  # kohya names CLIP modules under text_model, a level transformers 5 dropped
+                path_ = "text_model." + module
+            name = prefix + path_.replace(".", "_")
+            out |= {f"{name}.lora_down.weight": a, f"{name}.lora_up.weight": b}
+            if alphas:
+                out[f"{name}.alpha"] = torch.tensor(8.0)
+    save_file(out, str(path))
+
+
+def _form_kohya_sgm_alphas(raw, metadata, path):
+    _kohya_file(raw, path, sgm_names=True, alphas=True)
+    return 2.0
+
+
+def _form_kohya_diffusers_names(raw, metadata, path):
+    _kohya_file(raw, path, sgm_names=False, alphas=False)
+    return 1.0
+
+
+FORMS = {
+    "peft-no-metadata": _form_peft_without_metadata,
+    "training-script": _form_training_script,  # refused before: attention pairs were left unread
+    "kohya-sgm-alphas": _form_kohya_sgm_alphas,
+    "kohya-diffusers-names": _form_kohya_diffusers_names,
+}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("form", list(FORMS))
+def test_every_lora_form_lands_on_the_inherited_modules(form, wide_raw, toy_pipe, tmp_path, capsys):
+    raw, metadata = wide_raw
+    scale = FORMS[form](raw, metadata, tmp_path / "teacher.safetensors")
+    truth = {m: scale * b.flatten(1) @ a.flatten(1) for m, (a, b) in _pairs(raw).items()}
+    out = tmp_path / "student"
+    argv = ["lora", "--lora", str(tmp_path / "teacher.safetensors"), "--preset", "ssd-1b", "--out", str(out)]
+    assert main([*argv, "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["naming"].startswith("kohya" if form.startswith("kohya") else "diffusers")
+    pipe, spec = _student_pipe(toy_pipe, "ssd-1b")
+    adapter = "f_" + form.replace("-", "_")
+    pipe.load_lora_weights(str(out), adapter_name=adapter)
+    deltas = _deltas(pipe.unet, adapter)
+    units = report["unet_modules"]
+    assert units["kept"] + units["renamed"] + units["dropped"] == len(truth)  # every pair was read
+    assert len(deltas) == units["kept"] + units["renamed"] and units["renamed"] > 0 and units["dropped"] > 0
+    assert _misplaced(deltas, truth, spec) == 0
+    assert {n.rsplit(".", 1)[-1] for n in deltas} >= {"to_k", "proj_out", "2", "conv2", "conv_shortcut"}
+    assert report["text_encoder_modules"] == len(_text_pairs(raw)) and _deltas(pipe.text_encoder, adapter)
+
+
+def _kohya_key(module: str, config) -> str:
+    return "lora_unet_" + sgm.unet_key(module, sgm.unet_module_map(config)).replace(".", "_")
+
+
+@pytest.mark.slow
+def test_kohya_in_kohya_out_keeps_its_key_style_and_values(wide_raw, tmp_path, capsys):
+    raw, metadata = wide_raw
+    _form_kohya_sgm_alphas(raw, metadata, tmp_path / "in.safetensors")
+    out = tmp_path / "out"
+    argv = ["lora", "--lora", str(tmp_path / "in.safetensors"), "--preset", "koala-700m", "--out", str(out)]
+    assert main(argv) == 0 and "naming: kohya" in capsys.readouterr().out
+    base = resolve_base("toy")
+    spec = student_spec(base.unet_config, load_preset("koala-700m"))
+    with safe_open(str(tmp_path / "in.safetensors"), framework="pt") as f:
+        given = {k: f.get_tensor(k) for k in f.keys()}
+    with safe_open(str(out / lora.WEIGHT_NAME), framework="pt") as f:
+        written = {k: f.get_tensor(k) for k in f.keys()}
+    expected = {}  # student key -> the teacher key whose tensor it must carry
+    for module in _pairs(raw):
+        student = lora.student_module(module, lora.inverse_layer_map(spec.layer_map))
+        if student is not None:
+            for suffix in (".lora_down.weight", ".lora_up.weight", ".alpha"):
+                expected[_kohya_key(student, spec.config) + suffix] = _kohya_key(module, base.unet_config) + suffix
+    expected |= {k: k for k in given if k.startswith("lora_te1_")}
+    assert set(written) == set(expected)
+    assert all(torch.equal(written[k], given[v]) for k, v in expected.items())
+    assert any(k != v for k, v in expected.items())  # some pairs moved to another SGM index
+
+
 def test_delta_norm_without_the_product():
     torch.manual_seed(0)
     a, b = torch.randn(4, 9, 3, 3), torch.randn(16, 4, 1, 1)

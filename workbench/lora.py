@@ -553,7 +553,7 @@ def kohya_state(
                 module = key.split(".lora_A.")[0]
                 r, alpha = _rank_alpha(module, config)
                 b = weights[key.replace(".lora_A.", ".lora_B.")]
-                named[prefix + module.replace(".", "_")] = Pair(a=a, b=b, r=r, alpha=alpha, scale=alpha / r)
+                named[kohya_text_name(prefix, module)] = Pair(a=a, b=b, r=r, alpha=alpha, scale=alpha / r)
     state = {}
     for name, pair in named.items():
         state[f"{name}.lora_down.weight"] = pair.a.contiguous()
@@ -561,6 +561,14 @@ def kohya_state(
         if naming.alphas:
             state[f"{name}.alpha"] = torch.tensor(pair.alpha, dtype=torch.float32)
     return state
+
+
+def kohya_text_name(prefix: str, module: str) -> str:
+    """A CLIP module's kohya name. transformers 5 dropped CLIPTextModel's ``text_model`` level,
+    which kohya's names (and its clients) keep: ``lora_te1_text_model_encoder_layers_0_...``."""
+    if module.startswith(("encoder.", "embeddings.", "final_layer_norm")):
+        module = "text_model." + module
+    return prefix + module.replace(".", "_")
 
 
 def _save_kohya(lora: TeacherLora, pairs: dict[str, Pair], out: Path, student_config) -> None:
