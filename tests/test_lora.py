@@ -1,6 +1,8 @@
 """LoRA remapping: a teacher LoRA moved onto block-removed students through the layer map."""
 
 import json
+import re
+import shutil
 
 import pytest
 import torch
@@ -11,6 +13,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from workbench import lora, sgm
+from workbench.catalog import meta_unet
 from workbench.cli import main
 from workbench.cost import dummy_inputs
 from workbench.errors import WorkbenchError
@@ -277,6 +280,53 @@ def test_kohya_in_kohya_out_keeps_its_key_style_and_values(wide_raw, tmp_path, c
     assert set(written) == set(expected)
     assert all(torch.equal(written[k], given[v]) for k, v in expected.items())
     assert any(k != v for k, v in expected.items())  # some pairs moved to another SGM index
+    # ComfyUI names a LoRA pair by its module's key in the checkpoint (lora_unet_ + the original
+    # key without .weight, dots as underscores): every UNet pair names a module of the exported student
+    original = sgm.unet_to_original(meta_unet(spec.config).state_dict(), spec.config)
+    modules = {"lora_unet_" + k.removeprefix(sgm.UNET_PREFIX).removesuffix(".weight").replace(".", "_")
+               for k in original if k.endswith(".weight")}  # fmt: skip
+    names = {k.rsplit(".", 2)[0] if k.endswith(".weight") else k.rsplit(".", 1)[0] for k in written}
+    assert {n for n in names if n.startswith("lora_unet_")} <= modules
+    clip = re.compile(r"^lora_te1_text_model_encoder_layers_\d+_(self_attn_[qkv]_proj|self_attn_out_proj|mlp_fc[12])$")
+    assert all(clip.match(n) for n in names if not n.startswith("lora_unet_"))
+
+
+# ------------------------------------------------------------------ the teacher of a student folder
+
+
+@pytest.fixture(scope="module")
+def toy_export(tmp_path_factory):
+    out = tmp_path_factory.mktemp("export") / "ssd1b"
+    assert main(["export", "--preset", "ssd-1b", "--format", "diffusers", "--out", str(out)]) == 0
+    return out
+
+
+def test_lora_for_an_export_takes_the_teacher_its_card_records(toy_export, lora_file, tmp_path, capsys):
+    argv = ["lora", "--lora", str(lora_file), "--student", str(toy_export), "--out", str(tmp_path / "o")]
+    capsys.readouterr()
+    assert main([*argv, "--json"]) == 0
+    found = json.loads(capsys.readouterr().out)
+    assert found["teacher"] == "toy" and "model card" in found["teacher_from"]
+    assert found["unet_modules"]["renamed"] > 0 and (tmp_path / "o" / lora.WEIGHT_NAME).is_file()
+
+
+@pytest.mark.parametrize(
+    "card, message",
+    [
+        (None, "records no teacher"),
+        ("# Student of my-sdxl-finetune (plan `ssd-1b`)\n", "only as the local folder name 'my-sdxl-finetune'"),
+    ],
+)
+def test_an_export_without_a_usable_teacher_asks_for_base(card, message, toy_export, lora_file, tmp_path, capsys):
+    folder = tmp_path / "student"
+    shutil.copytree(toy_export, folder, ignore=shutil.ignore_patterns("*.safetensors", "README.md"))
+    if card is not None:
+        (folder / "README.md").write_text(card, encoding="utf-8")
+    argv = ["lora", "--lora", str(lora_file), "--student", str(folder), "--out", str(tmp_path / "o")]
+    capsys.readouterr()
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert message in err and "--base" in err and "\n" not in err
 
 
 def test_delta_norm_without_the_product():
