@@ -17,6 +17,7 @@ from workbench.catalog import meta_unet
 from workbench.cli import main
 from workbench.cost import dummy_inputs
 from workbench.errors import WorkbenchError
+from workbench.modelcard import TOY_NAME
 from workbench.models import TOY_DIR, resolve_base
 from workbench.presets import load_preset
 from workbench.surgery import build_student, student_spec
@@ -173,7 +174,10 @@ def _pairs(raw) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
 
 def _text_pairs(raw) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
     return {
-        k.removeprefix("text_encoder.").removesuffix(".lora_A.weight"): (v, raw[k.replace(".lora_A.", ".lora_B.")])
+        k.removeprefix("text_encoder.").removesuffix(".lora_A.weight"): (
+            v,
+            raw[k.replace(".lora_A.", ".lora_B.")],
+        )
         for k, v in raw.items()
         if k.startswith("text_encoder.") and k.endswith(".lora_A.weight")
     }
@@ -190,7 +194,9 @@ def _form_training_script(raw, metadata, path):
     from diffusers.utils import convert_state_dict_to_diffusers
 
     converted = convert_state_dict_to_diffusers(raw)
-    assert any(".to_k.lora.down." in k for k in converted) and any(".ff.net.2.lora_A." in k for k in converted)
+    assert any(".to_k.lora.down." in k for k in converted) and any(
+        ".ff.net.2.lora_A." in k for k in converted
+    )
     save_file(converted, str(path), metadata=metadata)
     return 2.0  # the metadata's alpha 8 over rank 4
 
@@ -249,7 +255,14 @@ def test_every_lora_form_lands_on_the_inherited_modules(form, wide_raw, toy_pipe
     assert units["kept"] + units["renamed"] + units["dropped"] == len(truth)  # every pair was read
     assert len(deltas) == units["kept"] + units["renamed"] and units["renamed"] > 0 and units["dropped"] > 0
     assert _misplaced(deltas, truth, spec) == 0
-    assert {n.rsplit(".", 1)[-1] for n in deltas} >= {"to_k", "proj_out", "2", "conv2", "conv_shortcut"}
+    assert {n.rsplit(".", 1)[-1] for n in deltas} >= {
+        "to_k",
+        "proj_out",
+        "2",
+        "conv2",
+        "conv_shortcut",
+        "conv",
+    }
     assert report["text_encoder_modules"] == len(_text_pairs(raw)) and _deltas(pipe.text_encoder, adapter)
 
 
@@ -275,7 +288,9 @@ def test_kohya_in_kohya_out_keeps_its_key_style_and_values(wide_raw, tmp_path, c
         student = lora.student_module(module, lora.inverse_layer_map(spec.layer_map))
         if student is not None:
             for suffix in (".lora_down.weight", ".lora_up.weight", ".alpha"):
-                expected[_kohya_key(student, spec.config) + suffix] = _kohya_key(module, base.unet_config) + suffix
+                expected[_kohya_key(student, spec.config) + suffix] = (
+                    _kohya_key(module, base.unet_config) + suffix
+                )
     expected |= {k: k for k in given if k.startswith("lora_te1_")}
     assert set(written) == set(expected)
     assert all(torch.equal(written[k], given[v]) for k, v in expected.items())
@@ -287,7 +302,9 @@ def test_kohya_in_kohya_out_keeps_its_key_style_and_values(wide_raw, tmp_path, c
                for k in original if k.endswith(".weight")}  # fmt: skip
     names = {k.rsplit(".", 2)[0] if k.endswith(".weight") else k.rsplit(".", 1)[0] for k in written}
     assert {n for n in names if n.startswith("lora_unet_")} <= modules
-    clip = re.compile(r"^lora_te1_text_model_encoder_layers_\d+_(self_attn_[qkv]_proj|self_attn_out_proj|mlp_fc[12])$")
+    clip = re.compile(
+        r"^lora_te1_text_model_encoder_layers_\d+_(self_attn_[qkv]_proj|self_attn_out_proj|mlp_fc[12])$"
+    )
     assert all(clip.match(n) for n in names if not n.startswith("lora_unet_"))
 
 
@@ -310,14 +327,33 @@ def test_lora_for_an_export_takes_the_teacher_its_card_records(toy_export, lora_
     assert found["unet_modules"]["renamed"] > 0 and (tmp_path / "o" / lora.WEIGHT_NAME).is_file()
 
 
+def test_a_single_files_metadata_names_the_teacher_without_a_card(toy_export, lora_file, tmp_path, capsys):
+    folder = tmp_path / "student"
+    shutil.copytree(toy_export, folder, ignore=shutil.ignore_patterns("*.safetensors", "README.md"))
+    save_file(
+        {"x": torch.zeros(1)}, str(folder / "student.safetensors"), metadata={"workbench.teacher": TOY_NAME}
+    )
+    argv = ["lora", "--lora", str(lora_file), "--student", str(folder), "--out", str(tmp_path / "o")]
+    capsys.readouterr()
+    assert main(argv) == 0
+    assert (
+        "teacher: toy (from the workbench.teacher metadata of student.safetensors)" in capsys.readouterr().out
+    )
+
+
 @pytest.mark.parametrize(
     "card, message",
     [
         (None, "records no teacher"),
-        ("# Student of my-sdxl-finetune (plan `ssd-1b`)\n", "only as the local folder name 'my-sdxl-finetune'"),
+        (
+            "# Student of my-sdxl-finetune (plan `ssd-1b`)\n",
+            "only as the local folder name 'my-sdxl-finetune'",
+        ),
     ],
 )
-def test_an_export_without_a_usable_teacher_asks_for_base(card, message, toy_export, lora_file, tmp_path, capsys):
+def test_an_export_without_a_usable_teacher_asks_for_base(
+    card, message, toy_export, lora_file, tmp_path, capsys
+):
     folder = tmp_path / "student"
     shutil.copytree(toy_export, folder, ignore=shutil.ignore_patterns("*.safetensors", "README.md"))
     if card is not None:

@@ -97,11 +97,12 @@ def recorded_teacher(unet_dir: str | Path) -> tuple[str, str]:
     for card in (c for c in cards if c.is_file()):
         named = _front_matter_value(card, "base_model") or _card_title(card)
         if named:
-            return _base_name(named, card.name, unet_dir), f"its model card ({card.name})"
+            return _base_name(named, card.name, unet_dir), f"the export's model card {card.name}"
     for weights in sorted(unet_dir.glob("*.safetensors")):
         named = _safetensors_teacher(weights)
         if named:
-            return _base_name(named, weights.name, unet_dir), f"{weights.name}'s workbench.teacher metadata"
+            where = f"the workbench.teacher metadata of {weights.name}"
+            return _base_name(named, weights.name, unet_dir), where
     raise WorkbenchError(
         f"student folder {str(unet_dir)!r} records no teacher (no run's job.json, no model card, no "
         "workbench.teacher metadata); give the teacher as --base"

@@ -69,5 +69,4 @@ def _student_teacher(given: str | None, info: export.StudentFolder) -> tuple[str
         return given, "--base"
     if info.base_name():
         return info.base_name(), "the run's job.json"
-    name, where = recorded_teacher(info.unet_dir)
-    return name, f"the export: {where}"
+    return recorded_teacher(info.unet_dir)
