@@ -7,6 +7,7 @@ import shutil
 import pytest
 import torch
 from diffusers import StableDiffusionXLPipeline
+from diffusers.utils import convert_state_dict_to_diffusers
 from peft.tuners.lora import LoraLayer
 from peft.utils import get_peft_model_state_dict
 from safetensors import safe_open
@@ -163,24 +164,17 @@ def wide_raw(tmp_path_factory):
         return {k: f.get_tensor(k) for k in f.keys()}, f.metadata()
 
 
-def _pairs(raw) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
-    """UNet module -> (A, B) of the raw peft tensors."""
+def _pairs(raw, prefix: str = "unet.") -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """Module -> (A, B) of the raw peft tensors of one model (``unet.`` or ``text_encoder.``)."""
     return {
-        k.removeprefix("unet.").removesuffix(".lora_A.weight"): (v, raw[k.replace(".lora_A.", ".lora_B.")])
+        k.removeprefix(prefix).removesuffix(".lora_A.weight"): (v, raw[k.replace(".lora_A.", ".lora_B.")])
         for k, v in raw.items()
-        if k.startswith("unet.") and k.endswith(".lora_A.weight")
+        if k.startswith(prefix) and k.endswith(".lora_A.weight")
     }
 
 
 def _text_pairs(raw) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
-    return {
-        k.removeprefix("text_encoder.").removesuffix(".lora_A.weight"): (
-            v,
-            raw[k.replace(".lora_A.", ".lora_B.")],
-        )
-        for k, v in raw.items()
-        if k.startswith("text_encoder.") and k.endswith(".lora_A.weight")
-    }
+    return _pairs(raw, "text_encoder.")
 
 
 def _form_peft_without_metadata(raw, metadata, path):
@@ -191,8 +185,6 @@ def _form_peft_without_metadata(raw, metadata, path):
 def _form_training_script(raw, metadata, path):
     """What diffusers' training scripts save: convert_state_dict_to_diffusers renames the attention
     projections' pairs to .lora.down/.lora.up and leaves proj_in, ff, convs as lora_A/lora_B."""
-    from diffusers.utils import convert_state_dict_to_diffusers
-
     converted = convert_state_dict_to_diffusers(raw)
     assert any(".to_k.lora.down." in k for k in converted) and any(
         ".ff.net.2.lora_A." in k for k in converted
