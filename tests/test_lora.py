@@ -1,19 +1,24 @@
 """LoRA remapping: a teacher LoRA moved onto block-removed students through the layer map."""
 
 import json
+import re
+import shutil
 
 import pytest
 import torch
 from diffusers import StableDiffusionXLPipeline
+from diffusers.utils import convert_state_dict_to_diffusers
 from peft.tuners.lora import LoraLayer
 from peft.utils import get_peft_model_state_dict
 from safetensors import safe_open
 from safetensors.torch import save_file
 
 from workbench import lora, sgm
+from workbench.catalog import meta_unet
 from workbench.cli import main
 from workbench.cost import dummy_inputs
 from workbench.errors import WorkbenchError
+from workbench.modelcard import TOY_NAME
 from workbench.models import TOY_DIR, resolve_base
 from workbench.presets import load_preset
 from workbench.surgery import build_student, student_spec
@@ -140,6 +145,216 @@ def test_kohya_named_lora_remaps_like_the_diffusers_one(lora_file, tmp_path):
     for module, pair in mine.items():
         other = kohya[module]
         assert torch.equal(pair.a, other.a) and torch.equal(pair.b, other.b) and pair.scale == other.scale
+
+
+# ------------------------------------------------------------------ every LoRA form
+
+WIDE = ("to_q", "to_k", "to_v", "to_out.0", "proj_in", "proj_out", "ff.net.0.proj", "ff.net.2", "conv1", "conv2",
+        "conv_shortcut", "conv", "time_emb_proj")  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def wide_raw(tmp_path_factory):
+    """A peft LoRA (rank 4, alpha 8) on every kind of UNet target and the first text encoder:
+    its raw tensors, keyed ``unet.<module>.lora_A.weight`` as save_lora_weights wrote them."""
+    out = tmp_path_factory.mktemp("wide")
+    text = ("q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2")  # as kohya's trainers target CLIP
+    file = teacher_lora(TOY_DIR, out, unet_targets=WIDE, text_targets=text, seed=1)
+    with safe_open(str(file), framework="pt") as f:
+        return {k: f.get_tensor(k) for k in f.keys()}, f.metadata()
+
+
+def _pairs(raw, prefix: str = "unet.") -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """Module -> (A, B) of the raw peft tensors of one model (``unet.`` or ``text_encoder.``)."""
+    return {
+        k.removeprefix(prefix).removesuffix(".lora_A.weight"): (v, raw[k.replace(".lora_A.", ".lora_B.")])
+        for k, v in raw.items()
+        if k.startswith(prefix) and k.endswith(".lora_A.weight")
+    }
+
+
+def _text_pairs(raw) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    return _pairs(raw, "text_encoder.")
+
+
+def _form_peft_without_metadata(raw, metadata, path):
+    save_file(raw, str(path))
+    return 1.0  # no alphas: diffusers applies B @ A (alpha = rank)
+
+
+def _form_training_script(raw, metadata, path):
+    """What diffusers' training scripts save: convert_state_dict_to_diffusers renames the attention
+    projections' pairs to .lora.down/.lora.up and leaves proj_in, ff, convs as lora_A/lora_B."""
+    converted = convert_state_dict_to_diffusers(raw)
+    assert any(".to_k.lora.down." in k for k in converted) and any(
+        ".ff.net.2.lora_A." in k for k in converted
+    )
+    save_file(converted, str(path), metadata=metadata)
+    return 2.0  # the metadata's alpha 8 over rank 4
+
+
+def _kohya_file(raw, path, sgm_names: bool, alphas: bool) -> None:
+    modules = sgm.unet_module_map(resolve_base("toy").unet_config)
+    out = {}
+    groups = [("lora_unet_", _pairs(raw), True), ("lora_te1_", _text_pairs(raw), False)]
+    for prefix, pairs, unet in groups:
+        for module, (a, b) in pairs.items():
+            if unet:
+                path_ = sgm.unet_key(module, modules) if sgm_names else module
+            else:  # kohya names CLIP modules under text_model, a level transformers 5 dropped
+                path_ = "text_model." + module
+            name = prefix + path_.replace(".", "_")
+            out |= {f"{name}.lora_down.weight": a, f"{name}.lora_up.weight": b}
+            if alphas:
+                out[f"{name}.alpha"] = torch.tensor(8.0)
+    save_file(out, str(path))
+
+
+def _form_kohya_sgm_alphas(raw, metadata, path):
+    _kohya_file(raw, path, sgm_names=True, alphas=True)
+    return 2.0
+
+
+def _form_kohya_diffusers_names(raw, metadata, path):
+    _kohya_file(raw, path, sgm_names=False, alphas=False)
+    return 1.0
+
+
+FORMS = {
+    "peft-no-metadata": _form_peft_without_metadata,
+    "training-script": _form_training_script,  # refused before: attention pairs were left unread
+    "kohya-sgm-alphas": _form_kohya_sgm_alphas,
+    "kohya-diffusers-names": _form_kohya_diffusers_names,
+}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("form", list(FORMS))
+def test_every_lora_form_lands_on_the_inherited_modules(form, wide_raw, toy_pipe, tmp_path, capsys):
+    raw, metadata = wide_raw
+    scale = FORMS[form](raw, metadata, tmp_path / "teacher.safetensors")
+    truth = {m: scale * b.flatten(1) @ a.flatten(1) for m, (a, b) in _pairs(raw).items()}
+    out = tmp_path / "student"
+    argv = ["lora", "--lora", str(tmp_path / "teacher.safetensors"), "--preset", "ssd-1b", "--out", str(out)]
+    assert main([*argv, "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["naming"].startswith("kohya" if form.startswith("kohya") else "diffusers")
+    pipe, spec = _student_pipe(toy_pipe, "ssd-1b")
+    adapter = "f_" + form.replace("-", "_")
+    pipe.load_lora_weights(str(out), adapter_name=adapter)
+    deltas = _deltas(pipe.unet, adapter)
+    units = report["unet_modules"]
+    assert units["kept"] + units["renamed"] + units["dropped"] == len(truth)  # every pair was read
+    assert len(deltas) == units["kept"] + units["renamed"] and units["renamed"] > 0 and units["dropped"] > 0
+    assert _misplaced(deltas, truth, spec) == 0
+    assert {n.rsplit(".", 1)[-1] for n in deltas} >= {
+        "to_k",
+        "proj_out",
+        "2",
+        "conv2",
+        "conv_shortcut",
+        "conv",
+    }
+    assert report["text_encoder_modules"] == len(_text_pairs(raw)) and _deltas(pipe.text_encoder, adapter)
+
+
+def _kohya_key(module: str, config) -> str:
+    return "lora_unet_" + sgm.unet_key(module, sgm.unet_module_map(config)).replace(".", "_")
+
+
+@pytest.mark.slow
+def test_kohya_in_kohya_out_keeps_its_key_style_and_values(wide_raw, tmp_path, capsys):
+    raw, metadata = wide_raw
+    _form_kohya_sgm_alphas(raw, metadata, tmp_path / "in.safetensors")
+    out = tmp_path / "out"
+    argv = ["lora", "--lora", str(tmp_path / "in.safetensors"), "--preset", "koala-700m", "--out", str(out)]
+    assert main(argv) == 0 and "naming: kohya" in capsys.readouterr().out
+    base = resolve_base("toy")
+    spec = student_spec(base.unet_config, load_preset("koala-700m"))
+    with safe_open(str(tmp_path / "in.safetensors"), framework="pt") as f:
+        given = {k: f.get_tensor(k) for k in f.keys()}
+    with safe_open(str(out / lora.WEIGHT_NAME), framework="pt") as f:
+        written = {k: f.get_tensor(k) for k in f.keys()}
+    expected = {}  # student key -> the teacher key whose tensor it must carry
+    for module in _pairs(raw):
+        student = lora.student_module(module, lora.inverse_layer_map(spec.layer_map))
+        if student is not None:
+            for suffix in (".lora_down.weight", ".lora_up.weight", ".alpha"):
+                expected[_kohya_key(student, spec.config) + suffix] = (
+                    _kohya_key(module, base.unet_config) + suffix
+                )
+    expected |= {k: k for k in given if k.startswith("lora_te1_")}
+    assert set(written) == set(expected)
+    assert all(torch.equal(written[k], given[v]) for k, v in expected.items())
+    assert any(k != v for k, v in expected.items())  # some pairs moved to another SGM index
+    # ComfyUI names a LoRA pair by its module's key in the checkpoint (lora_unet_ + the original
+    # key without .weight, dots as underscores): every UNet pair names a module of the exported student
+    original = sgm.unet_to_original(meta_unet(spec.config).state_dict(), spec.config)
+    modules = {"lora_unet_" + k.removeprefix(sgm.UNET_PREFIX).removesuffix(".weight").replace(".", "_")
+               for k in original if k.endswith(".weight")}  # fmt: skip
+    names = {k.rsplit(".", 2)[0] if k.endswith(".weight") else k.rsplit(".", 1)[0] for k in written}
+    assert {n for n in names if n.startswith("lora_unet_")} <= modules
+    clip = re.compile(
+        r"^lora_te1_text_model_encoder_layers_\d+_(self_attn_[qkv]_proj|self_attn_out_proj|mlp_fc[12])$"
+    )
+    assert all(clip.match(n) for n in names if not n.startswith("lora_unet_"))
+
+
+# ------------------------------------------------------------------ the teacher of a student folder
+
+
+@pytest.fixture(scope="module")
+def toy_export(tmp_path_factory):
+    out = tmp_path_factory.mktemp("export") / "ssd1b"
+    assert main(["export", "--preset", "ssd-1b", "--format", "diffusers", "--out", str(out)]) == 0
+    return out
+
+
+def test_lora_for_an_export_takes_the_teacher_its_card_records(toy_export, lora_file, tmp_path, capsys):
+    argv = ["lora", "--lora", str(lora_file), "--student", str(toy_export), "--out", str(tmp_path / "o")]
+    capsys.readouterr()
+    assert main([*argv, "--json"]) == 0
+    found = json.loads(capsys.readouterr().out)
+    assert found["teacher"] == "toy" and "model card" in found["teacher_from"]
+    assert found["unet_modules"]["renamed"] > 0 and (tmp_path / "o" / lora.WEIGHT_NAME).is_file()
+
+
+def test_a_single_files_metadata_names_the_teacher_without_a_card(toy_export, lora_file, tmp_path, capsys):
+    folder = tmp_path / "student"
+    shutil.copytree(toy_export, folder, ignore=shutil.ignore_patterns("*.safetensors", "README.md"))
+    save_file(
+        {"x": torch.zeros(1)}, str(folder / "student.safetensors"), metadata={"workbench.teacher": TOY_NAME}
+    )
+    argv = ["lora", "--lora", str(lora_file), "--student", str(folder), "--out", str(tmp_path / "o")]
+    capsys.readouterr()
+    assert main(argv) == 0
+    assert (
+        "teacher: toy (from the workbench.teacher metadata of student.safetensors)" in capsys.readouterr().out
+    )
+
+
+@pytest.mark.parametrize(
+    "card, message",
+    [
+        (None, "records no teacher"),
+        (
+            "# Student of my-sdxl-finetune (plan `ssd-1b`)\n",
+            "only as the local folder name 'my-sdxl-finetune'",
+        ),
+    ],
+)
+def test_an_export_without_a_usable_teacher_asks_for_base(
+    card, message, toy_export, lora_file, tmp_path, capsys
+):
+    folder = tmp_path / "student"
+    shutil.copytree(toy_export, folder, ignore=shutil.ignore_patterns("*.safetensors", "README.md"))
+    if card is not None:
+        (folder / "README.md").write_text(card, encoding="utf-8")
+    argv = ["lora", "--lora", str(lora_file), "--student", str(folder), "--out", str(tmp_path / "o")]
+    capsys.readouterr()
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert message in err and "--base" in err and "\n" not in err
 
 
 def test_delta_norm_without_the_product():

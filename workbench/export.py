@@ -287,7 +287,7 @@ def export(
         weights_file = _WRITERS[fmt](student, tmp, dtype, pipeline, _file_stem(out))
         save_plan_files(student.spec, tmp if fmt != "pipeline" else tmp / "unet")
         if remapped is not None:
-            lora.save_lora(*remapped, tmp / "lora")
+            lora.save_lora(*remapped, tmp / "lora", student_config=student.spec.config)
         report = remapped[2] if remapped else None
         card = model_card(student, fmt, dtype, weights_file, evaluation, lora_report=report)
         (tmp / "README.md").write_text(card, encoding="utf-8")

@@ -7,13 +7,26 @@ the pairs of removed modules are dropped with a warning. Here every pair is rena
 student module that inherited its teacher module, and the pairs of removed modules are
 dropped and reported.
 
-Reading and writing go through diffusers' and peft's own LoRA machinery: the file (diffusers/
-peft naming, or kohya's with SGM block names) is loaded into an empty-weight copy of the
-teacher (which also checks every pair's shape against the teacher), the pairs are read
-back from peft's layers with their rank and alpha, and the renamed pairs are saved with
-``save_lora_weights`` and adapter metadata, so ``load_lora_weights`` applies each with the
-same scale. Only the key mapping is written here. Text-encoder pairs are carried over as
-they are: the student shares the teacher's text encoders.
+Reading goes through diffusers' and peft's own LoRA machinery: the file is loaded into an
+empty-weight copy of the teacher (which also checks every pair's shape against the
+teacher), and the pairs are read back from peft's layers with their rank and alpha. Two
+namings come in:
+
+- diffusers/peft: ``unet.<module>.lora_A/lora_B`` (``save_lora_weights`` of a peft state
+  dict), or the training scripts' mix, where attention projections are saved as
+  ``.lora.down/.lora.up`` and every other target as ``lora_A/lora_B``. diffusers converts a
+  UNet state dict to peft naming only when its first key asks for it, so on such a mix it
+  silently leaves the attention pairs out (peft only warns that config and state dict
+  disagree); here every key is converted before loading, so every pair is read.
+- kohya (sd-scripts, ComfyUI, A1111): ``lora_unet_<module>.lora_down/.lora_up/.alpha`` with
+  diffusers module names (``down_blocks_1_attentions_0_...``) or original SGM ones
+  (``input_blocks_4_1_...``), and ``lora_te_``/``lora_te1_``/``lora_te2_`` for text encoders.
+
+The student's LoRA is written in the naming it came in: diffusers/peft naming through
+``save_lora_weights`` with adapter metadata (each module's rank and alpha), or kohya naming
+with the same module style (SGM names derived from the student's own structure) and alphas
+when the file had them. Only the key mapping is written here. Text-encoder pairs are
+carried over as they are: the student shares the teacher's text encoders.
 """
 
 from __future__ import annotations
@@ -26,6 +39,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from workbench import sgm
 from workbench.catalog import REST, atom_of, meta_unet
 from workbench.errors import WorkbenchError
 from workbench.models import Base
@@ -34,6 +48,25 @@ ADAPTER = "teacher"
 WEIGHT_NAME = "pytorch_lora_weights.safetensors"
 REPORT_FILE = "lora_report.json"
 TEXT_ENCODERS = ("text_encoder", "text_encoder_2")
+KOHYA_PREFIXES = ("lora_unet_", "lora_te_", "lora_te1_", "lora_te2_")  # as diffusers tells kohya files
+_SGM_BLOCKS = re.compile(r"^lora_unet_(input_blocks|middle_block|output_blocks|time_embed|label_emb|out)_")
+
+
+@dataclass(frozen=True)
+class Naming:
+    """How a LoRA file names its pairs, so the student's LoRA is written the same way."""
+
+    kind: str  # "diffusers" (unet.<module>.lora_A/B) or "kohya" (lora_unet_<module>.lora_down/up)
+    sgm: bool = False  # kohya: original SGM module names (input_blocks_4_1_...), else diffusers'
+    alphas: bool = False  # kohya: the file gives each pair an .alpha
+    te1_prefix: str = "lora_te1_"  # kohya: the first text encoder's prefix (lora_te_ or lora_te1_)
+
+    def describe(self) -> str:
+        if self.kind == "diffusers":
+            return "diffusers/peft (unet.<module>.lora_A/lora_B)"
+        names = "original SGM module names" if self.sgm else "diffusers module names"
+        alphas = "with alphas" if self.alphas else "without alphas"
+        return f"kohya (lora_unet_*.lora_down/lora_up, {names}, {alphas})"
 
 
 @dataclass(frozen=True)
@@ -67,6 +100,7 @@ class TeacherLora:
         repr=False
     )  # name -> (state, config)
     sdxl: bool
+    naming: Naming = Naming("diffusers")
 
 
 @dataclass(frozen=True)
@@ -83,6 +117,7 @@ class LoraReport:
     norm_kept: float
     misplaced_by_name: int  # pairs a plain load_lora_weights would put on the wrong module
     dropped_by_name: int  # pairs a plain load_lora_weights would drop (no module of that name)
+    naming: str = ""  # the file's naming, which the student's LoRA is written in
 
     @property
     def params_share(self) -> float:
@@ -100,6 +135,7 @@ class LoraReport:
                 "dropped": len(self.dropped),
             },
             "text_encoder_modules": self.text_encoder_modules,
+            "naming": self.naming,
             "params_share_kept": self.params_share,
             "delta_norm_share_kept": self.norm_share,
             "loaded_by_name_without_remapping": {
@@ -118,6 +154,7 @@ class LoraReport:
             "delta norm",
             f"loaded by name without remapping, {self.misplaced_by_name} pairs would land on the wrong module "
             f"and {self.dropped_by_name} would be dropped",
+            f"naming: {self.naming}, as the teacher's LoRA came in",
         ]
 
 
@@ -167,6 +204,7 @@ def read_lora(path: str | Path, base: Base) -> TeacherLora:
     from diffusers.utils import convert_unet_state_dict_to_peft
 
     file = check_lora_file(path)
+    naming = file_naming(file)
     config = dict(base.unet_config)
     sdxl = config.get("addition_embed_type") == "text_time"
     mixin = _mixin(sdxl)
@@ -179,15 +217,76 @@ def read_lora(path: str | Path, base: Base) -> TeacherLora:
         raise WorkbenchError(
             f"LoRA file {file.name!r} is not a LoRA diffusers can read: {_first_line(err)}"
         ) from None
-    unet_state = {k: v for k, v in state.items() if k.startswith("unet.")}
-    wanted = {k.split(".lora")[0] for k in convert_unet_state_dict_to_peft(unet_state)}
+    # every UNet key in peft naming: diffusers converts only when the first key asks for it
+    unet_state = convert_unet_state_dict_to_peft({k: v for k, v in state.items() if k.startswith("unet.")})
+    state = {k: v for k, v in state.items() if not k.startswith("unet.")} | unet_state
+    wanted = {k.removeprefix("unet.").split(".lora")[0] for k in unet_state}
     unet = _load_unet_part(mixin, state, alphas, metadata, teacher, file, base) if unet_state else {}
-    if len(unet) != len(wanted):
-        missing = sorted(m.removeprefix("unet.") for m in wanted - {f"unet.{k}" for k in unet})
-        raise WorkbenchError(_wrong_base(file, base, f"the teacher has no module {missing[0]!r}"))
+    _check_every_pair_read(wanted, unet, teacher, file, base)
+    if naming.kind == "kohya":
+        unet = _with_file_alphas(unet, file, naming, config)
     texts = _load_text_parts(mixin, state, alphas, metadata, base, file)
     lora_config = teacher.peft_config[ADAPTER].to_dict() if unet else {}
-    return TeacherLora(unet=unet, unet_config=lora_config, text_encoders=texts, sdxl=sdxl)
+    return TeacherLora(unet=unet, unet_config=lora_config, text_encoders=texts, sdxl=sdxl, naming=naming)
+
+
+def file_naming(file: Path) -> Naming:
+    """The naming of a LoRA file, from its keys alone."""
+    from safetensors import safe_open
+
+    with safe_open(str(file), framework="pt") as f:
+        keys = list(f.keys())
+    if not keys or not all(k.startswith(KOHYA_PREFIXES) for k in keys):
+        return Naming("diffusers")
+    return Naming(
+        "kohya",
+        sgm=any(_SGM_BLOCKS.match(k) for k in keys),
+        alphas=any(k.endswith(".alpha") for k in keys),
+        te1_prefix="lora_te_" if any(k.startswith("lora_te_") for k in keys) else "lora_te1_",
+    )
+
+
+def _check_every_pair_read(wanted: set[str], unet: dict[str, Pair], teacher, file: Path, base: Base) -> None:
+    """Every UNet pair of the file was loaded; an error names a module only if the teacher lacks it."""
+    unread = sorted(wanted - set(unet))
+    if not unread:
+        return
+    modules = {name for name, _ in teacher.named_modules()}
+    absent = [m for m in unread if m not in modules]
+    if absent:
+        raise WorkbenchError(_wrong_base(file, base, f"the teacher has no module {absent[0]!r}"))
+    raise WorkbenchError(
+        f"LoRA {file.name!r}: diffusers/peft left {len(unread)} of its pairs unloaded although the teacher "
+        f"has their modules (first: {unread[0]!r}); its key naming is not one this workbench reads "
+        "(diffusers/peft or kohya)"
+    )
+
+
+def kohya_unet_name(module: str, naming: Naming, sgm_modules: dict[str, str]) -> str:
+    """A UNet module's kohya name: ``lora_unet_`` and its diffusers or SGM path, dots as underscores."""
+    path = sgm.unet_key(module, sgm_modules) if naming.sgm else module
+    return "lora_unet_" + path.replace(".", "_")
+
+
+def _with_file_alphas(unet: dict[str, Pair], file: Path, naming: Naming, config: dict) -> dict[str, Pair]:
+    """Each pair's alpha as the kohya file gives it (alpha = rank where it gives none, as kohya's
+    clients read it). Also checks that every pair maps back to its own key in the file."""
+    from safetensors import safe_open
+
+    modules = sgm.unet_module_map(config)
+    out = {}
+    with safe_open(str(file), framework="pt") as f:
+        keys = set(f.keys())
+        for module, pair in unet.items():
+            name = kohya_unet_name(module, naming, modules)
+            if f"{name}.lora_down.weight" not in keys:
+                raise WorkbenchError(
+                    f"LoRA {file.name!r}: the pair diffusers read for {module!r} has no key {name!r} in the "
+                    "file; its kohya naming is not one this workbench can write back"
+                )
+            alpha = float(f.get_tensor(f"{name}.alpha").item()) if f"{name}.alpha" in keys else float(pair.r)
+            out[module] = Pair(a=pair.a, b=pair.b, r=pair.r, alpha=alpha, scale=alpha / pair.r)
+    return out
 
 
 def _wrong_base(file: Path, base: Base, why: str) -> str:
@@ -350,6 +449,7 @@ def remap(lora: TeacherLora, layer_map: dict[str, str]) -> tuple[dict[str, Pair]
         norm_kept=sum(p.delta_norm() for p in moved.values()) + _text_norms(lora),
         misplaced_by_name=misplaced,
         dropped_by_name=absent,
+        naming=lora.naming.describe(),
     )
     return moved, report
 
@@ -368,7 +468,6 @@ def _text_norms(lora: TeacherLora) -> float:
 
 def _rank_alpha(module: str, config: dict[str, Any]) -> tuple[int, float]:
     """A module's rank and alpha under a LoraConfig dict (its patterns name full module paths)."""
-    import re
 
     def pick(patterns: dict[str, Any] | None, default: Any) -> Any:
         return next((v for k, v in (patterns or {}).items() if re.match(rf"(.*\.)?({k})$", module)), default)
@@ -384,7 +483,6 @@ def _rank_alpha(module: str, config: dict[str, Any]) -> tuple[int, float]:
 def student_lora_config(lora: TeacherLora, pairs: dict[str, Pair]) -> dict[str, Any]:
     """The teacher's LoraConfig with the student's module names: explicit targets, and each
     module's rank and alpha (escaped: peft reads pattern keys as regular expressions)."""
-    import re
     from collections import Counter
 
     r = Counter(p.r for p in pairs.values()).most_common(1)[0][0]
@@ -403,9 +501,28 @@ def student_lora_config(lora: TeacherLora, pairs: dict[str, Pair]) -> dict[str, 
     return config
 
 
-def save_lora(lora: TeacherLora, pairs: dict[str, Pair], report: LoraReport, out: str | Path) -> Path:
-    """Write the student's LoRA (``load_lora_weights(out)`` reads it) and the report."""
+def save_lora(
+    lora: TeacherLora,
+    pairs: dict[str, Pair],
+    report: LoraReport,
+    out: str | Path,
+    student_config: dict[str, Any] | None = None,
+) -> Path:
+    """Write the student's LoRA in the naming the teacher's came in (``load_lora_weights(out)``
+    reads either) and the report. ``student_config`` names the student's SGM modules for a
+    kohya LoRA with SGM names."""
     out = Path(out)
+    if not pairs and not lora.text_encoders:
+        raise WorkbenchError("nothing of this LoRA survives on the student: every pair's module was removed")
+    if lora.naming.kind == "kohya":
+        _save_kohya(lora, pairs, out, student_config)
+    else:
+        _save_diffusers(lora, pairs, out)
+    (out / REPORT_FILE).write_text(json.dumps(report.to_dict(), indent=2) + "\n", encoding="utf-8")
+    return out / WEIGHT_NAME
+
+
+def _save_diffusers(lora: TeacherLora, pairs: dict[str, Pair], out: Path) -> None:
     unet = {}
     for module, pair in pairs.items():
         unet[f"{module}.lora_A.weight"] = pair.a.contiguous()
@@ -415,8 +532,47 @@ def save_lora(lora: TeacherLora, pairs: dict[str, Pair], report: LoraReport, out
         kwargs |= {"unet_lora_layers": unet, "unet_lora_adapter_metadata": student_lora_config(lora, pairs)}
     for name, (weights, config) in lora.text_encoders.items():
         kwargs |= {f"{name}_lora_layers": weights, f"{name}_lora_adapter_metadata": config}
-    if not kwargs:
-        raise WorkbenchError("nothing of this LoRA survives on the student: every pair's module was removed")
     _mixin(lora.sdxl).save_lora_weights(str(out), weight_name=WEIGHT_NAME, **kwargs)
-    (out / REPORT_FILE).write_text(json.dumps(report.to_dict(), indent=2) + "\n", encoding="utf-8")
-    return out / WEIGHT_NAME
+
+
+def kohya_state(
+    lora: TeacherLora, pairs: dict[str, Pair], student_config: dict[str, Any] | None
+) -> dict[str, Any]:
+    """The student's pairs in the teacher file's kohya naming: same module style, alphas if it had them."""
+    import torch
+
+    naming = lora.naming
+    if naming.sgm and student_config is None:
+        raise ValueError("a kohya LoRA with SGM names needs the student's config to name its modules")
+    modules = sgm.unet_module_map(student_config) if naming.sgm else {}
+    named = {kohya_unet_name(m, naming, modules): p for m, p in pairs.items()}
+    for encoder, (weights, config) in lora.text_encoders.items():
+        prefix = naming.te1_prefix if encoder == "text_encoder" else "lora_te2_"
+        for key, a in weights.items():
+            if ".lora_A." in key:
+                module = key.split(".lora_A.")[0]
+                r, alpha = _rank_alpha(module, config)
+                b = weights[key.replace(".lora_A.", ".lora_B.")]
+                named[kohya_text_name(prefix, module)] = Pair(a=a, b=b, r=r, alpha=alpha, scale=alpha / r)
+    state = {}
+    for name, pair in named.items():
+        state[f"{name}.lora_down.weight"] = pair.a.contiguous()
+        state[f"{name}.lora_up.weight"] = pair.b.contiguous()
+        if naming.alphas:
+            state[f"{name}.alpha"] = torch.tensor(pair.alpha, dtype=torch.float32)
+    return state
+
+
+def kohya_text_name(prefix: str, module: str) -> str:
+    """A CLIP module's kohya name. transformers 5 dropped CLIPTextModel's ``text_model`` level,
+    which kohya's names (and its clients) keep: ``lora_te1_text_model_encoder_layers_0_...``."""
+    if module.startswith(("encoder.", "embeddings.", "final_layer_norm")):
+        module = "text_model." + module
+    return prefix + module.replace(".", "_")
+
+
+def _save_kohya(lora: TeacherLora, pairs: dict[str, Pair], out: Path, student_config) -> None:
+    from safetensors.torch import save_file
+
+    out.mkdir(parents=True, exist_ok=True)
+    save_file(kohya_state(lora, pairs, student_config), str(out / WEIGHT_NAME), metadata={"format": "pt"})

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from workbench.catalog import REST, build_catalog
+from workbench.errors import WorkbenchError
 from workbench.models import Base
 
 if TYPE_CHECKING:
@@ -79,6 +80,60 @@ def _front_matter_value(path: Path, key: str) -> str | None:
     m = re.match(r"---\n(.*?)\n---", text, re.S)
     found = re.search(rf"^{key}:\s*(\S.*)$", m[1], re.M) if m else None
     return found[1].strip().strip("'\"") if found else None
+
+
+# --------------------------------------------------------------------------- reading the teacher back
+
+_TITLE = re.compile(r"^# Student of (.+?) \(plan `", re.M)
+
+
+def recorded_teacher(unet_dir: str | Path) -> tuple[str, str]:
+    """The teacher an export folder records, as (base name, where it is recorded): the card's
+    ``base_model`` or title, else a weights file's ``workbench.teacher`` metadata. A teacher
+    recorded only by a local folder's name (exports keep no paths), or not at all, is an error
+    that asks for ``--base``."""
+    unet_dir = Path(unet_dir)
+    cards = [unet_dir / "README.md"] + ([unet_dir.parent / "README.md"] if unet_dir.name == "unet" else [])
+    for card in (c for c in cards if c.is_file()):
+        named = _front_matter_value(card, "base_model") or _card_title(card)
+        if named:
+            return _base_name(named, card.name, unet_dir), f"the export's model card {card.name}"
+    for weights in sorted(unet_dir.glob("*.safetensors")):
+        named = _safetensors_teacher(weights)
+        if named:
+            where = f"the workbench.teacher metadata of {weights.name}"
+            return _base_name(named, weights.name, unet_dir), where
+    raise WorkbenchError(
+        f"student folder {str(unet_dir)!r} records no teacher (no run's job.json, no model card, no "
+        "workbench.teacher metadata); give the teacher as --base"
+    )
+
+
+def _card_title(card: Path) -> str | None:
+    m = _TITLE.search(card.read_text(encoding="utf-8", errors="replace"))
+    return m[1].strip() if m else None
+
+
+def _safetensors_teacher(path: Path) -> str | None:
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            return (f.metadata() or {}).get("workbench.teacher")
+    except (SafetensorError, OSError):
+        return None
+
+
+def _base_name(named: str, where: str, unet_dir: Path) -> str:
+    """The base to resolve for a teacher as a card names it: the toy, or a hub id."""
+    if named == TOY_NAME:
+        return "toy"
+    if "/" in named:  # a hub id: a local folder is recorded by its name alone
+        return named
+    raise WorkbenchError(
+        f"student folder {str(unet_dir)!r} records its teacher only as the local folder name {named!r} "
+        f"({where}; exports keep no local paths); give that teacher's folder as --base"
+    )
 
 
 # --------------------------------------------------------------------------- the card

@@ -161,8 +161,18 @@ def tiny_sd_pipeline(folder, version: str = "1.5", perturb: bool = False):
     return Path(folder)
 
 
+LORA_UNET_TARGETS = ("to_q", "to_k", "to_v", "to_out.0", "proj_in", "conv1", "time_emb_proj")
+
+
 def teacher_lora(
-    pipeline_dir, out, rank: int = 4, alpha: float = 8.0, text_encoder: bool = True, seed: int = 0
+    pipeline_dir,
+    out,
+    rank: int = 4,
+    alpha: float = 8.0,
+    text_encoder: bool = True,
+    seed: int = 0,
+    unet_targets: tuple[str, ...] = LORA_UNET_TARGETS,
+    text_targets: tuple[str, ...] = ("q_proj", "v_proj"),
 ):
     """A LoRA made with peft on a pipeline's UNet (and first text encoder), saved the way
     diffusers saves one (``pytorch_lora_weights.safetensors`` with adapter metadata).
@@ -180,8 +190,7 @@ def teacher_lora(
 
     torch.manual_seed(seed)
     pipe = DiffusionPipeline.from_pretrained(pipeline_dir)
-    unet_targets = ["to_q", "to_k", "to_v", "to_out.0", "proj_in", "conv1", "time_emb_proj"]
-    config = LoraConfig(r=rank, lora_alpha=alpha, target_modules=unet_targets, init_lora_weights=False)
+    config = LoraConfig(r=rank, lora_alpha=alpha, target_modules=list(unet_targets), init_lora_weights=False)
     pipe.unet.add_adapter(config)
     kwargs = {
         "unet_lora_layers": get_peft_model_state_dict(pipe.unet),
@@ -189,7 +198,7 @@ def teacher_lora(
     }
     if text_encoder:
         te_config = LoraConfig(
-            r=rank, lora_alpha=alpha, target_modules=["q_proj", "v_proj"], init_lora_weights=False
+            r=rank, lora_alpha=alpha, target_modules=list(text_targets), init_lora_weights=False
         )
         pipe.text_encoder.add_adapter(te_config)
         kwargs |= {
