@@ -443,7 +443,8 @@ def toy_checks(sizes: Sizes, held: Held) -> list[tuple[str, Callable]]:
         if len(terms) != sizes.toy_steps:
             raise WorkbenchError(f"{len(terms)} metrics rows for {sizes.toy_steps} steps")
         losses_ = [t["loss/total"] for t in terms]
-        text = f"{len(terms)} steps, loss/total {losses_[0]:.4f} -> {losses_[-1]:.4f}, every term finite"
+        steps = f"{len(terms)} step{'s' if len(terms) > 1 else ''}"
+        text = f"{steps}, loss/total {losses_[0]:.4f} -> {losses_[-1]:.4f}, every term finite"
         return text, {"losses": losses_}
 
     return [(f"mixed precision {p}", lambda p=p: check(p)) for p in sizes.toy_precisions]
