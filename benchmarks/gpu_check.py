@@ -226,13 +226,10 @@ def latency_checks(sizes: Sizes, held: Held) -> list[tuple[str, Callable]]:
 
 
 def recipes(sizes: Sizes) -> dict[str, dict[str, Any]]:
+    """The three recipes the memory rows run: name -> ``DistillConfig`` fields."""
     lean = {"teacher_dtype": "bf16", "mixed_precision": "bf16", "gradient_checkpointing": True}
-    return {
-        "plain": {},
-        "lean, 8-bit AdamW" if sizes.eight_bit else "lean": lean
-        | ({"optimizer": "adamw8bit"} if sizes.eight_bit else {}),
-        f"LoRA rank {sizes.lora_rank}": {"lora_rank": sizes.lora_rank},
-    }
+    named = ("lean, 8-bit AdamW", lean | {"optimizer": "adamw8bit"}) if sizes.eight_bit else ("lean", lean)
+    return {"plain": {}, named[0]: named[1], f"LoRA rank {sizes.lora_rank}": {"lora_rank": sizes.lora_rank}}
 
 
 def recipe_config(sizes: Sizes, fields: dict[str, Any]) -> DistillConfig:
