@@ -18,6 +18,16 @@ from workbench.testing import tiny_sd15_config, tiny_sdxl_config, tiny_unet  # n
 torch.set_flush_denormal(True)
 
 
+def pytest_collection_modifyitems(config, items):
+    """Tests marked ``gpu`` need CUDA: skipped, and said so, where there is none."""
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="gpu: no CUDA GPU here")
+    for item in items:
+        if item.get_closest_marker("gpu") is not None:
+            item.add_marker(skip)
+
+
 @pytest.fixture(scope="session")
 def sdxl_config():
     from workbench.models import resolve_base

@@ -208,6 +208,31 @@ def test_images_without_captions_rejected_and_folder_data_trains(base, tmp_path)
     assert cache["captions"] == ["a dark square", "a red square", "a red square"]
 
 
+def test_prompt_data_and_sample_grids_follow_the_runs_resolution(base, tmp_path, capsys):
+    """--data prompts.txt --resolution 32: the teacher draws the training images at 32 px with
+    the given steps and guidance (it drew them at the UNet's native size with 20 steps), says so
+    in the log, and the sample grids are 32 px too."""
+    from PIL import Image
+
+    from workbench import data
+    from workbench.models import load_pipeline
+
+    pipe = load_pipeline(base)
+    assert pipe.unet.config.sample_size * pipe.vae_scale_factor == 64  # native: 64 px
+    drawn = data.teacher_examples(pipe, ["a red square"], 0, steps=2, guidance=1.5, size=32)
+    assert drawn[0].load().size == (32, 32)
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a red square\na blue circle\n", encoding="utf-8")
+    config = _config(base, steps=1, data=str(prompts), resolution=32, teacher_image_steps=3,
+                     teacher_image_guidance=1.5, sample_prompts=("a red square",))  # fmt: skip
+    assert run_distillation(config, tmp_path / "run")["state"] == "done"
+    assert "the teacher draws 2 training images at 32px with 3 steps, guidance 1.5" in capsys.readouterr().out
+    fingerprint = json.loads((tmp_path / "run" / "cache" / "data.json").read_text())["fingerprint"]
+    assert fingerprint["res"] == 32 and fingerprint["drawn"] == {"steps": 3, "guidance": 1.5}
+    grids = sorted(RunDir(tmp_path / "run").samples.glob("step_*.png"))
+    assert grids and Image.open(grids[-1]).size == (32, 64)  # one prompt: teacher over student, 32 px each
+
+
 def test_cli_errors_are_one_line(base, tmp_path):
     proc = _cli("--base", base, "--preset", "ssd-1b", "--steps", "-3", "--run-dir", str(tmp_path / "r"))
     out, _ = proc.communicate(timeout=120)

@@ -38,6 +38,8 @@ def _config(**changes):
         ("feature_mode", None, "unknown feature mode None (feature_mode); choose one of layer"),
         ("mixed_precision", "fp8", "unknown mixed_precision 'fp8'; choose one of no, bf16, fp16"),
         ("resolution", 100, "resolution must be a multiple of 32 (px)"),
+        ("teacher_image_steps", 0, "teacher_image_steps must be > 0, got 0"),
+        ("teacher_image_guidance", -1.0, "teacher_image_guidance must be >= 0, got -1.0"),
         ("data", "", "data is missing"),
     ],
 )  # fmt: skip
@@ -109,3 +111,12 @@ def test_cli_names_flags_and_defaults_come_from_the_config(tmp_path, capsys):
     assert main(argv) == 2  # no --steps
     assert capsys.readouterr().err == "error: --steps is missing; give a whole number > 0\n"
     assert DistillConfig.defaults()["batch_size"] == 8 and "steps" not in DistillConfig.defaults()
+
+
+def test_the_teachers_drawing_options_are_flags(tmp_path, capsys):
+    argv = ["distill", "--preset", "ssd-1b", "--steps", "1", "--run-dir", str(tmp_path / "r"),
+            "--teacher-image-steps", "3", "--teacher-image-guidance", "-1"]  # fmt: skip
+    assert main(argv) == 2
+    assert capsys.readouterr().err == "error: --teacher-image-guidance must be >= 0, got -1.0\n"
+    assert _config(teacher_image_guidance=None).image_guidance == 2.0  # the toy's own
+    assert _config(teacher_image_guidance=0.0).image_guidance == 0.0

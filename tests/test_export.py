@@ -2,6 +2,7 @@
 their model cards, and the original (SGM/LDM) key layout they are written in."""
 
 import json
+import os
 import re
 import stat
 
@@ -20,7 +21,8 @@ from workbench.models import TOY_DIR, resolve_base
 from workbench.plan import PruningPlan
 from workbench.presets import load_preset
 from workbench.runs import MetricsWriter, RunDir, write_json_atomic
-from workbench.surgery import save_student, student_spec
+from workbench.surgery import build_student, save_student, student_spec
+from workbench.testing import tiny_sdxl_config, tiny_unet
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -284,6 +286,54 @@ def test_trained_student_from_another_teacher_is_refused(trained_run, tiny_teach
     tiny_teacher.save_pretrained(tmp_path / "other")
     with pytest.raises(WorkbenchError, match="not made from base"):
         export.student_from_folder(trained_run.student, resolve_base(str(tmp_path / "other")))
+
+
+def test_an_unfinished_run_says_how_to_get_its_student(tmp_path, capsys):
+    """A run folder without student/ was said to hold 'no student ... give a run folder'."""
+    run = RunDir(tmp_path / "run")
+    run.root.mkdir()
+    write_json_atomic(run.job, {"config": {"base": "toy"}, "stages": [{}, {}]})
+    run.write_status(state="stopped", step=30, total_steps=80)
+    run.checkpoint_dir(30).mkdir(parents=True)
+    assert main(["export", "--student", str(run.root), "--out", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "give a run folder" not in err
+    assert "holds no student yet: its run has not finished (stopped at step 30 of 80; its last " in err
+    assert "checkpoint is step_0000030). A run writes its student after its last step: finish it with " in err
+    assert f"`python -m workbench distill --run-dir {run.root} --resume`, then export the run folder" in err
+    assert not (tmp_path / "out").exists()
+    save_student(*_vega(), run.stage_dir(0))  # stage 1 of 2 done: its student can go meanwhile
+    run.write_status(state="running", pid=os.getpid())  # and the run still runs
+    with pytest.raises(WorkbenchError) as info:
+        export.read_student_folder(run.root)
+    assert "(running at step 30 of 80; its last checkpoint is step_0000030)" in str(info.value)
+    assert "wait for it to finish" in str(info.value)
+    assert str(info.value).endswith(f"--student {run.stage_dir(0)} --base toy")
+    assert export.read_student_folder(run.stage_dir(0)).plan.name == "segmind-vega"
+
+
+def _vega():
+    unet, spec = build_student(tiny_unet(tiny_sdxl_config()), load_preset("segmind-vega"))
+    return unet, spec
+
+
+@pytest.mark.parametrize("fmt", ["checkpoint", "pipeline"])
+def test_exports_read_only_what_they_write(fmt, tiny_pipeline_dir, tmp_path, monkeypatch):
+    """The checkpoint and pipeline formats write the teacher's VAE and text encoders beside the
+    student: the teacher's UNet is never read (at SDXL size it alone peaked at 19.75 GiB)."""
+    base = resolve_base(tiny_pipeline_dir)
+    teacher = UNet2DConditionModel.from_pretrained(tiny_pipeline_dir, subfolder="unet")
+    student = export.student_from_plan(base, load_preset("segmind-vega"), teacher)
+    read, real = [], UNet2DConditionModel.from_pretrained.__func__
+
+    def spy(cls, *args, **kwargs):  # the real loader, each call recorded
+        read.append(args)
+        return real(cls, *args, **kwargs)
+
+    monkeypatch.setattr(UNet2DConditionModel, "from_pretrained", classmethod(spy))
+    result = export.export(student, fmt, tmp_path / fmt, dtype="fp32")
+    assert read == [] and result.files
+    assert export.load_pipeline(base).unet is not None and len(read) == 1  # the spy sees the whole pipeline's
 
 
 # ------------------------------------------------------------------ command line and bad input

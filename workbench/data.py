@@ -176,42 +176,55 @@ def data_fingerprint(config, base_location: str, resolution: int) -> dict[str, A
     if data != "toy":
         path = Path(data)
         data = {"path": str(path.resolve()), "mtime": path.stat().st_mtime if path.exists() else None}
-    return {
+    found = {
         "base": base_location,
         "data": data,
         "n": config.toy_samples,
         "seed": config.seed,
         "res": resolution,
     }
+    if is_prompt_file(config.data):  # the teacher drew the images: how, too
+        found["drawn"] = {"steps": config.teacher_image_steps, "guidance": config.image_guidance}
+    return found
 
 
-def build_examples(config, pipe, resolution: int) -> list[Example]:
-    """The examples a run (a ``DistillConfig``) trains on, not yet encoded."""
+def is_prompt_file(source: str) -> bool:
+    """Whether a data source names a prompt file (the teacher draws its images)."""
+    return source != "toy" and Path(source).suffix == ".txt" and not Path(source).is_dir()
+
+
+def build_examples(config, pipe, resolution: int, progress: Progress | None = None) -> list[Example]:
+    """The examples a run (a ``DistillConfig``) trains on, not yet encoded. From a prompt file,
+    the teacher draws them at ``resolution`` px (the run's; never larger than it trains on)."""
     if config.data == "toy":
         return toy_examples(config.toy_samples, config.seed)
-    path = Path(config.data)
-    if path.suffix == ".txt" and not path.is_dir():
-        prompts = prompt_file(path)
-        return teacher_examples(pipe, prompts, config.seed, config.teacher_image_steps, config.guidance)
-    return folder_examples(path)
+    if is_prompt_file(config.data):
+        prompts, steps, guidance = prompt_file(config.data), config.teacher_image_steps, config.image_guidance
+        report(progress, 0.0, f"the teacher draws {len(prompts)} training images at {resolution}px with "
+                              f"{steps} steps, guidance {guidance:g} (--teacher-image-steps, "
+                              f"--teacher-image-guidance)")  # fmt: skip
+        return teacher_examples(pipe, prompts, config.seed, steps, guidance, resolution)
+    return folder_examples(config.data)
 
 
 def check_source(source: str) -> None:
     """Cheap checks of a data source (``toy``, an image folder, a prompt file); loads no model."""
     if source == "toy":
         return
-    path = Path(source)
-    if path.suffix == ".txt" and not path.is_dir():
-        prompt_file(path)
+    if is_prompt_file(source):
+        prompt_file(source)
     else:
-        folder_examples(path)
+        folder_examples(source)
 
 
-def teacher_examples(pipe, prompts: list[str], seed: int, steps: int, guidance: float) -> list[Example]:
-    """The teacher draws one image per prompt (seed + line number), kept in memory."""
+def teacher_examples(pipe, prompts: list[str], seed: int, steps: int, guidance: float,
+                     size: int | None = None) -> list[Example]:  # fmt: skip
+    """The teacher draws one image per prompt (seed + line number), ``size`` px square (None:
+    the UNet's native size), kept in memory."""
     from workbench.sampling import generate
 
-    images = generate(pipe, prompts, [seed + i for i in range(len(prompts))], steps=steps, guidance=guidance)
+    seeds = [seed + i for i in range(len(prompts))]
+    images = generate(pipe, prompts, seeds, steps=steps, guidance=guidance, height=size, width=size)
     return [Example(p, lambda img=img: img) for p, img in zip(prompts, images)]
 
 
@@ -293,7 +306,7 @@ def training_data(config, pipe, resolution: int, base_location: str, folder: Pat
     cache = LatentCache.load(folder, fingerprint)
     if cache is None and encode:
         report(progress, 0.0, f"encoding training data once ({config.data})")
-        examples = build_examples(config, pipe, resolution)
+        examples = build_examples(config, pipe, resolution, progress)
         cache = encode_examples(pipe, examples, resolution, progress=progress)
         cache.save(folder, fingerprint)
     if cache is None:

@@ -16,6 +16,7 @@ from typing import Any
 
 from workbench.errors import ConfigError, WorkbenchError, flag
 from workbench.losses import LCD_LOSSES, OBJECTIVES, LossWeights
+from workbench.models import resolve_base
 from workbench.plan import PruningPlan
 from workbench.runs import RunDir
 from workbench.schedulers import LCM_MAX_STEPS
@@ -71,7 +72,10 @@ class DistillConfig:
     sample_steps: int = 20
     sample_guidance: float | None = None  # None: the base's own (models.Base.guidance)
     sample_prompts: tuple[str, ...] = ()
-    teacher_image_steps: int = 20  # for prompt-file data: steps the teacher draws with
+    # prompt-file data: the teacher draws each training image at the run's resolution with
+    # these denoising steps and this guidance scale (None: the base's, models.Base.guidance)
+    teacher_image_steps: int = 20
+    teacher_image_guidance: float | None = None
     optimizer: str = "adamw"  # "adamw" or "adamw8bit" (bitsandbytes): workbench.optim
     lora_rank: int = 0  # > 0: LoRA-enhanced distillation (workbench.lora_kd); 0: full weights
     # What each stage optimises (losses.OBJECTIVES): "kd" (block-removal KD) or "lcd" (latent
@@ -101,9 +105,13 @@ class DistillConfig:
     @property
     def guidance(self) -> float:
         """The guidance scale samples are drawn with: ``sample_guidance``, else the base's."""
-        from workbench.models import resolve_base
-
         return self.sample_guidance if self.sample_guidance is not None else resolve_base(self.base).guidance
+
+    @property
+    def image_guidance(self) -> float:
+        """The guidance scale the teacher draws prompt-file training images with."""
+        given = self.teacher_image_guidance
+        return given if given is not None else resolve_base(self.base).guidance
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -221,13 +229,15 @@ REAL = {
     "w_feat": (0.0, True, None, ">= 0"),
     "uncond_prob": (0.0, True, 1.0, "in [0, 1)"),
     "sample_guidance": (0.0, True, None, ">= 0"),
+    "teacher_image_guidance": (0.0, True, None, ">= 0"),
     "lcd_guidance_min": (1.0, True, None, ">= 1 (1: no guidance)"),
     "lcd_guidance_max": (1.0, True, None, ">= 1 (1: no guidance)"),
     "lcd_ema": (0.0, True, 1.0, "in [0, 1)"),
     "lcd_huber_c": (0.0, False, None, "> 0"),
     "lcd_reward_weight": (0.0, True, None, ">= 0 (0: no reward guidance)"),
 }
-OPTIONAL_REAL = ("sample_guidance", "lcd_guidance_min", "lcd_guidance_max")  # None: the base's
+# None: the base's
+OPTIONAL_REAL = ("sample_guidance", "teacher_image_guidance", "lcd_guidance_min", "lcd_guidance_max")
 CHOICES = {
     "feature_mode": FEATURE_MODES,
     "feature_weights": FEATURE_WEIGHTS,
@@ -547,8 +557,6 @@ def check_guidance(config: DistillConfig, specs: list[Any]) -> None:
 
 def check_base(config: DistillConfig, base=None):
     """The teacher, resolved (no weights loaded): it must have a pipeline to distil from."""
-    from workbench.models import resolve_base
-
     if base is None:
         try:
             base = resolve_base(config.base)

@@ -32,7 +32,7 @@ from workbench.catalog import build_catalog, meta_unet
 from workbench.errors import WorkbenchError
 from workbench.models import Base, load_pipeline, load_unet, resolve_base
 from workbench.plan import PruningPlan
-from workbench.runs import RunDir
+from workbench.runs import ACTIVE, RunDir, effective_state
 from workbench.surgery import StudentSpec, build_student, compile_plan, save_plan_files
 
 FORMATS = {
@@ -152,6 +152,8 @@ def read_student_folder(folder: str | Path) -> StudentFolder:
         (d for d in (root / "student", root / "unet", root) if (d / "config.json").is_file()), None
     )
     if unet_dir is None:
+        if (root / "job.json").is_file():
+            raise WorkbenchError(unfinished_run(RunDir(root)))
         raise WorkbenchError(
             f"{str(root)!r} holds no student (no config.json); give a run folder, its student/ "
             "folder, or a folder written by `python -m workbench export`"
@@ -169,6 +171,33 @@ def read_student_folder(folder: str | Path) -> StudentFolder:
     run_root = unet_dir.parent
     run = RunDir(run_root) if (run_root / "job.json").is_file() and unet_dir.name == "student" else None
     return StudentFolder(unet_dir, plan, layer_map, _read_json(unet_dir / "config.json"), run)
+
+
+def unfinished_run(run: RunDir) -> str:
+    """Why a run folder without ``student/`` has no student yet, and how to get one: a run
+    writes its student when its last step is done (a checkpoint holds training state, not a
+    student: it is not exported)."""
+    job, status = run.read_job(), run.read_status()
+    state, step, total = effective_state(status), status.get("step"), status.get("total_steps")
+    where = f"{state} at step {step} of {total}" if step and total else state
+    checkpoints = run.list_checkpoints()
+    last = f"its last checkpoint is {checkpoints[-1].name}" if checkpoints else "it has no checkpoint yet"
+    todo = (
+        "wait for it to finish"
+        if state in ACTIVE
+        else f"finish it with `python -m workbench distill --run-dir {run.root} --resume`"
+    )
+    done = [run.stage_dir(k) for k in range(len(job.get("stages") or [])) if run.stage_done(k)]
+    teacher = (job.get("config") or {}).get("base") or "toy"
+    earlier = (
+        f", or export an earlier stage's finished student: --student {done[-1]} --base {teacher}"
+        if done
+        else ""
+    )
+    return (
+        f"run folder {str(run.root)!r} holds no student yet: its run has not finished ({where}; {last}). "
+        f"A run writes its student after its last step: {todo}, then export the run folder{earlier}"
+    )
 
 
 def student_from_folder(folder: str | Path, base: Base | None = None) -> Student:
@@ -260,7 +289,8 @@ def export(
     """Write ``student`` in format ``fmt`` to the new folder ``out`` (atomically).
 
     ``pipeline`` is the teacher's loaded pipeline, if the caller has one (the pipeline and
-    checkpoint formats load it otherwise). ``evaluation`` holds toy evaluation figures for
+    checkpoint formats load it otherwise, without the teacher's UNet: the student takes its
+    place, so its weights are never read). ``evaluation`` holds toy evaluation figures for
     the card. ``lora_file``, a LoRA trained on the teacher, is remapped onto the student and
     written to ``lora/`` (``load_lora_weights(out / "lora")``).
     """
@@ -278,8 +308,8 @@ def export(
         teacher_lora = lora.read_lora(lora_file, student.base)
         remapped = (teacher_lora, *lora.remap(teacher_lora, student.spec.layer_map))
     if fmt in NEEDS_PIPELINE and pipeline is None:
-        progress(0.1, "loading the teacher's pipeline")
-        pipeline = load_pipeline(student.base)
+        progress(0.1, "loading the teacher's VAE and text encoders")
+        pipeline = load_pipeline(student.base, unet=False)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
     try:

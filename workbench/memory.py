@@ -752,7 +752,8 @@ _PEAKS: OrderedDict[str, StagePeak] = OrderedDict()
 _PEAKS_KEPT = 64
 # Options no step reads: they change nothing a stage holds.
 _NOT_IN_A_STEP = ("steps", "seed", "data", "toy_samples", "log_every", "checkpoint_every", "keep_checkpoints",
-                  "sample_every", "sample_steps", "sample_prompts", "teacher_image_steps")  # fmt: skip
+                  "sample_every", "sample_steps", "sample_prompts", "teacher_image_steps",
+                  "teacher_image_guidance")  # fmt: skip
 
 
 def _peak_key(config, base, k: int, target: str) -> str:

@@ -180,8 +180,9 @@ def _load_failed(base: Base, what: str, err: Exception) -> str:
     return f"could not load the {what} of {base.name!r}: {first}; {hint}"
 
 
-def load_pipeline(base: Base | str = DEFAULT_BASE, device: str = "cpu", dtype=None):
-    """A stock diffusers pipeline for the base (SDXL family or SD 1.x/2.x)."""
+def load_pipeline(base: Base | str = DEFAULT_BASE, device: str = "cpu", dtype=None, unet: bool = True):
+    """A stock diffusers pipeline for the base (SDXL family or SD 1.x/2.x). ``unet=False``: its
+    UNet is left unread (``pipe.unet`` is None), for those who put a student in its place."""
     import torch
     from diffusers import DiffusionPipeline
 
@@ -192,7 +193,8 @@ def load_pipeline(base: Base | str = DEFAULT_BASE, device: str = "cpu", dtype=No
             "pipeline folder or hub id"
         )
     try:
-        pipe = DiffusionPipeline.from_pretrained(base.location, dtype=dtype or torch.float32)
+        skip = {} if unet else {"unet": None}  # diffusers loads no component passed as None
+        pipe = DiffusionPipeline.from_pretrained(base.location, dtype=dtype or torch.float32, **skip)
     except (OSError, ValueError) as err:
         raise WorkbenchError(_load_failed(base, "pipeline", err)) from None
     pipe.set_progress_bar_config(disable=True)

@@ -184,12 +184,13 @@ class SampleGrids:
     ``folder/step_NNNNNNN.png``. The teacher row is drawn once, when first needed, with the
     pipeline's scheduler; the student row with ``student_sampler`` (``generate`` keywords that
     override the grid's: scheduler, steps, guidance; e.g. ``{"scheduler": "lcm", "steps": 4}``
-    for a consistency-distilled student) when given, else the same."""
+    for a consistency-distilled student) when given, else the same. Both rows are ``size`` px
+    square (a run's training resolution; None: the UNet's native size)."""
 
     def __init__(self, pipe, folder: Path, prompts: Sequence[str], *, steps: int, guidance: float,
-                 student_sampler: dict[str, Any] | None = None) -> None:  # fmt: skip
+                 student_sampler: dict[str, Any] | None = None, size: int | None = None) -> None:  # fmt: skip
         self.pipe, self.folder, self.prompts = pipe, Path(folder), list(prompts)
-        self.kw = {"steps": steps, "guidance": guidance}
+        self.kw = {"steps": steps, "guidance": guidance, "height": size, "width": size}
         self.student_sampler = student_sampler
 
     @functools.cached_property

@@ -48,6 +48,18 @@ _OPTIONS: list[tuple[str, type, str]] = [
     ("--sample-steps", int, "denoising steps for sample grids"),
     ("--sample-guidance", float, "guidance scale for sample grids (default: the base's, toy 2, others 5)"),
     (
+        "--teacher-image-steps",
+        int,
+        "prompt-file data (--data prompts.txt): denoising steps the teacher draws each training image with, "
+        "at the run's --resolution",
+    ),
+    (
+        "--teacher-image-guidance",
+        float,
+        "prompt-file data: guidance scale the teacher draws training images with (default: the base's, toy 2, "
+        "others 5)",
+    ),
+    (
         "--init-student",
         str,
         "stage 1's student starts from this trained student (a run folder or a UNet folder of stage 1's "
