@@ -379,6 +379,19 @@ def compare(
     )  # fmt: skip
 
 
+def cost_lines(cost: Cost) -> list[str]:
+    """The cost in a few lines, for the CLI and the Export tab."""
+    q, lat = cost.scheme, cost.latency_s
+    return [
+        f"weights: fp32 {cost.fp32_bytes / 1e6:,.2f} MB, fp16 {cost.fp16_bytes / 1e6:,.2f} MB, {q} "
+        f"{cost.quantized_bytes / 1e6:,.2f} MB ({cost.share:.1%} of the parameters quantised)",
+        f"CPU latency per UNet forward, side by side: fp32 {lat['fp32'] * 1e3:,.1f} ms, {q} "
+        f"{lat[q] * 1e3:,.1f} ms ({cost.speedup:.2f}x; {cost.settings['repeats']} repeats each)",
+        f"output vs the unquantised student: relative L2 {cost.output_rel_diff:.4f}, "
+        f"max |diff| {cost.output_max_diff:.4f}",
+    ]
+
+
 # --------------------------------------------------------------------------- inference memory
 
 
@@ -470,7 +483,11 @@ def inference_memory(
     encoders, note = encoder_bytes(base)  # fp32 bytes
     notes = ("the VAE decode's activations are not counted (enable_vae_tiling bounds them)",)
     return InferenceMemory(
-        scheme, resolution, weight_bytes(config, scheme, "fp16"), acts, encoders // 2,
+        scheme,
+        resolution,
+        weight_bytes(config, scheme, "fp16"),
+        acts,
+        encoders // 2,
         notes + ((note,) if note else ()),
     )
 
@@ -491,21 +508,26 @@ class QuantizedExport:
 
 def export_quantized(
     student: Student, scheme: str, out: str | Path, dtype: str | None = None,
-    device: str | None = None, evaluation: dict[str, Any] | None = None,
+    device: str | None = None, evaluation: dict[str, Any] | None = None, quantized=None,
 ) -> QuantizedExport:  # fmt: skip
     """Write ``student`` quantised by ``scheme`` as a diffusers folder ``out`` (atomically), with
-    ``plan.json``, ``layer_map.json`` and the model card. Refusals come before any write."""
+    ``plan.json``, ``layer_map.json`` and the model card (``evaluation``: the quantised student's
+    figures). ``quantized`` is the student already quantised by ``quantize_unet``, if the caller
+    has it. Refusals come before any write."""
     dtype = dtype or default_dtype(scheme)
     check_scheme(scheme, dtype, device)
     out = check_out(out)
-    quantized = quantize_unet(student.unet, scheme, dtype, device)
+    if quantized is None:
+        quantized = quantize_unet(student.unet, scheme, dtype, device)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
     try:
         quantized.save_pretrained(tmp)
         save_plan_files(student.spec, tmp)
         info = quantization_info(student, quantized, scheme, dtype, tmp)
-        card = model_card(student, "diffusers", dtype) + "\n" + quantization_section(info)
+        card = (
+            model_card(student, "diffusers", dtype, evaluation=evaluation) + "\n" + quantization_section(info)
+        )
         (tmp / "README.md").write_text(card, encoding="utf-8")
         finish_folder(tmp, local_paths(student))
         if out.exists():
