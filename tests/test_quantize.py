@@ -3,6 +3,7 @@ samples them, their outputs stay near the unquantised student's, their weights s
 expected factor, and what a client could not load is refused in one line before any write."""
 
 import json
+import zipfile
 
 import numpy as np
 import pytest
@@ -15,6 +16,7 @@ from workbench.errors import WorkbenchError
 from workbench.models import TOY_DIR, load_unet, resolve_base
 from workbench.presets import load_preset
 from workbench.surgery import student_spec
+from workbench.ui import plan_view, quantize_panel
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -202,3 +204,27 @@ def test_gpu_schemes_export_and_load(vega, scheme, tmp_path):
     unet = quantize.load_quantized(result.out, "bf16", "cuda")
     f32 = quantize.tensor_bytes(vega.unet.down_blocks[1].attentions[0].proj_in.weight)
     assert quantize.tensor_bytes(unet.down_blocks[1].attentions[0].proj_in.weight) < f32 / 3
+
+
+# ------------------------------------------------------------------ the Export tab's panel (handlers)
+
+VEGA = list(load_preset("segmind-vega").removed)
+
+
+def test_panel_estimate_sets_teacher_and_student_side_by_side(store):
+    view = plan_view.new_view("toy", 64)
+    text = quantize_panel.estimate_md(store, view, VEGA, "int8", 512)
+    assert "| teacher, fp16 |" in text and "| student, int8 |" in text and "| 24 GB |" in text
+    with pytest.raises(WorkbenchError, match="unknown quantisation"):
+        quantize_panel.estimate_md(store, view, VEGA, "int2", 512)
+
+
+def test_panel_measures_and_exports_the_current_plan(store):
+    view = plan_view.new_view("toy", 64)
+    text = quantize_panel.measure_md(store, view, VEGA, "int8")
+    assert "CPU latency per UNet forward, side by side" in text
+    archive, summary = quantize_panel.export_zip(store, view, VEGA, "int8")
+    with zipfile.ZipFile(archive) as z:
+        names = {n.split("/", 1)[1] for n in z.namelist() if not n.endswith("/")}
+    assert {"config.json", "diffusion_pytorch_model.safetensors", "README.md", "plan.json"} <= names
+    assert "int8 weight-only" in summary
