@@ -17,12 +17,12 @@ from typing import Any
 
 import gradio as gr
 
-from workbench import export, quantize
+from workbench import quantize
 from workbench.cost import latent_size
 from workbench.errors import WorkbenchError
 from workbench.memory import GIB
 from workbench.ui import format as fmt
-from workbench.ui.export_tab import CURRENT_PLAN, _fresh_workdir, slug, source_choices, zip_folder
+from workbench.ui.export_tab import CURRENT_PLAN, _fresh_workdir, _student, slug, source_choices, zip_folder
 from workbench.ui.shared import ProgressAdapter, Shared, inline_errors
 from workbench.ui.store import Store
 
@@ -81,15 +81,8 @@ def estimate_md(store: Store, view: dict[str, Any], plan: list[str], scheme: str
     )
 
 
-def _student(
-    store: Store, view: dict[str, Any], plan: list[str], source: str, progress: Any
-) -> export.Student:
-    if source and source != CURRENT_PLAN:
-        info = export.read_student_folder(source)
-        return export.student_from_folder(source, store.base(info.base_name() or view["base"]))
-    name = view["base"]
-    unet, spec = store.student(name, plan, ProgressAdapter(progress, 0.0, 0.4))
-    return export.Student(spec=spec, base=store.base(name), unet=unet)
+def _reporter(progress: Any):
+    return ProgressAdapter(progress) if progress is not None else (lambda *a, **k: None)
 
 
 def measure_md(
@@ -101,9 +94,9 @@ def measure_md(
     progress: Any = None,
 ) -> str:
     """Quantise the student on the CPU and time it beside the fp32 one (one run, interleaved)."""
-    report = ProgressAdapter(progress) if progress is not None else (lambda *a, **k: None)
+    report = _reporter(progress)
     quantize.check_scheme(scheme, None, "cpu")
-    student = _student(store, view, plan, source, report)
+    student, _ = _student(store, view, plan, source or CURRENT_PLAN, report)
     report(0.5, f"quantising the student ({scheme})")
     quantized = quantize.quantize_unet(student.unet, scheme, None, "cpu")
     report(0.7, "timing fp32 and quantised forwards side by side")
@@ -122,9 +115,9 @@ def export_zip(
     progress: Any = None,
 ) -> tuple[str, str]:
     """The quantised student as a diffusers folder, zipped: (zip path, summary Markdown)."""
-    report = ProgressAdapter(progress) if progress is not None else (lambda *a, **k: None)
+    report = _reporter(progress)
     quantize.check_scheme(scheme)  # one line, before any weight is loaded
-    student = _student(store, view, plan, source, report)
+    student, _ = _student(store, view, plan, source or CURRENT_PLAN, report)
     what = (
         slug(Path(student.run.root).name)
         if student.trained
