@@ -3,7 +3,10 @@ samples them, their outputs stay near the unquantised student's, their weights s
 expected factor, and what a client could not load is refused in one line before any write."""
 
 import json
+import threading
 import zipfile
+
+import gradio as gr
 
 import numpy as np
 import pytest
@@ -17,6 +20,8 @@ from workbench.models import TOY_DIR, load_unet, resolve_base
 from workbench.presets import load_preset
 from workbench.surgery import student_spec
 from workbench.ui import plan_view, quantize_panel
+from workbench.ui.settings import AppSettings
+from workbench.ui.shared import Shared
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -228,3 +233,15 @@ def test_panel_measures_and_exports_the_current_plan(store):
         names = {n.split("/", 1)[1] for n in z.namelist() if not n.endswith("/")}
     assert {"config.json", "diffusion_pytorch_model.safetensors", "README.md", "plan.json"} <= names
     assert "int8 weight-only" in summary
+
+
+def test_panel_builds_in_a_page(store):
+    """``build(ctx)`` makes its controls in any Blocks page (the Export tab wires it in)."""
+    with gr.Blocks() as demo:
+        ctx = Shared(
+            settings=AppSettings(), store=store, demo=demo, view=gr.State(plan_view.new_view("toy", 64)),
+            plan=gr.State([]), model_status=gr.Markdown(), first_page=threading.Event(),
+        )  # fmt: skip
+        quantize_panel.build(ctx)
+    ids = {getattr(b, "elem_id", None) for b in demo.blocks.values()}
+    assert {"wb-quant-scheme", "wb-quant-estimate", "wb-quant-measured"} <= ids
