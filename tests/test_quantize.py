@@ -7,7 +7,6 @@ import threading
 import zipfile
 
 import gradio as gr
-
 import numpy as np
 import pytest
 import torch
