@@ -2,6 +2,7 @@
 samples them, their outputs stay near the unquantised student's, their weights shrink by the
 expected factor, and what a client could not load is refused in one line before any write."""
 
+import copy
 import json
 import threading
 import zipfile
@@ -123,6 +124,13 @@ def test_int8_weight_bytes_shrink_by_the_expected_factor(vega):
     assert rest > 0  # convolutions, norms and biases are left in fp32
 
 
+def test_fp8_weight_bytes_match_the_prediction(vega):
+    """fp8 is refused for export without such a GPU, but torchao quantises it anywhere: its
+    bytes (1 per element and an fp32 scale per output channel) are checked here too."""
+    unet = quantize.torchao_quantize(copy.deepcopy(vega.unet), "fp8")
+    assert quantize.model_bytes(unet) == quantize.weight_bytes(vega.spec.config, "fp8", "fp32")
+
+
 def test_removal_takes_quantisable_weights_out_of_sdxl(sdxl_config):
     """On SDXL's real config (meta device): most of the teacher's parameters are Linear weights;
     the presets remove transformer blocks, so their students hold a smaller share of them."""
@@ -152,7 +160,7 @@ def test_inference_memory_counts_weights_activations_and_encoders(toy):
 @pytest.mark.skipif(not NO_CUDA, reason="a CUDA build has int4 and fp8 kernels")
 @pytest.mark.parametrize(
     "scheme, message",
-    [("int4", "has no kernel for it on cpu"), ("fp8", "needs a CUDA GPU of compute capability >= 8.9")],
+    [("int4", "has no kernel for it on cpu"), ("fp8", "is for CUDA GPUs with float8 matmuls")],
 )
 def test_schemes_without_a_kernel_here_are_refused_before_any_write(vega, scheme, message, tmp_path):
     with pytest.raises(WorkbenchError, match=message) as err:
@@ -170,7 +178,7 @@ def test_schemes_without_a_kernel_here_are_refused_before_any_write(vega, scheme
         (["--quantize", "int4", "--dtype", "fp32"], "--quantize int4 computes in bf16, not fp32"),
         (["--quantize", "int8", "--dtype", "fp16", "--evaluate"], "--evaluate with --quantize"),
     ]
-    + ([(["--quantize", "fp8", "--dtype", "bf16"], "needs a CUDA GPU")] if NO_CUDA else []),
+    + ([(["--quantize", "fp8", "--dtype", "bf16"], "compute capability >= 8.9")] if NO_CUDA else []),
 )
 def test_bad_quantised_exports_are_one_line(extra, message, tmp_path, capsys):
     assert main(["export", "--preset", "segmind-vega", *extra, "--out", str(tmp_path / "o")]) == 2

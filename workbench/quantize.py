@@ -132,6 +132,7 @@ def check_scheme(name: str, dtype: str | None = None, device: str | None = None)
         )
     version = library_version()
     device = device or default_device()
+    _check_device(device)
     if name == "fp8":
         _check_fp8_device(device)
     _probe(scheme, dtype, device, version)
@@ -143,9 +144,15 @@ def _check_fp8_device(device: str) -> None:
     if not device.startswith("cuda") or capability is None or capability < FP8_CAPABILITY:
         found = f"compute capability {capability[0]}.{capability[1]}" if capability else "no CUDA GPU"
         raise WorkbenchError(
-            f"--quantize fp8 needs a CUDA GPU of compute capability >= 8.9 (float8 matmuls) and "
-            f"quantising on it; this machine has {found} (torch {torch.__version__}); choose int8"
+            f"--quantize fp8 is for CUDA GPUs with float8 matmuls (compute capability >= 8.9); this "
+            f"machine has {found} (torch {torch.__version__}), where torchao would only turn the float8 "
+            "weights back into floats at every step; choose int8"
         )
+
+
+def _check_device(device: str) -> None:
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise WorkbenchError(f"device {device!r}: this torch ({torch.__version__}) sees no CUDA GPU; use cpu")
 
 
 def _probe(scheme: Scheme, dtype: str, device: str, version: str) -> None:
