@@ -15,7 +15,7 @@
     row uses int4 *numerics* (torchao ``IntxWeightOnlyConfig``, int4 in groups of 32, held
     unpacked in int8): the quality int4 weights give, not their bytes or speed.
 
-    python benchmarks/quantize.py [--student RUN/student] [--prompts 81] [--seeds 2] [--repeats 10]
+    python benchmarks/quantize.py [--student RUN/student] [--prompts 40] [--seeds 1] [--repeats 5]
 """
 
 from __future__ import annotations
@@ -51,8 +51,9 @@ INT4_NUMERICS_GROUP = 32  # the toy's Linears are 32-256 wide: torchao's 128 wou
 def parse_args() -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--student", default=None, help="a trained Vega student folder (default: undistilled)")
-    scoring.add_sample_options(p)
-    p.add_argument("--repeats", type=int, default=10, help="timed forwards per model (after one warm-up)")
+    p.add_argument("--prompts", type=int, default=40, help="held-out prompts (81 in all)")
+    p.add_argument("--seeds", type=int, default=1, help="seeds per prompt")
+    p.add_argument("--repeats", type=int, default=5, help="timed forwards per model (after one warm-up)")
     p.add_argument("--batch", type=int, default=2, help="UNet batch for the latency (2: one guided step)")
     p.add_argument("--resolution", type=int, default=1024, help="SDXL sampling resolution for the memory")
     p.add_argument("--out", default=None, help="write the figures as JSON here")
