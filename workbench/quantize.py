@@ -67,31 +67,29 @@ _DTYPE_BYTES = {"fp32": 4, "fp16": 2, "bf16": 2}
 
 @dataclass(frozen=True)
 class Scheme:
-    """One quantisation scheme: its torchao config class, weight bits and what it needs."""
+    """One quantisation scheme: its torchao config class and the compute dtypes it allows."""
 
     name: str
     config_class: str  # in torchao.quantization
-    bits: int
-    weight_only: bool
     dtypes: tuple[str, ...]  # compute dtypes (of the layers left unquantised and of activations)
     help: str
 
 
 SCHEMES = {
     "int8": Scheme(
-        "int8", "Int8WeightOnlyConfig", 8, True, ("fp32", "fp16", "bf16"),
+        "int8", "Int8WeightOnlyConfig", ("fp32", "fp16", "bf16"),
         "int8 weights per output channel; activations in the model dtype",
     ),
     "int8-dynamic": Scheme(
-        "int8-dynamic", "Int8DynamicActivationInt8WeightConfig", 8, False, ("fp32", "fp16", "bf16"),
+        "int8-dynamic", "Int8DynamicActivationInt8WeightConfig", ("fp32", "fp16", "bf16"),
         "int8 weights; activations quantised to int8 per token at run time (int8 matmuls)",
     ),
     "int4": Scheme(
-        "int4", "Int4WeightOnlyConfig", 4, True, ("bf16",),
+        "int4", "Int4WeightOnlyConfig", ("bf16",),
         f"int4 weights in groups of {INT4_GROUP} (tinygemm layout; bf16 compute, CUDA kernels)",
     ),
     "fp8": Scheme(
-        "fp8", "Float8WeightOnlyConfig", 8, True, ("bf16", "fp16"),
+        "fp8", "Float8WeightOnlyConfig", ("bf16", "fp16"),
         "float8 e4m3 weights per output channel (CUDA, compute capability >= 8.9)",
     ),
 }  # fmt: skip
@@ -531,7 +529,7 @@ def export_quantized(
     try:
         quantized.save_pretrained(tmp)
         save_plan_files(student.spec, tmp)
-        info = quantization_info(student, quantized, scheme, dtype, tmp)
+        info = quantization_info(quantized, scheme, dtype, tmp)
         card = (
             model_card(student, "diffusers", dtype, evaluation=evaluation) + "\n" + quantization_section(info)
         )
@@ -546,7 +544,7 @@ def export_quantized(
     return QuantizedExport(out, scheme, dtype, files, info["share"], info["weights_bytes"], info["library"])
 
 
-def quantization_info(student: Student, quantized, scheme: str, dtype: str, folder: Path) -> dict[str, Any]:
+def quantization_info(quantized, scheme: str, dtype: str, folder: Path) -> dict[str, Any]:
     """What the model card says about the quantisation (plain data)."""
     total = sum(p.numel() for p in quantized.parameters())
     weights = folder / "diffusion_pytorch_model.safetensors"

@@ -81,6 +81,8 @@ def _check_quantize(args: argparse.Namespace) -> None:
             "--evaluate with --quantize samples the quantised student in the CPU pipeline (fp32): "
             "leave --dtype out (fp32), or export without --evaluate"
         )
+    if args.student and quantize.read_quantization(export.read_student_folder(args.student).unet_dir):
+        raise WorkbenchError(f"{args.student!r} is already quantised; give the unquantised student")
     quantize.check_scheme(args.quantize, args.dtype)
 
 
@@ -104,13 +106,12 @@ def run(args: argparse.Namespace) -> int:
         _check_base(args, base)
         student = export.student_from_plan(base, load_preset(args.preset))
     pipe, evaluation = None, None
-    if args.evaluate and args.quantize:
+    if args.evaluate:
         pipe = load_pipeline(base)
-    elif args.evaluate:
-        pipe = load_pipeline(base)
-        evaluation = export.evaluate(student, pipe, args.eval_prompts, args.eval_seeds)
     if args.quantize:
         return _run_quantized(args, student, pipe)
+    if args.evaluate:
+        evaluation = export.evaluate(student, pipe, args.eval_prompts, args.eval_seeds)
     result = export.export(
         student, args.format, args.out, args.dtype, pipeline=pipe, evaluation=evaluation, lora_file=args.lora
     )
@@ -137,8 +138,6 @@ def run(args: argparse.Namespace) -> int:
 def _run_quantized(args: argparse.Namespace, student, pipe) -> int:
     """Quantise, score the quantised student (--evaluate: the card's figures, and its cost beside
     the unquantised one), then write it."""
-    if student.folder is not None and quantize.read_quantization(student.folder):
-        raise WorkbenchError(f"{args.student!r} is already quantised; give the unquantised student")
     quantized = quantize.quantize_unet(student.unet, args.quantize, args.dtype)
     evaluation, cost = None, None
     if pipe is not None:
