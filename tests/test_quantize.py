@@ -251,4 +251,4 @@ def test_panel_builds_in_a_page(store):
         )  # fmt: skip
         quantize_panel.build(ctx)
     ids = {getattr(b, "elem_id", None) for b in demo.blocks.values()}
-    assert {"wb-quant-scheme", "wb-quant-estimate", "wb-quant-measured"} <= ids
+    assert {"wb-quant-scheme", "wb-quant-estimate", "wb-quant-measured", "wb-quant-exported"} <= ids

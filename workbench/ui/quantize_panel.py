@@ -38,6 +38,11 @@ RESOLUTIONS = (512, 768, 1024)
 # ------------------------------------------------------------------ plain functions (no gradio)
 
 
+def size(n: int) -> str:
+    """Bytes as GiB from 1 GiB up, else MB (toy models are a few MB)."""
+    return f"{n / GIB:.2f} GiB" if n >= GIB else f"{n / 1e6:,.1f} MB"
+
+
 def _activations(store: Store, name: str, config: dict[str, Any], key: tuple, resolution: int) -> int:
     base = store.base(name)
     latent = latent_size(config, resolution, base.vae_scale_factor)
@@ -59,8 +64,8 @@ def estimate_md(store: Store, view: dict[str, Any], plan: list[str], scheme: str
         share = quantize.param_share(config, scheme)
         for label, s in (("fp16", None), (scheme, scheme)):
             mem = quantize.inference_memory(config, base, s, resolution, activations=acts)
-            rows.append([f"{who}, {label}", f"{mem.unet_bytes / GIB:.3f} GiB",
-                         f"{share.share:.1%}" if s else "-", f"{mem.total / GIB:.2f} GiB"])  # fmt: skip
+            rows.append([f"{who}, {label}", size(mem.unet_bytes),
+                         f"{share.share:.1%}" if s else "-", size(mem.total)])  # fmt: skip
             verdict_rows.append([f"{who}, {label}", *mem.verdicts().values()])
     sizes = [f"{gb} GB" for gb in quantize.INFERENCE_GPU_SIZES_GB]
     notes = quantize.inference_memory(spec.config, base, scheme, resolution, activations=1).notes
@@ -162,6 +167,7 @@ def build(ctx: Shared) -> None:
         with gr.Column(scale=2):
             table = gr.Markdown(elem_id="wb-quant-estimate")
             measured = gr.Markdown(elem_id="wb-quant-measured")
+            exported = gr.Markdown(elem_id="wb-quant-exported")
     archive = gr.File(label="Quantised student (.zip)", interactive=False)
     store = ctx.store
 
@@ -186,6 +192,6 @@ def build(ctx: Shared) -> None:
         **ctx.model_event(),
     )
     go.click(
-        on_export, [ctx.view, ctx.plan, scheme, source], [archive, measured], api_visibility="private",
+        on_export, [ctx.view, ctx.plan, scheme, source], [archive, exported], api_visibility="private",
         **ctx.model_event(),
     )  # fmt: skip
