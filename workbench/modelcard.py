@@ -491,3 +491,25 @@ def _included_lora(report: Any) -> str:
         '(`pipe.load_lora_weights("path/to/this/folder/lora")`; `lora/lora_report.json` has the details):\n\n'
         + "\n".join(f"- {line}" for line in report.lines())
     )
+
+
+def quantization_section(info: dict[str, Any]) -> str:
+    """The card's section on a quantised export (``quantize.quantization_info``): format,
+    library and version, what share of the weights is quantised, and how to load it."""
+    dtype = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}[info["dtype"]]
+    device = "a CUDA GPU (its kernels are CUDA-only)" if info["cuda_only"] else "CPU or GPU"
+    return (
+        "## Quantisation\n\n"
+        f"This UNet is quantised: **{info['scheme']}** ({info['help']}), with {info['library']} "
+        f"(`{info['config_class']}`) through diffusers' `TorchAoConfig` (diffusers {info['diffusers']}, "
+        f"torch {info['torch']}). Only the weights of `nn.Linear` layers are quantised: "
+        f"{info['share']:.1%} of the parameters; convolutions, norms, embeddings and biases stay in "
+        f"{info['dtype']}. Weights file: {info['weights_bytes'] / 1e6:,.1f} MB (the same UNet in fp16: "
+        f"{info['fp16_bytes'] / 1e6:,.1f} MB).\n\n"
+        f"The quantisation config is in `config.json`, so stock diffusers loads it (with torchao installed) "
+        f"on {device}; pass the dtype it was made for, as diffusers otherwise picks bfloat16:\n\n"
+        "```python\nimport torch\nfrom diffusers import UNet2DConditionModel\n\n"
+        f'unet = UNet2DConditionModel.from_pretrained("path/to/this/folder", dtype=torch.{dtype})\n```\n\n'
+        "Then swap it into the teacher's pipeline as above. Single-file and checkpoint layouts (A1111, "
+        "ComfyUI) cannot hold torchao's packed tensors: this export exists in the diffusers layout only."
+    )

@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import argparse
+from dataclasses import replace
 
-from workbench import export
+from workbench import export, quantize
 from workbench.commands._common import add_json, emit_json, human
 from workbench.errors import WorkbenchError
 from workbench.models import DEFAULT_BASE, load_pipeline, resolve_base
@@ -35,6 +36,12 @@ def register(sub: argparse._SubParsersAction) -> None:
         "--lora", default=None, help="a LoRA trained on the teacher, remapped into the export's lora/"
     )
     p.add_argument(
+        "--quantize",
+        default=None,
+        help=f"quantise the UNet's Linear weights with torchao ({', '.join(quantize.SCHEMES)}; diffusers "
+        "format only; --dtype is then the compute dtype of the rest)",
+    )
+    p.add_argument(
         "--evaluate", action="store_true", help="score teacher and student on held-out samples for the card"
     )
     p.add_argument("--eval-prompts", type=int, default=20, help="prompts for --evaluate")
@@ -50,12 +57,33 @@ def validate(args: argparse.Namespace) -> None:
     if args.dtype is not None:
         export.check_dtype(args.dtype)
     export.check_out(args.out)
+    if args.quantize:
+        _check_quantize(args)
     if args.evaluate and (args.eval_prompts < 1 or args.eval_seeds < 1):
         raise WorkbenchError("--eval-prompts and --eval-seeds must be positive numbers of prompts and seeds")
     if args.lora:
         from workbench.lora import check_lora_file
 
         check_lora_file(args.lora)
+
+
+def _check_quantize(args: argparse.Namespace) -> None:
+    """A quantised export a client cannot load is refused here, before anything loads."""
+    if args.format != "diffusers":
+        raise WorkbenchError(
+            f"--quantize writes the diffusers format only: the {args.format} layout has no place for "
+            "torchao's packed weights or its quantization config; pass --format diffusers"
+        )
+    if args.lora:
+        raise WorkbenchError("--lora with --quantize: export the LoRA with an unquantised student")
+    if args.evaluate and (args.dtype or quantize.default_dtype(args.quantize)) != "fp32":
+        raise WorkbenchError(
+            "--evaluate with --quantize samples the quantised student in the CPU pipeline (fp32): "
+            "leave --dtype out (fp32), or export without --evaluate"
+        )
+    if args.student and quantize.read_quantization(export.read_student_folder(args.student).unet_dir):
+        raise WorkbenchError(f"{args.student!r} is already quantised; give the unquantised student")
+    quantize.check_scheme(args.quantize, args.dtype)
 
 
 def _check_base(args: argparse.Namespace, base) -> None:
@@ -80,6 +108,9 @@ def run(args: argparse.Namespace) -> int:
     pipe, evaluation = None, None
     if args.evaluate:
         pipe = load_pipeline(base)
+    if args.quantize:
+        return _run_quantized(args, student, pipe)
+    if args.evaluate:
         evaluation = export.evaluate(student, pipe, args.eval_prompts, args.eval_seeds)
     result = export.export(
         student, args.format, args.out, args.dtype, pipeline=pipe, evaluation=evaluation, lora_file=args.lora
@@ -101,4 +132,35 @@ def run(args: argparse.Namespace) -> int:
     if result.lora_report is not None:
         for line in result.lora_report.lines():
             print(f"  LoRA: {line}")
+    return 0
+
+
+def _run_quantized(args: argparse.Namespace, student, pipe) -> int:
+    """Quantise, score the quantised student (--evaluate: the card's figures, and its cost beside
+    the unquantised one), then write it."""
+    quantized = quantize.quantize_unet(student.unet, args.quantize, args.dtype)
+    evaluation, cost = None, None
+    if pipe is not None:
+        evaluation = export.evaluate(
+            replace(student, unet=quantized), pipe, args.eval_prompts, args.eval_seeds
+        )
+        cost = quantize.compare(student.unet, quantized, args.quantize, repeats=3)
+    result = quantize.export_quantized(
+        student, args.quantize, args.out, args.dtype, evaluation=evaluation, quantized=quantized
+    )
+    if args.json:
+        emit_json(
+            {"out": str(result.out), "format": "diffusers", "quantize": result.scheme, "dtype": result.dtype,
+             "quantized_share": round(result.share, 4), "weights_bytes": result.weights_bytes,
+             "library": result.library, "files": list(result.files)}
+            | ({"cost": cost.to_dict()} if cost else {}) | student.spec.summary()
+        )  # fmt: skip
+        return 0
+    print(
+        f"saved {'trained student' if student.trained else 'student'} quantised {result.scheme} "
+        f"({result.library}; {result.share:.1%} of the parameters, the Linear weights; the rest "
+        f"{result.dtype}) to {result.out}: weights {result.weights_bytes / 1e6:,.1f} MB"
+    )
+    for line in quantize.cost_lines(cost) if cost else ():
+        print(f"  {line}")
     return 0
