@@ -31,6 +31,7 @@ from workbench.ui import (
     model_box,
     plan_view,
     presets_tab,
+    quantize_panel,
     visitors,
 )
 from workbench.ui.settings import AppSettings
@@ -42,7 +43,7 @@ TABS = (
     ("Blocks", blocks_tab.build),
     ("Presets", presets_tab.build),
     ("Compare", compare_tab.build),
-    ("Export", export_tab.build),
+    ("Export", lambda ctx: (export_tab.build(ctx), quantize_panel.build(ctx))),
 )
 # The start model's weights load after the first page is served (or after this long without a
 # visitor): on a 2-core machine, loading them (diffusers and transformers imports, ~10 s) beside

@@ -22,6 +22,7 @@ from workbench.modelcard import client_notes
 from workbench.runs import RunDir, list_runs
 from workbench.sgm import client_support
 from workbench.ui import format as fmt
+from workbench.ui.settings import AppSettings
 from workbench.ui.shared import ProgressAdapter, Shared, inline_errors
 from workbench.ui.store import Store
 from workbench.ui.visitors import Runs, as_runs, page_runs, visible_runs
@@ -50,6 +51,13 @@ def source_choices(root: Runs | Path | None = None) -> list[tuple[str, str]]:
         if (RunDir(Path(r["run_dir"])).student / "config.json").is_file()
     ]
     return [(f"{CURRENT_PLAN} (built from the teacher)", CURRENT_PLAN), *runs]
+
+
+def own_source(settings: AppSettings, visitor: str | None, source: str | None) -> str:
+    """The current plan, or a run this page may export (on a Space: the visitor's own)."""
+    if source in (None, CURRENT_PLAN):
+        return CURRENT_PLAN
+    return page_runs(settings, visitor).own(source)
 
 
 def _student(store: Store, view: dict[str, Any], plan: list[str], source: str, progress: Any):
@@ -245,10 +253,7 @@ def build(ctx: Shared) -> None:
     store, settings = ctx.store, ctx.settings
 
     def own(source_dir: str | None, visitor: str | None) -> str:
-        """The current plan, or a run this page may export (on a Space: the visitor's own)."""
-        if source_dir in (None, CURRENT_PLAN):
-            return CURRENT_PLAN
-        return page_runs(settings, visitor).own(source_dir)
+        return own_source(settings, visitor, source_dir)
 
     @inline_errors(n_outputs=2, status_at=1)
     def on_export(view, plan, fmt_name, dtype_name, source_dir, lora_path, scores, visitor, progress=gr.Progress()):

@@ -22,9 +22,18 @@ from workbench.cost import latent_size
 from workbench.errors import WorkbenchError
 from workbench.memory import GIB
 from workbench.ui import format as fmt
-from workbench.ui.export_tab import CURRENT_PLAN, _fresh_workdir, _student, slug, source_choices, zip_folder
+from workbench.ui.export_tab import (
+    CURRENT_PLAN,
+    _fresh_workdir,
+    _student,
+    own_source,
+    slug,
+    source_choices,
+    zip_folder,
+)
 from workbench.ui.shared import ProgressAdapter, Shared, inline_errors
 from workbench.ui.store import Store
+from workbench.ui.visitors import visible_runs
 
 SCHEME_LABELS = {
     "int8": "int8 weight-only",
@@ -153,7 +162,8 @@ def build(ctx: Shared) -> None:
     with gr.Row(equal_height=False):
         with gr.Column(scale=1):
             source = gr.Dropdown(
-                source_choices(), value=CURRENT_PLAN, label="Student", elem_id="wb-quant-source"
+                source_choices(visible_runs(ctx.settings, None)), value=CURRENT_PLAN, label="Student",
+                elem_id="wb-quant-source",
             )
             scheme = gr.Radio(
                 [(label, key) for key, label in SCHEME_LABELS.items()], value="int8", label="Quantisation",
@@ -169,29 +179,37 @@ def build(ctx: Shared) -> None:
             measured = gr.Markdown(elem_id="wb-quant-measured")
             exported = gr.Markdown(elem_id="wb-quant-exported")
     archive = gr.File(label="Quantised student (.zip)", interactive=False)
-    store = ctx.store
+    store, settings = ctx.store, ctx.settings
 
     @inline_errors(n_outputs=1, status_at=0)
     def on_estimate(view, plan, scheme_name, px):
         return estimate_md(store, view, plan, scheme_name, int(px))
 
     @inline_errors(n_outputs=1, status_at=0)
-    def on_measure(view, plan, scheme_name, source_dir, progress=gr.Progress()):
+    def on_measure(view, plan, scheme_name, source_dir, visitor, progress=gr.Progress()):
+        source_dir = own_source(settings, visitor, source_dir)
         return measure_md(store, view, plan, scheme_name, source_dir, progress)
 
     @inline_errors(n_outputs=2, status_at=1)
-    def on_export(view, plan, scheme_name, source_dir, progress=gr.Progress()):
+    def on_export(view, plan, scheme_name, source_dir, visitor, progress=gr.Progress()):
+        source_dir = own_source(settings, visitor, source_dir)
         return export_zip(store, view, plan, scheme_name, source_dir, progress)
 
     estimate.click(on_estimate, [ctx.view, ctx.plan, scheme, resolution], table, api_visibility="private")
     measure.click(
         on_measure,
-        [ctx.view, ctx.plan, scheme, source],
+        [ctx.view, ctx.plan, scheme, source, ctx.visitor],
         measured,
         api_visibility="private",
         **ctx.model_event(),
     )
     go.click(
-        on_export, [ctx.view, ctx.plan, scheme, source], [archive, exported], api_visibility="private",
+        on_export, [ctx.view, ctx.plan, scheme, source, ctx.visitor], [archive, exported], api_visibility="private",
         **ctx.model_event(),
     )  # fmt: skip
+    refresh = {
+        "fn": lambda visitor: gr.update(choices=source_choices(visible_runs(settings, visitor))),
+        "inputs": ctx.visitor, "outputs": source,
+    }  # fmt: skip
+    ctx.visitor_ready.then(**refresh, api_visibility="private")
+    source.focus(**refresh, api_visibility="private")  # runs finished since the page loaded
