@@ -34,7 +34,7 @@ BATCH = 16
 
 @dataclass(frozen=True)
 class Clip:
-    """A loaded CLIP model, its processor and the names they came from."""
+    """A loaded CLIP model (wrapped in :class:`Projected`), its processor and its name."""
 
     model: Any
     processor: Any
@@ -42,7 +42,28 @@ class Clip:
 
     @property
     def temperature(self) -> float:
-        return float(self.model.logit_scale.exp())
+        return float(self.model.model.logit_scale.detach().exp())
+
+
+class Projected(torch.nn.Module):
+    """A CLIP model whose ``get_image_features``/``get_text_features`` return the projected
+    embeddings as tensors, as torchmetrics 1.9 expects; transformers 5 returns them as the
+    ``pooler_output`` of an output object, on which torchmetrics' ``.norm`` fails."""
+
+    def __init__(self, model) -> None:
+        super().__init__()
+        self.model = model
+        self.config = model.config
+
+    def get_image_features(self, *args, **kwargs) -> torch.Tensor:
+        return _tensor(self.model.get_image_features(*args, **kwargs))
+
+    def get_text_features(self, *args, **kwargs) -> torch.Tensor:
+        return _tensor(self.model.get_text_features(*args, **kwargs))
+
+
+def _tensor(out) -> torch.Tensor:
+    return out if isinstance(out, torch.Tensor) else out.pooler_output
 
 
 @lru_cache(maxsize=4)
@@ -59,12 +80,12 @@ def load(model: str, processor: str | None = None) -> Clip:
             + f": {err}. Give a local folder saved by CLIPModel.save_pretrained (with its processor "
             "files) or a hub id such as openai/clip-vit-large-patch14"
         ) from None  # fmt: skip
-    return Clip(clip, proc, model)
+    return Clip(Projected(clip), proc, model)
 
 
 def as_tensors(images: Sequence[Image.Image]) -> list[torch.Tensor]:
     """PIL images -> uint8 (3, H, W) tensors, the form torchmetrics' CLIP score takes."""
-    return [torch.from_numpy(np.asarray(i.convert("RGB"), dtype=np.uint8)).permute(2, 0, 1) for i in images]
+    return [torch.from_numpy(np.array(i.convert("RGB"), dtype=np.uint8)).permute(2, 0, 1) for i in images]
 
 
 @torch.no_grad()

@@ -77,13 +77,12 @@ class ClipImageFeatures(torch.nn.Module):
     def __init__(self, model, processor) -> None:
         super().__init__()
         self.model, self.processor = model, processor
-        self.num_features = int(model.config.projection_dim)
+        self.num_features = int(model.config.projection_dim)  # model: a clip.Projected
 
     @torch.no_grad()
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         pixels = self.processor(images=list(images), return_tensors="pt")["pixel_values"]
-        out = self.model.get_image_features(pixel_values=pixels)
-        return getattr(out, "pooler_output", out)
+        return self.model.get_image_features(pixel_values=pixels)
 
 
 class _Given(torch.nn.Module):
@@ -123,7 +122,7 @@ def clip_features(model, processor, name: str) -> Extractor:  # name as it may b
 
 def as_uint8(images: Sequence[Image.Image]) -> torch.Tensor:
     """PIL images of one size -> uint8 (N, 3, H, W)."""
-    arrays = [np.asarray(img.convert("RGB"), dtype=np.uint8) for img in images]
+    arrays = [np.array(img.convert("RGB"), dtype=np.uint8) for img in images]
     if len({a.shape for a in arrays}) > 1:
         raise WorkbenchError("images of one set must share a size; resize the reference folder's images")
     return torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).contiguous()

@@ -81,7 +81,7 @@ class Metrics:
         if "lpips" in self.names:
             perceptual.check()
         if self.wants_sets:
-            self.extractor  # noqa: B018 - loads it, so a missing torch-fidelity fails now
+            self.reference_features  # noqa: B018 - loads the extractor and reads the folder: fail now
 
     @cached_property
     def extractor(self) -> distribution.Extractor:
