@@ -135,7 +135,7 @@ def text(table: pd.DataFrame) -> str:
     if table.empty:
         return "no runs or exports found"
     metrics = [k for k in ORDER if k in table.columns]
-    shown = table[["kind", "name", "state", "step"]].copy()
+    shown = table[["kind", "name", "state", "step"]].astype(object)
     for k in metrics:
         shown[k] = [_cell(m, lo, hi) for m, lo, hi in zip(table[k], table[f"{k}_low"], table[f"{k}_high"])]
     return shown.fillna("-").to_string(index=False)
