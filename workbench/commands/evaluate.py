@@ -24,6 +24,7 @@ from workbench.evaluation import images as imagestore
 from workbench.evaluation import prompts as promptfile
 from workbench.evaluation.home import card_section, home_of
 from workbench.models import Base, check_unet_folder, load_pipeline, resolve_base
+from workbench.progress import Progress
 from workbench.schedulers import SCHEDULERS, check_sampler
 
 
@@ -133,8 +134,11 @@ def validate(args: argparse.Namespace) -> None:
     suite.parse(args.metrics)
 
 
-def evaluate(args: argparse.Namespace) -> tuple[dict[str, Any], ev.Evaluator]:
-    """The full result (``per_sample`` included; see ``evaluation.result``) and its evaluator."""
+def evaluate(
+    args: argparse.Namespace, progress: Progress | None = None
+) -> tuple[dict[str, Any], ev.Evaluator]:
+    """The full result (``per_sample`` included; see ``evaluation.result``) and its evaluator;
+    ``progress`` hears of every batch (default: lines on stderr, unless ``--quiet``)."""
     base = resolve_base(args.base)
     is_toy = base.kind == "toy"
     metrics = metrics_of(args, base)
@@ -154,7 +158,7 @@ def evaluate(args: argparse.Namespace) -> tuple[dict[str, Any], ev.Evaluator]:
     evaluator = ev.Evaluator(
         pipe, samples, checker=is_toy, steps=args.steps, guidance=guidance, metrics=metrics,
         teacher_key=teacher_key(base, samples, args.steps, guidance), out=out,
-        progress=None if args.quiet else stderr_progress,
+        progress=progress or (None if args.quiet else stderr_progress),
     )  # fmt: skip
     sampler = student_sampler(args, guidance)
     teacher = evaluator.teacher()
@@ -233,3 +237,27 @@ def keep(args: argparse.Namespace, result: dict[str, Any], evaluator: ev.Evaluat
         card_section(home.card, ev.format_result(result))
         return [str(record), str(home.card)]
     return [str(record)]
+
+
+def arguments(**given: Any) -> argparse.Namespace:
+    """The command's options with their defaults and ``given`` set: how the app asks for an
+    evaluation without a command line. Unknown names are an error."""
+    parser = argparse.ArgumentParser(prog="evaluate")
+    register(parser.add_subparsers())
+    args = parser.parse_args(["evaluate"])
+    unknown = sorted(set(given) - set(vars(args)))
+    if unknown:
+        raise WorkbenchError(f"unknown evaluate options {unknown}")
+    return argparse.Namespace(**(vars(args) | given))
+
+
+def evaluate_and_keep(
+    args: argparse.Namespace, progress: Progress | None = None
+) -> tuple[dict[str, Any], list[str]]:
+    """Validate, evaluate and keep the result where it belongs; the result (no per-sample rows)
+    and the files written."""
+    validate(args)
+    torch.set_flush_denormal(True)
+    result, evaluator = evaluate(args, progress)
+    written = keep(args, result, evaluator)
+    return {k: v for k, v in result.items() if k != "per_sample"}, written
