@@ -216,7 +216,7 @@ def run(args: argparse.Namespace) -> int:
     written = keep(args, result, evaluator)
     summary = {k: v for k, v in result.items() if k != "per_sample"}
     if args.json:
-        emit_json(summary | {"teacher_images": "drawn" if evaluator.teacher_drawn else "cached"})
+        emit_json(summary)
         return 0
     print("\n".join(ev.format_result(summary)))
     for path in ([args.save] if args.save else []) + written:

@@ -49,10 +49,11 @@ GENERIC_PROMPTS = (
     "a pencil sketch of an old oak tree",
 )
 ACCURACIES = ("colour", "shape", "background", "position", "size", "full", "fidelity")
-SIMILARITIES = ("psnr", "ssim", "lpips")
+SIMILARITIES = ("psnr", "ssim")
+PERCEPTUAL = ("lpips",)  # student vs teacher too, with a learned backbone (``--metrics lpips``)
 PER_SAMPLE = ("clip", "pickscore")  # prompt-image scores, of the teacher and a student alike
 SETS = ("fid", "kid")  # distances between image sets: no per-sample scores
-ORDER = (*ACCURACIES, *PER_SAMPLE, *SETS, *SIMILARITIES)
+ORDER = (*ACCURACIES, *PER_SAMPLE, *SETS, *SIMILARITIES, *PERCEPTUAL)
 LABELS = {
     "colour": "colour",
     "shape": "shape",
@@ -503,6 +504,7 @@ __all__ = [
     "GENERIC_PROMPTS",
     "ACCURACIES",
     "SIMILARITIES",
+    "PERCEPTUAL",
     "PER_SAMPLE",
     "SETS",
     "ORDER",
