@@ -125,7 +125,7 @@ class Distillation:
         self.report = Reporter(self.run_dir, main=self.acc.is_main_process, started=self.report.started)
         if self.report.main:
             self.start_run_folder(resume)
-        self.trackers = Trackers(cfg.report_to, self.run_dir.root, enabled=self.report.main, log=self.report.log)
+        self.trackers = Trackers(cfg.report_to, self.run_dir.root, self.report.main, self.report.log)
         self.trackers.config(cfg.to_dict())
         self.stopper.install()
         self.pipe = freeze_pipeline(load_pipeline(self.base, device=str(self.acc.device)))
