@@ -211,10 +211,13 @@ def test_a_reference_folder_scores_the_teacher_too(perturbed_pipeline, tmp_path,
         img.resize((32, 32)).save(ref / f"{i}.png")
     args = ["evaluate", "--base", perturbed_pipeline, "--prompts", "2", "--seeds", "2", "--steps", "2",
             "--metrics", "fid", "--fid-features", "pixels", "--reference", str(ref), "--reference-count", "4",
+            "--eval-size", "16",
             "--json", "--quiet"]  # fmt: skip
     assert main(args) == 0
     result = json.loads(capsys.readouterr().out)
     assert result["teacher"]["fid"]["reference_n"] == 4 and result["teacher"]["fid"]["mean"] > 0
     assert "reference folder 'ref' (4 images" in result["protocol"]["fid"]
+    assert "resized to 16x16 (bicubic)" in result["protocol"]["fid"]
+    assert [i.size for i in distribution.square([Image.new("RGB", (40, 20))], 16)] == [(16, 16)]
     assert main([*args[:-2], "--reference-count", "99"]) == 2
     assert "between 2 and 5" in capsys.readouterr().err

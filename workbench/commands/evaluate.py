@@ -89,6 +89,8 @@ def add_metrics(p: argparse.ArgumentParser) -> None:
                    "offline; inception elsewhere, which needs torch-fidelity)")  # fmt: skip
     g.add_argument("--reference", default=None, help="image folder fid/kid compare with (e.g. COCO val2014); "
                    "default: the teacher's images of the same samples")  # fmt: skip
+    g.add_argument("--eval-size", type=int, default=None, help="centre-crop and resize every image (generated "
+                   "and reference) to this side before fid/kid/clip/pickscore, e.g. 256 as BK-SDM (default: as drawn)")  # fmt: skip
     g.add_argument("--reference-count", type=int, default=None, help="use this many reference images, spread "
                    "over the folder's sorted files (default: all)")  # fmt: skip
     g.add_argument("--out", default="auto", help="folder for evaluation.json and the images (teacher/, "
@@ -103,7 +105,7 @@ def metrics_of(args: argparse.Namespace, base: Base) -> suite.Metrics:
     return suite.Metrics(
         suite.parse(args.metrics), clip_model=args.clip_model, pickscore_model=args.pickscore_model,
         pickscore_processor=args.pickscore_processor, fid_features=features, reference=args.reference,
-        reference_count=args.reference_count,
+        reference_count=args.reference_count, eval_size=args.eval_size,
     )  # fmt: skip
 
 

@@ -120,6 +120,19 @@ def clip_features(model, processor, name: str) -> Extractor:  # name as it may b
                      "(FD_CLIP), its processor's resize and centre crop")  # fmt: skip
 
 
+def square(images: Sequence[Image.Image], size: int | None) -> list[Image.Image]:
+    """``images`` centre-cropped to a square and resized to ``size`` x ``size`` (PIL bicubic), as
+    BK-SDM scores its 512 px images at 256 px; unchanged for ``None``."""
+    if size is None:
+        return list(images)
+    out = []
+    for img in images:
+        side = min(img.size)
+        left, top = (img.width - side) // 2, (img.height - side) // 2
+        out.append(img.crop((left, top, left + side, top + side)).resize((size, size), Image.BICUBIC))
+    return out
+
+
 def as_uint8(images: Sequence[Image.Image]) -> torch.Tensor:
     """PIL images of one size -> uint8 (N, 3, H, W)."""
     arrays = [np.array(img.convert("RGB"), dtype=np.uint8) for img in images]

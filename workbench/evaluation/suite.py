@@ -56,9 +56,12 @@ class Metrics:
     feature_module: torch.nn.Module | None = None  # any extractor; overrides fid_features
     reference: str | None = None
     reference_count: int | None = None
+    eval_size: int | None = None  # FID/KID/CLIP/PickScore see every image cropped and resized to this
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "names", parse(list(self.names)))
+        if self.eval_size is not None and not 16 <= self.eval_size <= 4096:
+            raise WorkbenchError(f"--eval-size {self.eval_size}: give a side in pixels between 16 and 4096")
         if self.fid_features not in distribution.FEATURES:
             raise WorkbenchError(f"--fid-features {self.fid_features!r}: choose from "
                                  f"{', '.join(distribution.FEATURES)}")  # fmt: skip
@@ -101,10 +104,17 @@ class Metrics:
         if self.reference is None:
             return None
         images = distribution.reference_images(self.reference, self.reference_count)
-        return distribution.extract(images, self.extractor.module)
+        return distribution.extract(distribution.square(images, self.eval_size), self.extractor.module)
 
     def protocol(self) -> dict[str, str]:
         """One sentence per chosen metric: model, resizing, counts."""
+        out = self._protocol()
+        if self.eval_size:
+            size = f"; every image first centre-cropped and resized to {self.eval_size}x{self.eval_size} (bicubic)"
+            out = {k: v + (size if k in (*SET_METRICS, "clip", "pickscore") else "") for k, v in out.items()}
+        return out
+
+    def _protocol(self) -> dict[str, str]:
         out: dict[str, str] = {}
         against = (f"reference folder {shown(self.reference)!r}" + (f" ({self.reference_count} images, spread "
                    "over its sorted files)" if self.reference_count else " (all images)")
@@ -147,6 +157,8 @@ def teacher_scores(metrics: Metrics, images: Sequence[Image.Image], prompts: Seq
                    progress: Progress | None = None) -> dict[str, np.ndarray]:  # fmt: skip
     """Per-sample prompt-image scores of any image set (teacher or student)."""
     out = {}
+    images = distribution.square(images, metrics.eval_size) if any(
+        n in metrics.names for n in ("clip", "pickscore")) else images  # fmt: skip
     if "clip" in metrics.names:
         report(progress, 1.0, "scoring: CLIP score")
         out["clip"] = cliplib.clip_score(cliplib.load(metrics.clip_model), images, prompts)
@@ -176,6 +188,6 @@ def set_metrics(metrics: Metrics, images: Sequence[Image.Image], teacher: Sequen
     report(progress, 1.0, f"scoring: {who} features for FID/KID")
     real = metrics.reference_features
     if real is None:
-        real = distribution.extract(list(teacher), metrics.extractor.module)
-    fake = distribution.extract(list(images), metrics.extractor.module)
+        real = distribution.extract(distribution.square(teacher, metrics.eval_size), metrics.extractor.module)
+    fake = distribution.extract(distribution.square(images, metrics.eval_size), metrics.extractor.module)
     return distribution.summary(real, fake, bootstrap, metrics.names)
