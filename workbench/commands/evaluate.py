@@ -83,7 +83,8 @@ def add_metrics(p: argparse.ArgumentParser) -> None:
                    "folder or a hub id, e.g. openai/clip-vit-large-patch14")  # fmt: skip
     g.add_argument("--pickscore-model", default=cliplib.PICKSCORE_MODEL, help="CLIP model for pickscore")
     g.add_argument("--pickscore-processor", default=cliplib.PICKSCORE_PROCESSOR,
-                   help="processor (tokenizer, image preprocessing) for pickscore")  # fmt: skip
+                   help="processor (tokenizer, image preprocessing) for pickscore (default: the one PickScore "
+                   f"was trained with, {cliplib.PICKSCORE_PROCESSOR})")  # fmt: skip
     g.add_argument("--fid-features", default=None, choices=distribution.FEATURES,
                    help="feature extractor of fid/kid (default: pixels on the toy, which has no Inception "
                    "offline; inception elsewhere, which needs torch-fidelity)")  # fmt: skip
