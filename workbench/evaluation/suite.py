@@ -128,7 +128,8 @@ class Metrics:
             if "kid" in self.names:
                 out["kid"] = (f"torchmetrics KernelInceptionDistance on {features}; against {against}; "
                               f"{distribution.KID_SUBSETS} subsets of min({distribution.KID_SUBSET_SIZE}, "
-                              "set sizes) images, seed 0; interval: mean +- 1 std over subsets")  # fmt: skip
+                              "half the smaller set) images, seed 0 (subset_size in the figure); interval: mean +- 1 std "
+                              "over subsets")  # fmt: skip
         if "clip" in self.names:
             out["clip"] = f"torchmetrics CLIPScore (100 * cosine) with {shown(self.clip_model)}, per sample"
         if "pickscore" in self.names:
