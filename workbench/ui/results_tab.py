@@ -33,7 +33,12 @@ def load_table(root: Path, kinds: list[str], query: str) -> pd.DataFrame:
     frame = table.results(root) if root.is_dir() else _empty()
     frame = frame[frame["kind"].isin(kinds)]
     if query.strip():
-        text = frame[["name", "base", "state"]].astype(str).agg(" ".join, axis=1).str.lower()
+        cells = (
+            frame[["name", "base", "state"]]
+            .astype(object)
+            .where(frame[["name", "base", "state"]].notna(), "")
+        )
+        text = cells.astype(str).agg(" ".join, axis=1).str.lower()
         frame = frame[text.str.contains(query.strip().lower(), regex=False)]
     return frame.reset_index(drop=True)
 
@@ -94,7 +99,7 @@ def build(ctx: Shared) -> None:
         )
         refresh = gr.Button("Refresh", scale=0)
     grid = gr.Dataframe(shown(_empty()), interactive=False, show_search="filter", elem_id="wb-results-table",
-                        wrap=True, max_height=480)  # fmt: skip
+                        wrap=False, pinned_columns=2, max_height=480)  # fmt: skip
     with gr.Row():
         csv_button = gr.DownloadButton("Download table (CSV)", elem_id="wb-results-csv")
         history_run = gr.Dropdown(run_choices(root), label="Run", scale=1, elem_id="wb-results-history-run")
