@@ -27,8 +27,9 @@ from typing import Any
 
 import numpy as np
 
+import workbench.evaluation.images as imagestore
 from workbench.errors import WorkbenchError
-from workbench.evaluation import images as imagestore
+from workbench.evaluation.prompts import pick
 from workbench.evaluation.suite import Metrics, set_metrics, student_scores, teacher_scores
 from workbench.progress import Progress, report
 from workbench.stats import Bootstrap, Estimate
@@ -92,22 +93,11 @@ def sample_seed(prompt: str, index: int) -> int:
     return int.from_bytes(digest[:4], "big") & 0x7FFFFFFF
 
 
-def _spread(items: Sequence[str], n: int | None, what: str) -> list[str]:
-    """``n`` items spread evenly over ``items`` (all of them for ``None``)."""
-    if n is None:
-        return list(items)
-    if not 1 <= n <= len(items):
-        raise WorkbenchError(
-            f"{n} prompts asked for, but there are {len(items)} {what}; give a number between 1 and {len(items)}"
-        )
-    return [items[i * len(items) // n] for i in range(n)]
-
-
 def toy_prompts(n: int | None = None) -> list[str]:
     """Held-out toy captions, spread evenly over the held-out list (all by default)."""
     from workbench.toy import world
 
-    return _spread([s.caption for s in world.held_out_scenes()], n, "held-out toy captions")
+    return pick([s.caption for s in world.held_out_scenes()], n, "held-out toy captions")
 
 
 def samples(prompts: Sequence[str], seeds: int) -> list[Sample]:
@@ -120,7 +110,7 @@ def default_samples(is_toy: bool, n_prompts: int | None, seeds: int | None) -> l
     """The evaluation samples of a base: held-out captions on the toy, generic prompts elsewhere."""
     if is_toy:
         return samples(toy_prompts(n_prompts), seeds or TOY_SEEDS)
-    return samples(_spread(GENERIC_PROMPTS, n_prompts, "generic prompts"), seeds or GENERIC_SEEDS)
+    return samples(pick(list(GENERIC_PROMPTS), n_prompts, "generic prompts"), seeds or GENERIC_SEEDS)
 
 
 @dataclass

@@ -51,12 +51,12 @@ def _jsonl(line: str, path: Path, number: int) -> str:
     )
 
 
-def pick(prompts: list[str], n: int | None) -> list[str]:
+def pick(prompts: list[str], n: int | None, what: str = "prompts in the prompt file") -> list[str]:
     """``n`` prompts spread evenly over ``prompts`` (all of them for ``None``)."""
     if n is None:
         return list(prompts)
     if not 1 <= n <= len(prompts):
         raise WorkbenchError(
-            f"--prompts {n}: the prompt file has {len(prompts)} prompts; give a number between 1 and {len(prompts)}"
+            f"--prompts {n}: there are {len(prompts)} {what}; give a number between 1 and {len(prompts)}"
         )
     return [prompts[i * len(prompts) // n] for i in range(n)]

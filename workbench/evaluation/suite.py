@@ -21,9 +21,10 @@ import numpy as np
 import torch
 from PIL import Image
 
+import workbench.evaluation.clip as cliplib
+import workbench.evaluation.distribution as distribution
+import workbench.evaluation.perceptual as perceptual
 from workbench.errors import WorkbenchError
-from workbench.evaluation import clip as cliplib
-from workbench.evaluation import distribution, perceptual
 from workbench.progress import Progress, report
 from workbench.stats import Bootstrap
 
