@@ -13,6 +13,7 @@ from workbench import evaluation as ev
 from workbench.cli import main
 from workbench.errors import WorkbenchError
 from workbench.evaluation import table
+from workbench.evaluation.home import card_section, home_of
 
 
 def _est(mean: float) -> dict:
@@ -89,3 +90,18 @@ def test_results_command(runs, tmp_path, capsys):
     assert capsys.readouterr().out.splitlines()[0] == "step,loss/total"
     assert main(["results", "--runs", str(tmp_path / "nothing")]) == 2
     assert "not a folder of runs" in capsys.readouterr().err
+
+
+def test_an_exports_card_gains_one_evaluation_section(tmp_path):
+    export = tmp_path / "students" / "vega"
+    (export / "unet").mkdir(parents=True)
+    (export / "plan.json").write_text("{}")
+    (export / "README.md").write_text("# vega\n\nbody\n")
+    home = home_of(export / "unet")  # a pipeline export: the UNet in unet/
+    assert home.folder == (export / "evaluation").resolve() and home.card == (export / "README.md").resolve()
+    card_section(home.card, ["first table"])
+    card_section(home.card, ["second table"])
+    text = home.card.read_text()
+    assert text.startswith("# vega\n\nbody\n") and text.count("## Evaluation (workbench evaluate)") == 1
+    assert "second table" in text and "first table" not in text
+    assert home_of(tmp_path) is None

@@ -214,7 +214,6 @@ class Evaluator:
     out: Path | None = None
     progress: Progress | None = None
     bootstrap: Bootstrap = field(init=False)
-    teacher_drawn: bool = field(default=False, init=False)  # False when the images came from the cache
     _teacher_images: list | None = field(default=None, init=False, repr=False)
     _teacher: Scores | None = field(default=None, init=False, repr=False)
 
@@ -257,7 +256,6 @@ class Evaluator:
                 report(self.progress, 1.0, f"teacher: {len(found)} images from the cache")
             else:
                 found = self.draw()
-                self.teacher_drawn = True
                 if self.teacher_key:
                     imagestore.remember(self.teacher_key, found)
             self._teacher_images = found
