@@ -3,7 +3,8 @@ student's images stay to the teacher's on the same samples, each with a 95% inte
 
 On the toy base, prompts are the held-out captions (never seen in training) and the toy
 checker judges all five attributes; other bases have no checker and report only the
-student's PSNR/SSIM against the teacher. See ``workbench/evaluation.py``.
+student's PSNR/SSIM against the teacher; ``--metrics`` adds FID/KID, CLIP score, PickScore
+and LPIPS. See the ``workbench/evaluation`` package.
 """
 
 from __future__ import annotations
@@ -72,7 +73,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def add_metrics(p: argparse.ArgumentParser) -> None:
-    g = p.add_argument_group("metrics of the field (see README: Evaluate a student)")
+    g = p.add_argument_group("metrics the field reports (README: Evaluation)")
     g.add_argument(
         "--metrics", default=",".join(suite.DEFAULT),
         help=f"comma-separated, from {', '.join(suite.METRICS)}; psnr and ssim are always computed for a student",
@@ -91,7 +92,8 @@ def add_metrics(p: argparse.ArgumentParser) -> None:
     g.add_argument("--reference", default=None, help="image folder fid/kid compare with (e.g. COCO val2014); "
                    "default: the teacher's images of the same samples")  # fmt: skip
     g.add_argument("--eval-size", type=int, default=None, help="centre-crop and resize every image (generated "
-                   "and reference) to this side before fid/kid/clip/pickscore, e.g. 256 as BK-SDM (default: as drawn)")  # fmt: skip
+                   "and reference) to this side before fid/kid/clip/pickscore, e.g. 256 as BK-SDM "
+                   "(default: as drawn)")  # fmt: skip
     g.add_argument("--reference-count", type=int, default=None, help="use this many reference images, spread "
                    "over the folder's sorted files (default: all)")  # fmt: skip
     g.add_argument("--out", default="auto", help="folder for evaluation.json and the images (teacher/, "
@@ -211,18 +213,12 @@ def student_sampler(args: argparse.Namespace, guidance: float) -> ev.Sampler | N
 
 
 def run(args: argparse.Namespace) -> int:
-    validate(args)
-    torch.set_flush_denormal(True)  # tiny models hit denormals, which are slow on CPU
-    result, evaluator = evaluate(args)
-    if args.save:
-        ev.write_record(args.save, result)
-    written = keep(args, result, evaluator)
-    summary = {k: v for k, v in result.items() if k != "per_sample"}
+    summary, written = evaluate_and_keep(args)
     if args.json:
         emit_json(summary)
         return 0
     print("\n".join(ev.format_result(summary)))
-    for path in ([args.save] if args.save else []) + written:
+    for path in written:
         print(f"  written: {path}")
     return 0
 
@@ -257,10 +253,12 @@ def arguments(**given: Any) -> argparse.Namespace:
 def evaluate_and_keep(
     args: argparse.Namespace, progress: Progress | None = None
 ) -> tuple[dict[str, Any], list[str]]:
-    """Validate, evaluate and keep the result where it belongs; the result (no per-sample rows)
-    and the files written."""
+    """Validate, evaluate, and write the result where it belongs (``--save``, and the run's or
+    export's evaluation folder); the summary (no per-sample rows) and the files written."""
     validate(args)
-    torch.set_flush_denormal(True)
+    torch.set_flush_denormal(True)  # tiny models hit denormals, which are slow on CPU
     result, evaluator = evaluate(args, progress)
-    written = keep(args, result, evaluator)
+    if args.save:
+        ev.write_record(args.save, result)
+    written = ([args.save] if args.save else []) + keep(args, result, evaluator)
     return {k: v for k, v in result.items() if k != "per_sample"}, written

@@ -19,7 +19,7 @@ import pandas as pd
 
 from workbench.commands import evaluate as evaluate_cmd
 from workbench.errors import WorkbenchError
-from workbench.evaluation import table
+from workbench.evaluation import format_result, table
 from workbench.runs import RunDir, list_runs
 from workbench.ui.shared import ProgressAdapter, Shared, inline_errors
 
@@ -76,7 +76,7 @@ def evaluate_run(run_dir: str, base: str, metrics: list[str], prompts: int, seed
         seeds=int(seeds) or None, clip_model=(clip_model.strip() or None) if not space else None, quiet=True,
     )  # fmt: skip
     result, written = evaluate_cmd.evaluate_and_keep(args, ProgressAdapter(progress) if progress else None)
-    lines = "\n".join(evaluate_cmd.ev.format_result(result))
+    lines = "\n".join(format_result(result))
     return (
         f"```text\n{lines}\n```\nKept in the run folder: `{Path(written[0]).parent.name}/`"
         if written
