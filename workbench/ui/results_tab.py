@@ -64,6 +64,14 @@ def run_choices(root: Path, with_student: bool = False) -> list[tuple[str, str]]
     return [(f"{r['name']} ({r['state']})", r["run_dir"]) for r in runs]
 
 
+def halves(progress: Any) -> Any:
+    """One bar for both phases: the teacher's images fill its first half, the student's the rest
+    (the evaluator reports each phase from 0 to 1)."""
+    return lambda fraction, message: progress(
+        fraction / 2 + (0 if message.startswith("teacher") else 0.5), message
+    )
+
+
 def evaluate_run(run_dir: str, base: str, metrics: list[str], prompts: int, seeds: int, clip_model: str,
                  space: bool, progress: Any = None) -> str:  # fmt: skip
     """Score a run's student against ``base``; the summary as Markdown (kept in the run folder)."""
@@ -75,7 +83,9 @@ def evaluate_run(run_dir: str, base: str, metrics: list[str], prompts: int, seed
         base=base, unet=str(RunDir(Path(run_dir)).student), metrics=",".join(chosen), prompts=int(prompts) or None,
         seeds=int(seeds) or None, clip_model=(clip_model.strip() or None) if not space else None, quiet=True,
     )  # fmt: skip
-    result, written = evaluate_cmd.evaluate_and_keep(args, ProgressAdapter(progress) if progress else None)
+    result, written = evaluate_cmd.evaluate_and_keep(
+        args, halves(ProgressAdapter(progress)) if progress else None
+    )
     lines = "\n".join(format_result(result))
     return (
         f"```text\n{lines}\n```\nKept in the run folder: `{Path(written[0]).parent.name}/`"
