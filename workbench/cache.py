@@ -7,6 +7,8 @@ ROOT/            $WORKBENCH_CACHE_DIR, or ~/.cache/sdxl-workbench
   figures/       catalog figures of a UNet config: parameters per atom (workbench.catalog),
                  FLOPs per atom and latent size (workbench.cost); counting them imports
                  diffusers and builds the model on the meta device, seconds an app start saves
+  teacher-images/  a teacher's evaluation images (workbench.evaluation.images): one folder
+                 of PNGs per base, samples, steps, guidance and scheduler
 ```
 
 A new kind of entry is a new folder: add its name to ``KINDS``.
@@ -28,7 +30,7 @@ from workbench.files import write_json_atomic
 
 T = TypeVar("T")
 ENV = "WORKBENCH_CACHE_DIR"
-KINDS = ("latency", "sensitivity", "figures")
+KINDS = ("latency", "sensitivity", "figures", "teacher-images")
 
 
 def root() -> Path:

@@ -21,6 +21,7 @@ COMMANDS = [
     "lora",
     "sample",
     "evaluate",
+    "results",
     "distill",
     "memory",
     "latency",

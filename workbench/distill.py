@@ -42,6 +42,7 @@ from workbench.parallel import any_across, full_student, is_sharded, make_accele
 from workbench.runs import MetricsWriter, Reporter, RunDir, Stopper, read_checkpoint_info
 from workbench.sensitivity_kd import GUIDANCE_FILE  # noqa: F401  (re-exported: where a run keeps its guidance)
 from workbench.surgery import save_student, stage_models, with_guidance_embedding
+from workbench.trackers import Trackers
 
 LCM_LORA_DIR = "lcm_lora"  # an LCM-LoRA run's adapter, for load_lora_weights on the stage's starting student
 TEACHER_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -107,6 +108,9 @@ class Distillation:
             error = f"{type(err).__name__}: {err}"
             self.report.status("failed", error=error, traceback=traceback.format_exc())
             raise
+        finally:
+            if hasattr(self, "trackers"):
+                self.trackers.close()
 
     # 1. set up: process group, run folder, teacher pipeline, cached data, guidance, sample grids
     def setup(self, resume: bool) -> None:
@@ -121,6 +125,8 @@ class Distillation:
         self.report = Reporter(self.run_dir, main=self.acc.is_main_process, started=self.report.started)
         if self.report.main:
             self.start_run_folder(resume)
+        self.trackers = Trackers(cfg.report_to, self.run_dir.root, self.report.main, self.report.log)
+        self.trackers.config(cfg.to_dict())
         self.stopper.install()
         self.pipe = freeze_pipeline(load_pipeline(self.base, device=str(self.acc.device)))
         self.batches = self.load_batches()
@@ -289,8 +295,10 @@ class Distillation:
                 terms = train_step(stage, self.batches, g, cfg)
                 done = s == cfg.steps - 1
                 if main and (g % cfg.log_every == 0 or done):
-                    metrics.write({"step": g, "stage": k + 1, "time": round(time.time() - self.report.started, 3),
-                                   "lr": stage.schedule.get_last_lr()[0], **terms})  # fmt: skip
+                    row = {"step": g, "stage": k + 1, "time": round(time.time() - self.report.started, 3),
+                           "lr": stage.schedule.get_last_lr()[0], **terms}  # fmt: skip
+                    metrics.write(row)
+                    self.trackers.log(row, g)
                     self.report.status("running", step=g + 1, total_steps=self.total_steps, stage=k + 1)
                     self.report.progress((g + 1) / self.total_steps, f"loss {terms['loss/total']:.4f}")
                 stop = any_across(stage.accelerator, self.stopper.should_stop()) and not done
@@ -319,7 +327,7 @@ class Distillation:
 
     def save_grid(self, student, step: int, sampler: dict[str, Any] | None) -> None:
         with on_device(self.pipe, self.acc.device):  # parked parts come back for the grid only
-            self.grids.save(student, step, sampler)
+            self.trackers.grid(self.grids.save(student, step, sampler), step)
 
     # 4. checkpoints: every process saves its state into step_N.tmp, the main one completes it
     def checkpoint(self, stage: Stage, s: int, g: int) -> None:

@@ -22,6 +22,7 @@ from workbench.runs import RunDir
 from workbench.schedulers import LCM_MAX_STEPS
 from workbench.sensitivity_kd import FEATURE_WEIGHTS
 from workbench.surgery import FEATURE_MODES
+from workbench.trackers import REPORT_TO
 
 PRECISIONS = ("no", "bf16", "fp16")
 TEACHER_DTYPES = ("fp32", "bf16", "fp16")
@@ -101,6 +102,7 @@ class DistillConfig:
     # with stage 1's architecture) instead of the teacher's kept ones: e.g. LCD on a student
     # distilled earlier. None: from the teacher.
     init_student: str | None = None
+    report_to: str = "none"  # also log to a tracker (workbench.trackers); metrics.jsonl stays the truth
 
     @property
     def guidance(self) -> float:
@@ -249,6 +251,7 @@ CHOICES = {
     "optimizer": OPTIMIZERS,
     "lcd_loss": LCD_LOSSES,
     "teacher_targets": TEACHER_TARGETS,
+    "report_to": REPORT_TO,
 }
 FLAGS = ("normalize_features", "gradient_checkpointing")
 

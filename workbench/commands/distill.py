@@ -20,6 +20,7 @@ from workbench.distill_config import (
 )
 from workbench.errors import WorkbenchError
 from workbench.losses import LCD_LOSSES
+from workbench.trackers import REPORT_TO
 
 # CLI flag -> DistillConfig field, for the plain options.
 _OPTIONS: list[tuple[str, type, str]] = [
@@ -134,6 +135,11 @@ _CHOICES: list[tuple[str, tuple[str, ...], str]] = [
         "live (default): the teacher runs beside the student at every step; precompute: its outputs "
         "and features are written to the run folder before a stage's student steps and read back, so "
         "the teacher is off the GPU while the student trains (disk: see `python -m workbench memory`)",
+    ),
+    (
+        "--report-to",
+        REPORT_TO,
+        "also log config, losses and sample grids to a tracker (tensorboard: RUN/trackers)",
     ),
 ]
 

@@ -27,7 +27,11 @@ from typing import Any
 
 import numpy as np
 
+import workbench.evaluation.images as imagestore
 from workbench.errors import WorkbenchError
+from workbench.evaluation.prompts import pick
+from workbench.evaluation.suite import Metrics, set_metrics, student_scores, teacher_scores
+from workbench.progress import Progress, report
 from workbench.stats import Bootstrap, Estimate
 
 TOY_SEEDS = 8
@@ -47,6 +51,10 @@ GENERIC_PROMPTS = (
 )
 ACCURACIES = ("colour", "shape", "background", "position", "size", "full", "fidelity")
 SIMILARITIES = ("psnr", "ssim")
+PERCEPTUAL = ("lpips",)  # student vs teacher too, with a learned backbone (``--metrics lpips``)
+PER_SAMPLE = ("clip", "pickscore")  # prompt-image scores, of the teacher and a student alike
+SETS = ("fid", "kid")  # distances between image sets: no per-sample scores
+ORDER = (*ACCURACIES, *PER_SAMPLE, *SETS, *SIMILARITIES, *PERCEPTUAL)
 LABELS = {
     "colour": "colour",
     "shape": "shape",
@@ -57,6 +65,11 @@ LABELS = {
     "fidelity": "fidelity (colour+shape)",
     "psnr": "PSNR dB",
     "ssim": "SSIM",
+    "lpips": "LPIPS",
+    "clip": "CLIP score",
+    "pickscore": "PickScore",
+    "fid": "FID",
+    "kid": "KID",
 }
 
 
@@ -80,22 +93,11 @@ def sample_seed(prompt: str, index: int) -> int:
     return int.from_bytes(digest[:4], "big") & 0x7FFFFFFF
 
 
-def _spread(items: Sequence[str], n: int | None, what: str) -> list[str]:
-    """``n`` items spread evenly over ``items`` (all of them for ``None``)."""
-    if n is None:
-        return list(items)
-    if not 1 <= n <= len(items):
-        raise WorkbenchError(
-            f"{n} prompts asked for, but there are {len(items)} {what}; give a number between 1 and {len(items)}"
-        )
-    return [items[i * len(items) // n] for i in range(n)]
-
-
 def toy_prompts(n: int | None = None) -> list[str]:
     """Held-out toy captions, spread evenly over the held-out list (all by default)."""
     from workbench.toy import world
 
-    return _spread([s.caption for s in world.held_out_scenes()], n, "held-out toy captions")
+    return pick([s.caption for s in world.held_out_scenes()], n, "held-out toy captions")
 
 
 def samples(prompts: Sequence[str], seeds: int) -> list[Sample]:
@@ -108,7 +110,7 @@ def default_samples(is_toy: bool, n_prompts: int | None, seeds: int | None) -> l
     """The evaluation samples of a base: held-out captions on the toy, generic prompts elsewhere."""
     if is_toy:
         return samples(toy_prompts(n_prompts), seeds or TOY_SEEDS)
-    return samples(_spread(GENERIC_PROMPTS, n_prompts, "generic prompts"), seeds or GENERIC_SEEDS)
+    return samples(pick(list(GENERIC_PROMPTS), n_prompts, "generic prompts"), seeds or GENERIC_SEEDS)
 
 
 @dataclass
@@ -121,6 +123,7 @@ class Scores:
     samples: list[Sample]
     values: dict[str, np.ndarray]
     seen: list[dict[str, str | None]] | None = None
+    sets: dict[str, dict[str, Any]] = field(default_factory=dict)  # FID/KID: one figure for the set
 
     def rows(self) -> list[dict[str, Any]]:
         """One JSON-ready dict per sample."""
@@ -193,7 +196,11 @@ class Evaluator:
 
     ``student(unet)`` draws and scores any UNet that fits the pipeline on the same
     samples; ``summary`` and ``versus`` turn scores into intervals, all from one set of
-    bootstrap resamples (so comparisons are paired).
+    bootstrap resamples (so comparisons are paired). ``metrics`` adds the field's metrics
+    (``workbench.evaluation.suite``); ``teacher_key`` names the teacher's images in the
+    image cache (``workbench.evaluation.images``) so a later evaluation reuses them; ``out``
+    keeps every image drawn (``out/teacher/0000.png``, ``out/student/...``); ``progress``
+    hears of every batch.
     """
 
     pipe: Any
@@ -202,6 +209,10 @@ class Evaluator:
     steps: int = STEPS
     guidance: float = GUIDANCE
     batch_size: int = 16
+    metrics: Metrics = field(default_factory=Metrics)
+    teacher_key: dict[str, Any] | None = None
+    out: Path | None = None
+    progress: Progress | None = None
     bootstrap: Bootstrap = field(init=False)
     _teacher_images: list | None = field(default=None, init=False, repr=False)
     _teacher: Scores | None = field(default=None, init=False, repr=False)
@@ -221,55 +232,91 @@ class Evaluator:
             "samples": len(self.samples),
         }
 
-    def draw(self, unet=None, sampler: Sampler | None = None) -> list:
+    def draw(self, unet=None, sampler: Sampler | None = None, who: str = "teacher") -> list:
         """The samples' images: the teacher's (``unet`` None) or a student's, with the
         evaluation's steps and guidance unless ``sampler`` says otherwise."""
         from workbench.sampling import generate
 
         sampler = sampler or Sampler(steps=self.steps, guidance=self.guidance)
-        return generate(
-            self.pipe, [s.prompt for s in self.samples], [s.seed for s in self.samples],
-            steps=sampler.steps, guidance=sampler.guidance, unet=unet, batch_size=self.batch_size,
-            scheduler=sampler.scheduler,
-        )  # fmt: skip
+        prompts, seeds, images = [s.prompt for s in self.samples], [s.seed for s in self.samples], []
+        for start in range(0, len(prompts), self.batch_size):
+            report(self.progress, start / len(prompts), f"{who}: drawing images {start}/{len(prompts)}")
+            stop = start + self.batch_size
+            images += generate(
+                self.pipe, prompts[start:stop], seeds[start:stop], steps=sampler.steps, guidance=sampler.guidance,
+                unet=unet, batch_size=self.batch_size, scheduler=sampler.scheduler,
+            )  # fmt: skip
+        report(self.progress, 1.0, f"{who}: drew {len(images)} images")
+        return images
 
     def teacher_images(self) -> list:
         if self._teacher_images is None:
-            self._teacher_images = self.draw()
+            found = imagestore.cached(self.teacher_key) if self.teacher_key else None
+            if found is not None:
+                report(self.progress, 1.0, f"teacher: {len(found)} images from the cache")
+            else:
+                found = self.draw()
+                if self.teacher_key:
+                    imagestore.remember(self.teacher_key, found)
+            self._teacher_images = found
+            self._keep("teacher", found)
         return self._teacher_images
 
+    def _keep(self, who: str, images: list) -> None:
+        if self.out is not None:
+            imagestore.save(Path(self.out) / who, images)
+
     def teacher(self) -> Scores:
-        """The teacher's own scores (checker verdicts on the toy; nothing to score elsewhere)."""
+        """The teacher's own scores: checker verdicts (toy) and the chosen metrics that need
+        no teacher to compare with (CLIP score, PickScore; FID/KID against a reference folder)."""
         if self._teacher is None:
-            values, seen = judge(self.teacher_images(), self.samples) if self.checker else ({}, None)
-            self._teacher = Scores(self.samples, values, seen)
+            images = self.teacher_images()
+            values, seen = judge(images, self.samples) if self.checker else ({}, None)
+            values |= teacher_scores(self.metrics, images, self._prompts(), self.progress)
+            sets = set_metrics(self.metrics, images, None, self.bootstrap, "teacher", self.progress)
+            self._teacher = Scores(self.samples, values, seen, sets)
         return self._teacher
 
+    def _prompts(self) -> list[str]:
+        return [s.prompt for s in self.samples]
+
     def student(self, unet, sampler: Sampler | None = None) -> Scores:
-        """A student UNet's scores: checker verdicts (toy) and PSNR/SSIM against the teacher.
-        ``sampler`` draws it its own way (e.g. 4 LCM steps against the teacher's 20)."""
-        images = self.draw(unet, sampler)
+        """A student UNet's scores: checker verdicts (toy), PSNR/SSIM against the teacher and the
+        chosen metrics. ``sampler`` draws it its own way (e.g. 4 LCM steps against the teacher's 20)."""
+        teacher_images = self.teacher_images()
+        images = self.draw(unet, sampler, who="student")
+        self._keep("student", images)
         values, seen = judge(images, self.samples) if self.checker else ({}, None)
-        values |= similarity(images, self.teacher_images())
-        return Scores(self.samples, values, seen)
+        values |= similarity(images, teacher_images)
+        values |= student_scores(self.metrics, images, teacher_images, self._prompts(), self.progress)
+        sets = set_metrics(self.metrics, images, teacher_images, self.bootstrap, "student", self.progress)
+        return Scores(self.samples, values, seen, sets)
 
     def summary(self, scores: Scores) -> dict[str, Estimate]:
-        """Mean and interval of every score, in a fixed order."""
-        order = [k for k in (*ACCURACIES, *SIMILARITIES) if k in scores.values]
+        """Mean and interval of every per-sample score, in a fixed order."""
+        order = [k for k in ORDER if k in scores.values]
         return {k: self.bootstrap.mean(scores.values[k], k) for k in order}
 
     def versus(self, scores: Scores, reference: Scores) -> dict[str, Estimate]:
-        """Paired ratios ``scores / reference`` of full-prompt accuracy and fidelity."""
+        """Paired ratios ``scores / reference`` of full-prompt accuracy, fidelity and the
+        prompt-image scores."""
         out = {}
-        for k in ("full", "fidelity"):
+        for k in ("full", "fidelity", *PER_SAMPLE):
             if k in scores.values and k in reference.values and reference.values[k].mean() > 0:
                 out[k] = self.bootstrap.ratio(scores.values[k], reference.values[k])
         return out
 
     def difference(self, scores: Scores, reference: Scores) -> dict[str, Estimate]:
         """Paired differences ``scores - reference`` of every score both have."""
-        shared = [k for k in (*ACCURACIES, *SIMILARITIES) if k in scores.values and k in reference.values]
+        shared = [k for k in ORDER if k in scores.values and k in reference.values]
         return {k: self.bootstrap.difference(scores.values[k], reference.values[k]) for k in shared}
+
+
+def summarise(evaluator: Evaluator, scores: Scores) -> dict[str, dict[str, Any]]:
+    """Every score's mean and interval (per-sample ones by the bootstrap, FID/KID as computed)."""
+    out: dict[str, dict[str, Any]] = as_dicts(evaluator.summary(scores))
+    out |= scores.sets
+    return {k: out[k] for k in ORDER if k in out}
 
 
 def as_dicts(estimates: dict[str, Estimate]) -> dict[str, dict[str, float | int]]:
@@ -278,11 +325,12 @@ def as_dicts(estimates: dict[str, Estimate]) -> dict[str, dict[str, float | int]
 
 # --------------------------------------------------------------------------- results and records
 
-RECORD_SCHEMA = 1
+RECORD_SCHEMA = 2  # 2 added "protocol" (how each metric was computed) and "images" (where they are)
 _RECORD_KEYS = {
     "schema_version", "base", "unet", "settings", "interval", "teacher", "student",
-    "student_vs_teacher", "weights", "software", "per_sample",
+    "student_vs_teacher", "weights", "software", "protocol", "images", "per_sample",
 }  # fmt: skip
+_V1_KEYS = _RECORD_KEYS - {"protocol", "images"}
 
 
 def weights_digest(folder: str | Path | None) -> str | None:
@@ -332,11 +380,15 @@ def result(evaluator: Evaluator, base, teacher: Scores, student: Scores | None, 
         "unet": str(unet) if unet else None,
         "settings": evaluator.settings | ({"student_sampler": sampler.to_dict()} if sampler else {}),
         "interval": evaluator.bootstrap.describe(),
-        "teacher": as_dicts(evaluator.summary(teacher)),
-        "student": as_dicts(evaluator.summary(student)) if student is not None else None,
+        "teacher": summarise(evaluator, teacher),
+        "student": summarise(evaluator, student) if student is not None else None,
         "student_vs_teacher": as_dicts(evaluator.versus(student, teacher)) if student is not None else None,
         "weights": {"teacher": weights_digest(teacher_unet), "student": weights_digest(unet)},
         "software": _software(),
+        "protocol": evaluator.metrics.protocol(),
+        "images": {"teacher": "teacher", "student": "student" if student is not None else None}
+        if evaluator.out is not None
+        else None,  # folders beside the record
         "per_sample": rows,
     }
 
@@ -364,8 +416,10 @@ def read_record(path: str | Path) -> dict[str, Any]:
         data = json.loads(Path(path).read_text(encoding="utf-8"))
     except (OSError, ValueError) as err:
         raise WorkbenchError(f"cannot read the evaluation record {str(path)!r}: {err}") from None
-    if not isinstance(data, dict) or data.get("schema_version") != RECORD_SCHEMA:
-        raise WorkbenchError(f"{str(path)!r} is not an evaluation record of schema {RECORD_SCHEMA}")
+    if not isinstance(data, dict) or data.get("schema_version") not in (1, RECORD_SCHEMA):
+        raise WorkbenchError(f"{str(path)!r} is not an evaluation record of schema 1 or {RECORD_SCHEMA}")
+    if data["schema_version"] == 1 and set(data) == _V1_KEYS:  # recorded before FID/CLIP: none of them
+        data = data | {"schema_version": RECORD_SCHEMA, "protocol": {}, "images": None}
     if set(data) != _RECORD_KEYS:
         missing, unknown = _RECORD_KEYS - set(data), set(data) - _RECORD_KEYS
         raise WorkbenchError(
@@ -412,13 +466,14 @@ def format_result(result: dict[str, Any]) -> list[str]:
     if result["student"] is not None:
         head += f" {'student':<22} student / teacher"
     lines.append(head)
-    for key in (*ACCURACIES, *SIMILARITIES):
+    for key in ORDER:
         if key not in result["teacher"] and key not in student:
             continue
         cells = [_cell(result["teacher"].get(key))]
         if result["student"] is not None:
             cells += [_cell(student.get(key)), _cell(ratio.get(key))]
         lines.append(f"  {LABELS[key]:<24} " + " ".join(f"{c:<22}" for c in cells).rstrip())
+    lines += [f"  {LABELS.get(k, k)}: {text}" for k, text in (result.get("protocol") or {}).items()]
     return lines
 
 
@@ -426,4 +481,43 @@ def _cell(est: dict[str, Any] | None) -> str:
     if est is None:
         return "-"
     e = Estimate.from_dict(est)
-    return e.format(2 if abs(e.mean) >= 10 else 3)
+    return e.format(2 if abs(e.mean) >= 10 else 3 if abs(e.mean) >= 0.01 or e.mean == 0 else 5)
+
+
+__all__ = [
+    "TOY_SEEDS",
+    "GENERIC_SEEDS",
+    "STEPS",
+    "GUIDANCE",
+    "GENERIC_PROMPTS",
+    "ACCURACIES",
+    "SIMILARITIES",
+    "PERCEPTUAL",
+    "PER_SAMPLE",
+    "SETS",
+    "ORDER",
+    "LABELS",
+    "Sample",
+    "sample_seed",
+    "toy_prompts",
+    "samples",
+    "default_samples",
+    "Scores",
+    "judge",
+    "similarity",
+    "Sampler",
+    "Evaluator",
+    "summarise",
+    "as_dicts",
+    "RECORD_SCHEMA",
+    "weights_digest",
+    "result",
+    "write_record",
+    "read_record",
+    "record_samples",
+    "record_scores",
+    "format_result",
+    "Metrics",
+    "Estimate",
+    "Bootstrap",
+]
