@@ -32,6 +32,7 @@ from workbench.ui import (
     plan_view,
     presets_tab,
     quantize_panel,
+    results_tab,
     visitors,
 )
 from workbench.ui.settings import AppSettings
@@ -44,6 +45,7 @@ TABS = (
     ("Presets", presets_tab.build),
     ("Compare", compare_tab.build),
     ("Export", lambda ctx: (export_tab.build(ctx), quantize_panel.build(ctx))),
+    ("Results", results_tab.build),
 )
 # The start model's weights load after the first page is served (or after this long without a
 # visitor): on a 2-core machine, loading them (diffusers and transformers imports, ~10 s) beside

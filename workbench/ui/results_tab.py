@@ -5,7 +5,8 @@ CSV; and an Evaluate button that scores a run's student against the teacher with
 
 In Space mode nothing a visitor types is opened as a path or fetched: the CLIP score and a
 reference folder (which name a model or a folder) are local-only; PSNR, SSIM and FID/KID
-against the teacher's images remain.
+against the teacher's images remain; the table lists the visitor's own runs only, and every
+action on a run checks it is theirs (``workbench.ui.visitors``).
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from workbench.errors import WorkbenchError
 from workbench.evaluation import format_result, table
 from workbench.runs import RunDir, list_runs
 from workbench.ui.shared import ProgressAdapter, Shared, inline_errors
+from workbench.ui.visitors import page_runs, visible_runs
 
 KINDS = ("teacher", "run", "export")
 LOCAL_METRICS = ("psnr", "ssim", "fid", "kid", "clip", "pickscore", "lpips")
@@ -95,8 +97,18 @@ def evaluate_run(run_dir: str, base: str, metrics: list[str], prompts: int, seed
 
 
 def build(ctx: Shared) -> None:
-    space = ctx.settings.space
+    settings, space = ctx.settings, ctx.settings.space
     root = table.default_root()
+
+    def folder(visitor: str | None) -> Path:
+        """The runs this page lists: all of them for the owner, the visitor's own on a Space."""
+        return visible_runs(settings, visitor).folder if space else root
+
+    def own(run_dir: str | None, visitor: str | None) -> str:
+        if not run_dir:
+            raise WorkbenchError("choose a run first")
+        return page_runs(settings, visitor).own(run_dir)
+
     gr.Markdown(
         "### Results\nThe teacher, every run and every export with every metric and its 95% interval "
         "(KID: +- 1 std over subsets); how each was computed is in each run's `evaluation/evaluation.json`. "
@@ -112,12 +124,12 @@ def build(ctx: Shared) -> None:
                         wrap=False, pinned_columns=2, max_height=480)  # fmt: skip
     with gr.Row():
         csv_button = gr.DownloadButton("Download table (CSV)", elem_id="wb-results-csv")
-        history_run = gr.Dropdown(run_choices(root), label="Run", scale=1, elem_id="wb-results-history-run")
+        history_run = gr.Dropdown([] if space else run_choices(root), label="Run", scale=1, elem_id="wb-results-history-run")
         history_button = gr.DownloadButton("Download its metrics history (CSV)")
     with gr.Accordion("Evaluate a run's student", open=False):
         with gr.Row():
             eval_run = gr.Dropdown(
-                run_choices(root, with_student=True), label="Run", elem_id="wb-results-eval-run"
+                [] if space else run_choices(root, with_student=True), label="Run", elem_id="wb-results-eval-run"
             )
             metrics = gr.CheckboxGroup(list(SPACE_METRICS if space else LOCAL_METRICS), value=["psnr", "ssim"],
                                        label="Metrics", elem_id="wb-results-metrics")  # fmt: skip
@@ -128,32 +140,35 @@ def build(ctx: Shared) -> None:
         go = gr.Button("Evaluate", variant="primary", elem_id="wb-results-evaluate")
         status = gr.Markdown(elem_id="wb-results-status")
 
-    def on_refresh(kinds_, query_):
-        frame = load_table(root, kinds_, query_)
-        return shown(frame), gr.update(choices=run_choices(root)), gr.update(choices=run_choices(root, True))
+    def on_refresh(kinds_, query_, visitor):
+        mine = folder(visitor)
+        frame = load_table(mine, kinds_, query_)
+        return shown(frame), gr.update(choices=run_choices(mine)), gr.update(choices=run_choices(mine, True))
 
     @inline_errors(n_outputs=1, status_at=0)
-    def on_evaluate(view, run_dir, metrics_, prompts_, seeds_, clip_, progress=gr.Progress()):
+    def on_evaluate(view, run_dir, metrics_, prompts_, seeds_, clip_, visitor, progress=gr.Progress()):
         return evaluate_run(
-            run_dir, view["base"], metrics_, prompts_ or 0, seeds_ or 0, clip_ or "", space, progress
+            own(run_dir, visitor), view["base"], metrics_, prompts_ or 0, seeds_ or 0, clip_ or "", space, progress
         )
 
-    def on_csv(kinds_, query_):
-        return csv_file(load_table(root, kinds_, query_), "results.csv")
+    def on_csv(kinds_, query_, visitor):
+        return csv_file(load_table(folder(visitor), kinds_, query_), "results.csv")
 
-    def on_history(run_dir):
-        if not run_dir:
-            raise gr.Error("choose a run first")
+    def on_history(run_dir, visitor):
         try:
+            run_dir = own(run_dir, visitor)
             return csv_file(table.history(run_dir), f"{Path(run_dir).name}-metrics.csv")
         except WorkbenchError as err:
             raise gr.Error(str(err)) from None
 
+    private = {"api_visibility": "private"}
     outputs = [grid, history_run, eval_run]
-    for trigger in (refresh.click, kinds.change, query.submit, ctx.demo.load):
-        trigger(on_refresh, [kinds, query], outputs)
-    csv_button.click(on_csv, [kinds, query], csv_button)
-    history_button.click(on_history, history_run, history_button)
-    go.click(on_evaluate, [ctx.view, eval_run, metrics, prompts, seeds, clip_model], status).then(
-        on_refresh, [kinds, query], outputs
-    )
+    listing = [kinds, query, ctx.visitor]
+    for trigger in (refresh.click, kinds.change, query.submit, ctx.visitor_ready.then):
+        trigger(on_refresh, listing, outputs, **private)
+    csv_button.click(on_csv, listing, csv_button, **private)
+    history_button.click(on_history, [history_run, ctx.visitor], history_button, **private)
+    go.click(
+        on_evaluate, [ctx.view, eval_run, metrics, prompts, seeds, clip_model, ctx.visitor], status, **private,
+        **ctx.model_event(),
+    ).then(on_refresh, listing, outputs, **private)  # fmt: skip

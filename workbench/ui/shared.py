@@ -44,6 +44,14 @@ class Shared:
     visitor: gr.State | None = None
     visitor_ready: Any = None
 
+    def __post_init__(self) -> None:
+        # Built inside the page's Blocks; a page that sets no visitor (tests, one tab alone)
+        # gets an empty one, known at once.
+        if self.visitor is None:
+            self.visitor = gr.State(None)
+        if self.visitor_ready is None:
+            self.visitor_ready = self.demo.load(None, None, None, api_visibility="private")
+
     def panel_inputs(self) -> list[gr.components.Component]:
         """Inputs a handler needs to redraw the deltas panel, after its own."""
         return [self.device, self.dtype]
