@@ -138,6 +138,23 @@ def test_help_says_every_default(capsys):
     assert "batch per process (default: 8)" in out and "checkpoint every N steps (default: 100)" in out
 
 
+def test_help_states_each_default_once_and_never_none():
+    import argparse
+
+    from workbench.cli import build_parser
+
+    parser = build_parser()
+    commands = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction)).choices
+    for name, sub in commands.items():
+        formatter = sub._get_formatter()
+        for action in sub._actions:
+            if action.help in (None, argparse.SUPPRESS):
+                continue
+            shown = formatter._expand_help(action)  # the help text as --help prints it
+            assert "(default: None)" not in shown, (name, action.option_strings, shown)
+            assert shown.count("(default:") <= 1, (name, action.option_strings, shown)
+
+
 def test_distill_into_an_existing_file_is_one_line(tmp_path, capsys):
     (tmp_path / "taken").write_text("not a run")
     argv = ["distill", "--preset", "ssd-1b", "--steps", "1", "--run-dir", str(tmp_path / "taken")]
