@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from workbench.catalog import build_catalog, meta_unet
+from workbench.dtypes import torch_dtype
 from workbench.errors import WorkbenchError
 from workbench.models import Base, load_pipeline, load_unet, resolve_base
 from workbench.plan import PruningPlan
@@ -306,15 +307,9 @@ def _file_stem(out: Path) -> str:
     return re.sub(r"[^A-Za-z0-9._-]+", "-", out.name).strip("-.") or "student"
 
 
-def _torch_dtype(dtype: str):
-    import torch
-
-    return {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[dtype]
-
-
 def _cast(state: dict[str, Any], dtype: str) -> dict[str, Any]:
     """Floating tensors in ``dtype``, everything contiguous and on the CPU (as safetensors wants)."""
-    target = _torch_dtype(dtype)
+    target = torch_dtype(dtype)
     return {
         k: (v.detach().to("cpu", target) if v.is_floating_point() else v.detach().cpu()).contiguous()
         for k, v in state.items()
@@ -326,7 +321,7 @@ def _write_diffusers(student: Student, folder: Path, dtype: str, pipeline, stem:
 
     unet = student.unet
     if dtype != "fp32":  # a converted copy: the caller's student stays as it was
-        unet = UNet2DConditionModel.from_config(unet.config).to(_torch_dtype(dtype))
+        unet = UNet2DConditionModel.from_config(unet.config).to(torch_dtype(dtype))
         unet.load_state_dict(_cast(student.unet.state_dict(), dtype))
     unet.save_pretrained(folder)
     return None
