@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from workbench.errors import WorkbenchError
+from workbench.libraries import import_pipelines, load
 
 PACKAGE_DIR = Path(__file__).resolve().parent
 TOY_DIR = PACKAGE_DIR / "assets" / "toy-sdxl"
@@ -126,7 +127,7 @@ def _local(path: Path, name: str, kind: str | None = None) -> Base:
 
 
 def _hub(repo_id: str) -> Base:
-    from diffusers import UNet2DConditionModel
+    (UNet2DConditionModel,) = load("diffusers", "UNet2DConditionModel")
 
     try:
         config = UNet2DConditionModel.load_config(repo_id, subfolder="unet")
@@ -147,7 +148,8 @@ def _unet_location(base: Base) -> tuple[str, str | None]:
 def load_unet(base: Base | str, device: str = "cpu", dtype=None):
     """The base's UNet with its weights; a clear error for config-only bases."""
     import torch
-    from diffusers import UNet2DConditionModel
+
+    (UNet2DConditionModel,) = load("diffusers", "UNet2DConditionModel")
 
     base = resolve_base(base) if isinstance(base, str) else base
     if not base.has_weights:
@@ -178,7 +180,9 @@ def _load_failed(base: Base, what: str, err: Exception) -> str:
 def load_pipeline(base: Base | str = DEFAULT_BASE, device: str = "cpu", dtype=None):
     """A stock diffusers pipeline for the base (SDXL family or SD 1.x/2.x)."""
     import torch
-    from diffusers import DiffusionPipeline
+
+    import_pipelines()
+    (DiffusionPipeline,) = load("diffusers", "DiffusionPipeline")
 
     base = resolve_base(base) if isinstance(base, str) else base
     if not base.has_pipeline:

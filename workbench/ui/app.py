@@ -13,6 +13,7 @@ from typing import Any
 
 import gradio as gr
 
+from workbench import libraries
 from workbench.errors import WorkbenchError
 from workbench.ui import blocks_tab, compare_tab, distill_tab, export_tab, model_box, plan_view, presets_tab
 from workbench.ui.settings import AppSettings
@@ -149,6 +150,7 @@ def warm_up(store: Store, name: str, first_page: threading.Event | None = None) 
         plan_view.arch_map(store, name, px)
         if first_page is not None:
             first_page.wait(FIRST_PAGE_WAIT_S)
+        libraries.import_pipelines()  # under the lock every loader takes: lazy imports race across threads
         if base.has_pipeline:
             store.pipeline(name)
     except WorkbenchError as err:  # the page shows the same error when it asks
