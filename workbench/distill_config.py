@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from workbench.cost import MAX_RESOLUTION
 from workbench.errors import ConfigError, WorkbenchError, flag
 from workbench.losses import LCD_LOSSES, OBJECTIVES, LossWeights
 from workbench.plan import PruningPlan
@@ -318,10 +319,10 @@ def check_fields(config: DistillConfig) -> None:
             )
     if config.resolution is not None:
         value = config.resolution
-        if not _is_whole(value) or value < 32 or value % 32:
+        if not _is_whole(value) or value < 32 or value % 32 or value > MAX_RESOLUTION:
             raise ConfigError(
-                "resolution", "{resolution} must be a multiple of 32 (px), or empty for the "
-                "pipeline's own, got {got!r}", got=value,
+                "resolution", "{resolution} must be a multiple of 32 (px) up to {most}, or empty for the "
+                "pipeline's own, got {got!r}", got=value, most=MAX_RESOLUTION,
             )  # fmt: skip
     if not all(isinstance(p, str) and p.strip() for p in config.sample_prompts):
         raise ConfigError("sample_prompts", "{sample_prompts}: every sample prompt needs some text")

@@ -31,7 +31,7 @@ from typing import Any
 from workbench.catalog import build_catalog, meta_unet
 from workbench.dtypes import torch_dtype
 from workbench.errors import WorkbenchError
-from workbench.models import Base, load_pipeline, load_unet, resolve_base
+from workbench.models import Base, load_pipeline, load_unet, load_unet_folder, resolve_base
 from workbench.plan import PruningPlan
 from workbench.runs import RunDir
 from workbench.surgery import StudentSpec, build_student, compile_plan, save_plan_files
@@ -174,7 +174,6 @@ def read_student_folder(folder: str | Path) -> StudentFolder:
 
 def student_from_folder(folder: str | Path, base: Base | None = None) -> Student:
     """A trained (or exported) student, checked against the teacher it claims to come from."""
-    from diffusers import UNet2DConditionModel
 
     info = read_student_folder(folder)
     base = base or resolve_base(info.base_name() or "toy")
@@ -188,7 +187,7 @@ def student_from_folder(folder: str | Path, base: Base | None = None) -> Student
             f"student {str(info.unet_dir)!r} was not made from base {base.name!r}: its plan gives a "
             "different layer map on this teacher; pass the teacher it was made from as --base"
         )
-    unet = UNet2DConditionModel.from_pretrained(info.unet_dir).eval()
+    unet = load_unet_folder(info.unet_dir).eval()
     return Student(spec=spec, base=base, unet=unet, folder=info.unet_dir, run=info.run)
 
 
