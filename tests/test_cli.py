@@ -219,6 +219,20 @@ def test_a_resolution_torch_cannot_size_is_one_line(capsys, argv, message):
 def test_steps_beyond_the_schedule_are_one_line(capsys, tmp_path):
     argv = ["sample", "--prompt", "x", "--out", str(tmp_path / "x.png"), "--steps", "2147483616"]
     assert "at most 1000 denoising steps" in _one_line_error(capsys, argv)
+    argv = [
+        "distill",
+        "--preset",
+        "ssd-1b",
+        "--steps",
+        "1",
+        "--sample-steps",
+        "5000",
+        "--run-dir",
+        str(tmp_path / "r"),
+    ]
+    assert "--sample-steps must be from 1 to 1000, got 5000" in _one_line_error(
+        capsys, argv
+    )  # before training
 
 
 def _damaged(source, folder, **writes):

@@ -19,7 +19,7 @@ from workbench.errors import ConfigError, WorkbenchError, flag
 from workbench.losses import LCD_LOSSES, OBJECTIVES, LossWeights
 from workbench.plan import PruningPlan
 from workbench.runs import RunDir
-from workbench.schedulers import LCM_MAX_STEPS
+from workbench.schedulers import LCM_MAX_STEPS, MAX_STEPS
 from workbench.sensitivity_kd import FEATURE_WEIGHTS
 from workbench.surgery import FEATURE_MODES
 
@@ -203,7 +203,7 @@ WHOLE = {
     "checkpoint_every": (1, "> 0"),
     "keep_checkpoints": (1, "> 0"),
     "sample_every": (0, ">= 0 (0: only at the end)"),
-    "sample_steps": (1, "> 0"),
+    "sample_steps": (1, f"from 1 to {MAX_STEPS}"),
     "teacher_image_steps": (1, "> 0"),
     "freeze_sensitive": (0, "a whole number >= 0 (0: freeze nothing)"),
     "lora_rank": (0, "a whole number >= 0 (0: train full weights)"),
@@ -211,7 +211,7 @@ WHOLE = {
     "lcd_lora_rank": (0, "a whole number >= 0 (0: full weights with the guidance embedding)"),
 }
 MAX_WHOLE = 2**31 - 1  # beyond any real run, and beyond the int32 counters and indices it would meet
-WHOLE_MAX = {"lcd_sample_steps": LCM_MAX_STEPS}  # fields with a ceiling of their own
+WHOLE_MAX = {"lcd_sample_steps": LCM_MAX_STEPS, "sample_steps": MAX_STEPS}  # fields with a ceiling of their own
 # real-number fields: (lowest value, whether it is allowed, highest value (excluded), text)
 REAL = {
     "lr": (0.0, False, None, "> 0"),
