@@ -1,6 +1,6 @@
 """Measured speedup of every preset over its teacher, beside the FLOP ratio and the estimate.
 
-    python benchmarks/speedup.py                      # sdxl-base, 512 px bf16 on CPU (+ 1024 px on a GPU)
+    python benchmarks/speedup.py                      # sdxl-base, 512 px fp32 on CPU (+ 1024 px bf16 on a GPU)
     python benchmarks/speedup.py --presets ssd-1b segmind-vega --repeats 5
 
 One teacher (random weights for the config-only ``sdxl-base``) is built per device and
@@ -30,7 +30,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--base", default="sdxl-base")
     p.add_argument("--presets", nargs="*", default=None, help="default: every preset in presets/")
     p.add_argument("--device", default=None, help="default: cpu, and cuda too when available")
-    p.add_argument("--dtype", default="bf16")
+    p.add_argument(
+        "--dtype", default=None, help="default: each device's fast dtype (workbench.dtypes.fast_dtype)"
+    )
     p.add_argument("--resolution", type=int, default=None, help="default: 512 on cpu, 1024 on cuda")
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--warmup", type=int, default=1)
@@ -74,9 +76,12 @@ def progress(fraction: float, message: str) -> None:
 
 def run_device(args: argparse.Namespace, device: str, resolution: int, presets: list[str]) -> list[dict]:
     from workbench import latency
+    from workbench.dtypes import fast_dtype
 
     setup = latency.latency_setup(args.base, device, args.dtype, resolution)
-    print(f"\n## {args.base} on {latency._device_label(device)}, {args.dtype}, {resolution} px", flush=True)
+    why = "as asked" if args.dtype else fast_dtype(device).reason
+    label = latency._device_label(device)
+    print(f"\n## {args.base} on {label}, {setup.dtype} ({why}), {resolution} px", flush=True)
     t0 = time.perf_counter()
     teacher = latency.load_teacher(setup)
     print(f"teacher built in {time.perf_counter() - t0:.0f} s ({load()})", file=sys.stderr, flush=True)
@@ -88,7 +93,7 @@ def run_device(args: argparse.Namespace, device: str, resolution: int, presets: 
             args.base,
             name,
             device=device,
-            dtype=args.dtype,
+            dtype=setup.dtype,
             resolution=resolution,
             repeats=args.repeats,
             warmup=args.warmup,

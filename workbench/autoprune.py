@@ -114,7 +114,7 @@ def budget(
     base: Base | None = None,
     resolution: int | None = None,
     device: str = "cpu",
-    dtype: str = "bf16",
+    dtype: str | None = None,
     profile=None,
 ) -> Budget:
     """A budget with its per-atom weights: params (exact), FLOPs at ``resolution``, or the
@@ -404,7 +404,7 @@ def autoprune(
     settings: Calibration = Calibration(),
     resolution: int | None = None,
     device: str = "cpu",
-    dtype: str = "bf16",
+    dtype: str | None = None,
     candidates: int = CANDIDATES,
     name: str = "auto",
     progress: Progress | None = None,

@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 from functools import lru_cache
 from typing import Any
 
+from workbench.libraries import load
 from workbench.topology import Stage, Topology, topology_of
 
 REST = "rest"
@@ -145,11 +146,11 @@ def _count_atom_params(config: dict[str, Any]) -> dict[str, int]:
 def meta_unet(config: dict[str, Any]):
     """Build ``config`` on the meta device: real structure, no memory, no weights."""
     import torch
-    from diffusers import UNet2DConditionModel
 
+    (unet_class,) = load("diffusers", "UNet2DConditionModel")  # under the libraries' import lock
     clean = {k: v for k, v in config.items() if not k.startswith("_")}
     with torch.device("meta"):
-        return UNet2DConditionModel.from_config(clean)
+        return unet_class.from_config(clean)
 
 
 def _stage_units(stage: Stage, atom_params: dict[str, int]) -> list[Unit]:

@@ -46,12 +46,28 @@ class DefaultsFormatter(argparse.ArgumentDefaultsHelpFormatter):
         return text + " (default: %(default)s)"
 
 
+# The largest whole number an option takes (distill_config's MAX_WHOLE too): beyond it torch
+# overflows ("Overflow when unpacking long long") wherever the number becomes a size or a seed.
+MAX_WHOLE = 2**31 - 1
+
+
 class Parser(argparse.ArgumentParser):
-    """An ArgumentParser whose --help shows defaults (every sub-command's parser is one)."""
+    """An ArgumentParser whose --help shows defaults, whose whole-number options (``type=int``)
+    stay within ``MAX_WHOLE``, and whose errors are one line, as the commands' own are (every
+    sub-command's parser is one)."""
 
     def __init__(self, *args, **kwargs) -> None:
         kwargs.setdefault("formatter_class", DefaultsFormatter)
         super().__init__(*args, **kwargs)
+
+    def _get_value(self, action: argparse.Action, arg_string: str):
+        value = super()._get_value(action, arg_string)
+        if action.type is int and abs(value) > MAX_WHOLE:
+            raise argparse.ArgumentError(action, f"{arg_string} is out of range: give -{MAX_WHOLE} to {MAX_WHOLE}")
+        return value
+
+    def error(self, message: str):
+        self.exit(2, f"error: {message} (see {self.prog} --help)\n")
 
 
 def build_parser() -> argparse.ArgumentParser:

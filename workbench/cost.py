@@ -17,14 +17,21 @@ from workbench.errors import WorkbenchError
 TEXT_TOKENS = 77  # CLIP context length used by every SD-family pipeline
 
 
+# Image side at most, in px: 16x SDXL's native 1024. Far larger sides overflow torch's size
+# arithmetic even on the meta device ("Storage size calculation overflowed").
+MAX_RESOLUTION = 16384
+
+
 def latent_size(config: dict[str, Any], resolution: int, vae_scale_factor: int = 8) -> int:
-    """Latent side for a square image of ``resolution`` px; errors name the valid step."""
+    """Latent side for a square image of ``resolution`` px; errors name the valid step and range."""
     factor = vae_scale_factor * 2 ** (len(config["down_block_types"]) - 1)
     if not isinstance(resolution, int) or resolution <= 0 or resolution % factor:
         raise WorkbenchError(
             f"resolution {resolution!r} px is not valid for this UNet: it must be a positive "
             f"multiple of {factor} (VAE factor {vae_scale_factor} x UNet factor {factor // vae_scale_factor})"
         )
+    if resolution > MAX_RESOLUTION:
+        raise WorkbenchError(f"resolution {resolution} px is too large: at most {MAX_RESOLUTION} px")
     return resolution // vae_scale_factor
 
 

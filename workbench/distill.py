@@ -35,6 +35,7 @@ from workbench.distill_config import (
     resume_config,
     sensitivity_settings,
 )
+from workbench.dtypes import torch_dtypes
 from workbench.errors import WorkbenchError
 from workbench.files import atomic_dir, remove_tree, write_json_atomic
 from workbench.models import on_device, park
@@ -45,7 +46,7 @@ from workbench.surgery import save_student, stage_models, with_guidance_embeddin
 from workbench.trackers import Trackers
 
 LCM_LORA_DIR = "lcm_lora"  # an LCM-LoRA run's adapter, for load_lora_weights on the stage's starting student
-TEACHER_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+TEACHER_DTYPES = torch_dtypes()  # the one table: workbench.dtypes
 
 
 @dataclass(frozen=True)

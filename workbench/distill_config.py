@@ -14,12 +14,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from workbench.cost import MAX_RESOLUTION
 from workbench.errors import ConfigError, WorkbenchError, flag
 from workbench.losses import LCD_LOSSES, OBJECTIVES, LossWeights
 from workbench.models import resolve_base
 from workbench.plan import PruningPlan
 from workbench.runs import RunDir
-from workbench.schedulers import LCM_MAX_STEPS
+from workbench.schedulers import LCM_MAX_STEPS, MAX_STEPS
 from workbench.sensitivity_kd import FEATURE_WEIGHTS
 from workbench.surgery import FEATURE_MODES
 from workbench.trackers import REPORT_TO
@@ -212,7 +213,7 @@ WHOLE = {
     "checkpoint_every": (1, "> 0"),
     "keep_checkpoints": (1, "> 0"),
     "sample_every": (0, ">= 0 (0: only at the end)"),
-    "sample_steps": (1, "> 0"),
+    "sample_steps": (1, f"from 1 to {MAX_STEPS}"),
     "teacher_image_steps": (1, "> 0"),
     "freeze_sensitive": (0, "a whole number >= 0 (0: freeze nothing)"),
     "lora_rank": (0, "a whole number >= 0 (0: train full weights)"),
@@ -220,7 +221,7 @@ WHOLE = {
     "lcd_lora_rank": (0, "a whole number >= 0 (0: full weights with the guidance embedding)"),
 }
 MAX_WHOLE = 2**31 - 1  # beyond any real run, and beyond the int32 counters and indices it would meet
-WHOLE_MAX = {"lcd_sample_steps": LCM_MAX_STEPS}  # fields with a ceiling of their own
+WHOLE_MAX = {"lcd_sample_steps": LCM_MAX_STEPS, "sample_steps": MAX_STEPS}  # fields with a ceiling of their own
 # real-number fields: (lowest value, whether it is allowed, highest value (excluded), text)
 REAL = {
     "lr": (0.0, False, None, "> 0"),
@@ -331,10 +332,10 @@ def check_fields(config: DistillConfig) -> None:
             )
     if config.resolution is not None:
         value = config.resolution
-        if not _is_whole(value) or value < 32 or value % 32:
+        if not _is_whole(value) or value < 32 or value % 32 or value > MAX_RESOLUTION:
             raise ConfigError(
-                "resolution", "{resolution} must be a multiple of 32 (px), or empty for the "
-                "pipeline's own, got {got!r}", got=value,
+                "resolution", "{resolution} must be a multiple of 32 (px) up to {most}, or empty for the "
+                "pipeline's own, got {got!r}", got=value, most=MAX_RESOLUTION,
             )  # fmt: skip
     if not all(isinstance(p, str) and p.strip() for p in config.sample_prompts):
         raise ConfigError("sample_prompts", "{sample_prompts}: every sample prompt needs some text")

@@ -29,8 +29,9 @@ from pathlib import Path
 from typing import Any
 
 from workbench.catalog import build_catalog, meta_unet
+from workbench.dtypes import torch_dtype
 from workbench.errors import WorkbenchError
-from workbench.models import Base, load_pipeline, load_unet, resolve_base
+from workbench.models import Base, load_pipeline, load_unet, load_unet_folder, resolve_base
 from workbench.plan import PruningPlan
 from workbench.runs import ACTIVE, RunDir, effective_state
 from workbench.surgery import StudentSpec, build_student, compile_plan, save_plan_files
@@ -202,7 +203,6 @@ def unfinished_run(run: RunDir) -> str:
 
 def student_from_folder(folder: str | Path, base: Base | None = None) -> Student:
     """A trained (or exported) student, checked against the teacher it claims to come from."""
-    from diffusers import UNet2DConditionModel
 
     info = read_student_folder(folder)
     base = base or resolve_base(info.base_name() or "toy")
@@ -216,7 +216,7 @@ def student_from_folder(folder: str | Path, base: Base | None = None) -> Student
             f"student {str(info.unet_dir)!r} was not made from base {base.name!r}: its plan gives a "
             "different layer map on this teacher; pass the teacher it was made from as --base"
         )
-    unet = UNet2DConditionModel.from_pretrained(info.unet_dir).eval()
+    unet = load_unet_folder(info.unet_dir).eval()
     return Student(spec=spec, base=base, unet=unet, folder=info.unet_dir, run=info.run)
 
 
@@ -336,15 +336,9 @@ def _file_stem(out: Path) -> str:
     return re.sub(r"[^A-Za-z0-9._-]+", "-", out.name).strip("-.") or "student"
 
 
-def _torch_dtype(dtype: str):
-    import torch
-
-    return {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[dtype]
-
-
 def _cast(state: dict[str, Any], dtype: str) -> dict[str, Any]:
     """Floating tensors in ``dtype``, everything contiguous and on the CPU (as safetensors wants)."""
-    target = _torch_dtype(dtype)
+    target = torch_dtype(dtype)
     return {
         k: (v.detach().to("cpu", target) if v.is_floating_point() else v.detach().cpu()).contiguous()
         for k, v in state.items()
@@ -356,7 +350,7 @@ def _write_diffusers(student: Student, folder: Path, dtype: str, pipeline, stem:
 
     unet = student.unet
     if dtype != "fp32":  # a converted copy: the caller's student stays as it was
-        unet = UNet2DConditionModel.from_config(unet.config).to(_torch_dtype(dtype))
+        unet = UNet2DConditionModel.from_config(unet.config).to(torch_dtype(dtype))
         unet.load_state_dict(_cast(student.unet.state_dict(), dtype))
     unet.save_pretrained(folder)
     return None

@@ -42,6 +42,7 @@ from workbench import cache
 from workbench.catalog import REST, build_catalog, meta_unet
 from workbench.cost import atom_flops, dummy_inputs, latent_size, level_shifts
 from workbench.cost import student_flops as student_flops_of
+from workbench.dtypes import NAMES, fast_dtype, torch_dtype
 from workbench.errors import WorkbenchError
 from workbench.models import Base, load_unet, resolve_base
 from workbench.plan import PruningPlan
@@ -49,7 +50,7 @@ from workbench.progress import Progress, report, scaled
 from workbench.surgery import StudentSpec, build_student, compile_plan
 
 SCHEMA = 2  # bump when the profile JSON or the way it is measured changes (2: samplers are atoms)
-DTYPES = ("bf16", "fp16", "fp32")
+DTYPES = NAMES  # the dtypes a latency is measured in
 CPU_RESOLUTION = 512  # default on CPU: SDXL at 1024 px takes ~4x longer per pass
 # Instrumented passes whose medians make the profile, after warm-up passes. One CPU warm-up
 # is enough (oneDNN builds its kernels and reorders weights on the first call); a GPU
@@ -91,9 +92,8 @@ def check_dtype(dtype: str, device: str):
     """
     import torch
 
-    table = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
     key = (dtype or "").strip().lower()
-    if key not in table:
+    if key not in DTYPES:
         raise WorkbenchError(f"unknown dtype {dtype!r}; choose one of {', '.join(DTYPES)}")
     if key == "fp16" and device == "cpu":
         raise WorkbenchError(
@@ -103,18 +103,7 @@ def check_dtype(dtype: str, device: str):
         )
     if key == "bf16" and device.startswith("cuda") and not torch.cuda.is_bf16_supported():
         raise WorkbenchError(f"this GPU ({torch.cuda.get_device_name(device)}) has no bf16 support; use fp16")
-    return table[key]
-
-
-def default_dtype(device: str) -> str:
-    """The dtype a latency on ``device`` is measured in unless asked otherwise: fp32 on CPU
-    (what it runs at full speed on any CPU; bf16 is fast only with AMX/AVX512-BF16), bf16 on a
-    GPU that has it, else fp16."""
-    if not device.startswith("cuda"):
-        return "fp32"
-    import torch
-
-    return "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "fp16"
+    return torch_dtype(key)
 
 
 def default_resolution(base: Base, device: str) -> int:
@@ -166,11 +155,17 @@ class LatencySetup:
 
 
 def latency_setup(
-    base: str | Base, device: str = "cpu", dtype: str = "bf16", resolution: int | None = None, batch: int = 1
+    base: str | Base,
+    device: str = "cpu",
+    dtype: str | None = None,
+    resolution: int | None = None,
+    batch: int = 1,
 ) -> LatencySetup:
-    """Check the options (device, dtype, resolution, batch) before any model is built."""
+    """Check the options (device, dtype, resolution, batch) before any model is built;
+    ``dtype`` None is the device's fast dtype (``workbench.dtypes.fast_dtype``)."""
     base = resolve_base(base) if isinstance(base, str) else base
     device = check_device(device)
+    dtype = fast_dtype(device).name if dtype is None else dtype
     torch_dtype = check_dtype(dtype, device)
     if not isinstance(batch, int) or batch < 1:
         raise WorkbenchError(f"batch {batch!r} must be a positive integer")
@@ -397,7 +392,7 @@ def get_profile(
     base: str | Base,
     *,
     device: str = "cpu",
-    dtype: str = "bf16",
+    dtype: str | None = None,
     resolution: int | None = None,
     batch: int = 1,
     refresh: bool = False,
@@ -413,7 +408,11 @@ def get_profile(
 
 
 def cached_profile(
-    base: str | Base, device: str = "cpu", dtype: str = "bf16", resolution: int | None = None, batch: int = 1
+    base: str | Base,
+    device: str = "cpu",
+    dtype: str | None = None,
+    resolution: int | None = None,
+    batch: int = 1,
 ) -> Profile | None:
     """The teacher's profile if one was made earlier (cached on disk), else one shipped with the
     model (``Profile.shipped``); never measures. ``None`` as well for options that cannot be
@@ -617,7 +616,7 @@ def measure_speedup(
     plan: PruningPlan | str,
     *,
     device: str = "cpu",
-    dtype: str = "bf16",
+    dtype: str | None = None,
     resolution: int | None = None,
     batch: int = 1,
     repeats: int = 5,

@@ -65,6 +65,7 @@ from torch.overrides import TorchFunctionMode
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
+from workbench.cost import MAX_RESOLUTION
 from workbench.errors import WorkbenchError
 from workbench.targets import TargetStore
 
@@ -829,6 +830,8 @@ def resolution_of(config, base) -> int:
             f"resolution {resolution!r} px does not fit {base.name!r}'s UNet: use a positive multiple "
             f"of {step} px (the VAE's factor {base.vae_scale_factor} times the UNet's downsampling)"
         )
+    if resolution > MAX_RESOLUTION:  # beyond it torch's size arithmetic overflows
+        raise WorkbenchError(f"resolution {resolution} px is too large: at most {MAX_RESOLUTION} px")
     return resolution
 
 

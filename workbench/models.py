@@ -19,7 +19,10 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
+from safetensors import SafetensorError
+
 from workbench.errors import WorkbenchError
+from workbench.libraries import import_pipelines, load
 
 PACKAGE_DIR = Path(__file__).resolve().parent
 TOY_DIR = PACKAGE_DIR / "assets" / "toy-sdxl"
@@ -36,6 +39,10 @@ DEFAULT_BASE = "toy"
 # 0.679 at guidance 1 / 1.5 / 2 / 2.5 / 3 / 4 / 7.5 / 10 (stronger guidance blurs small shapes).
 DEFAULT_GUIDANCE = 5.0
 TOY_GUIDANCE = 2.0
+UNET_KEYS = ("down_block_types", "up_block_types", "block_out_channels")  # what a config must name
+# What loading a damaged folder raises: missing or unreadable files, configs that do not match the
+# weights, truncated safetensors. Each becomes one line naming the folder.
+LOAD_ERRORS = (OSError, ValueError, TypeError, KeyError, AttributeError, RuntimeError, SafetensorError)
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
 
@@ -94,10 +101,28 @@ def _resolve_cached(name: str) -> Base:
 
 
 def _read_json(path: Path) -> dict[str, Any]:
+    """A config file of a model folder: a JSON object, or a one-line error."""
     try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError) as err:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
         raise WorkbenchError(f"cannot read {path}: {err}") from None
+    if not isinstance(data, dict):
+        raise WorkbenchError(
+            f"{path} holds a JSON {type(data).__name__}, not the object a diffusers config is"
+        )
+    return data
+
+
+def _unet_config(path: Path) -> dict[str, Any]:
+    """A UNet's config.json, with the fields every UNet2DConditionModel config names."""
+    config = _read_json(path)
+    for key in UNET_KEYS:
+        if not isinstance(config.get(key), list) or not config[key]:
+            raise WorkbenchError(
+                f"{path} is not a complete UNet2DConditionModel config: {key!r} must be a non-empty list, "
+                f"got {config.get(key)!r}"
+            )
+    return config
 
 
 def _vae_factor(pipeline_dir: Path) -> int:
@@ -111,17 +136,18 @@ def _local(path: Path, name: str, kind: str | None = None) -> Base:
     if not path.is_dir():
         raise WorkbenchError(f"base {name!r} is a file; give a diffusers folder (pipeline or UNet)")
     if (path / "model_index.json").exists():
+        _read_json(path / "model_index.json")
         config_path = path / "unet" / "config.json"
         if not config_path.exists():
             raise WorkbenchError(f"pipeline folder {str(path)!r} has no unet/config.json")
-        return Base(name, kind or "pipeline", str(path), _read_json(config_path), _vae_factor(path))
+        return Base(name, kind or "pipeline", str(path), _unet_config(config_path), _vae_factor(path))
     if (path / "config.json").exists():
         config = _read_json(path / "config.json")
         if config.get("_class_name") != "UNet2DConditionModel":
             raise WorkbenchError(
                 f"{str(path)!r} holds a {config.get('_class_name')!r}, not a UNet2DConditionModel"
             )
-        return Base(name, kind or "unet", str(path), config, 8)
+        return Base(name, kind or "unet", str(path), _unet_config(path / "config.json"), 8)
     if kind == "toy":
         raise WorkbenchError(f"the embedded toy teacher is missing from {path}; reinstall the project")
     raise WorkbenchError(
@@ -131,7 +157,7 @@ def _local(path: Path, name: str, kind: str | None = None) -> Base:
 
 
 def _hub(repo_id: str) -> Base:
-    from diffusers import UNet2DConditionModel
+    (UNet2DConditionModel,) = load("diffusers", "UNet2DConditionModel")
 
     try:
         config = UNet2DConditionModel.load_config(repo_id, subfolder="unet")
@@ -152,7 +178,8 @@ def _unet_location(base: Base) -> tuple[str, str | None]:
 def load_unet(base: Base | str, device: str = "cpu", dtype=None):
     """The base's UNet with its weights; a clear error for config-only bases."""
     import torch
-    from diffusers import UNet2DConditionModel
+
+    (UNet2DConditionModel,) = load("diffusers", "UNet2DConditionModel")
 
     base = resolve_base(base) if isinstance(base, str) else base
     if not base.has_weights:
@@ -165,7 +192,7 @@ def load_unet(base: Base | str, device: str = "cpu", dtype=None):
         unet = UNet2DConditionModel.from_pretrained(
             location, subfolder=subfolder, dtype=dtype or torch.float32
         )
-    except (OSError, ValueError) as err:  # missing/corrupt files, or a hub fetch that failed
+    except LOAD_ERRORS as err:  # missing/corrupt files, or a hub fetch that failed
         raise WorkbenchError(_load_failed(base, "UNet", err)) from None
     return unet.to(device).eval()
 
@@ -184,7 +211,9 @@ def load_pipeline(base: Base | str = DEFAULT_BASE, device: str = "cpu", dtype=No
     """A stock diffusers pipeline for the base (SDXL family or SD 1.x/2.x). ``unet=False``: its
     UNet is left unread (``pipe.unet`` is None), for those who put a student in its place."""
     import torch
-    from diffusers import DiffusionPipeline
+
+    import_pipelines()
+    (DiffusionPipeline,) = load("diffusers", "DiffusionPipeline")
 
     base = resolve_base(base) if isinstance(base, str) else base
     if not base.has_pipeline:
@@ -195,7 +224,7 @@ def load_pipeline(base: Base | str = DEFAULT_BASE, device: str = "cpu", dtype=No
     try:
         skip = {} if unet else {"unet": None}  # diffusers loads no component passed as None
         pipe = DiffusionPipeline.from_pretrained(base.location, dtype=dtype or torch.float32, **skip)
-    except (OSError, ValueError) as err:
+    except LOAD_ERRORS as err:
         raise WorkbenchError(_load_failed(base, "pipeline", err)) from None
     pipe.set_progress_bar_config(disable=True)
     return pipe.to(device)
@@ -269,4 +298,20 @@ def check_unet_folder(folder: str | Path) -> Path:
             f"--unet {str(path)!r} is not a UNet folder (no config.json); give a folder written "
             "by `python -m workbench export` or diffusers' save_pretrained"
         )
+    _unet_config(path / "config.json")
     return path
+
+
+def load_unet_folder(folder: str | Path, dtype=None):
+    """The UNet saved in ``folder`` (a student's); a damaged folder is a one-line error."""
+    import torch
+
+    (UNet2DConditionModel,) = load("diffusers", "UNet2DConditionModel")
+    try:
+        return UNet2DConditionModel.from_pretrained(folder, dtype=dtype or torch.float32)
+    except LOAD_ERRORS as err:
+        first = str(err).strip().splitlines()[0][:300] if str(err).strip() else type(err).__name__
+        raise WorkbenchError(
+            f"could not load the UNet in {str(folder)!r}: {first}; check that the folder holds a complete "
+            "diffusers save (config and weights)"
+        ) from None

@@ -1,4 +1,8 @@
-"""Pruning presets: plans saved as JSON files in the project's ``presets/`` folder."""
+"""Pruning presets: plans saved as JSON files in the project's ``presets/`` folder.
+
+In a checkout that is the top-level ``presets/`` beside ``workbench/``; an installed copy carries
+the same files as the package ``workbench._presets`` (see pyproject.toml's package-dir).
+"""
 
 from __future__ import annotations
 
@@ -12,10 +16,17 @@ from workbench.plan import PruningPlan
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 
 
+PACKAGE_DIR = Path(__file__).resolve().parent
+CHECKOUT_PRESETS = PACKAGE_DIR.parent / "presets"  # a checkout: presets/ beside workbench/
+INSTALLED_PRESETS = PACKAGE_DIR / "_presets"  # an installed copy: package data
+
+
 def presets_dir() -> Path:
-    """``presets/`` beside the package, or ``$WORKBENCH_PRESETS_DIR``."""
+    """``$WORKBENCH_PRESETS_DIR``, else the installed copy's presets, else the checkout's ``presets/``."""
     env = os.environ.get("WORKBENCH_PRESETS_DIR")
-    return Path(env) if env else Path(__file__).resolve().parent.parent / "presets"
+    if env:
+        return Path(env)
+    return INSTALLED_PRESETS if INSTALLED_PRESETS.is_dir() else CHECKOUT_PRESETS
 
 
 def list_presets() -> list[str]:

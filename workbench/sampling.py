@@ -25,7 +25,7 @@ from PIL import Image
 
 from workbench.errors import WorkbenchError
 from workbench.files import atomic_write
-from workbench.models import check_unet_folder
+from workbench.models import check_unet_folder, load_unet_folder
 from workbench.negative import (
     NASA_POOLED_SCALE,
     NASA_SCALE,
@@ -149,7 +149,7 @@ def load_student_unet(folder: str | Path, like: UNet2DConditionModel) -> UNet2DC
                 f"--unet {str(path)!r} has {key}={config.get(key)!r} but the base needs "
                 f"{like.config.get(key)!r}; give a student made from this base"
             )
-    unet = UNet2DConditionModel.from_pretrained(path, dtype=like.dtype)
+    unet = load_unet_folder(path, dtype=like.dtype)
     return unet.to(like.device).eval()
 
 

@@ -19,6 +19,9 @@ LCM_MAX_STEPS = 8  # few-step sampling: 1, 2, 4 or 8 are usual
 # The DDIM grid consistency distillation trains on (``losses.LCD``'s solver steps): LCM
 # sampling picks its timesteps from this grid, so the two must agree.
 LCM_ORIGINAL_STEPS = 50
+# Denoising steps at most: the training schedule's timesteps (1000 for SDXL and SD 1.x/2.x); more
+# steps only repeat timesteps, and a huge count would allocate its schedule before sampling.
+MAX_STEPS = 1000
 
 
 def check_sampler(scheduler: str, steps: int, flag: str = "--steps") -> None:
@@ -27,6 +30,10 @@ def check_sampler(scheduler: str, steps: int, flag: str = "--steps") -> None:
         raise WorkbenchError(f"unknown scheduler {scheduler!r}; choose one of {', '.join(SCHEDULERS)}")
     if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
         raise WorkbenchError(f"{flag} must be a whole number of denoising steps >= 1, got {steps!r}")
+    if steps > MAX_STEPS:
+        raise WorkbenchError(
+            f"{flag} {steps}: at most {MAX_STEPS} denoising steps (the training schedule's timesteps)"
+        )
     if scheduler == "lcm" and steps > LCM_MAX_STEPS:
         raise WorkbenchError(
             f"{flag} {steps}: LCM sampling takes 1 to {LCM_MAX_STEPS} steps (1, 2, 4 or 8 are usual); "

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import sys
 from pathlib import Path
 
 import torch
@@ -15,6 +16,7 @@ from workbench.commands.sensitivity import (
     settings_from,
     stderr_progress,
 )
+from workbench.dtypes import fast_dtype
 from workbench.presets import check_name, save_preset
 
 
@@ -48,6 +50,9 @@ def run(args: argparse.Namespace) -> int:
     if args.save_preset:
         check_name(args.save_preset)
     device = check_device(args.device)
+    dtype = fast_dtype(device)  # what a latency budget is profiled in
+    if args.target_latency is not None and not args.quiet:
+        print(dtype.describe(), file=sys.stderr)
     torch.set_flush_denormal(True)
     result, _ = autoprune(
         args.base,
@@ -56,6 +61,7 @@ def run(args: argparse.Namespace) -> int:
         settings=settings_from(args),
         resolution=args.resolution,
         device=device,
+        dtype=dtype.name,
         candidates=args.candidates,
         name=args.save_preset or args.name,
         progress=stderr_progress(args.quiet),

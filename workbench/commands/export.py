@@ -17,7 +17,6 @@ def register(sub: argparse._SubParsersAction) -> None:
         "export",
         help="save a student as a diffusers folder, a full pipeline, or single .safetensors files",
         description="Formats: " + "; ".join(f"{k}: {v}" for k, v in export.FORMATS.items()),
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     p.add_argument(
         "--base",

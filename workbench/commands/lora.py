@@ -17,7 +17,6 @@ def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "lora",
         help="remap a teacher LoRA onto a student (renamed through the layer map; removed modules dropped)",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     p.add_argument(
         "--lora", required=True, help="the teacher's LoRA (.safetensors; diffusers/peft or kohya naming)"

@@ -21,7 +21,7 @@ from typing import Any
 
 import gradio as gr
 
-from workbench import cache, jobs, space
+from workbench import cache, jobs, libraries, space
 from workbench.errors import WorkbenchError
 from workbench.ui import (
     blocks_tab,
@@ -227,6 +227,7 @@ def warm_up(store: Store, name: str, first_page: threading.Event | None = None) 
         plan_view.arch_map(store, name, px)
         if first_page is not None:
             first_page.wait(FIRST_PAGE_WAIT_S)
+        libraries.import_pipelines()  # under the lock every loader takes: lazy imports race across threads
         if base.has_pipeline:
             store.pipeline(name)
     except WorkbenchError as err:  # the page shows the same error when it asks

@@ -15,6 +15,7 @@ import gradio as gr
 
 from workbench.catalog import Catalog, natural_key
 from workbench.cost import latent_size
+from workbench.dtypes import fast_dtype
 from workbench.errors import WorkbenchError
 from workbench.topology import Stage
 from workbench.ui import format as fmt
@@ -360,7 +361,8 @@ def _panel(ctx: Shared) -> None:
                 label="Resolution (px) for FLOPs and latency", allow_custom_value=True, scale=2
             )
             ctx.device = gr.Dropdown(DEVICES, value="cpu", label="Device", scale=1)
-            ctx.dtype = gr.Dropdown(DTYPES, value=default_dtype("cpu"), label="Dtype", scale=1)
+            start = fast_dtype("cpu")
+            ctx.dtype = gr.Dropdown(DTYPES, value=start.name, label="Dtype", info=start.reason, scale=1)
         with gr.Row():
             teacher_steps = gr.Number(20, precision=0, label="Teacher steps (guided: 2 calls each)", scale=1)
             student_steps = gr.Number(4, precision=0, label="Student steps", scale=1)
@@ -405,9 +407,10 @@ def _wire_panel(ctx: Shared, profile_btn: gr.Button, measure_btn: gr.Button, mea
         on_latency_settings, [ctx.view, ctx.plan, *ctx.panel_inputs()], ctx.panel, api_visibility="private"
     )
 
-    def on_device(view, plan, device):  # a new device: its own default dtype (fp32 on CPU)
-        dtype = default_dtype(device)
-        return dtype, *on_latency_settings(view, plan, device, dtype)
+    def on_device(view, plan, device):  # a new device: its own fast dtype (fp32 on CPU), and why
+        choice = fast_dtype(device)
+        box = gr.update(value=choice.name, info=choice.reason)
+        return box, *on_latency_settings(view, plan, device, choice.name)
 
     ctx.device.input(
         on_device, [ctx.view, ctx.plan, ctx.device], [ctx.dtype, *ctx.panel], api_visibility="private"
@@ -419,10 +422,8 @@ def _wire_panel(ctx: Shared, profile_btn: gr.Button, measure_btn: gr.Button, mea
 
 
 def default_dtype(device: str) -> str:
-    """The Dtype box's value for ``device``: fp32 on CPU, bf16 (or fp16) on CUDA."""
-    from workbench import latency
-
-    return latency.default_dtype(device)
+    """The Dtype box's value for ``device``: the one rule's fast dtype (fp32 on CPU, bf16 or fp16 on CUDA)."""
+    return fast_dtype(device).name
 
 
 def initial_panel(store: Store, view: dict[str, Any], device: str, dtype: str) -> tuple:

@@ -171,14 +171,16 @@ def compare(
     nasa_pooled_scale: Any = NASA_POOLED_SCALE,
 ) -> tuple[list, list, str]:
     """(teacher images, student images, summary Markdown), each image captioned with its time."""
-    from workbench.sampling import generate  # imports diffusers pipelines: only when sampling
-
     name = view["base"]
     request = validate(store, name, limits, prompt, negative, seeds, steps, guidance, size,
                        student_scheduler, student_steps, student_negative, nasa_scale, nasa_pooled_scale)  # fmt: skip
     report = ProgressAdapter(progress) if progress is not None else (lambda *a, **k: None)
     pipe = store.pipeline(name, ProgressAdapter(report, 0.0, 0.05))  # says so if there are no weights
     student, spec = store.student(name, plan, ProgressAdapter(report, 0.05, 0.1))
+    # Imported only when sampling, and only now: the store's load imported diffusers' pipelines
+    # once under workbench.libraries' lock, so this import cannot race the start model's load.
+    from workbench.sampling import generate
+
     kw = {
         "steps": request.steps,
         "guidance": request.guidance,
