@@ -14,12 +14,10 @@ targets in ``losses``; what trains and how in ``optim``; checkpoints and status 
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import os
 import time
 import traceback
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -31,36 +29,25 @@ from workbench.distill_config import (
     DistillConfig,
     check_run_dir,
     describe_changes,
+    init_student_folder,
     preflight,
     resume_config,
     sensitivity_settings,
 )
 from workbench.errors import WorkbenchError
+from workbench.export import Student, finish_folder, local_paths
 from workbench.files import atomic_dir, remove_tree, write_json_atomic
-from workbench.models import on_device, park
-from workbench.parallel import any_across, full_student, is_sharded, make_accelerator, mean_across
+from workbench.modelcard import model_card
+from workbench.models import as_teacher, freeze_pipeline, load_pipeline, on_device, park
+from workbench.parallel import any_across, full_student, is_sharded, make_accelerator
+from workbench.reward import load_reward
 from workbench.runs import MetricsWriter, Reporter, RunDir, Stopper, read_checkpoint_info
+from workbench.schedulers import LCM_ORIGINAL_STEPS
 from workbench.sensitivity_kd import GUIDANCE_FILE  # noqa: F401  (re-exported: where a run keeps its guidance)
+from workbench.stage import TEACHER_DTYPES, Stage, train_step
 from workbench.surgery import save_student, stage_models, with_guidance_embedding
 
 LCM_LORA_DIR = "lcm_lora"  # an LCM-LoRA run's adapter, for load_lora_weights on the stage's starting student
-TEACHER_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-
-
-@dataclass(frozen=True)
-class Stage:
-    """One stage's training state."""
-
-    index: int  # 0-based
-    kind: str  # what it optimises: losses.OBJECTIVES[kind]
-    student: Any  # what a step calls (DDP-wrapped when distributed)
-    raw: Any  # the unwrapped student: feature hooks, samples, saving
-    teacher: Any  # the teacher UNet, or its precomputed targets (targets.TargetStore)
-    setup: Any  # the objective's: losses.KDSetup (feature pairs, weights) or losses.LCDSetup
-    optimizer: Any
-    schedule: Any
-    accelerator: Any  # this stage's own: its checkpoints hold this stage's objects only
-    first: int  # the stage step to start at (after a checkpoint)
 
 
 def run_distillation(config: DistillConfig | None, run_dir: str | Path, resume: bool = False,
@@ -110,7 +97,8 @@ class Distillation:
 
     # 1. set up: process group, run folder, teacher pipeline, cached data, guidance, sample grids
     def setup(self, resume: bool) -> None:
-        from workbench.models import freeze_pipeline, load_pipeline
+        # not at the top: workbench.sampling loads diffusers' pipelines and transformers (seconds),
+        # which the CLI (it imports this module to build its parser) must not
         from workbench.sampling import SampleGrids, default_prompts
 
         torch.set_flush_denormal(True)
@@ -177,7 +165,6 @@ class Distillation:
     # 2. a stage: its student (from the teacher or the previous stage) and teacher, what
     #    trains, the optimizer and schedule, and the checkpoint it starts from
     def stage(self, k: int, checkpoint: Path | None) -> Stage:
-        from workbench.models import as_teacher
 
         cfg = self.config
         acc = make_accelerator(cfg)  # the stage's own: its checkpoints hold this stage's objects
@@ -231,8 +218,6 @@ class Distillation:
         """Consistency distillation on the teacher's noise schedule, with an EMA target network
         that starts as a copy of the student, and the frozen reward of RG-LCD if asked for (not
         checkpointed: it never changes, so it is loaded again on resume)."""
-        from workbench.reward import load_reward
-        from workbench.schedulers import LCM_ORIGINAL_STEPS
 
         cfg, schedule = self.config, self.batches.noise_schedule
         target = copy.deepcopy(student).eval().requires_grad_(False)
@@ -260,8 +245,6 @@ class Distillation:
 
     def load_init_student(self) -> dict[str, Any]:
         from diffusers import UNet2DConditionModel
-
-        from workbench.distill_config import init_student_folder
 
         path = init_student_folder(self.config.init_student)
         self.report.log(f"stage 1: the student starts from {path}")
@@ -335,8 +318,6 @@ class Distillation:
 
     # 5. export: the last stage's student with its plan, layer map and model card
     def export(self) -> None:
-        from workbench.export import Student, finish_folder, local_paths
-        from workbench.modelcard import model_card
 
         student, spec = self.load_stage_student(len(self.specs) - 1), self.specs[-1]
         if not self.grids.path(self.total_steps).exists():
@@ -374,32 +355,3 @@ def grid_sampler(config: DistillConfig, k: int) -> dict[str, Any] | None:
         return None
     sampler: dict[str, Any] = {"scheduler": "lcm", "steps": config.lcd_sample_steps}
     return sampler | {"guidance": 1.0} if config.lcd_lora_rank else sampler
-
-
-# The step the loop takes: the teacher's targets, the stage's objective, backward (gradients
-# accumulated over micro-batches), update. A function of the stage alone, so that other tools
-# (a memory estimate) can take the very same step.
-def train_step(stage: Stage, batches, g: int, cfg: DistillConfig) -> dict[str, float]:
-    """Optimizer step ``g`` of a stage (``batches(g, micro)`` gives its micro-batches); the
-    terms averaged over micro-batches and processes."""
-    acc = stage.accelerator
-    objective, totals = losses.OBJECTIVES[stage.kind], {}
-    for micro in range(cfg.grad_accum):
-        batch = batches(g, micro)
-        # the teacher's targets: its live forward, or read back where they were precomputed
-        teacher = targets.for_step(stage.teacher, batch, stage.setup, g, micro, objective.targets)
-        # Only the last micro-batch syncs gradients across processes.
-        sync = contextlib.nullcontext() if micro == cfg.grad_accum - 1 else acc.no_sync(stage.student)
-        with sync, acc.autocast():
-            terms = objective.loss(batch, stage.student, stage.raw, teacher, stage.setup)
-            acc.backward(terms["loss/total"] / cfg.grad_accum)
-        for key, value in terms.items():
-            totals[key] = totals.get(key, 0.0) + value.detach().float().item() / cfg.grad_accum
-    if cfg.max_grad_norm > 0:
-        acc.clip_grad_norm_(stage.student.parameters(), cfg.max_grad_norm)
-    stage.optimizer.step()
-    if objective.after_step is not None:
-        objective.after_step(stage.raw, stage.setup)
-    stage.schedule.step()
-    stage.optimizer.zero_grad(set_to_none=True)
-    return mean_across(acc, totals)

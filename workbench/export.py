@@ -24,16 +24,20 @@ import re
 import shutil
 import tempfile
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from workbench import evaluation, lora, sgm
 from workbench.catalog import build_catalog, meta_unet
 from workbench.errors import WorkbenchError
+from workbench.modelcard import model_card, public_name
 from workbench.models import Base, load_pipeline, load_unet, resolve_base
 from workbench.plan import PruningPlan
 from workbench.runs import RunDir
-from workbench.surgery import StudentSpec, build_student, compile_plan, save_plan_files
+from workbench.schedulers import is_w_conditioned, make_scheduler
+from workbench.student import Student, consistency_kind
+from workbench.surgery import build_student, compile_plan, save_plan_files
 
 FORMATS = {
     "diffusers": "the student's UNet as a diffusers folder (UNet2DConditionModel.from_pretrained)",
@@ -90,33 +94,6 @@ def check_base_for(fmt: str, base: Base) -> None:
 
 
 # --------------------------------------------------------------------------- students
-
-
-@dataclass(frozen=True)
-class Student:
-    """A student ready to export: its UNet (or None until loaded), spec, teacher and run."""
-
-    spec: StudentSpec
-    base: Base
-    unet: Any = field(default=None, repr=False)
-    folder: Path | None = None  # where a trained or exported student was read from
-    run: RunDir | None = None  # the distillation run that trained it
-
-    @property
-    def trained(self) -> bool:
-        return self.run is not None
-
-
-def consistency_kind(student: Student) -> str | None:
-    """How a consistency-distilled student samples: ``"w"`` (LCD with LCM's guidance embedding:
-    LCM steps, guidance as an input), ``"lora"`` (an LCM-LoRA run's student, adapters merged: LCM
-    steps without guidance, which is in its weights), None (the teacher's way)."""
-    from workbench.schedulers import is_w_conditioned
-
-    if is_w_conditioned(student.unet):
-        return "w"
-    config = (student.run.read_job().get("config") or {}) if student.run else {}
-    return "lora" if "lcd" in (config.get("objectives") or ()) and config.get("lcd_lora_rank") else None
 
 
 def student_from_plan(base: Base, plan: PruningPlan, teacher=None) -> Student:
@@ -218,8 +195,6 @@ def evaluate(student: Student, pipeline, prompts: int = 20, seeds: int = 2) -> d
     verdicts and PSNR/SSIM on the toy, PSNR/SSIM against the teacher elsewhere. Both sample at
     the base's guidance; a consistency-distilled student at ``LCD_EVAL_STEPS`` LCM steps, as it
     is meant to be sampled (``consistency_kind``)."""
-    from workbench import evaluation
-    from workbench.modelcard import public_name
 
     is_toy, guidance = student.base.kind == "toy", student.base.guidance
     evaluator = evaluation.Evaluator(
@@ -264,8 +239,6 @@ def export(
     the card. ``lora_file``, a LoRA trained on the teacher, is remapped onto the student and
     written to ``lora/`` (``load_lora_weights(out / "lora")``).
     """
-    from workbench import lora
-    from workbench.modelcard import model_card
 
     check_format(fmt)
     dtype = check_dtype(dtype or default_dtype(fmt))
@@ -334,7 +307,6 @@ def _write_diffusers(student: Student, folder: Path, dtype: str, pipeline, stem:
 
 def check_student_for(fmt: str, student: Student) -> None:
     """A consistency-distilled (w-conditioned) student travels in the diffusers layouts only."""
-    from workbench.schedulers import is_w_conditioned
 
     if fmt in ("single-file", "checkpoint") and is_w_conditioned(student.unet):
         raise WorkbenchError(
@@ -345,7 +317,6 @@ def check_student_for(fmt: str, student: Student) -> None:
 
 
 def _write_pipeline(student: Student, folder: Path, dtype: str, pipeline, stem: str) -> None:
-    from workbench.schedulers import make_scheduler
 
     components = {**pipeline.components, "unet": student.unet}
     if consistency_kind(student):  # a consistency-distilled student (LCD or LCM-LoRA) samples with LCM
@@ -368,7 +339,6 @@ def _recast_file(path: Path, dtype: str) -> None:
 
 
 def _write_single_file(student: Student, folder: Path, dtype: str, pipeline, stem: str) -> str:
-    from workbench import sgm
 
     state = sgm.unet_to_original(student.unet.state_dict(), student.spec.config)
     name = f"{stem}.safetensors"
@@ -396,8 +366,6 @@ def checkpoint_state(student: Student, pipeline) -> dict[str, Any]:
     """
     import torch
 
-    from workbench import sgm
-
     state = sgm.unet_to_original(student.unet.state_dict(), student.spec.config)
     state |= sgm.vae_to_original(pipeline.vae.state_dict(), pipeline.vae.config)
     encoders = [getattr(pipeline, n, None) for n in ("text_encoder", "text_encoder_2")]
@@ -418,8 +386,6 @@ def checkpoint_state(student: Student, pipeline) -> dict[str, Any]:
 
 def _save_safetensors(state: dict[str, Any], path: Path, dtype: str, student: Student) -> None:
     from safetensors.torch import save_file
-
-    from workbench.modelcard import public_name
 
     metadata = {
         "format": "pt",

@@ -45,6 +45,7 @@ from workbench.cost import student_flops as student_flops_of
 from workbench.errors import WorkbenchError
 from workbench.models import Base, load_unet, resolve_base
 from workbench.plan import PruningPlan
+from workbench.presets import load_preset
 from workbench.progress import Progress, report, scaled
 from workbench.surgery import StudentSpec, build_student, compile_plan
 
@@ -539,7 +540,6 @@ def profile_model(model, setup: LatencySetup, *, progress: Progress | None = Non
 
 def _atom_flops(setup: LatencySetup) -> dict[str, int]:
     """FLOPs per atom for ``batch`` images (counted at batch 1 on meta; linear in batch)."""
-    from workbench.cost import atom_flops
 
     per_image = atom_flops(
         build_catalog(setup.base.unet_config), setup.resolution, setup.base.vae_scale_factor
@@ -636,8 +636,6 @@ def measure_speedup(
     ``estimate_error_abs`` compares the estimate's absolute seconds.
     """
     import torch
-
-    from workbench.presets import load_preset
 
     if not isinstance(repeats, int) or repeats < 1 or not isinstance(warmup, int) or warmup < 0:
         raise WorkbenchError(f"repeats ({repeats!r}) must be >= 1 and warmup ({warmup!r}) >= 0")

@@ -65,7 +65,26 @@ from torch.overrides import TorchFunctionMode
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
+from workbench import lora_kd, losses, optim
+from workbench import stage as recipe_stage
+from workbench.catalog import meta_unet
+from workbench.distill_config import (
+    OPTIMIZERS,
+    PRECISIONS,
+    STAGE_TEACHERS,
+    TEACHER_DTYPES,
+    TEACHER_TARGETS,
+    check_lcd_combination,
+    check_objectives,
+    check_plans,
+)
 from workbench.errors import WorkbenchError
+from workbench.lora_kd import init_spec
+from workbench.losses import TeacherTargets
+from workbench.models import resolve_base
+from workbench.optim import BLOCK, MIN_8BIT_SIZE, make_optimizer
+from workbench.schedulers import LCM_ORIGINAL_STEPS
+from workbench.surgery import FEATURE_MODES, GUIDANCE_EMBED_DIM
 from workbench.targets import TargetStore
 
 CATEGORIES = ("teacher", "weights", "target", "gradients", "optimizer", "activations", "encoders")
@@ -358,7 +377,6 @@ def _unet(config: dict[str, Any], mode, dtype: torch.dtype, adapt=None):
     """A ``UNet2DConditionModel`` of ``config`` whose tensors are fake (no memory, no init);
     with ``mode`` None, a real one (random weights: for measuring the estimate). ``adapt``
     changes the model before its tensors become fake (LoRA adapters)."""
-    from workbench.catalog import meta_unet
 
     if mode is None:
         from diffusers import UNet2DConditionModel
@@ -488,11 +506,9 @@ class _Stage:
 
 
 def _stage_models(config, base, specs, k: int, mode) -> _Stage:
-    from workbench.distill import TEACHER_DTYPES
-    from workbench.lora_kd import init_spec
 
     spec, init = specs[k], init_spec(specs, k)  # init: the student's map to what it starts from
-    dtype, kind = TEACHER_DTYPES[config.teacher_dtype], config.stage_kind(k)
+    dtype, kind = recipe_stage.TEACHER_DTYPES[config.teacher_dtype], config.stage_kind(k)
     teacher_config, pairs = base.unet_config, spec.feature_pairs(config.feature_mode)
     if k > 0 and config.stage_teacher == "previous":  # the original UNet is parked on the CPU
         teacher_config, pairs = specs[k - 1].config, init.feature_pairs(config.feature_mode)
@@ -501,8 +517,6 @@ def _stage_models(config, base, specs, k: int, mode) -> _Stage:
     if kind == "lcd":
         pairs = []
         if not config.lcd_lora_rank:  # LCM's w-conditioning: surgery.with_guidance_embedding
-            from workbench.surgery import GUIDANCE_EMBED_DIM
-
             student_config = dict(spec.config) | {"time_cond_proj_dim": GUIDANCE_EMBED_DIM}
     student = _unet(student_config, mode, torch.float32, adapt).train()
     if adapt is None:
@@ -518,7 +532,6 @@ def _stage_models(config, base, specs, k: int, mode) -> _Stage:
 def _adapter(config, init, kind: str):
     """What puts the stage's adapters on a student (None: full weights train): LoRA-enhanced
     KD's, or LCM-LoRA's on an lcd stage."""
-    from workbench import lora_kd
 
     if kind == "lcd" and config.lcd_lora_rank:
         return lambda model: lora_kd.add_consistency_adapters(model, config.lcd_lora_rank)
@@ -530,7 +543,6 @@ def _adapter(config, init, kind: str):
 def _optimizer(config, params: list[torch.Tensor], target: str) -> torch.optim.Optimizer:
     """The run's optimizer: AdamW with the target's default implementation (foreach on
     CUDA), or 8-bit AdamW's states as bitsandbytes lays them out."""
-    from workbench.optim import make_optimizer
 
     if config.optimizer == "adamw8bit":
         return _AdamW8bitLayout(params, lr=config.lr)
@@ -551,7 +563,6 @@ class _AdamW8bitLayout(torch.optim.Optimizer):
         self._qmaps: tuple[torch.Tensor, torch.Tensor] | None = None
 
     def _init_state(self, p: torch.Tensor) -> dict[str, Any]:
-        from workbench.optim import BLOCK, MIN_8BIT_SIZE
 
         if p.numel() < MIN_8BIT_SIZE:
             return {"step": 0, "state1": torch.zeros_like(p), "state2": torch.zeros_like(p)}
@@ -602,11 +613,8 @@ class _Accelerator:
 def _setup(config, models: _Stage, schedule: tuple[list[float], str] | None = None):
     """The stage objective's setup, as the recipe makes it (``Distillation.stage``,
     ``Distillation.lcd_setup``); an lcd stage's needs the teacher's ``_noise_schedule``."""
-    from workbench import losses
 
     if models.kind == "lcd":
-        from workbench.schedulers import LCM_ORIGINAL_STEPS
-
         alphas, prediction = torch.tensor(schedule[0]), schedule[1]  # (T,) on the device
         return losses.LCDSetup(alphas, prediction, config.lcd_guidance, models.target, config.lcd_ema,
                                config.lcd_loss, config.lcd_huber_c, LCM_ORIGINAL_STEPS)  # fmt: skip
@@ -632,7 +640,6 @@ class _Stored(TargetStore):
     held: Any = None  # losses.TeacherTargets
 
     def read(self, g: int, micro: int):
-        from workbench.losses import TeacherTargets
 
         pred = None if self.held.pred is None else torch.empty_like(self.held.pred)
         return TeacherTargets(pred, {k: torch.empty_like(v) for k, v in self.held.features.items()})
@@ -642,7 +649,6 @@ def _precompute(config, models: _Stage, shapes: _Shapes, tracker: _Tracker) -> t
     """The recipe's precompute before a stage (a micro-batch stands for all): the teacher's
     forward with the student's weights resident, then teacher and targets leave the device.
     Returns the store the step reads from and the targets' bytes per micro-batch."""
-    from workbench import losses
 
     tracker.enter("precompute (teacher targets)")
     held = losses.teacher_targets(models.teacher, _batch(shapes, config.batch_size), _setup(config, models))
@@ -659,7 +665,6 @@ def _train_step(config, models: _Stage, optimizer, shapes: _Shapes, target: str,
     Two micro-batches stand for any gradient accumulation: from the second on, the
     gradients of the earlier ones are resident while the next runs.
     """
-    from workbench import distill, optim
 
     config = dataclasses.replace(config, grad_accum=min(config.grad_accum, 2))
     labels = config.grad_accum > 1
@@ -677,10 +682,10 @@ def _train_step(config, models: _Stage, optimizer, shapes: _Shapes, target: str,
     ]
     if models.target is not None:
         handles.append(models.target.register_forward_pre_hook(lambda *_: tracker.enter("target forward")))
-    stage = distill.Stage(0, models.kind, models.student, models.student, store or models.teacher, setup,
+    stage = recipe_stage.Stage(0, models.kind, models.student, models.student, store or models.teacher, setup,
                           optimizer, optim.make_schedule(optimizer, config), _Accelerator(config, target, tracker), 0)  # fmt: skip
     try:
-        distill.train_step(stage, batches, 0, config)
+        recipe_stage.train_step(stage, batches, 0, config)
     finally:
         for handle in handles:
             handle.remove()
@@ -846,8 +851,6 @@ def estimate(config, target: str = "cuda", fake: bool = True, ranks: int = 1) ->
     on real tensors (random weights, on the CPU) under the same tracker: the tests compare
     the two.
     """
-    from workbench.distill_config import check_plans
-    from workbench.models import resolve_base
 
     started = time.perf_counter()
     check_target(target)
@@ -909,7 +912,6 @@ def check_ranks(config, ranks: int) -> None:
 
 def unit_bytes(student_config: dict[str, Any]) -> tuple[int, list[int]]:
     """(bytes of the parameters outside any FSDP unit: the root's, bytes of each unit), fp32."""
-    from workbench.catalog import meta_unet
 
     model = meta_unet(student_config)
     units = [
@@ -966,16 +968,6 @@ def _sampling_note(config, peaks: tuple[StagePeak, ...], encoders: int) -> str |
 
 def _check(config) -> None:
     """The options the estimate reads, checked as the recipe checks them (device aside)."""
-    from workbench.distill_config import (
-        OPTIMIZERS,
-        PRECISIONS,
-        STAGE_TEACHERS,
-        TEACHER_DTYPES,
-        TEACHER_TARGETS,
-        check_lcd_combination,
-        check_objectives,
-    )
-    from workbench.surgery import FEATURE_MODES
 
     checks = [
         (isinstance(config.batch_size, int) and config.batch_size > 0, f"batch size must be > 0, got {config.batch_size!r}"),

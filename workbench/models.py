@@ -19,6 +19,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
+from workbench.catalog import meta_unet
 from workbench.errors import WorkbenchError
 
 PACKAGE_DIR = Path(__file__).resolve().parent
@@ -208,7 +209,6 @@ def as_teacher(unet, device, dtype):
     gives a cast copy and leaves ``unet`` in its own: the pipeline it may belong to keeps
     sampling (its text encoders and VAE are in that dtype; a bf16 UNet among fp32 encoders
     cannot run the pipeline)."""
-    from workbench.catalog import meta_unet
 
     unet = unet.to(device).eval().requires_grad_(False)
     if unet.dtype == dtype:

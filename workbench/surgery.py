@@ -622,8 +622,6 @@ def with_guidance_embedding(unet, dim: int = GUIDANCE_EMBED_DIM):
     already is returned as it is. Its parameters are the plan's plus ``cond_proj``'s."""
     import torch
 
-    from workbench.catalog import meta_unet
-
     if unet.config.get("time_cond_proj_dim") is not None:
         return unet
     out = meta_unet(dict(unet.config) | {"time_cond_proj_dim": dim})

@@ -93,7 +93,9 @@ def evaluate(args: argparse.Namespace) -> dict[str, Any]:
             "to compare a student with it"
         )
     samples = ev.default_samples(is_toy, args.prompts, args.seeds)
-    from workbench.sampling import load_student_unet  # heavy: only when evaluating
+    # not at the top: workbench.sampling loads diffusers' pipelines and transformers (seconds), which
+    # building the CLI's parser (every command's module) must not
+    from workbench.sampling import load_student_unet
 
     pipe = load_pipeline(base)
     student = load_student_unet(args.unet, pipe.unet) if args.unet else None

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 
+from workbench import memory
 from workbench.commands._common import add_base, add_json, emit_json
 from workbench.distill_config import (
     OPTIMIZERS,
@@ -99,7 +100,6 @@ def config_from_args(args: argparse.Namespace) -> DistillConfig:
 
 
 def run(args: argparse.Namespace) -> int:
-    from workbench import memory
 
     memory.check_target(args.target)
     config = config_from_args(args)
