@@ -36,7 +36,7 @@ from pathlib import Path
 from typing import Any
 
 from workbench import cache, evaluation
-from workbench.catalog import Catalog, build_catalog, natural_key
+from workbench.catalog import Catalog, build_catalog
 from workbench.errors import WorkbenchError
 from workbench.latency import model_identity
 from workbench.models import Base, load_pipeline, resolve_base
@@ -306,7 +306,6 @@ class Probe:
         return err / ref if ref > 0 else 0.0
 
     def student(self, spec: StudentSpec):
-
         student, _ = build_student(self.teacher, spec.plan)
         return student.eval()
 
@@ -533,7 +532,3 @@ def heat_rows(smap: SensitivityMap, catalog: Catalog) -> list[dict[str, Any]]:
             }
         )
     return rows
-
-
-def sorted_units(units: Iterable[str]) -> list[str]:
-    return sorted(units, key=natural_key)

@@ -1,7 +1,7 @@
 """The Gradio app: ``build_app(settings)`` lays out the page; ``serve(settings)`` launches it.
 
 Layout: a header, the model box, then one tab per file in this package (Blocks, Presets,
-Compare, Export, and Distill when ``workbench/ui/distill_tab.py`` exists). Tabs talk to
+Compare, Export, Distill). Tabs talk to
 each other only through the session states in ``Shared`` (plain data) and the process-wide
 model store.
 """
