@@ -90,7 +90,6 @@ class Budget:
         return self.fraction(plan) <= self.target + 1e-12
 
     def _kept(self, spec: StudentSpec) -> float:
-
         shifts = level_shifts(spec)
         if not any(shifts.values()):
             return self.total - sum(self.weights.get(a, 0.0) for a in spec.removed_atoms)

@@ -63,7 +63,6 @@ def flops_by_module(config: dict[str, Any], latent: int, batch: int = 1) -> dict
 @lru_cache(maxsize=64)
 def _flops_cached(config_json: str, latent: int, batch: int) -> tuple[tuple[str, int], ...]:
     """Remembered on disk too (``cache`` kind ``figures``): counting imports diffusers."""
-
     key = f"flops {latent} {batch} {config_json}"
     pairs = cache.remembered("figures", key, FIGURES_SCHEMA, lambda: _count_flops(config_json, latent, batch))
     return tuple((name, int(n)) for name, n in pairs)

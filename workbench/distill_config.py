@@ -108,7 +108,6 @@ class DistillConfig:
     @property
     def guidance(self) -> float:
         """The guidance scale samples are drawn with: ``sample_guidance``, else the base's."""
-
         return self.sample_guidance if self.sample_guidance is not None else resolve_base(self.base).guidance
 
     def to_dict(self) -> dict[str, Any]:
@@ -174,7 +173,6 @@ def stage_fields(names: list[Any], objective: str | None = None) -> dict[str, An
     preset names, plan files or ``PruningPlan`` values, and ``lcd``, which repeats the plan
     before it as a latent consistency distillation stage. ``objective`` (with one plan) says
     what that stage optimises."""
-
     plans, kinds = [], []
     for name in names:
         if name == LCD_STAGE:
@@ -365,7 +363,6 @@ def check_objectives(config: DistillConfig) -> None:
 
 def check_reward_fields(config: DistillConfig) -> None:
     """RG-LCD: a reward and a weight > 0 come together, on a run with an lcd stage."""
-
     reward, weight = config.lcd_reward, config.lcd_reward_weight
     if reward is not None and (not isinstance(reward, str) or not reward.strip()):
         raise ConfigError("lcd_reward", "{field} is empty; give " + FORMS + ", or leave it out")
@@ -449,7 +446,6 @@ def use_cuda(config: DistillConfig) -> bool:
 
 def sensitivity_settings(config: DistillConfig):
     """The calibration settings of the run's sensitivity map (checked)."""
-
     names = {f.name for f in dataclasses.fields(Calibration)}
     settings = config.sensitivity_settings
     unknown = sorted(set(settings) - names) if isinstance(settings, dict) else None
@@ -469,7 +465,6 @@ def sensitivity_settings(config: DistillConfig):
 
 def check_data(config: DistillConfig) -> None:
     """Cheap checks of the data source before loading any model."""
-
     try:
         data.check_source(config.data)
     except WorkbenchError as err:
@@ -478,7 +473,6 @@ def check_data(config: DistillConfig) -> None:
 
 def check_plans(config: DistillConfig, teacher_config: dict[str, Any]) -> list[Any]:
     """Compile every stage against the teacher (errors before any weight moves)."""
-
     try:
         catalog = build_catalog(teacher_config)
         specs = [compile_plan(catalog, plan) for plan in config.plans()]
@@ -529,7 +523,6 @@ def _as_list(value: Any) -> Any:
 
 def check_guidance(config: DistillConfig, specs: list[Any]) -> None:
     """``freeze_sensitive`` must leave each stage's student something to freeze from."""
-
     n = config.freeze_sensitive
     for k, spec in enumerate(specs):
         kept = len(kept_layer_units(spec))
@@ -544,7 +537,6 @@ def check_guidance(config: DistillConfig, specs: list[Any]) -> None:
 
 def check_base(config: DistillConfig, base=None):
     """The teacher, resolved (no weights loaded): it must have a pipeline to distil from."""
-
     if base is None:
         try:
             base = resolve_base(config.base)

@@ -195,7 +195,6 @@ def evaluate(student: Student, pipeline, prompts: int = 20, seeds: int = 2) -> d
     verdicts and PSNR/SSIM on the toy, PSNR/SSIM against the teacher elsewhere. Both sample at
     the base's guidance; a consistency-distilled student at ``LCD_EVAL_STEPS`` LCM steps, as it
     is meant to be sampled (``consistency_kind``)."""
-
     is_toy, guidance = student.base.kind == "toy", student.base.guidance
     evaluator = evaluation.Evaluator(
         pipeline, evaluation.default_samples(is_toy, prompts, seeds), checker=is_toy, guidance=guidance
@@ -239,7 +238,6 @@ def export(
     the card. ``lora_file``, a LoRA trained on the teacher, is remapped onto the student and
     written to ``lora/`` (``load_lora_weights(out / "lora")``).
     """
-
     check_format(fmt)
     dtype = check_dtype(dtype or default_dtype(fmt))
     check_base_for(fmt, student.base)
@@ -307,7 +305,6 @@ def _write_diffusers(student: Student, folder: Path, dtype: str, pipeline, stem:
 
 def check_student_for(fmt: str, student: Student) -> None:
     """A consistency-distilled (w-conditioned) student travels in the diffusers layouts only."""
-
     if fmt in ("single-file", "checkpoint") and is_w_conditioned(student.unet):
         raise WorkbenchError(
             f"--format {fmt}: this student is consistency-distilled with a guidance embedding "
@@ -317,7 +314,6 @@ def check_student_for(fmt: str, student: Student) -> None:
 
 
 def _write_pipeline(student: Student, folder: Path, dtype: str, pipeline, stem: str) -> None:
-
     components = {**pipeline.components, "unet": student.unet}
     if consistency_kind(student):  # a consistency-distilled student (LCD or LCM-LoRA) samples with LCM
         components["scheduler"] = make_scheduler("lcm", pipeline.scheduler)
@@ -339,7 +335,6 @@ def _recast_file(path: Path, dtype: str) -> None:
 
 
 def _write_single_file(student: Student, folder: Path, dtype: str, pipeline, stem: str) -> str:
-
     state = sgm.unet_to_original(student.unet.state_dict(), student.spec.config)
     name = f"{stem}.safetensors"
     _save_safetensors(state, folder / name, dtype, student)

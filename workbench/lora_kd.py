@@ -67,7 +67,6 @@ def changed_input_atoms(spec) -> list[str]:
 def init_spec(specs: list[Any], k: int):
     """The spec that maps stage ``k``'s student to the model it was built from: the teacher
     for the first stage, the previous stage's student after that."""
-
     if k == 0:
         return specs[0]
     plan = derive_stage_plan(specs[k - 1], specs[k], name=f"stage-{k + 1}")

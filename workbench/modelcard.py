@@ -170,7 +170,6 @@ def _job_config(student: Student) -> dict[str, Any]:
 
 
 def _size(student: Student) -> str:
-
     spec, base = student.spec, student.base
     resolution = int(base.unet_config.get("sample_size", 64)) * base.vae_scale_factor
     teacher = unet_flops(base.unet_config, resolution, base.vae_scale_factor)
@@ -262,7 +261,6 @@ def _data_name(data: str) -> str:
 
 
 def _evaluation(student: Student, evaluation: dict[str, Any] | None) -> str:
-
     if evaluation:
         lines = "\n".join(format_result(evaluation))
         what = "the toy checker's verdicts on held-out prompts and" if student.base.kind == "toy" else ""
@@ -280,7 +278,6 @@ def _evaluation(student: Student, evaluation: dict[str, Any] | None) -> str:
 
 
 def _loading(student: Student, fmt: str, dtype: str, weights_file: str | None) -> str:
-
     base, teacher = student.base, public_name(student.base)
     pipe_cls = (
         "StableDiffusionXLPipeline"
@@ -372,7 +369,6 @@ def _read_scheduler(base: Base) -> dict[str, Any]:
 def client_notes(base: Base, spec) -> list[str]:
     """Which single-file clients read this student, one sentence each. The toy's widths are its
     own, so for the toy the same plan is judged on the real SDXL config."""
-
     if base.kind != "toy":
         return client_support(spec.config).lines()
     head = "The toy's widths match no published model, so only diffusers (given the config) reads its single files."

@@ -58,7 +58,6 @@ Reward = Callable[[torch.Tensor, dict[str, Any]], torch.Tensor]
 
 
 def toy_reward_dir() -> Path:
-
     return TOY_DIR / "reward"
 
 

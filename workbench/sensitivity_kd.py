@@ -169,7 +169,6 @@ def stage_guidance(spec, pairs: list[tuple[str, str]], smap, mode: str, n_freeze
 def teacher_map(base, pipe, settings, device: str, report):
     """The teacher's sensitivity map: from the cache, or measured now on the loaded ``pipe``
     (then cached). ``report``: a ``runs.Reporter``."""
-
     smap = sens.cached_map(base, settings, device)
     if smap is None and device != "cpu":  # `workbench sensitivity` measures on the CPU by default
         smap = sens.cached_map(base, settings, "cpu")

@@ -535,7 +535,8 @@ def build_student(teacher, plan: PruningPlan):
             )
     state = {n: teacher_sd[spec.teacher_name(n)].detach().clone() for n in names}
     student.load_state_dict(state, strict=True, assign=True)
-    if any(t.is_meta for t in (*student.parameters(), *student.buffers())):
+    # a teacher on the meta device gives a student on it (the memory estimate builds stages so)
+    if teacher.device.type != "meta" and any(t.is_meta for t in (*student.parameters(), *student.buffers())):
         raise RuntimeError("student left with uninitialised tensors after loading")
     student.train(teacher.training)
     return student, spec

@@ -42,7 +42,6 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-
     targets = {"params": args.target_params, "flops": args.target_flops, "latency": args.target_latency}
     check_name(args.name, "plan")
     if args.save_preset:

@@ -18,12 +18,10 @@ def add_device(p: argparse.ArgumentParser) -> None:
 
 
 def check_device(device: str) -> str:
-
     return latency.check_device(device)
 
 
 def add_calibration(p: argparse.ArgumentParser) -> None:
-
     d = Calibration()
     g = p.add_argument_group("calibration (each setting is its own cached map)")
     g.add_argument(
@@ -42,7 +40,6 @@ def add_calibration(p: argparse.ArgumentParser) -> None:
 
 
 def settings_from(args: argparse.Namespace):
-
     return Calibration(
         prompts=args.prompts, steps=args.steps, timesteps=args.timesteps, guidance=args.guidance
     ).check()
@@ -88,7 +85,6 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-
     base = resolve_base(args.base)
     device = check_device(args.device)
     torch.set_flush_denormal(True)  # tiny models hit denormals, which are slow on CPU

@@ -79,7 +79,6 @@ def decode(pipe, latents: torch.Tensor, batch: int = 64) -> list:
 
 def text_inputs(pipe, prompts: list[str]) -> dict[str, Any]:
     """The UNet's text inputs for ``prompts`` (what an LCD batch carries as ``cond``)."""
-
     embeds, pooled = encode_text(pipe, prompts)
     res = pipe.unet.config.sample_size * pipe.vae_scale_factor
     time_ids = torch.tensor([[res, res, 0, 0, res, res]], dtype=torch.float32).expand(len(prompts), 6)
@@ -92,7 +91,6 @@ def text_inputs(pipe, prompts: list[str]) -> dict[str, Any]:
 def one_step_predictions(pipe, unet, latents, prompts, gen: torch.Generator, batch: int = 64) -> torch.Tensor:
     """The clean latents ``unet`` predicts in one step from ``latents`` noised to a uniform
     timestep, with classifier-free guidance drawn from ``GUIDANCE``."""
-
     schedule = Batches.schedule_of(pipe.scheduler.config)
     alphas, kind = schedule.alphas_cumprod.float(), schedule.config.prediction_type
     out = []
@@ -117,7 +115,6 @@ def one_step_predictions(pipe, unet, latents, prompts, gen: torch.Generator, bat
 
 def vega_student(pipe):
     """The teacher with Segmind Vega's blocks removed, not distilled (its predictions fail)."""
-
     student, _ = build_student(pipe.unet, load_preset("segmind-vega"))
     return student.eval().requires_grad_(False)
 
@@ -282,7 +279,6 @@ def command(args: argparse.Namespace) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-
     args = parse_args(argv)
     torch.set_num_threads(args.threads)
     torch.set_flush_denormal(True)
