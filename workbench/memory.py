@@ -372,8 +372,16 @@ def _precompute(config, models: _Models, shapes: _Shapes, tracker: Tracker) -> t
     return _ReadBackTargets(Path("."), held=held), size
 
 
-def _train_step(config, models: _Models, optimizer, shapes: _Shapes, device: str, tracker: Tracker,
-                store: _ReadBackTargets | None = None, schedule=None) -> None:  # fmt: skip
+def _train_step(
+    config,
+    models: _Models,
+    optimizer,
+    shapes: _Shapes,
+    device: str,
+    tracker: Tracker,
+    store: _ReadBackTargets | None = None,
+    schedule=None,
+) -> None:
     """The recipe's own optimizer step (``stage.train_step``), phases marked for the tracker.
 
     Two micro-batches stand for any gradient accumulation: from the second on, the
@@ -398,8 +406,18 @@ def _train_step(config, models: _Models, optimizer, shapes: _Shapes, device: str
             models.ema_target.register_forward_pre_hook(lambda *_: tracker.enter("target forward"))
         )
     accelerator = _Accelerator(config, device, tracker)
-    run = stage.Stage(0, m.kind, m.student, m.student, store or m.teacher, setup, optimizer,
-                      optim.make_schedule(optimizer, config), accelerator, 0)  # fmt: skip
+    run = stage.Stage(
+        0,
+        m.kind,
+        m.student,
+        m.student,
+        store or m.teacher,
+        setup,
+        optimizer,
+        optim.make_schedule(optimizer, config),
+        accelerator,
+        0,
+    )
     try:
         stage.train_step(run, batches, 0, config)
     finally:

@@ -274,10 +274,15 @@ class AdamW8bitLayout(torch.optim.Optimizer):
         if self._qmaps is None:
             self._qmaps = (torch.zeros(256, device=p.device), torch.zeros(256, device=p.device))
         blocks = -(-p.numel() // BLOCK)
-        return {"step": 0, "state1": torch.zeros_like(p, dtype=torch.uint8),
-                "state2": torch.zeros_like(p, dtype=torch.uint8), "qmap1": self._qmaps[0],
-                "qmap2": self._qmaps[1], "absmax1": torch.zeros(blocks, device=p.device),
-                "absmax2": torch.zeros(blocks, device=p.device)}  # fmt: skip
+        return {
+            "step": 0,
+            "state1": torch.zeros_like(p, dtype=torch.uint8),
+            "state2": torch.zeros_like(p, dtype=torch.uint8),
+            "qmap1": self._qmaps[0],
+            "qmap2": self._qmaps[1],
+            "absmax1": torch.zeros(blocks, device=p.device),
+            "absmax2": torch.zeros(blocks, device=p.device),
+        }
 
     @torch.no_grad()
     def step(self, closure=None):

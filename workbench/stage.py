@@ -50,14 +50,16 @@ class StageModels:
     pairs: list[tuple[str, str]]  # (student module, teacher module) the objective compares
 
 
-def stage_models(cfg: DistillConfig, specs: list, k: int, original, previous, device,
-                 start: dict[str, Any] | None = None) -> StageModels:  # fmt: skip
+def stage_models(
+    cfg: DistillConfig, specs: list, k: int, original, previous, device, start: dict[str, Any] | None = None
+) -> StageModels:
     """Stage ``k``'s student and teacher: the student built from ``original`` (the teacher's
     UNet) or ``previous`` (the stage before's student, for ``k`` > 0), starting from the
     state dict ``start`` where given; the teacher ``cfg.stage_teacher`` names. Models on the
     meta device give models on the meta device (the memory estimate's)."""
-    student, teacher, pairs = surgery.stage_models(original, specs, k, previous, cfg.stage_teacher,
-                                                   cfg.feature_mode)  # fmt: skip
+    student, teacher, pairs = surgery.stage_models(
+        original, specs, k, previous, cfg.stage_teacher, cfg.feature_mode
+    )
     if start is not None:
         student.load_state_dict(start)
     teacher = as_teacher(teacher, device, TEACHER_DTYPES[cfg.teacher_dtype])
@@ -68,8 +70,9 @@ def stage_models(cfg: DistillConfig, specs: list, k: int, original, previous, de
     return StageModels(kind, student.float().to(device), teacher, pairs if cfg.w_feat > 0 else [])
 
 
-def add_adapters(cfg: DistillConfig, specs: list, k: int, models: StageModels,
-                 log: Callable[[str], None]) -> None:  # fmt: skip
+def add_adapters(
+    cfg: DistillConfig, specs: list, k: int, models: StageModels, log: Callable[[str], None]
+) -> None:
     """LoRA-enhanced distillation's adapters (where a layer's input held), or LCM-LoRA's on
     an lcd stage; none where the full weights train."""
     if cfg.lora_rank:
@@ -80,8 +83,13 @@ def add_adapters(cfg: DistillConfig, specs: list, k: int, models: StageModels,
         log(f"LCM-LoRA on {info['adapted_modules']} modules")
 
 
-def trainable(cfg: DistillConfig, student, frozen: list[str], log: Callable[[str], None] | None = None,
-              checkpoint: Callable[..., Any] | None = None) -> list[torch.nn.Parameter]:  # fmt: skip
+def trainable(
+    cfg: DistillConfig,
+    student,
+    frozen: list[str],
+    log: Callable[[str], None] | None = None,
+    checkpoint: Callable[..., Any] | None = None,
+) -> list[torch.nn.Parameter]:
     """The parameters the optimizer steps (all but ``frozen`` modules', or what adapters left
     trainable); gradient checkpointing on where asked (``checkpoint``: the function that
     recomputes a layer, torch's by default)."""
@@ -101,12 +109,23 @@ def ema_target(student):
     return copy.deepcopy(student).eval().requires_grad_(False)
 
 
-def lcd_setup(cfg: DistillConfig, target, alphas_cumprod: torch.Tensor, prediction_type: str,
-              reward=None) -> losses.LCDSetup:  # fmt: skip
+def lcd_setup(
+    cfg: DistillConfig, target, alphas_cumprod: torch.Tensor, prediction_type: str, reward=None
+) -> losses.LCDSetup:
     """Consistency distillation on the teacher's noise schedule (``alphas_cumprod`` (T,) on
     the device), with the EMA ``target`` network and, for RG-LCD, a frozen reward."""
-    return losses.LCDSetup(alphas_cumprod, prediction_type, cfg.lcd_guidance, target, cfg.lcd_ema, cfg.lcd_loss,
-                           cfg.lcd_huber_c, LCM_ORIGINAL_STEPS, reward, cfg.lcd_reward_weight)  # fmt: skip
+    return losses.LCDSetup(
+        alphas_cumprod,
+        prediction_type,
+        cfg.lcd_guidance,
+        target,
+        cfg.lcd_ema,
+        cfg.lcd_loss,
+        cfg.lcd_huber_c,
+        LCM_ORIGINAL_STEPS,
+        reward,
+        cfg.lcd_reward_weight,
+    )
 
 
 # The step the loop takes: the teacher's targets, the stage's objective, backward (gradients
