@@ -4,9 +4,13 @@ invariant 11): each module's imports are read with ``ast``, nothing is imported.
 from __future__ import annotations
 
 import ast
+import os
+import subprocess
+import sys
 from pathlib import Path
 
-PACKAGE = Path(__file__).resolve().parent.parent / "workbench"
+ROOT = Path(__file__).resolve().parent.parent
+PACKAGE = ROOT / "workbench"
 
 
 def module_files() -> dict[str, Path]:
@@ -90,3 +94,18 @@ def test_the_graph_knows_the_recipe_and_its_stage():
 def test_no_import_cycles_among_workbench_modules():
     found = cycles(import_graph())
     assert not found, "import cycles: " + "; ".join(" -> ".join(c) for c in found)
+
+
+def test_the_cli_parser_loads_no_pipelines():
+    """What the few function-local imports left (of ``workbench.sampling``) are for: building
+    the CLI's parser imports every command's module, and loads neither transformers nor
+    diffusers' pipelines."""
+    heavy = ("transformers", "diffusers.pipelines", "workbench.sampling")
+    code = (
+        f"import sys, workbench.cli as c; c.build_parser(); print([m for m in {heavy!r} if m in sys.modules])"
+    )
+    env = os.environ | {"OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    out = subprocess.run(
+        [sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True, check=True
+    )
+    assert out.stdout.strip().splitlines()[-1] == "[]"
