@@ -217,7 +217,7 @@ def _batch(shapes: _Shapes, batch_size: int, consistency: bool = False) -> dict[
         "timestep": torch.randint(0, 1000, (b,)),
         **_text(shapes, b, drop=False),
     }
-    batch = {"inputs": inputs, "target": torch.randn(b, c, s, s)}
+    batch = {"inputs": inputs, "target": torch.randn(b, c, s, s)}  # the task loss's target (data.Batches)
     if consistency:
         batch["consistency"] = {"latents": torch.randn(b, c, s, s), "noise": torch.randn(b, c, s, s),
                                 "u": torch.rand(b), "cond": _text(shapes, b, drop=False),
@@ -437,10 +437,8 @@ def _stage_peak(config, base, specs, k: int, shapes: _Shapes, device: str, fake:
         tracker.claim(t, "teacher")
     for t in (*student.parameters(), *student.buffers()):
         tracker.claim(t, "weights")
-    target_tensors = (
-        [*models.ema_target.parameters(), *models.ema_target.buffers()] if models.ema_target else []
-    )
-    for t in target_tensors:
+    ema_tensors = [*models.ema_target.parameters(), *models.ema_target.buffers()] if models.ema_target else []
+    for t in ema_tensors:
         tracker.claim(t, "ema_target")
     hooks = [
         p.register_post_accumulate_grad_hook(lambda p: tracker.claim(p.grad, "gradients"))
@@ -471,7 +469,7 @@ def _stage_peak(config, base, specs, k: int, shapes: _Shapes, device: str, fake:
             "weights": storage_bytes([*student.parameters(), *student.buffers()]),
             "teacher": 0 if precompute else storage_bytes([*teacher.parameters(), *teacher.buffers()]),
             "optimizer_states": states,
-            "ema_target": storage_bytes(target_tensors),
+            "ema_target": storage_bytes(ema_tensors),
             "encoders": 0,  # parked on the CPU during student steps
         },
         student_params=spec.student_params,
