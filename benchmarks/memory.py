@@ -14,7 +14,7 @@ to the OS (``malloc_trim``), resets the kernel's high-water mark (``/proc/self/c
 is that high-water mark minus the RSS after the imports: everything the step's process
 held at its peak, including what no tensor tracker sees (allocator slack, module
 objects, kernel scratch). The estimate it is compared with is ``memory.estimate(...,
-target="cpu")`` (the CPU's autocast and AdamW defaults) without the ``encoders`` category
+device="cpu")`` (the CPU's autocast and AdamW defaults) without the ``encoders`` category
 (the measuring process loads no text encoders or VAE).
 """
 
@@ -90,7 +90,7 @@ def measure(name: str, workdir: Path) -> dict:
 
     import torch
 
-    from workbench import memory
+    from workbench import memory, memory_tracker
     from workbench.distill_config import check_plans
     from workbench.models import resolve_base
 
@@ -105,14 +105,13 @@ def measure(name: str, workdir: Path) -> dict:
     libc.malloc_trim(0)
     baseline = _rss("VmRSS")
     models = memory._stage_models(config, base, specs, 0, None)
-    trainable = [p for p in models.student.parameters() if p.requires_grad]
-    optimizer = memory._optimizer(config, trainable, "cpu")
-    memory._train_step(config, models, optimizer, shapes, "cpu", memory._Tracker())  # states created
+    optimizer = memory_tracker.optimizer_of(config, models.trainable, "cpu")
+    memory._train_step(config, models, optimizer, shapes, "cpu", memory_tracker.Tracker())  # states created
     gc.collect()
     libc.malloc_trim(0)
     Path("/proc/self/clear_refs").write_text("5")
     started = time.perf_counter()
-    memory._train_step(config, models, optimizer, shapes, "cpu", memory._Tracker())
+    memory._train_step(config, models, optimizer, shapes, "cpu", memory_tracker.Tracker())
     return {"measured": _rss("VmHWM") - baseline, "step_s": time.perf_counter() - started}
 
 
@@ -126,7 +125,7 @@ def validate(names: list[str]) -> list[dict]:
     with tempfile.TemporaryDirectory() as tmp:
         for name in names:
             config = case_config(name, Path(tmp))
-            result = memory.estimate(config, target="cpu")
+            result = memory.estimate(config, device="cpu")
             estimated = result.total - result.categories["encoders"]
             out = subprocess.run([sys.executable, __file__, "_measure", name, tmp], check=True,
                                  capture_output=True, text=True, env=os.environ | {"OMP_NUM_THREADS": "1"})  # fmt: skip
@@ -143,7 +142,7 @@ def validate(names: list[str]) -> list[dict]:
 def time_sdxl() -> dict:
     import torch
 
-    from workbench import memory
+    from workbench import memory, memory_advice
     from workbench.distill import DistillConfig
     from workbench.presets import load_preset
 
@@ -155,7 +154,7 @@ def time_sdxl() -> dict:
     result = memory.estimate(config)
     row = {"wall_s": time.perf_counter() - wall, "cpu_s": time.process_time() - cpu,
            "total_gib": result.total / GIB, "load": os.getloadavg()[0]}  # fmt: skip
-    print(memory.report(result))
+    print(memory_advice.report(result))
     print(json.dumps(row))
     return row
 

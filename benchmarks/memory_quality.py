@@ -128,7 +128,7 @@ def main() -> None:
         images[name] = draw(e, out / name)
         values, _ = ev.judge(images[name], e.samples)
         values |= ev.similarity(images[name], images[REFERENCE])
-        estimate = memory.estimate(config(args, name), target="cpu")
+        estimate = memory.estimate(config(args, name), device="cpu")
         summary = ev.as_dicts(e.summary(ev.Scores(e.samples, values)))
         rows[name] = {"minutes": minutes, "summary": summary, "peak_bytes": estimate.total,
                       "psnr_vs_reference_mean": float(np.mean(values["psnr"]))}  # fmt: skip

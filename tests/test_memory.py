@@ -9,7 +9,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from workbench import memory
+from workbench import memory, memory_advice, memory_tracker
 from workbench.distill import DistillConfig
 from workbench.errors import WorkbenchError
 from workbench.presets import load_preset
@@ -33,7 +33,7 @@ def _config(base: str, **fields) -> DistillConfig:
 
 @pytest.fixture(scope="module")
 def plain(tiny_base) -> memory.MemoryEstimate:
-    return memory.estimate(_config(tiny_base), target="cpu")
+    return memory.estimate(_config(tiny_base), device="cpu")
 
 
 @pytest.mark.slow
@@ -57,7 +57,7 @@ def test_weights_and_optimizer_states_are_the_exact_arithmetic(plain, tiny_base)
     spec = compile_plan(
         build_catalog(json.loads(open(f"{tiny_base}/config.json").read())), load_preset("ssd-1b")
     )
-    student = memory._unet(spec.config, None, torch.float32)
+    student = memory._unet(spec.config, torch.device("cpu"))
     tensors = len(list(student.parameters()))
     stage = plain.stages[0]
     assert stage.student_params == stage.trainable_params == spec.student_params
@@ -66,13 +66,13 @@ def test_weights_and_optimizer_states_are_the_exact_arithmetic(plain, tiny_base)
     # AdamW: exp_avg and exp_avg_sq in fp32 per element, plus a 4-byte step per tensor
     assert stage.resident["optimizer_states"] == 8 * spec.student_params + 4 * tensors
     assert stage.resident["encoders"] == 0  # a bare UNet folder has no text encoders
-    half = memory.estimate(_config(tiny_base, teacher_dtype="bf16", w_feat=0.0), target="cpu")
+    half = memory.estimate(_config(tiny_base, teacher_dtype="bf16", w_feat=0.0), device="cpu")
     assert half.stages[0].resident["teacher"] == 2 * spec.teacher_params
 
 
 def test_estimate_tracks_the_real_step(plain, tiny_base):
     """The same step on real tensors (random weights) under the same tracker."""
-    real = memory.estimate(_config(tiny_base), target="cpu", fake=False)
+    real = memory.estimate(_config(tiny_base), device="cpu", fake=False)
     assert real.peak.phase == plain.peak.phase
     assert abs(real.total - plain.total) <= 0.01 * real.total
     for name in memory.CATEGORIES:
@@ -80,9 +80,9 @@ def test_estimate_tracks_the_real_step(plain, tiny_base):
 
 
 def test_lean_options_lower_the_peak(plain, tiny_base):
-    checkpointed = memory.estimate(_config(tiny_base, gradient_checkpointing=True), target="cpu")
+    checkpointed = memory.estimate(_config(tiny_base, gradient_checkpointing=True), device="cpu")
     assert checkpointed.categories["activations"] < plain.categories["activations"]
-    no_teacher = memory.estimate(_config(tiny_base, w_out=0.0, w_feat=0.0), target="cpu")
+    no_teacher = memory.estimate(_config(tiny_base, w_out=0.0, w_feat=0.0), device="cpu")
     assert no_teacher.total < plain.total
 
 
@@ -90,7 +90,7 @@ def test_cuda_autocast_emulation_follows_cudas_lists():
     x = torch.randn(1, 8, 4, 4)
     conv = torch.nn.Conv2d(8, 8, 3, padding=1)
     linear = torch.nn.Linear(4, 4)
-    with memory._CudaAutocast(torch.bfloat16):
+    with memory_tracker.CudaAutocast(torch.bfloat16):
         h = conv(x)
         assert h.dtype == torch.bfloat16  # convolutions and matmuls: low precision
         assert linear(h).dtype == torch.bfloat16
@@ -100,8 +100,8 @@ def test_cuda_autocast_emulation_follows_cudas_lists():
         assert h.softmax(-1).dtype == torch.float32
         assert F.gelu(h).dtype == torch.bfloat16  # not listed: runs in its input's dtype
         a, b = conv.weight, conv.weight
-        assert memory._CudaAutocast.__dict__  # the cache below is per context
-    with memory._CudaAutocast(torch.bfloat16) as mode:
+        assert memory_tracker.CudaAutocast.__dict__  # the cache below is per context
+    with memory_tracker.CudaAutocast(torch.bfloat16) as mode:
         assert mode._cast(a, torch.bfloat16) is mode._cast(b, torch.bfloat16)  # weights cast once
     assert not mode._cache
 
@@ -124,8 +124,8 @@ def test_verdicts_keep_a_margin_for_the_cuda_context():
 @pytest.mark.slow
 def test_suggestions_name_the_cheapest_options_that_fit(tiny_base):
     config = _config(tiny_base, w_feat=0.0)
-    first = memory.estimate(config, target="cpu")
-    with_bf16 = memory.estimate(dataclasses.replace(config, teacher_dtype="bf16"), target="cpu")
+    first = memory.estimate(config, device="cpu")
+    with_bf16 = memory.estimate(dataclasses.replace(config, teacher_dtype="bf16"), device="cpu")
     size = (with_bf16.needed() + first.needed()) / 2 / memory.GIB  # between the two
     rows = memory.suggestions(config, first, sizes_gb=(size,))
     assert rows == [
@@ -143,7 +143,7 @@ def test_bad_inputs_are_one_line_errors(tiny_base):
     with pytest.raises(WorkbenchError, match="multiple of 32 px"):
         memory.estimate(_config(tiny_base, resolution=48))
     with pytest.raises(WorkbenchError, match="unknown memory target 'tpu'"):
-        memory.estimate(_config(tiny_base), target="tpu")
+        memory.estimate(_config(tiny_base), device="tpu")
     with pytest.raises(WorkbenchError, match="batch size must be > 0"):
         memory.estimate(_config(tiny_base, batch_size=0))
 
@@ -169,17 +169,21 @@ def test_8bit_adamw_layout_is_bitsandbytes(tiny_base):
     from workbench.optim import make_optimizer
 
     spec_config = json.loads(open(f"{tiny_base}/config.json").read())
-    model = memory._unet(spec_config, None, torch.float32)
+    model = memory._unet(spec_config, torch.device("cpu"))
     params = list(model.parameters())
     for p in params:
         p.grad = torch.zeros_like(p)
     real = make_optimizer(params, DistillConfig(stages=({},), steps=1, lr=1e-4, optimizer="adamw8bit"))
     assert isinstance(real, bnb.optim.AdamW8bit)
     real.step()
-    layout = memory._AdamW8bitLayout(params, lr=1e-4)
+    layout = memory_tracker.AdamW8bitLayout(params, lr=1e-4)
     layout.step()
     # equal, and below AdamW's 8 bytes per weight (tiny tensors keep 32-bit states)
-    assert memory._state_bytes(layout) == memory._state_bytes(real) < 2 * memory._storage_bytes(params)
+    assert (
+        memory_tracker.state_bytes(layout)
+        == memory_tracker.state_bytes(real)
+        < 2 * memory_tracker.storage_bytes(params)
+    )
 
 
 def test_a_run_out_of_memory_fails_with_the_options_that_would_help(tmp_path, monkeypatch):
@@ -207,17 +211,17 @@ def test_precomputed_targets_take_the_teacher_off_the_device(plain, tiny_base):
     back (as the real step on real tensors shows); a precompute phase without optimizer states;
     the disk a step's targets take."""
     config = _config(tiny_base, teacher_targets="precompute")
-    fake = memory.estimate(config, target="cpu")
-    real = memory.estimate(config, target="cpu", fake=False)
+    fake = memory.estimate(config, device="cpu")
+    real = memory.estimate(config, device="cpu", fake=False)
     stage = fake.stages[0]
     assert stage.resident["teacher"] == 0 and fake.categories["teacher"] == 0
     assert fake.total < plain.total and fake.total <= plain.total - plain.stages[0].resident["teacher"] // 2
     assert fake.settings["teacher_targets"] == "precompute"
     assert abs(real.total - fake.total) <= 0.01 * real.total and real.peak.phase == fake.peak.phase
     # prediction (B, 4, 8, 8) fp32 and 26 feature maps in the teacher's dtype: what the files hold
-    assert stage.targets_disk_bytes == real.stages[0].targets_disk_bytes > 2 * 4 * 8 * 8 * 4
-    assert "MiB of disk per step" in memory.report(fake)
-    assert plain.stages[0].targets_disk_bytes == 0
+    assert stage.teacher_targets_disk_bytes == real.stages[0].teacher_targets_disk_bytes > 2 * 4 * 8 * 8 * 4
+    assert "MiB of disk per step" in memory_advice.report(fake)
+    assert plain.stages[0].teacher_targets_disk_bytes == 0
 
 
 def test_the_estimate_reads_like_the_written_targets(tiny_base, tmp_path):
@@ -229,14 +233,14 @@ def test_the_estimate_reads_like_the_written_targets(tiny_base, tmp_path):
     config = _config(tiny_base, teacher_targets="precompute", teacher_dtype="bf16")
     teacher_config = json.loads(open(f"{tiny_base}/config.json").read())
     spec = compile_plan(build_catalog(teacher_config), load_preset("ssd-1b"))
-    teacher = memory._unet(teacher_config, None, torch.bfloat16).eval()
+    teacher = memory._unet(teacher_config, torch.device("cpu")).to(torch.bfloat16).eval()
     inputs = {"sample": torch.randn(2, 4, 8, 8), "timestep": torch.tensor([1, 500]),  # a micro-batch of 2
               "encoder_hidden_states": torch.randn(2, 77, 16),
               "added_cond_kwargs": {"text_embeds": torch.randn(2, 8), "time_ids": torch.randn(2, 6)}}  # fmt: skip
     batch = {"inputs": inputs}
     setup = losses.KDSetup(config.weights, spec.feature_pairs("layer"))
     written = targets.TargetStore(tmp_path).write(0, 0, losses.teacher_targets(teacher, batch, setup))
-    assert memory.estimate(config, target="cpu").stages[0].targets_disk_bytes == written
+    assert memory.estimate(config, device="cpu").stages[0].teacher_targets_disk_bytes == written
 
 
 # --------------------------------------------------------------------------- lcd stages
@@ -244,7 +248,7 @@ def test_the_estimate_reads_like_the_written_targets(tiny_base, tmp_path):
 
 @pytest.fixture(scope="module")
 def lcd(tiny_base) -> memory.MemoryEstimate:
-    return memory.estimate(_config(tiny_base, objectives=("lcd",)), target="cpu")
+    return memory.estimate(_config(tiny_base, objectives=("lcd",)), device="cpu")
 
 
 def test_an_lcd_stage_holds_its_target_network(plain, lcd, tiny_base):
@@ -258,14 +262,16 @@ def test_an_lcd_stage_holds_its_target_network(plain, lcd, tiny_base):
     channels = json.loads(open(f"{tiny_base}/config.json").read())["block_out_channels"][0]
     cond_proj = 4 * GUIDANCE_EMBED_DIM * channels  # bias-free Linear into the time embedding, fp32
     assert stage.resident["weights"] == kd.resident["weights"] + cond_proj
-    assert stage.resident["target"] == stage.resident["weights"] and kd.resident["target"] == 0
-    assert lcd.categories["target"] == stage.resident["target"] and plain.categories["target"] == 0
+    assert stage.resident["ema_target"] == stage.resident["weights"] and kd.resident["ema_target"] == 0
+    assert (
+        lcd.categories["ema_target"] == stage.resident["ema_target"] and plain.categories["ema_target"] == 0
+    )
     assert lcd.total > plain.total and sum(lcd.categories.values()) == lcd.total
-    assert "(lcd)" in memory.report(lcd)
+    assert "(lcd)" in memory_advice.report(lcd)
 
 
 def test_the_lcd_estimate_tracks_the_real_step(lcd, tiny_base):
-    real = memory.estimate(_config(tiny_base, objectives=("lcd",)), target="cpu", fake=False)
+    real = memory.estimate(_config(tiny_base, objectives=("lcd",)), device="cpu", fake=False)
     assert real.peak.phase == lcd.peak.phase
     for name in memory.CATEGORIES:
         assert abs(real.categories[name] - lcd.categories[name]) <= 0.01 * real.total, name
@@ -273,11 +279,11 @@ def test_the_lcd_estimate_tracks_the_real_step(lcd, tiny_base):
 
 @pytest.mark.slow
 def test_lcm_lora_trains_adapters_on_a_frozen_student(lcd, tiny_base):
-    lora = memory.estimate(_config(tiny_base, objectives=("lcd",), lcd_lora_rank=4), target="cpu")
+    lora = memory.estimate(_config(tiny_base, objectives=("lcd",), lcd_lora_rank=4), device="cpu")
     full, stage = lcd.stages[0], lora.stages[0]
     assert stage.trainable_params < stage.student_params // 2  # rank 4 on tiny widths: a third
     assert stage.resident["optimizer_states"] < full.resident["optimizer_states"] // 2
-    assert stage.resident["target"] == stage.resident["weights"]  # the copy holds the adapters too
+    assert stage.resident["ema_target"] == stage.resident["weights"]  # the copy holds the adapters too
     assert lora.total < lcd.total  # smaller optimizer states outweigh the adapters
 
 
@@ -289,7 +295,7 @@ def test_lcd_options_the_recipe_refuses_are_refused(tiny_base):
         memory.estimate(_config(tiny_base, objectives=("lcd",), teacher_targets="precompute"))
     with pytest.raises(WorkbenchError, match="--ranks with an lcd stage"):
         memory.estimate(_config(tiny_base, objectives=("lcd",)), ranks=2)
-    lean = [o.flags for o in memory.LEAN_OPTIONS if o.applies(_config(tiny_base, objectives=("lcd",)))]
+    lean = [o.flags for o in memory_advice.LEAN_OPTIONS if o.applies(_config(tiny_base, objectives=("lcd",)))]
     assert "--lcd-lora-rank 64" in lean and "--lora-rank 64" not in lean
     assert "--teacher-targets precompute" not in lean
 
@@ -306,7 +312,7 @@ def test_cli_estimates_an_lcd_stage(tiny_base, capsys):
         "kd",
         "lcd",
     ]
-    assert out["stages"][1]["resident"]["target"] > 0 and out["stages"][0]["resident"]["target"] == 0
+    assert out["stages"][1]["resident"]["ema_target"] > 0 and out["stages"][0]["resident"]["ema_target"] == 0
     assert main(["memory", "--base", tiny_base, "--stages", "lcd"]) == 2
     assert "lcd needs a plan before it" in capsys.readouterr().err
 
@@ -314,13 +320,13 @@ def test_cli_estimates_an_lcd_stage(tiny_base, capsys):
 @pytest.mark.slow
 def test_stage_peaks_are_reused_where_nothing_a_step_reads_changed(plain, lcd, tiny_base):
     again = memory.estimate(
-        dataclasses.replace(_config(tiny_base), steps=5, seed=3), target="cpu"
+        dataclasses.replace(_config(tiny_base), steps=5, seed=3), device="cpu"
     )  # no step reads these
     assert again.stages[0] is plain.stages[0]
     assert "1 of 1 stage peaks reused from an earlier estimate" in again.notes[-1]
     two = _config(tiny_base)
     staged = memory.estimate(
-        dataclasses.replace(two, stages=two.stages * 2, objectives=("kd", "lcd")), target="cpu"
+        dataclasses.replace(two, stages=two.stages * 2, objectives=("kd", "lcd")), device="cpu"
     )
     assert staged.stages[0] is plain.stages[0]  # the kd stage before the lcd stage: the kd run's
     assert staged.stages[1].kind == "lcd" and staged.stages[1].resident == lcd.stages[0].resident
@@ -338,6 +344,6 @@ def test_an_rg_lcd_estimate_says_the_reward_is_not_counted(lcd, tiny_base, tmp_p
     scorer = tmp_path / "scorer.py"
     scorer.write_text("def score(latents, cond):\n    return latents.mean(dim=(1, 2, 3))\n")
     config = _config(tiny_base, objectives=("lcd",), lcd_reward=f"{scorer}:score", lcd_reward_weight=0.1)
-    estimate = memory.estimate(config, target="cpu")
+    estimate = memory.estimate(config, device="cpu")
     assert any("reward is not counted" in n for n in estimate.notes)
     assert not any("reward" in n for n in lcd.notes)

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from workbench import memory
+from workbench import memory, memory_advice
 from workbench.distill import DistillConfig
 from workbench.errors import WorkbenchError
 from workbench.models import CONFIG_DIR
@@ -48,8 +48,8 @@ def test_shipped_fsdp_config_shards_the_students_blocks():
 
 def test_estimate_per_process_splits_the_sharded_state(tiny_base):
     config = DistillConfig(stages=(load_preset("ssd-1b").to_dict(),), steps=1, base=tiny_base, batch_size=2)
-    one = memory.estimate(config, target="cpu")
-    two = memory.estimate(config, target="cpu", ranks=2)
+    one = memory.estimate(config, device="cpu")
+    two = memory.estimate(config, device="cpu", ranks=2)
     a, b = one.stages[0], two.stages[0]
     assert sum(b.categories.values()) == b.total < a.total
     for name in ("teacher", "activations", "encoders"):  # each process still holds these whole
@@ -60,11 +60,11 @@ def test_estimate_per_process_splits_the_sharded_state(tiny_base):
     root, units = memory.unit_bytes(load_spec(tiny_base).config)
     assert b.categories["weights"] == a.resident["weights"] // 2 + root + 2 * max(units)
     assert root + sum(units) == a.resident["weights"]  # fp32, no buffers in a UNet
-    assert two.settings["ranks"] == 2 and "under FSDP" in memory.report(two)
+    assert two.settings["ranks"] == 2 and "under FSDP" in memory_advice.report(two)
     with pytest.raises(WorkbenchError, match="ranks must be a whole number >= 1"):
-        memory.estimate(config, target="cpu", ranks=0)
+        memory.estimate(config, device="cpu", ranks=0)
     with pytest.raises(WorkbenchError, match="LoRA runs are not sharded"):
-        memory.estimate(DistillConfig(**(config.to_dict() | {"lora_rank": 4})), target="cpu", ranks=2)
+        memory.estimate(DistillConfig(**(config.to_dict() | {"lora_rank": 4})), device="cpu", ranks=2)
 
 
 def load_spec(base):

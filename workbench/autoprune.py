@@ -29,11 +29,13 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from workbench.catalog import REST, Catalog, build_catalog
+from workbench.cost import atom_flops, level_shifts
 from workbench.errors import ConfigError, WorkbenchError
+from workbench.latency import get_profile
 from workbench.models import Base, resolve_base
 from workbench.plan import PruningPlan
 from workbench.progress import Progress, report, scaled
-from workbench.sensitivity import Calibration, Probe, SensitivityMap
+from workbench.sensitivity import Calibration, Probe, SensitivityMap, cached_map, sensitivity
 from workbench.surgery import StudentSpec, compile_plan
 
 BUDGETS = ("params", "flops", "latency")
@@ -88,8 +90,6 @@ class Budget:
         return self.fraction(plan) <= self.target + 1e-12
 
     def _kept(self, spec: StudentSpec) -> float:
-        from workbench.cost import level_shifts
-
         shifts = level_shifts(spec)
         if not any(shifts.values()):
             return self.total - sum(self.weights.get(a, 0.0) for a in spec.removed_atoms)
@@ -122,8 +122,6 @@ def budget(
     if kind == "params":
         return Budget(kind, target, {a: float(n) for a, n in catalog.atom_params.items()})
     if kind == "flops":
-        from workbench.cost import atom_flops
-
         config = catalog.config
         vae = base.vae_scale_factor if base else 8
         res = resolution if resolution is not None else int(config.get("sample_size", 64)) * vae
@@ -136,7 +134,6 @@ def budget(
         if profile is None:
             if base is None:
                 raise WorkbenchError("a latency budget needs a base to profile")
-            from workbench.latency import get_profile
 
             profile = get_profile(base, device=device, dtype=dtype, resolution=resolution)
         return Budget(kind, target, dict(profile.atom_s))
@@ -432,7 +429,6 @@ def autoprune(
     if not budgets:
         raise WorkbenchError("give a budget: --target-params F, --target-flops F and/or --target-latency F")
     check_feasible(catalog, budgets)
-    from workbench.sensitivity import cached_map, sensitivity
 
     load = probe or (lambda p: Probe(base, settings, device=device, progress=p))
     smap = cached_map(base, settings, device=device)

@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 from functools import lru_cache
 from typing import Any
 
+from workbench import cache
 from workbench.libraries import load
 from workbench.topology import Stage, Topology, topology_of
 
@@ -128,7 +129,6 @@ FIGURES_SCHEMA = 2  # 2: samplers are atoms of their own (whole-stage removal)
 def count_atom_params(config: dict[str, Any]) -> dict[str, int]:
     """Parameters per atom, counted on a meta-device build of ``config`` (remembered on disk:
     the count imports diffusers, seconds of an app's start)."""
-    from workbench import cache
 
     key = "atom-params " + json.dumps(config, sort_keys=True, default=list)
     return cache.remembered("figures", key, FIGURES_SCHEMA, lambda: _count_atom_params(config))

@@ -11,7 +11,8 @@ import json
 from functools import lru_cache
 from typing import Any
 
-from workbench.catalog import REST, Catalog
+from workbench import cache
+from workbench.catalog import FIGURES_SCHEMA, REST, Catalog, meta_unet
 from workbench.errors import WorkbenchError
 
 TEXT_TOKENS = 77  # CLIP context length used by every SD-family pipeline
@@ -69,9 +70,6 @@ def flops_by_module(config: dict[str, Any], latent: int, batch: int = 1) -> dict
 @lru_cache(maxsize=64)
 def _flops_cached(config_json: str, latent: int, batch: int) -> tuple[tuple[str, int], ...]:
     """Remembered on disk too (``cache`` kind ``figures``): counting imports diffusers."""
-    from workbench import cache
-    from workbench.catalog import FIGURES_SCHEMA
-
     key = f"flops {latent} {batch} {config_json}"
     pairs = cache.remembered("figures", key, FIGURES_SCHEMA, lambda: _count_flops(config_json, latent, batch))
     return tuple((name, int(n)) for name, n in pairs)
@@ -80,8 +78,6 @@ def _flops_cached(config_json: str, latent: int, batch: int) -> tuple[tuple[str,
 def _count_flops(config_json: str, latent: int, batch: int) -> list[tuple[str, int]]:
     import torch
     from torch.utils.flop_counter import FlopCounterMode
-
-    from workbench.catalog import meta_unet
 
     config = json.loads(config_json)
     model = meta_unet(config)

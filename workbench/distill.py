@@ -14,12 +14,9 @@ targets in ``losses``; what trains and how in ``optim``; checkpoints and status 
 
 from __future__ import annotations
 
-import contextlib
-import copy
 import os
 import time
 import traceback
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -31,38 +28,34 @@ from workbench.distill_config import (
     DistillConfig,
     check_run_dir,
     describe_changes,
+    init_student_folder,
     preflight,
     resume_config,
     sensitivity_settings,
 )
-from workbench.dtypes import torch_dtypes
 from workbench.errors import WorkbenchError
+from workbench.export import Student, finish_folder, local_paths
 from workbench.files import atomic_dir, remove_tree, write_json_atomic
-from workbench.models import on_device, park
-from workbench.parallel import any_across, full_student, is_sharded, make_accelerator, mean_across
+from workbench.modelcard import model_card
+from workbench.models import freeze_pipeline, load_pipeline, on_device, park
+from workbench.parallel import any_across, full_student, is_sharded, make_accelerator
+from workbench.reward import load_reward
 from workbench.runs import MetricsWriter, Reporter, RunDir, Stopper, read_checkpoint_info
 from workbench.sensitivity_kd import GUIDANCE_FILE  # noqa: F401  (re-exported: where a run keeps its guidance)
-from workbench.surgery import save_student, stage_models, with_guidance_embedding
+from workbench.stage import (
+    Stage,
+    add_adapters,
+    ema_target,
+    kd_setup,
+    lcd_setup,
+    stage_models,
+    train_step,
+    trainable,
+)
+from workbench.surgery import save_student
 from workbench.trackers import Trackers
 
 LCM_LORA_DIR = "lcm_lora"  # an LCM-LoRA run's adapter, for load_lora_weights on the stage's starting student
-TEACHER_DTYPES = torch_dtypes()  # the one table: workbench.dtypes
-
-
-@dataclass(frozen=True)
-class Stage:
-    """One stage's training state."""
-
-    index: int  # 0-based
-    kind: str  # what it optimises: losses.OBJECTIVES[kind]
-    student: Any  # what a step calls (DDP-wrapped when distributed)
-    raw: Any  # the unwrapped student: feature hooks, samples, saving
-    teacher: Any  # the teacher UNet, or its precomputed targets (targets.TargetStore)
-    setup: Any  # the objective's: losses.KDSetup (feature pairs, weights) or losses.LCDSetup
-    optimizer: Any
-    schedule: Any
-    accelerator: Any  # this stage's own: its checkpoints hold this stage's objects only
-    first: int  # the stage step to start at (after a checkpoint)
 
 
 def run_distillation(config: DistillConfig | None, run_dir: str | Path, resume: bool = False,
@@ -115,7 +108,8 @@ class Distillation:
 
     # 1. set up: process group, run folder, teacher pipeline, cached data, guidance, sample grids
     def setup(self, resume: bool) -> None:
-        from workbench.models import freeze_pipeline, load_pipeline
+        # not at the top: workbench.sampling loads diffusers' pipelines and transformers (seconds),
+        # which the CLI (it imports this module to build its parser) must not
         from workbench.sampling import SampleGrids, default_prompts
 
         torch.set_flush_denormal(True)
@@ -184,41 +178,22 @@ class Distillation:
     # 2. a stage: its student (from the teacher or the previous stage) and teacher, what
     #    trains, the optimizer and schedule, and the checkpoint it starts from
     def stage(self, k: int, checkpoint: Path | None) -> Stage:
-        from workbench.models import as_teacher
-
-        cfg = self.config
+        cfg, log = self.config, lambda m: self.report.log(f"stage {k + 1}: {m}")
         acc = make_accelerator(cfg)  # the stage's own: its checkpoints hold this stage's objects
         previous = self.load_stage_student(k - 1) if k else None
-        student, teacher, pairs = stage_models(self.pipe.unet, self.specs, k, previous, cfg.stage_teacher,
-                                               cfg.feature_mode)  # fmt: skip
-        if k == 0 and cfg.init_student:  # a student distilled before (its architecture checked in preflight)
-            student.load_state_dict(self.load_init_student())
-        teacher = as_teacher(teacher, acc.device, TEACHER_DTYPES[cfg.teacher_dtype])
-        kind = cfg.stage_kind(k)
-        if kind == "lcd":  # LCM's w-conditioning (the guidance scale as an embedding), or LCM-LoRA
-            pairs = []
-            student = student if cfg.lcd_lora_rank else with_guidance_embedding(student)
+        start = self.load_init_student() if k == 0 and cfg.init_student else None  # checked in preflight
+        models = stage_models(cfg, self.specs, k, self.pipe.unet, previous, acc.device, start)
+        kind, student, teacher = models.kind, models.student, models.teacher
         if teacher is not self.pipe.unet:  # the original waits on the CPU (for sample grids)
             park(self.pipe.unet)
-        student = student.float().to(acc.device)
         guidance = self.guidance[k] if self.guidance else None
         frozen = guidance["frozen_modules"] if guidance else []
-        pairs = pairs if cfg.w_feat > 0 else []
-        weights = sensitivity_kd.pair_weights(guidance, pairs, acc.device)
-        setup = losses.KDSetup(cfg.weights, pairs, cfg.normalize_features, weights)
+        weights = sensitivity_kd.pair_weights(guidance, models.pairs, acc.device)
+        setup = kd_setup(cfg, models.pairs, weights)
         if cfg.teacher_targets == "precompute":  # before the optimizer: the teacher then leaves
             teacher = self.precompute(k, teacher, setup, acc)
-        if cfg.lora_rank:  # LoRA-enhanced distillation: adapters where a layer's input held
-            info = lora_kd.add_adapters(student, lora_kd.init_spec(self.specs, k), cfg.lora_rank)
-            self.report.log(f"stage {k + 1}: LoRA adapters on {info['adapted_modules']} modules")
-        elif kind == "lcd" and cfg.lcd_lora_rank:
-            info = lora_kd.add_consistency_adapters(student, cfg.lcd_lora_rank)
-            self.report.log(f"stage {k + 1}: LCM-LoRA on {info['adapted_modules']} modules")
-        params = optim.trainable_parameters(
-            student, frozen, log=lambda m: self.report.log(f"stage {k + 1}: {m}")
-        )
-        if cfg.gradient_checkpointing:
-            student.enable_gradient_checkpointing()
+        add_adapters(cfg, self.specs, k, models, log)
+        params = trainable(cfg, student, frozen, log)
         optimizer = optim.make_optimizer(params, cfg)
         schedule = optim.make_schedule(optimizer, cfg)
         wrapped, optimizer = acc.prepare(student, optimizer)
@@ -238,18 +213,12 @@ class Distillation:
         """Consistency distillation on the teacher's noise schedule, with an EMA target network
         that starts as a copy of the student, and the frozen reward of RG-LCD if asked for (not
         checkpointed: it never changes, so it is loaded again on resume)."""
-        from workbench.reward import load_reward
-        from workbench.schedulers import LCM_ORIGINAL_STEPS
-
         cfg, schedule = self.config, self.batches.noise_schedule
-        target = copy.deepcopy(student).eval().requires_grad_(False)
         reward = load_reward(cfg.lcd_reward, self.base, student.device) if cfg.lcd_reward else None
         if reward is not None:
             self.report.log(f"lcd: reward {cfg.lcd_reward} with weight {cfg.lcd_reward_weight:g} (RG-LCD)")
-        return losses.LCDSetup(schedule.alphas_cumprod.to(student.device).float(),
-                               schedule.config.prediction_type, cfg.lcd_guidance, target, cfg.lcd_ema,
-                               cfg.lcd_loss, cfg.lcd_huber_c, LCM_ORIGINAL_STEPS, reward,
-                               cfg.lcd_reward_weight)  # fmt: skip
+        alphas = schedule.alphas_cumprod.to(student.device).float()  # (T,)
+        return lcd_setup(cfg, ema_target(student), alphas, schedule.config.prediction_type, reward)
 
     def precompute(self, k: int, teacher, setup: losses.KDSetup, acc) -> targets.TargetStore:
         """Stage ``k``'s teacher targets on disk (those still missing); the teacher then
@@ -267,8 +236,6 @@ class Distillation:
 
     def load_init_student(self) -> dict[str, Any]:
         from diffusers import UNet2DConditionModel
-
-        from workbench.distill_config import init_student_folder
 
         path = init_student_folder(self.config.init_student)
         self.report.log(f"stage 1: the student starts from {path}")
@@ -344,9 +311,6 @@ class Distillation:
 
     # 5. export: the last stage's student with its plan, layer map and model card
     def export(self) -> None:
-        from workbench.export import Student, finish_folder, local_paths
-        from workbench.modelcard import model_card
-
         student, spec = self.load_stage_student(len(self.specs) - 1), self.specs[-1]
         if not self.grids.path(self.total_steps).exists():
             self.save_grid(student, self.total_steps, self.sampler(len(self.specs) - 1))
@@ -383,32 +347,3 @@ def grid_sampler(config: DistillConfig, k: int) -> dict[str, Any] | None:
         return None
     sampler: dict[str, Any] = {"scheduler": "lcm", "steps": config.lcd_sample_steps}
     return sampler | {"guidance": 1.0} if config.lcd_lora_rank else sampler
-
-
-# The step the loop takes: the teacher's targets, the stage's objective, backward (gradients
-# accumulated over micro-batches), update. A function of the stage alone, so that other tools
-# (a memory estimate) can take the very same step.
-def train_step(stage: Stage, batches, g: int, cfg: DistillConfig) -> dict[str, float]:
-    """Optimizer step ``g`` of a stage (``batches(g, micro)`` gives its micro-batches); the
-    terms averaged over micro-batches and processes."""
-    acc = stage.accelerator
-    objective, totals = losses.OBJECTIVES[stage.kind], {}
-    for micro in range(cfg.grad_accum):
-        batch = batches(g, micro)
-        # the teacher's targets: its live forward, or read back where they were precomputed
-        teacher = targets.for_step(stage.teacher, batch, stage.setup, g, micro, objective.targets)
-        # Only the last micro-batch syncs gradients across processes.
-        sync = contextlib.nullcontext() if micro == cfg.grad_accum - 1 else acc.no_sync(stage.student)
-        with sync, acc.autocast():
-            terms = objective.loss(batch, stage.student, stage.raw, teacher, stage.setup)
-            acc.backward(terms["loss/total"] / cfg.grad_accum)
-        for key, value in terms.items():
-            totals[key] = totals.get(key, 0.0) + value.detach().float().item() / cfg.grad_accum
-    if cfg.max_grad_norm > 0:
-        acc.clip_grad_norm_(stage.student.parameters(), cfg.max_grad_norm)
-    stage.optimizer.step()
-    if objective.after_step is not None:
-        objective.after_step(stage.raw, stage.setup)
-    stage.schedule.step()
-    stage.optimizer.zero_grad(set_to_none=True)
-    return mean_across(acc, totals)

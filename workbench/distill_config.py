@@ -14,15 +14,21 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from workbench import data
+from workbench.catalog import build_catalog
 from workbench.cost import MAX_RESOLUTION
 from workbench.errors import ConfigError, WorkbenchError, flag
 from workbench.losses import LCD_LOSSES, OBJECTIVES, LossWeights
 from workbench.models import resolve_base
+from workbench.optim import check_optimizer_device
 from workbench.plan import PruningPlan
+from workbench.presets import load_preset
+from workbench.reward import FORMS, check_reward_spec
 from workbench.runs import RunDir
 from workbench.schedulers import LCM_MAX_STEPS, MAX_STEPS
-from workbench.sensitivity_kd import FEATURE_WEIGHTS
-from workbench.surgery import FEATURE_MODES
+from workbench.sensitivity import Calibration
+from workbench.sensitivity_kd import FEATURE_WEIGHTS, kept_layer_units
+from workbench.surgery import FEATURE_MODES, compile_plan, derive_stage_plan
 from workbench.trackers import REPORT_TO
 
 PRECISIONS = ("no", "bf16", "fp16")
@@ -179,8 +185,6 @@ def stage_fields(names: list[Any], objective: str | None = None) -> dict[str, An
     preset names, plan files or ``PruningPlan`` values, and ``lcd``, which repeats the plan
     before it as a latent consistency distillation stage. ``objective`` (with one plan) says
     what that stage optimises."""
-    from workbench.presets import load_preset
-
     plans, kinds = [], []
     for name in names:
         if name == LCD_STAGE:
@@ -374,8 +378,6 @@ def check_objectives(config: DistillConfig) -> None:
 
 def check_reward_fields(config: DistillConfig) -> None:
     """RG-LCD: a reward and a weight > 0 come together, on a run with an lcd stage."""
-    from workbench.reward import FORMS
-
     reward, weight = config.lcd_reward, config.lcd_reward_weight
     if reward is not None and (not isinstance(reward, str) or not reward.strip()):
         raise ConfigError("lcd_reward", "{field} is empty; give " + FORMS + ", or leave it out")
@@ -416,8 +418,6 @@ def check_combination(config: DistillConfig) -> None:
     if config.teacher_dtype == "fp16" and not use_cuda(config):
         raise ConfigError("teacher_dtype", "{teacher_dtype} fp16 needs a CUDA GPU; on CPU use bf16 or fp32")
     if config.optimizer != "adamw":
-        from workbench.optim import check_optimizer_device
-
         try:
             check_optimizer_device(config.optimizer, "cuda" if use_cuda(config) else "cpu")
         except WorkbenchError as err:
@@ -461,8 +461,6 @@ def use_cuda(config: DistillConfig) -> bool:
 
 def sensitivity_settings(config: DistillConfig):
     """The calibration settings of the run's sensitivity map (checked)."""
-    from workbench.sensitivity import Calibration
-
     names = {f.name for f in dataclasses.fields(Calibration)}
     settings = config.sensitivity_settings
     unknown = sorted(set(settings) - names) if isinstance(settings, dict) else None
@@ -482,8 +480,6 @@ def sensitivity_settings(config: DistillConfig):
 
 def check_data(config: DistillConfig) -> None:
     """Cheap checks of the data source before loading any model."""
-    from workbench import data
-
     try:
         data.check_source(config.data)
     except WorkbenchError as err:
@@ -492,9 +488,6 @@ def check_data(config: DistillConfig) -> None:
 
 def check_plans(config: DistillConfig, teacher_config: dict[str, Any]) -> list[Any]:
     """Compile every stage against the teacher (errors before any weight moves)."""
-    from workbench.catalog import build_catalog
-    from workbench.surgery import compile_plan, derive_stage_plan
-
     try:
         catalog = build_catalog(teacher_config)
         specs = [compile_plan(catalog, plan) for plan in config.plans()]
@@ -545,8 +538,6 @@ def _as_list(value: Any) -> Any:
 
 def check_guidance(config: DistillConfig, specs: list[Any]) -> None:
     """``freeze_sensitive`` must leave each stage's student something to freeze from."""
-    from workbench.sensitivity_kd import kept_layer_units
-
     n = config.freeze_sensitive
     for k, spec in enumerate(specs):
         kept = len(kept_layer_units(spec))
@@ -587,7 +578,6 @@ def check_base(config: DistillConfig, base=None):
 def check_reward(config: DistillConfig, base) -> None:
     """The reward's form, and a reward folder's config against the teacher, or the user's
     scorer found in its file or module (no weights read, a factory not called)."""
-    from workbench.reward import check_reward_spec
 
     try:
         check_reward_spec(config.lcd_reward, base)

@@ -24,17 +24,21 @@ import re
 import shutil
 import tempfile
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from workbench import evaluation, lora, sgm
 from workbench.catalog import build_catalog, meta_unet
 from workbench.dtypes import torch_dtype
 from workbench.errors import WorkbenchError
+from workbench.modelcard import model_card, public_name
 from workbench.models import Base, load_pipeline, load_unet, load_unet_folder, resolve_base
 from workbench.plan import PruningPlan
 from workbench.runs import ACTIVE, RunDir, effective_state
-from workbench.surgery import StudentSpec, build_student, compile_plan, save_plan_files
+from workbench.schedulers import is_w_conditioned, make_scheduler
+from workbench.student import Student, consistency_kind
+from workbench.surgery import build_student, compile_plan, save_plan_files
 
 FORMATS = {
     "diffusers": "the student's UNet as a diffusers folder (UNet2DConditionModel.from_pretrained)",
@@ -91,33 +95,6 @@ def check_base_for(fmt: str, base: Base) -> None:
 
 
 # --------------------------------------------------------------------------- students
-
-
-@dataclass(frozen=True)
-class Student:
-    """A student ready to export: its UNet (or None until loaded), spec, teacher and run."""
-
-    spec: StudentSpec
-    base: Base
-    unet: Any = field(default=None, repr=False)
-    folder: Path | None = None  # where a trained or exported student was read from
-    run: RunDir | None = None  # the distillation run that trained it
-
-    @property
-    def trained(self) -> bool:
-        return self.run is not None
-
-
-def consistency_kind(student: Student) -> str | None:
-    """How a consistency-distilled student samples: ``"w"`` (LCD with LCM's guidance embedding:
-    LCM steps, guidance as an input), ``"lora"`` (an LCM-LoRA run's student, adapters merged: LCM
-    steps without guidance, which is in its weights), None (the teacher's way)."""
-    from workbench.schedulers import is_w_conditioned
-
-    if is_w_conditioned(student.unet):
-        return "w"
-    config = (student.run.read_job().get("config") or {}) if student.run else {}
-    return "lora" if "lcd" in (config.get("objectives") or ()) and config.get("lcd_lora_rank") else None
 
 
 def student_from_plan(base: Base, plan: PruningPlan, teacher=None) -> Student:
@@ -247,9 +224,6 @@ def evaluate(student: Student, pipeline, prompts: int = 20, seeds: int = 2) -> d
     verdicts and PSNR/SSIM on the toy, PSNR/SSIM against the teacher elsewhere. Both sample at
     the base's guidance; a consistency-distilled student at ``LCD_EVAL_STEPS`` LCM steps, as it
     is meant to be sampled (``consistency_kind``)."""
-    from workbench import evaluation
-    from workbench.modelcard import public_name
-
     is_toy, guidance = student.base.kind == "toy", student.base.guidance
     evaluator = evaluation.Evaluator(
         pipeline, evaluation.default_samples(is_toy, prompts, seeds), checker=is_toy, guidance=guidance
@@ -294,9 +268,6 @@ def export(
     the card. ``lora_file``, a LoRA trained on the teacher, is remapped onto the student and
     written to ``lora/`` (``load_lora_weights(out / "lora")``).
     """
-    from workbench import lora
-    from workbench.modelcard import model_card
-
     check_format(fmt)
     dtype = check_dtype(dtype or default_dtype(fmt))
     check_base_for(fmt, student.base)
@@ -358,8 +329,6 @@ def _write_diffusers(student: Student, folder: Path, dtype: str, pipeline, stem:
 
 def check_student_for(fmt: str, student: Student) -> None:
     """A consistency-distilled (w-conditioned) student travels in the diffusers layouts only."""
-    from workbench.schedulers import is_w_conditioned
-
     if fmt in ("single-file", "checkpoint") and is_w_conditioned(student.unet):
         raise WorkbenchError(
             f"--format {fmt}: this student is consistency-distilled with a guidance embedding "
@@ -369,8 +338,6 @@ def check_student_for(fmt: str, student: Student) -> None:
 
 
 def _write_pipeline(student: Student, folder: Path, dtype: str, pipeline, stem: str) -> None:
-    from workbench.schedulers import make_scheduler
-
     components = {**pipeline.components, "unet": student.unet}
     if consistency_kind(student):  # a consistency-distilled student (LCD or LCM-LoRA) samples with LCM
         components["scheduler"] = make_scheduler("lcm", pipeline.scheduler)
@@ -392,8 +359,6 @@ def _recast_file(path: Path, dtype: str) -> None:
 
 
 def _write_single_file(student: Student, folder: Path, dtype: str, pipeline, stem: str) -> str:
-    from workbench import sgm
-
     state = sgm.unet_to_original(student.unet.state_dict(), student.spec.config)
     name = f"{stem}.safetensors"
     _save_safetensors(state, folder / name, dtype, student)
@@ -420,8 +385,6 @@ def checkpoint_state(student: Student, pipeline) -> dict[str, Any]:
     """
     import torch
 
-    from workbench import sgm
-
     state = sgm.unet_to_original(student.unet.state_dict(), student.spec.config)
     state |= sgm.vae_to_original(pipeline.vae.state_dict(), pipeline.vae.config)
     encoders = [getattr(pipeline, n, None) for n in ("text_encoder", "text_encoder_2")]
@@ -442,8 +405,6 @@ def checkpoint_state(student: Student, pipeline) -> dict[str, Any]:
 
 def _save_safetensors(state: dict[str, Any], path: Path, dtype: str, student: Student) -> None:
     from safetensors.torch import save_file
-
-    from workbench.modelcard import public_name
 
     metadata = {
         "format": "pt",

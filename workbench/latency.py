@@ -46,6 +46,7 @@ from workbench.dtypes import NAMES, fast_dtype, torch_dtype
 from workbench.errors import WorkbenchError
 from workbench.models import Base, load_unet, resolve_base
 from workbench.plan import PruningPlan
+from workbench.presets import load_preset
 from workbench.progress import Progress, report, scaled
 from workbench.surgery import StudentSpec, build_student, compile_plan
 
@@ -538,8 +539,6 @@ def profile_model(model, setup: LatencySetup, *, progress: Progress | None = Non
 
 def _atom_flops(setup: LatencySetup) -> dict[str, int]:
     """FLOPs per atom for ``batch`` images (counted at batch 1 on meta; linear in batch)."""
-    from workbench.cost import atom_flops
-
     per_image = atom_flops(
         build_catalog(setup.base.unet_config), setup.resolution, setup.base.vae_scale_factor
     )
@@ -636,8 +635,6 @@ def measure_speedup(
     """
     import torch
 
-    from workbench.presets import load_preset
-
     if not isinstance(repeats, int) or repeats < 1 or not isinstance(warmup, int) or warmup < 0:
         raise WorkbenchError(f"repeats ({repeats!r}) must be >= 1 and warmup ({warmup!r}) >= 0")
     setup = latency_setup(base, device, dtype, resolution, batch)
@@ -658,7 +655,7 @@ def measure_speedup(
         if own:
             del teacher
         free_memory(setup.device)
-    return _speedupreport(setup, plan, spec, profile, t_times, s_times, repeats, warmup)
+    return _speedupreport(setup, plan, spec, profile, t_times, s_times, warmup)
 
 
 def _interleaved(
@@ -671,8 +668,7 @@ def _interleaved(
         report(progress, 0.5 + 0.1 * i / max(warmup, 1), f"warm-up {i + 1}/{warmup}")
         time_forward(teacher, t_in, clock)
         time_forward(student, s_in, clock)
-    t_times: list[float] = []
-    s_times: list[float] = []
+    t_times, s_times = [], []  # seconds per round
     for i in range(repeats):
         report(progress, 0.6 + 0.4 * i / repeats, f"timing {i + 1}/{repeats}")
         pair = [(teacher, t_in, t_times), (student, s_in, s_times)]
@@ -689,7 +685,6 @@ def _speedupreport(
     profile: Profile,
     t_times: list[float],
     s_times: list[float],
-    repeats: int,
     warmup: int,
 ) -> dict[str, Any]:
     teacher_s, teacher_spread = _median_spread(t_times)
@@ -707,7 +702,7 @@ def _speedupreport(
         "dtype": setup.dtype,
         "resolution": setup.resolution,
         "batch": setup.batch,
-        "repeats": repeats,
+        "repeats": len(t_times),  # one time per round
         "warmup": warmup,
         "teacher_s": teacher_s,
         "student_s": student_s,

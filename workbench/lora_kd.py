@@ -17,8 +17,9 @@ from typing import Any
 
 import torch
 
-from workbench.catalog import atom_of
+from workbench.catalog import atom_of, build_catalog, meta_unet
 from workbench.errors import WorkbenchError
+from workbench.surgery import compile_plan, derive_stage_plan
 from workbench.topology import Stage, Topology
 
 ADAPTER = "distill"  # the adapter's name in the student
@@ -66,9 +67,6 @@ def changed_input_atoms(spec) -> list[str]:
 def init_spec(specs: list[Any], k: int):
     """The spec that maps stage ``k``'s student to the model it was built from: the teacher
     for the first stage, the previous stage's student after that."""
-    from workbench.catalog import build_catalog
-    from workbench.surgery import compile_plan, derive_stage_plan
-
     if k == 0:
         return specs[0]
     plan = derive_stage_plan(specs[k - 1], specs[k], name=f"stage-{k + 1}")
@@ -154,8 +152,6 @@ def merged(student, spec):
     """A stock ``UNet2DConditionModel`` of the student's config with the adapters folded
     into its weights (W + B A * alpha / r); the adapted student is left unchanged."""
     from peft.tuners.tuners_utils import BaseTunerLayer
-
-    from workbench.catalog import meta_unet
 
     state: dict[str, torch.Tensor] = {}
     for name, module in student.named_modules():

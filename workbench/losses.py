@@ -31,6 +31,7 @@ import torch
 import torch.nn.functional as F
 
 from workbench.hooks import FeatureCapture
+from workbench.schedulers import guidance_embedding
 
 
 @dataclass(frozen=True)
@@ -225,7 +226,6 @@ def consistency_function(unet: Callable, x: torch.Tensor, t: torch.Tensor, w: to
 def lcd_targets(teacher: torch.nn.Module, batch: dict[str, Any], setup: LCDSetup) -> ConsistencyTargets:
     """The guided teacher's DDIM step over the skipping interval, then the target network's
     consistency output there. The grid position comes from the batch's timestep (uniform)."""
-    from workbench.schedulers import guidance_embedding
 
     c = batch["consistency"]
     total = len(setup.alphas_cumprod)

@@ -1,50 +1,31 @@
 """Will it fit? The peak GPU memory of a distillation run, computed without allocating.
 
-The estimate runs the run's real training step (teacher forward with the feature hooks,
-student forward and backward, ``losses.distillation_loss``, gradient clipping, optimizer
-step) on *fake* tensors (``torch._subclasses.fake_tensor.FakeTensorMode``): every op
-computes shapes and dtypes, no memory is touched, so SDXL at 1024 px is estimated on a
-laptop CPU. Models are built on the meta device and turned into fake tensors; nothing is
-loaded. A dispatch-level tracker follows every tensor storage from creation to release and
-puts it in one category:
-
-- ``teacher``: the teacher's weights (in ``--teacher-dtype``);
-- ``weights``: the student's weights (fp32, as the recipe trains them);
-- ``target``: an ``lcd`` stage's EMA target network, a full copy of the student (its
-  guidance embedding or LCM-LoRA adapters included), never trained directly;
-- ``gradients``: the student's ``.grad`` tensors;
-- ``optimizer``: optimizer states, and the optimizer step's (and gradient clipping's)
-  temporary tensors;
-- ``activations``: everything else the step allocates: the batch, activations saved for
-  backward, autocast's low-precision weight copies, teacher outputs and captured features,
-  backward temporaries;
-- ``encoders``: the pipeline's text encoders and VAE. The recipe encodes the data once and
-  then parks them on the CPU, so a student step holds none of them (0); they come back,
-  with the teacher, only for sample grids (a note gives that figure for ``--sample-every``).
+The estimate builds each stage with the recipe's own assembly (``workbench.stage``: the
+student from its teacher, the teacher in its dtype, LCM's w-embedding, adapters, the EMA
+target network, what trains, gradient checkpointing) on the meta device, gives the models
+fake tensors (``torch._subclasses.fake_tensor.FakeTensorMode``), and takes the recipe's own
+step (``stage.train_step``: teacher forward with the feature hooks, student forward and
+backward, the stage objective, gradient clipping, optimizer step): every op computes shapes
+and dtypes, no memory is touched, so SDXL at 1024 px is estimated on a laptop CPU. Nothing
+is loaded. A tracker (``memory_tracker``) counts every tensor storage by category; the
+categories of the peak add up to its total. What would fit, and the report, are in
+``memory_advice``.
 
 An ``lcd`` stage (latent consistency distillation, ``losses.OBJECTIVES["lcd"]``) runs its
-own step: the guided teacher over the doubled batch (prompt and empty prompt) and the
+own step: the guided teacher over the doubled batch (prompt and empty prompt) and the EMA
 target network, both without gradients, then the student (with the guidance embedding, or
-LCM-LoRA adapters on its frozen weights) with them, and the target's EMA update.
+LCM-LoRA adapters on its frozen weights) with them, and the target network's EMA update.
 
 With ``--teacher-targets precompute`` the teacher runs first, over every micro-batch of the
 stage (phase ``precompute``: student weights and teacher resident, no optimizer states yet),
-and then leaves the device: a student step holds no teacher weights, only its targets read
-back from disk (``activations``); the bytes they take on disk per step are reported.
+and then leaves the device: a student step holds no teacher weights, only the teacher
+targets read back from disk (``activations``); the bytes they take on disk per step are
+reported.
 
-The categories of the peak add up to its total. The step is run once per stage; the peak is
-the steady state of a long run: optimizer states created by the first step are counted in
-every phase before it too (a later step's forward and backward run with them resident).
-
-``target`` says whose memory rules apply. ``cuda`` (default) is what the verdicts are for:
-AdamW and gradient clipping use their CUDA defaults (``foreach``, with a parameter-sized
-temporary), and mixed precision follows CUDA autocast's op lists (norms, upsampling,
-softmax and losses in fp32; convolutions, matmuls and attention in low precision), applied
-by a small emulation (``_CudaAutocast``) because fake tensors here live on the CPU. ``cpu``
-follows the CPU defaults and torch's own CPU autocast: that is the target the validation
-benchmark (``benchmarks/memory.py``) compares with the measured peak of the same real step.
-Attention runs through ``scaled_dot_product_attention`` on both (a fused kernel that never
-materialises the attention matrix, like flash / memory-efficient attention on a GPU).
+The step is run once per stage; the peak is the steady state of a long run: optimizer
+states created by the first step are counted in every phase before it too (a later step's
+forward and backward run with them resident). ``device`` (``cuda`` or ``cpu``) says whose
+memory rules apply (``memory_tracker``).
 """
 
 from __future__ import annotations
@@ -54,25 +35,48 @@ import dataclasses
 import json
 import math
 import time
-import weakref
 from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
-from torch.overrides import TorchFunctionMode
-from torch.utils._python_dispatch import TorchDispatchMode
-from torch.utils._pytree import tree_flatten
+from torch._subclasses.fake_tensor import FakeTensorMode
+from torch.fx.experimental.symbolic_shapes import ShapeEnv
 
+from workbench import losses, memory_advice, optim, stage
+from workbench.catalog import meta_unet
 from workbench.cost import MAX_RESOLUTION
+from workbench.distill_config import (
+    OPTIMIZERS,
+    PRECISIONS,
+    STAGE_TEACHERS,
+    TEACHER_DTYPES,
+    TEACHER_TARGETS,
+    check_lcd_combination,
+    check_objectives,
+    check_plans,
+)
 from workbench.errors import WorkbenchError
+from workbench.memory_tracker import (
+    CATEGORIES,  # noqa: F401  (the UI reads the categories here, beside the estimate)
+    DEVICES,
+    GIB,
+    Tracker,
+    autocast,
+    checkpoint,
+    fake_module,
+    gib,
+    optimizer_of,
+    state_bytes,
+    steady_peak,
+    storage_bytes,
+)
+from workbench.models import resolve_base
+from workbench.surgery import FEATURE_MODES
 from workbench.targets import TargetStore
 
-CATEGORIES = ("teacher", "weights", "target", "gradients", "optimizer", "activations", "encoders")
-TARGETS = ("cuda", "cpu")
 GPU_SIZES_GB = (16, 24, 40, 48, 80)
-GIB = 2**30
 # What a CUDA process holds beside its tensors: the context, cuBLAS/cuDNN workspaces (about
 # 0.5-1 GiB), and the caching allocator's rounding and fragmentation (reserved memory is
 # typically 5-15% above allocated). A verdict of "fits" keeps this margin free.
@@ -83,7 +87,6 @@ _BUILTIN_ENCODERS = {
     "sdxl-base": {"text_encoder": 123_060_480, "text_encoder_2": 694_659_840, "vae": 83_653_863},
     "sd15-base": {"text_encoder": 123_060_480, "vae": 83_653_863},
 }
-_DTYPE_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1}
 
 
 # --------------------------------------------------------------------------- result
@@ -102,7 +105,7 @@ class StagePeak:
     student_params: int
     trainable_params: int
     teacher_params: int
-    targets_disk_bytes: int = 0  # per optimizer step and process (--teacher-targets precompute)
+    teacher_targets_disk_bytes: int = 0  # per optimizer step and process (--teacher-targets precompute)
     kind: str = "kd"  # what the stage optimises (losses.OBJECTIVES)
 
     def to_dict(self) -> dict[str, Any]:
@@ -113,7 +116,7 @@ class StagePeak:
 class MemoryEstimate:
     """Peak device memory of a run: the largest stage peak, by category, with its verdicts."""
 
-    target: str
+    device: str  # whose memory rules: cuda or cpu (memory_tracker.DEVICES)
     stages: tuple[StagePeak, ...]
     settings: dict[str, Any]
     notes: tuple[str, ...]
@@ -154,7 +157,7 @@ class MemoryEstimate:
     def to_dict(self) -> dict[str, Any]:
         peak = self.peak
         return {
-            "target": self.target,
+            "device": self.device,
             "total_bytes": self.total,
             "total_gb": round(self.total / GIB, 3),
             "needed_gb": round(self.needed() / GIB, 3),
@@ -170,224 +173,7 @@ class MemoryEstimate:
         }
 
 
-# --------------------------------------------------------------------------- tracking
-
-
-class _Tracker(TorchDispatchMode):
-    """Bytes of every live tensor storage, by category; the peak of each phase of the step.
-
-    A storage is counted once, when an op first returns it, under the category current at
-    that moment (``claim`` files known tensors, e.g. weights, under their own); it leaves the
-    count when its storage is freed (a weakref callback).
-    """
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.current = dict.fromkeys(CATEGORIES, 0)
-        self.total = 0
-        self.category = "activations"
-        self.phase = "setup"
-        self.label = ""  # the micro-batch, when there are several
-        self.peaks: dict[str, tuple[int, dict[str, int]]] = {}
-        self._live: dict[int, list[Any]] = {}  # id(storage) -> [bytes, category, weakref]
-
-    def claim(self, tensor: torch.Tensor, category: str) -> None:
-        """Count ``tensor``'s storage under ``category`` (moving it there if already counted)."""
-        self._add(tensor, category, move=True)
-
-    def _add(self, tensor: torch.Tensor, category: str, move: bool) -> None:
-        storage = tensor.untyped_storage()
-        key = id(storage)
-        known = self._live.get(key)
-        if known is not None and known[2]() is storage:
-            if move and known[1] != category:
-                self.current[known[1]] -= known[0]
-                self.current[category] += known[0]
-                known[1] = category
-            return
-        size = storage.nbytes()
-        self._live[key] = [size, category, weakref.ref(storage, self._released(key))]
-        self.current[category] += size
-        self.total += size
-        best = self.peaks.get(self.phase)
-        if best is None or self.total > best[0]:
-            self.peaks[self.phase] = (self.total, dict(self.current))
-
-    def release(self, tensors: list[Any]) -> None:
-        """Stop counting ``tensors``' storages, as if freed: they left the device (parked on
-        the CPU, written to disk)."""
-        for tensor in tensors:
-            if isinstance(tensor, torch.Tensor):
-                self._released(id(tensor.untyped_storage()))(None)
-
-    def _released(self, key: int):
-        def release(_ref: Any) -> None:
-            record = self._live.pop(key, None)
-            if record is not None:
-                self.current[record[1]] -= record[0]
-                self.total -= record[0]
-
-        return release
-
-    def enter(self, phase: str, category: str = "activations") -> None:
-        """From now on the step is in ``phase`` (plus the micro-batch ``label``); new tensors
-        go to ``category``."""
-        self.phase, self.category = phase + self.label, category
-        best = self.peaks.get(self.phase)
-        if best is None or self.total > best[0]:
-            self.peaks[self.phase] = (self.total, dict(self.current))
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
-        for leaf in tree_flatten(out)[0]:
-            if isinstance(leaf, torch.Tensor):
-                self._add(leaf, self.category, move=False)
-        return out
-
-
-# --------------------------------------------------------------------------- CUDA autocast
-
-# CUDA autocast's op lists (torch's autocast_mode.h, AT_FORALL_* for CUDA), by the name of
-# the Python-level function that reaches them.
-_LOWER = frozenset(
-    "conv1d conv2d conv3d conv_transpose1d conv_transpose2d conv_transpose3d conv_tbc prelu "
-    "addmm addmv addr matmul __matmul__ __rmatmul__ einsum mm mv linear addbmm baddbmm bmm "
-    "chain_matmul multi_dot linalg_vecdot scaled_dot_product_attention".split()
-)
-_FP32 = frozenset(
-    "acos asin cosh erfinv exp expm1 log log10 log2 log1p reciprocal rsqrt sinh tan pow __pow__ "
-    "__rpow__ __rtruediv__ __rdiv__ softplus layer_norm group_norm cosine_similarity "
-    "poisson_nll_loss cosine_embedding_loss nll_loss hinge_embedding_loss kl_div l1_loss "
-    "smooth_l1_loss huber_loss mse_loss margin_ranking_loss multilabel_margin_loss soft_margin_loss "
-    "triplet_margin_loss multi_margin_loss binary_cross_entropy_with_logits dist pdist cdist renorm "
-    "logsumexp interpolate upsample upsample_nearest upsample_bilinear".split()
-)
-_FP32_OPT_DTYPE = frozenset("prod softmax log_softmax cumprod cumsum sum".split())
-_LOW = (torch.float16, torch.bfloat16)
-
-
-class _CudaAutocast(TorchFunctionMode):
-    """CUDA autocast's casting rules, applied to (fake) CPU tensors.
-
-    Like autocast, it casts before autograd records the op, so the low-precision copies are
-    what backward saves; casts of trainable weights are cached until the context exits.
-    """
-
-    def __init__(self, dtype: torch.dtype) -> None:
-        super().__init__()
-        self.dtype = dtype
-        self._cache: dict[int, tuple[Any, torch.Tensor]] = {}
-
-    def __exit__(self, *exc: Any) -> None:
-        self._cache.clear()
-        super().__exit__(*exc)
-
-    @contextlib.contextmanager
-    def reentered(self):
-        """The mode back on the stack (a checkpointed layer recomputing inside backward)."""
-        from torch.overrides import _pop_mode, _push_mode
-
-        _push_mode(self)
-        try:
-            yield
-        finally:
-            _pop_mode()
-
-    def _cast(self, value: Any, dtype: torch.dtype) -> Any:
-        if isinstance(value, (list, tuple)):
-            return type(value)(self._cast(v, dtype) for v in value)
-        if not isinstance(value, torch.Tensor) or not value.is_floating_point():
-            return value
-        if value.dtype in (dtype, torch.float64):
-            return value
-        if value.is_leaf and value.requires_grad and dtype in _LOW:
-            hit = self._cache.get(id(value))
-            if hit is not None and hit[0]() is value:
-                return hit[1]
-            cast = value.to(dtype)
-            self._cache[id(value)] = (weakref.ref(value), cast)
-            return cast
-        return value.to(dtype)
-
-    def __torch_function__(self, func, types, args=(), kwargs=None):
-        kwargs = dict(kwargs or {})
-        name = getattr(func, "__name__", "")
-        if name in _LOWER:
-            args = self._cast(args, self.dtype)
-            kwargs = {k: self._cast(v, self.dtype) for k, v in kwargs.items()}
-        elif name in _FP32:
-            args = self._cast(args, torch.float32)
-            kwargs = {k: self._cast(v, torch.float32) for k, v in kwargs.items()}
-        elif name in _FP32_OPT_DTYPE and kwargs.get("dtype") is None:
-            first = args[0] if args else None
-            if isinstance(first, torch.Tensor) and first.dtype in _LOW:
-                kwargs["dtype"] = torch.float32
-        return func(*args, **kwargs)
-
-
-def _checkpoint(module, *args):
-    """diffusers' gradient checkpointing (non-reentrant ``torch.utils.checkpoint``), with the
-    CUDA autocast emulation restored for the recompute, as checkpoint restores autocast."""
-    from torch.overrides import _get_current_function_mode_stack
-
-    outer = [m for m in _get_current_function_mode_stack() if isinstance(m, _CudaAutocast)]
-
-    def run(*inputs):
-        active = _get_current_function_mode_stack()
-        if not outer or outer[-1] in active:
-            return module(*inputs)
-        with outer[-1].reentered():
-            return module(*inputs)
-
-    return torch.utils.checkpoint.checkpoint(run, *args, use_reentrant=False)
-
-
-def _autocast(mixed_precision: str, target: str):
-    """The autocast context the recipe's student forward runs in (accelerate's, per target)."""
-    if mixed_precision == "no":
-        return contextlib.nullcontext()
-    dtype = torch.bfloat16 if mixed_precision == "bf16" else torch.float16
-    if target == "cuda":
-        return _CudaAutocast(dtype)
-    return torch.autocast("cpu", dtype=dtype)
-
-
-# --------------------------------------------------------------------------- models and batch
-
-
-def _unet(config: dict[str, Any], mode, dtype: torch.dtype, adapt=None):
-    """A ``UNet2DConditionModel`` of ``config`` whose tensors are fake (no memory, no init);
-    with ``mode`` None, a real one (random weights: for measuring the estimate). ``adapt``
-    changes the model before its tensors become fake (LoRA adapters)."""
-    from workbench.catalog import meta_unet
-
-    if mode is None:
-        from diffusers import UNet2DConditionModel
-
-        model = UNet2DConditionModel.from_config({k: v for k, v in config.items() if not k.startswith("_")})
-        model = model.to(dtype)
-        if adapt is not None:
-            adapt(model)
-        return model
-    model = meta_unet(config)
-    if adapt is not None:
-        adapt(model)
-    device = torch.device("cpu")
-    with torch.no_grad():
-        for module in model.modules():
-            for name, p in list(module._parameters.items()):
-                if p is not None:
-                    fake = torch._subclasses.fake_tensor.FakeTensor(
-                        mode, torch.empty_like(p, dtype=dtype), device
-                    )
-                    module._parameters[name] = torch.nn.Parameter(fake, requires_grad=p.requires_grad)
-            for name, b in list(module._buffers.items()):
-                if b is not None:
-                    b_dtype = dtype if b.is_floating_point() else b.dtype
-                    module._buffers[name] = torch._subclasses.fake_tensor.FakeTensor(
-                        mode, torch.empty_like(b, dtype=b_dtype), device
-                    )
-    return model
+# --------------------------------------------------------------------------- the batch
 
 
 @dataclass(frozen=True)
@@ -432,7 +218,7 @@ def _batch(shapes: _Shapes, batch_size: int, consistency: bool = False) -> dict[
         "timestep": torch.randint(0, 1000, (b,)),
         **_text(shapes, b, drop=False),
     }
-    batch = {"inputs": inputs, "target": torch.randn(b, c, s, s)}
+    batch = {"inputs": inputs, "target": torch.randn(b, c, s, s)}  # the task loss's target (data.Batches)
     if consistency:
         batch["consistency"] = {"latents": torch.randn(b, c, s, s), "noise": torch.randn(b, c, s, s),
                                 "u": torch.rand(b), "cond": _text(shapes, b, drop=False),
@@ -474,122 +260,62 @@ def _safetensors_numel(path: Path) -> int:
     return sum(math.prod(v["shape"]) for k, v in header.items() if k != "__metadata__")
 
 
-# --------------------------------------------------------------------------- the step
+# --------------------------------------------------------------------------- the stage and its step
 
 
-@dataclass
-class _Stage:
-    """One stage's fake models, as the recipe's ``Distillation.stage`` makes them."""
+def _unet(config: dict[str, Any], device: torch.device):
+    """The UNet of ``config`` in fp32 (as a pipeline loads it): on the meta device (no memory,
+    no init), or real on the CPU (random weights: for measuring the estimate)."""
+    from diffusers import UNet2DConditionModel  # lazy, as everywhere in the core
 
-    kind: str  # losses.OBJECTIVES
-    student: Any
-    teacher: Any
-    pairs: list[tuple[str, str]]
-    target: Any = None  # an lcd stage's EMA target network
-
-
-def _stage_models(config, base, specs, k: int, mode) -> _Stage:
-    from workbench.distill import TEACHER_DTYPES
-    from workbench.lora_kd import init_spec
-
-    spec, init = specs[k], init_spec(specs, k)  # init: the student's map to what it starts from
-    dtype, kind = TEACHER_DTYPES[config.teacher_dtype], config.stage_kind(k)
-    teacher_config, pairs = base.unet_config, spec.feature_pairs(config.feature_mode)
-    if k > 0 and config.stage_teacher == "previous":  # the original UNet is parked on the CPU
-        teacher_config, pairs = specs[k - 1].config, init.feature_pairs(config.feature_mode)
-    teacher = _unet(teacher_config, mode, dtype).eval().requires_grad_(False)
-    student_config, adapt = spec.config, _adapter(config, init, kind)
-    if kind == "lcd":
-        pairs = []
-        if not config.lcd_lora_rank:  # LCM's w-conditioning: surgery.with_guidance_embedding
-            from workbench.surgery import GUIDANCE_EMBED_DIM
-
-            student_config = dict(spec.config) | {"time_cond_proj_dim": GUIDANCE_EMBED_DIM}
-    student = _unet(student_config, mode, torch.float32, adapt).train()
-    if adapt is None:
-        student.requires_grad_(True)
-    target = None
-    if kind == "lcd":  # a copy of the student as it starts (adapters too), never trained
-        target = _unet(student_config, mode, torch.float32, adapt).eval().requires_grad_(False)
-    if config.gradient_checkpointing:
-        student.enable_gradient_checkpointing(_checkpoint)
-    return _Stage(kind, student, teacher, pairs, target)
+    if device.type == "meta":
+        return meta_unet(config)
+    return UNet2DConditionModel.from_config({k: v for k, v in config.items() if not k.startswith("_")})
 
 
-def _adapter(config, init, kind: str):
-    """What puts the stage's adapters on a student (None: full weights train): LoRA-enhanced
-    KD's, or LCM-LoRA's on an lcd stage."""
-    from workbench import lora_kd
+@dataclass(frozen=True)
+class _Models:
+    """One stage's models, as the recipe's ``Distillation.stage`` makes them."""
 
-    if kind == "lcd" and config.lcd_lora_rank:
-        return lambda model: lora_kd.add_consistency_adapters(model, config.lcd_lora_rank)
-    if kind != "lcd" and config.lora_rank:
-        return lambda model: lora_kd.add_adapters(model, init, config.lora_rank)
-    return None
+    stage: stage.StageModels
+    ema_target: Any  # an lcd stage's EMA target network (None for kd)
+    trainable: list[torch.Tensor]
 
 
-def _optimizer(config, params: list[torch.Tensor], target: str) -> torch.optim.Optimizer:
-    """The run's optimizer: AdamW with the target's default implementation (foreach on
-    CUDA), or 8-bit AdamW's states as bitsandbytes lays them out."""
-    from workbench.optim import make_optimizer
-
-    if config.optimizer == "adamw8bit":
-        return _AdamW8bitLayout(params, lr=config.lr)
-    optimizer = make_optimizer(params, config)
-    for group in optimizer.param_groups:  # torch's default differs by device: CUDA's is foreach
-        group["foreach"] = target == "cuda"
-    return optimizer
-
-
-class _AdamW8bitLayout(torch.optim.Optimizer):
-    """bitsandbytes' 8-bit AdamW, as far as memory goes: the same states (two uint8 moments
-    and an fp32 scale per block of 256 for tensors of >= 4096 elements, fp32 moments for
-    smaller ones, a shared 256-entry code book per moment), updated in place as its fused
-    kernel does (bitsandbytes' own step can't run on fake tensors: it reads values)."""
-
-    def __init__(self, params, lr: float) -> None:
-        super().__init__(params, {"lr": lr})
-        self._qmaps: tuple[torch.Tensor, torch.Tensor] | None = None
-
-    def _init_state(self, p: torch.Tensor) -> dict[str, Any]:
-        from workbench.optim import BLOCK, MIN_8BIT_SIZE
-
-        if p.numel() < MIN_8BIT_SIZE:
-            return {"step": 0, "state1": torch.zeros_like(p), "state2": torch.zeros_like(p)}
-        if self._qmaps is None:
-            self._qmaps = (torch.zeros(256, device=p.device), torch.zeros(256, device=p.device))
-        blocks = -(-p.numel() // BLOCK)
-        return {"step": 0, "state1": torch.zeros_like(p, dtype=torch.uint8),
-                "state2": torch.zeros_like(p, dtype=torch.uint8), "qmap1": self._qmaps[0],
-                "qmap2": self._qmaps[1], "absmax1": torch.zeros(blocks, device=p.device),
-                "absmax2": torch.zeros(blocks, device=p.device)}  # fmt: skip
-
-    @torch.no_grad()
-    def step(self, closure=None):
-        for group in self.param_groups:
-            for p in group["params"]:
-                if p.grad is None:
-                    continue
-                if p not in self.state or not self.state[p]:
-                    self.state[p] = self._init_state(p)
-                self.state[p]["step"] += 1
-                p.add_(p.grad, alpha=-group["lr"])
+def _stage_models(config, base, specs, k: int, mode) -> _Models:
+    """Stage ``k``'s models by the recipe's own assembly (``workbench.stage``), built on the
+    meta device and given fake tensors of ``mode``; with ``mode`` None, real ones (random
+    weights, on the CPU). Stage ``k``'s starting student (the stage before's) is a stock UNet
+    of its plan, as the recipe loads it."""
+    device = torch.device("meta" if mode is not None else "cpu")
+    original = _unet(base.unet_config, device)
+    previous = _unet(specs[k - 1].config, device) if k else None
+    models = stage.stage_models(config, specs, k, original, previous, device)
+    stage.add_adapters(config, specs, k, models, log=lambda _message: None)
+    ema_target = stage.ema_target(models.student) if models.kind == "lcd" else None
+    if mode is not None:
+        for module in (models.student, models.teacher, ema_target):
+            if module is not None:
+                fake_module(module, mode)
+    # freeze_sensitive is not applied (a note says so): every layer trains, an upper bound
+    trainable = stage.trainable(config, models.student.train(), [], checkpoint=checkpoint)
+    return _Models(models, ema_target, trainable)
 
 
 class _Accelerator:
-    """What ``distill.train_step`` asks of accelerate, for one process on ``target``; it
+    """What ``stage.train_step`` asks of accelerate, for one process on ``device``'s rules; it
     also tells the tracker where in the step it is."""
 
     num_processes = 1
 
-    def __init__(self, config, target: str, tracker: _Tracker) -> None:
-        self.config, self.target, self.tracker = config, target, tracker
+    def __init__(self, config, device: str, tracker: Tracker) -> None:
+        self.config, self.device, self.tracker = config, device, tracker
 
     def no_sync(self, _model):
         return contextlib.nullcontext()
 
     def autocast(self):
-        return _autocast(self.config.mixed_precision, self.target)
+        return autocast(self.config.mixed_precision, self.device)
 
     def backward(self, loss: torch.Tensor) -> None:
         self.tracker.enter("backward")
@@ -597,22 +323,16 @@ class _Accelerator:
 
     def clip_grad_norm_(self, params, max_norm: float):
         self.tracker.enter("optimizer step", "optimizer")
-        return torch.nn.utils.clip_grad_norm_(params, max_norm, foreach=self.target == "cuda")
+        return torch.nn.utils.clip_grad_norm_(params, max_norm, foreach=self.device == "cuda")
 
 
-def _setup(config, models: _Stage, schedule: tuple[list[float], str] | None = None):
-    """The stage objective's setup, as the recipe makes it (``Distillation.stage``,
-    ``Distillation.lcd_setup``); an lcd stage's needs the teacher's ``_noise_schedule``."""
-    from workbench import losses
-
-    if models.kind == "lcd":
-        from workbench.schedulers import LCM_ORIGINAL_STEPS
-
+def _objective_setup(config, models: _Models, schedule: tuple[list[float], str] | None = None):
+    """The stage objective's setup, by the recipe's own functions; an lcd stage's needs the
+    teacher's ``_noise_schedule`` (the reward of RG-LCD is left out: a note says so)."""
+    if models.stage.kind == "lcd":
         alphas, prediction = torch.tensor(schedule[0]), schedule[1]  # (T,) on the device
-        return losses.LCDSetup(alphas, prediction, config.lcd_guidance, models.target, config.lcd_ema,
-                               config.lcd_loss, config.lcd_huber_c, LCM_ORIGINAL_STEPS)  # fmt: skip
-    pairs = models.pairs if config.w_feat > 0 else []
-    return losses.KDSetup(config.weights, pairs, config.normalize_features, None)
+        return stage.lcd_setup(config, models.ema_target, alphas, prediction)
+    return stage.kd_setup(config, models.stage.pairs)
 
 
 def _noise_schedule(base) -> tuple[list[float], str]:
@@ -627,86 +347,103 @@ def _noise_schedule(base) -> tuple[list[float], str]:
 
 
 @dataclass(frozen=True)
-class _Stored(TargetStore):
-    """Precomputed targets as a step reads them back: fresh device tensors each read."""
+class _ReadBackTargets(TargetStore):
+    """Precomputed teacher targets as a step reads them back: fresh device tensors each read."""
 
     held: Any = None  # losses.TeacherTargets
 
     def read(self, g: int, micro: int):
-        from workbench.losses import TeacherTargets
-
         pred = None if self.held.pred is None else torch.empty_like(self.held.pred)
-        return TeacherTargets(pred, {k: torch.empty_like(v) for k, v in self.held.features.items()})
+        return losses.TeacherTargets(pred, {k: torch.empty_like(v) for k, v in self.held.features.items()})
 
 
-def _precompute(config, models: _Stage, shapes: _Shapes, tracker: _Tracker) -> tuple[_Stored, int]:
+def _precompute(config, models: _Models, shapes: _Shapes, tracker: Tracker) -> tuple[_ReadBackTargets, int]:
     """The recipe's precompute before a stage (a micro-batch stands for all): the teacher's
-    forward with the student's weights resident, then teacher and targets leave the device.
-    Returns the store the step reads from and the targets' bytes per micro-batch."""
-    from workbench import losses
-
+    forward with the student's weights resident, then teacher and its targets leave the
+    device. Returns the store the step reads the teacher targets from and their bytes per
+    micro-batch."""
     tracker.enter("precompute (teacher targets)")
-    held = losses.teacher_targets(models.teacher, _batch(shapes, config.batch_size), _setup(config, models))
+    teacher = models.stage.teacher
+    held = losses.teacher_targets(
+        teacher, _batch(shapes, config.batch_size), _objective_setup(config, models)
+    )
     tensors = [held.pred, *held.features.values()]
-    tracker.release([*tensors, *models.teacher.parameters(), *models.teacher.buffers()])
+    tracker.release([*tensors, *teacher.parameters(), *teacher.buffers()])
     size = sum(t.numel() * t.element_size() for t in tensors if t is not None)
-    return _Stored(Path("."), held=held), size
+    return _ReadBackTargets(Path("."), held=held), size
 
 
-def _train_step(config, models: _Stage, optimizer, shapes: _Shapes, target: str, tracker: _Tracker,
-                store: _Stored | None = None, schedule=None) -> None:  # fmt: skip
-    """The recipe's own optimizer step (``distill.train_step``), phases marked for the tracker.
+def _train_step(
+    config,
+    models: _Models,
+    optimizer,
+    shapes: _Shapes,
+    device: str,
+    tracker: Tracker,
+    store: _ReadBackTargets | None = None,
+    schedule=None,
+) -> None:
+    """The recipe's own optimizer step (``stage.train_step``), phases marked for the tracker.
 
     Two micro-batches stand for any gradient accumulation: from the second on, the
     gradients of the earlier ones are resident while the next runs.
     """
-    from workbench import distill, optim
-
     config = dataclasses.replace(config, grad_accum=min(config.grad_accum, 2))
-    labels = config.grad_accum > 1
+    labels, m = config.grad_accum > 1, models.stage
 
     def batches(_g: int, micro: int) -> dict[str, Any]:
         tracker.label = f" (micro-batch {micro + 1})" if labels else ""
         tracker.enter("batch")
-        return _batch(shapes, config.batch_size, consistency=models.kind == "lcd")
+        return _batch(shapes, config.batch_size, consistency=m.kind == "lcd")
 
-    setup = _setup(config, models, schedule)
+    setup = _objective_setup(config, models, schedule)
     handles = [
-        models.teacher.register_forward_pre_hook(lambda *_: tracker.enter("teacher forward")),
-        models.student.register_forward_pre_hook(lambda *_: tracker.enter("student forward")),
+        m.teacher.register_forward_pre_hook(lambda *_: tracker.enter("teacher forward")),
+        m.student.register_forward_pre_hook(lambda *_: tracker.enter("student forward")),
         optimizer.register_step_pre_hook(lambda *_: tracker.enter("optimizer step", "optimizer")),
     ]
-    if models.target is not None:
-        handles.append(models.target.register_forward_pre_hook(lambda *_: tracker.enter("target forward")))
-    stage = distill.Stage(0, models.kind, models.student, models.student, store or models.teacher, setup,
-                          optimizer, optim.make_schedule(optimizer, config), _Accelerator(config, target, tracker), 0)  # fmt: skip
+    if models.ema_target is not None:
+        handles.append(
+            models.ema_target.register_forward_pre_hook(lambda *_: tracker.enter("target forward"))
+        )
+    accelerator = _Accelerator(config, device, tracker)
+    run = stage.Stage(
+        0,
+        m.kind,
+        m.student,
+        m.student,
+        store or m.teacher,
+        setup,
+        optimizer,
+        optim.make_schedule(optimizer, config),
+        accelerator,
+        0,
+    )
     try:
-        distill.train_step(stage, batches, 0, config)
+        stage.train_step(run, batches, 0, config)
     finally:
         for handle in handles:
             handle.remove()
 
 
-def _stage_peak(config, base, specs, k: int, shapes: _Shapes, target: str, fake: bool = True) -> StagePeak:
-    from torch._subclasses.fake_tensor import FakeTensorMode
-    from torch.fx.experimental.symbolic_shapes import ShapeEnv
-
+def _stage_peak(config, base, specs, k: int, shapes: _Shapes, device: str, fake: bool = True) -> StagePeak:
     # a shape environment lets the step read its loss terms (``.item()``) as symbols
     mode = FakeTensorMode(shape_env=ShapeEnv()) if fake else None
     models = _stage_models(config, base, specs, k, mode)
-    trainable = [p for p in models.student.parameters() if p.requires_grad]
-    tracker = _Tracker()
+    student, teacher = models.stage.student, models.stage.teacher
+    tracker = Tracker()
     precompute, disk = config.teacher_targets == "precompute", 0
-    schedule = _noise_schedule(base) if models.kind == "lcd" else None  # real values, before the mode
-    for t in (*models.teacher.parameters(), *models.teacher.buffers()):
+    schedule = _noise_schedule(base) if models.stage.kind == "lcd" else None  # real values, before the mode
+    for t in (*teacher.parameters(), *teacher.buffers()):
         tracker.claim(t, "teacher")
-    for t in (*models.student.parameters(), *models.student.buffers()):
+    for t in (*student.parameters(), *student.buffers()):
         tracker.claim(t, "weights")
-    target_tensors = [*models.target.parameters(), *models.target.buffers()] if models.target else []
-    for t in target_tensors:
-        tracker.claim(t, "target")
+    ema_tensors = [*models.ema_target.parameters(), *models.ema_target.buffers()] if models.ema_target else []
+    for t in ema_tensors:
+        tracker.claim(t, "ema_target")
     hooks = [
-        p.register_post_accumulate_grad_hook(lambda p: tracker.claim(p.grad, "gradients")) for p in trainable
+        p.register_post_accumulate_grad_hook(lambda p: tracker.claim(p.grad, "gradients"))
+        for p in models.trainable
     ]
     try:
         with mode or contextlib.nullcontext():
@@ -714,14 +451,14 @@ def _stage_peak(config, base, specs, k: int, shapes: _Shapes, target: str, fake:
             if precompute:  # before the optimizer exists, as the recipe does it
                 with tracker:
                     store, disk = _precompute(config, models, shapes, tracker)
-            optimizer = _optimizer(config, trainable, target)
+            optimizer = optimizer_of(config, models.trainable, device)
             with tracker:
-                _train_step(config, models, optimizer, shapes, target, tracker, store, schedule)
-            states = _state_bytes(optimizer)
+                _train_step(config, models, optimizer, shapes, device, tracker, store, schedule)
+            states = state_bytes(optimizer)
     finally:
         for hook in hooks:
             hook.remove()
-    phase, total, categories = _steady_peak(tracker.peaks, states)
+    phase, total, categories = steady_peak(tracker.peaks, states)
     spec = specs[k]
     return StagePeak(
         stage=k + 1,
@@ -730,23 +467,20 @@ def _stage_peak(config, base, specs, k: int, shapes: _Shapes, target: str, fake:
         categories=categories,
         phase=phase,
         resident={
-            "weights": _storage_bytes([*models.student.parameters(), *models.student.buffers()]),
-            "teacher": 0
-            if precompute
-            else _storage_bytes([*models.teacher.parameters(), *models.teacher.buffers()]),
+            "weights": storage_bytes([*student.parameters(), *student.buffers()]),
+            "teacher": 0 if precompute else storage_bytes([*teacher.parameters(), *teacher.buffers()]),
             "optimizer_states": states,
-            "target": _storage_bytes(target_tensors),
+            "ema_target": storage_bytes(ema_tensors),
             "encoders": 0,  # parked on the CPU during student steps
         },
         student_params=spec.student_params,
-        trainable_params=sum(p.numel() for p in trainable),
-        teacher_params=sum(p.numel() for p in models.teacher.parameters()),
-        targets_disk_bytes=disk * config.grad_accum,
-        kind=models.kind,
+        trainable_params=sum(p.numel() for p in models.trainable),
+        teacher_params=sum(p.numel() for p in teacher.parameters()),
+        teacher_targets_disk_bytes=disk * config.grad_accum,
+        kind=models.stage.kind,
     )
 
 
-# Stage peaks already estimated in this process (the app's repeated estimates, the ladder of
 # suggestions, a kd stage shared by runs that differ later): exact, since a stage's peak is a
 # pure function of the key below. Most of an estimate is fake-tensor dispatch (~0.3 ms an op).
 _PEAKS: OrderedDict[str, StagePeak] = OrderedDict()
@@ -757,63 +491,31 @@ _NOT_IN_A_STEP = ("steps", "seed", "data", "toy_samples", "log_every", "checkpoi
                   "teacher_image_guidance")  # fmt: skip
 
 
-def _peak_key(config, base, k: int, target: str) -> str:
+def _peak_key(config, base, k: int, device: str) -> str:
     """What stage ``k``'s peak depends on: the options, the stages up to it (its plan and
-    the one it starts from) and their kinds, the teacher's UNet and files, the target."""
+    the one it starts from) and their kinds, the teacher's UNet and files, the device's rules."""
     fields = {n: v for n, v in config.to_dict().items() if n not in _NOT_IN_A_STEP}
     fields |= {
         "stages": fields["stages"][: k + 1],
         "objectives": [config.stage_kind(i) for i in range(k + 1)],
     }
     teacher = {"name": base.name, "location": str(base.location), "unet": base.unet_config}
-    return json.dumps([fields, teacher, k, target, torch.__version__], sort_keys=True, default=str)
+    return json.dumps([fields, teacher, k, device, torch.__version__], sort_keys=True, default=str)
 
 
-def _cached_stage_peak(config, base, specs, k: int, shapes: _Shapes, target: str,
+def _cached_stage_peak(config, base, specs, k: int, shapes: _Shapes, device: str,
                        fake: bool) -> tuple[StagePeak, bool]:  # fmt: skip
     """(stage ``k``'s peak, whether it was kept from an earlier estimate)."""
     if not fake:  # the real step is the check of the fake one: always run
-        return _stage_peak(config, base, specs, k, shapes, target, fake), False
-    key = _peak_key(config, base, k, target)
+        return _stage_peak(config, base, specs, k, shapes, device, fake), False
+    key = _peak_key(config, base, k, device)
     peak = _PEAKS.get(key)
     if peak is None:
-        _PEAKS[key] = _stage_peak(config, base, specs, k, shapes, target, fake)
+        _PEAKS[key] = _stage_peak(config, base, specs, k, shapes, device, fake)
         while len(_PEAKS) > _PEAKS_KEPT:
             _PEAKS.popitem(last=False)
     _PEAKS.move_to_end(key)
     return _PEAKS[key], peak is not None
-
-
-def _state_bytes(optimizer: torch.optim.Optimizer) -> int:
-    return _storage_bytes([v for state in optimizer.state.values() for v in state.values()])
-
-
-def _storage_bytes(values: list[Any]) -> int:
-    """Bytes of the distinct storages behind ``values`` (views and shared storages once)."""
-    seen: dict[int, int] = {}
-    for value in values:
-        if isinstance(value, torch.Tensor):
-            storage = value.untyped_storage()
-            seen[id(storage)] = storage.nbytes()
-    return sum(seen.values())
-
-
-def _steady_peak(
-    peaks: dict[str, tuple[int, dict[str, int]]], states: int
-) -> tuple[str, int, dict[str, int]]:
-    """The step's peak in a long run: phases before the first optimizer step ran without the
-    optimizer states it created; every later step runs them with the states resident."""
-    best: tuple[str, int, dict[str, int]] | None = None
-    for phase, (total, categories) in peaks.items():
-        categories = dict(categories)
-        if not phase.startswith(("optimizer step", "precompute")):  # precompute: no optimizer yet
-            categories["optimizer"] += states
-            total += states
-        if best is None or total > best[1]:
-            best = (phase, total, categories)
-    if best is None or sum(best[2].values()) != best[1]:
-        raise RuntimeError("memory tracker lost count: categories do not add up to the total")
-    return best
 
 
 # --------------------------------------------------------------------------- the estimate
@@ -835,33 +537,31 @@ def resolution_of(config, base) -> int:
     return resolution
 
 
-def check_target(target: str) -> str:
-    if target not in TARGETS:
-        raise WorkbenchError(f"unknown memory target {target!r}; choose one of {', '.join(TARGETS)}")
-    return target
+def check_device(device: str) -> str:
+    """Whose memory rules the estimate follows (the memory command's ``--target``)."""
+    if device not in DEVICES:
+        raise WorkbenchError(f"unknown memory target {device!r}; choose one of {', '.join(DEVICES)}")
+    return device
 
 
-def estimate(config, target: str = "cuda", fake: bool = True, ranks: int = 1) -> MemoryEstimate:
-    """Peak memory of one process of a run of ``config`` (a ``DistillConfig``), on ``target``;
-    with ``ranks`` > 1, of one of that many FSDP processes (``shard``).
+def estimate(config, device: str = "cuda", fake: bool = True, ranks: int = 1) -> MemoryEstimate:
+    """Peak memory of one process of a run of ``config`` (a ``DistillConfig``), on ``device``'s
+    rules (cuda or cpu); with ``ranks`` > 1, of one of that many FSDP processes (``shard``).
 
     Nothing is loaded or allocated; models are built from their configs. Seconds for SDXL
     at 1024 px on a CPU, most of it running the fake step. ``fake=False`` runs the same step
     on real tensors (random weights, on the CPU) under the same tracker: the tests compare
     the two.
     """
-    from workbench.distill_config import check_plans
-    from workbench.models import resolve_base
-
     started = time.perf_counter()
-    check_target(target)
+    check_device(device)
     _check(config)
     check_ranks(config, ranks)
     base = resolve_base(config.base)
     specs = check_plans(config, base.unet_config)
     shapes = _shapes(base, resolution_of(config, base))
     encoders, note = encoder_bytes(base)
-    found = [_cached_stage_peak(config, base, specs, k, shapes, target, fake) for k in range(len(specs))]
+    found = [_cached_stage_peak(config, base, specs, k, shapes, device, fake) for k in range(len(specs))]
     peaks, reused = tuple(peak for peak, _ in found), sum(hit for _, hit in found)
     if ranks > 1:
         peaks = tuple(
@@ -881,7 +581,7 @@ def estimate(config, target: str = "cuda", fake: bool = True, ranks: int = 1) ->
             "the estimate trains every layer (an upper bound)"
         )
     return MemoryEstimate(
-        target=target,
+        device=device,
         stages=peaks,
         settings=settings_of(config, base, shapes.latent_size * base.vae_scale_factor) | {"ranks": ranks},
         notes=tuple(notes),
@@ -913,8 +613,6 @@ def check_ranks(config, ranks: int) -> None:
 
 def unit_bytes(student_config: dict[str, Any]) -> tuple[int, list[int]]:
     """(bytes of the parameters outside any FSDP unit: the root's, bytes of each unit), fp32."""
-    from workbench.catalog import meta_unet
-
     model = meta_unet(student_config)
     units = [
         4 * sum(p.numel() for p in m.parameters()) for m in model.modules() if type(m).__name__ in FSDP_UNITS
@@ -970,16 +668,6 @@ def _sampling_note(config, peaks: tuple[StagePeak, ...], encoders: int) -> str |
 
 def _check(config) -> None:
     """The options the estimate reads, checked as the recipe checks them (device aside)."""
-    from workbench.distill_config import (
-        OPTIMIZERS,
-        PRECISIONS,
-        STAGE_TEACHERS,
-        TEACHER_DTYPES,
-        TEACHER_TARGETS,
-        check_lcd_combination,
-        check_objectives,
-    )
-    from workbench.surgery import FEATURE_MODES
 
     checks = [
         (isinstance(config.batch_size, int) and config.batch_size > 0, f"batch size must be > 0, got {config.batch_size!r}"),
@@ -1025,164 +713,20 @@ def settings_of(config, base, resolution: int) -> dict[str, Any]:
 # --------------------------------------------------------------------------- what would fit
 
 
-@dataclass(frozen=True)
-class LeanOption:
-    """One memory-saving change to a run's config, cheapest (in quality and speed) first."""
-
-    name: str
-    flags: str  # how the user asks for it
-    applies: Any  # config -> bool: would it change anything?
-    apply: Any  # config -> config
-
-
-def _halve_batch(config):
-    return dataclasses.replace(config, batch_size=config.batch_size // 2, grad_accum=config.grad_accum * 2)
-
-
-LEAN_OPTIONS: tuple[LeanOption, ...] = (
-    LeanOption(
-        "teacher in bf16",
-        "--teacher-dtype bf16",
-        lambda c: c.teacher_dtype == "fp32",
-        lambda c: dataclasses.replace(c, teacher_dtype="bf16"),
-    ),
-    LeanOption(
-        "bf16 mixed precision",
-        "--mixed-precision bf16",
-        lambda c: c.mixed_precision == "no",
-        lambda c: dataclasses.replace(c, mixed_precision="bf16"),
-    ),
-    LeanOption(
-        "gradient checkpointing (slower steps, same result)",
-        "--gradient-checkpointing",
-        lambda c: not c.gradient_checkpointing,
-        lambda c: dataclasses.replace(c, gradient_checkpointing=True),
-    ),
-    LeanOption(
-        "teacher targets precomputed to disk (the teacher off the GPU during student steps)",
-        "--teacher-targets precompute",
-        lambda c: (
-            c.teacher_targets == "live"
-            and not c.has_lcd  # an lcd stage's targets need the live teacher and target network
-            and (c.w_out > 0 or (c.w_feat > 0 and c.feature_mode != "none"))
-        ),
-        lambda c: dataclasses.replace(c, teacher_targets="precompute"),
-    ),
-    LeanOption(
-        "8-bit AdamW (bitsandbytes; a quarter of AdamW's states)",
-        "--optimizer adamw8bit",
-        lambda c: c.optimizer == "adamw",
-        lambda c: dataclasses.replace(c, optimizer="adamw8bit"),
-    ),
-    LeanOption(
-        "LoRA-enhanced distillation (adapters where a layer's input is unchanged)",
-        "--lora-rank 64",
-        lambda c: c.lora_rank == 0 and not c.has_lcd,
-        lambda c: dataclasses.replace(c, lora_rank=64),
-    ),
-    LeanOption(
-        "LCM-LoRA (adapters on the frozen student; its target network copies them)",
-        "--lcd-lora-rank 64",
-        lambda c: c.has_lcd and c.lcd_lora_rank == 0,
-        lambda c: dataclasses.replace(c, lcd_lora_rank=64),
-    ),
-    LeanOption(
-        "half the batch, twice the accumulation (same effective batch, slower)",
-        "--batch-size B/2 --grad-accum 2A",
-        lambda c: c.batch_size > 1 and c.batch_size % 2 == 0,
-        _halve_batch,
-    ),
-)
-
-
 def suggestions(
     config, first: MemoryEstimate, sizes_gb: tuple[int, ...] = GPU_SIZES_GB
 ) -> list[dict[str, Any]]:
-    """For each GPU size the run does not fit, the cheapest options that make it fit.
-
-    Options are added one at a time, cheapest first (``LEAN_OPTIONS``; halving the batch
-    repeats down to 1), each rung estimated like the run itself, until every size fits or
-    nothing is left to add.
-    """
-    ladder = [([], config, first)]
-    missing = [gb for gb in sizes_gb if _verdict(first, gb) != "fits"]
-    while missing:
-        options, current, _ = ladder[-1]
-        option = next((o for o in LEAN_OPTIONS if o.applies(current)), None)
-        if option is None:
-            break
-        changed = option.apply(current)
-        result = estimate(changed, first.target, ranks=first.settings.get("ranks", 1))
-        ladder.append(([*options, option], changed, result))
-        missing = [gb for gb in missing if _verdict(result, gb) != "fits"]
-    rows = []
-    for gb in sizes_gb:
-        if _verdict(first, gb) == "fits":
-            continue
-        rung = next((r for r in ladder if _verdict(r[2], gb) == "fits"), None)
-        rows.append(_suggestion_row(gb, rung))
-    return rows
-
-
-def _verdict(result: MemoryEstimate, gb: int) -> str:
-    return next(v["verdict"] for v in result.verdicts((gb,)))
-
-
-def _suggestion_row(gb: int, rung) -> dict[str, Any]:
-    if rung is None:
-        return {"gpu_gb": gb, "fits": False, "options": [], "flags": "", "total_gb": None}
-    options, changed, result = rung
-    flags = [o.flags for o in dict.fromkeys(options) if o.apply is not _halve_batch]
-    if any(o.apply is _halve_batch for o in options):
-        flags.append(f"--batch-size {changed.batch_size} --grad-accum {changed.grad_accum}")
-    return {
-        "gpu_gb": gb,
-        "fits": True,
-        "options": list(dict.fromkeys(o.name for o in options)),
-        "flags": " ".join(flags),
-        "total_gb": round(result.total / GIB, 3),
-    }
-
-
-def gib(n: int) -> str:
-    return f"{n / GIB:.2f} GiB"
-
-
-def report(result: MemoryEstimate, hints: list[dict[str, Any]] | None = None) -> str:
-    """The estimate as plain text (the CLI prints it; the app shows it before Launch)."""
-    s = result.settings
-    plans = [f"{p} (lcd)" if kind == "lcd" else str(p) for p, kind in zip(s["plans"], s["stage_kinds"])]
-    lines = [
-        f"peak {gib(result.total)} per process ({result.target}) for {', '.join(plans)} on "
-        f"{s['base']}, {s['resolution']} px, batch {s['batch_size']} x {s['grad_accum']} accumulation, "
-        f"teacher {s['teacher_dtype']}, mixed precision {s['mixed_precision']}, gradient checkpointing "
-        f"{'on' if s['gradient_checkpointing'] else 'off'}, teacher targets {s['teacher_targets']}; the peak is in stage {result.peak.stage}'s "
-        f"{result.peak.phase}",
-    ]
-    for name in CATEGORIES:
-        lines.append(f"  {name:<12} {gib(result.categories[name]):>12}")
-    lines.append(f"  needs about {gib(result.needed())} with the CUDA context and allocator margin")
-    disk = max(st.targets_disk_bytes for st in result.stages)
-    if disk:
-        lines.append(
-            f"  precomputed teacher targets take {disk / 2**20:.1f} MiB of disk per step and process "
-            f"({gib(disk * 1000)} per 1000 steps)"
-        )
-    lines.append("  " + "   ".join(f"{v['gpu_gb']} GB: {v['verdict']}" for v in result.verdicts()))
-    for row in hints or []:
-        if row["fits"]:
-            lines.append(f"  to fit {row['gpu_gb']} GB: {row['flags']} (peak {row['total_gb']:.2f} GiB)")
-        else:
-            lines.append(f"  {row['gpu_gb']} GB: does not fit with the options the estimate knows")
-    lines.extend(f"  note: {n}" for n in result.notes)
-    return "\n".join(lines)
+    """For each GPU size the run does not fit, the cheapest options that make it fit, each rung
+    estimated like the run itself (``memory_advice.ladder``)."""
+    ranks = first.settings.get("ranks", 1)
+    return memory_advice.ladder(config, first, lambda c: estimate(c, first.device, ranks=ranks), sizes_gb)
 
 
 def out_of_memory(config, accelerator=None) -> str:
     """The one-line error of a run that ran out of memory: on a GPU, the cheapest options the
     estimate says fit it; otherwise (or if none does) the options not tried yet."""
     device = getattr(accelerator, "device", None)
-    untried = [o.flags for o in LEAN_OPTIONS if o.applies(config)]
+    untried = memory_advice.untried(config)
     where = f"out of memory on {device}" if device is not None else "out of memory"
     if device is not None and torch.device(device).type == "cuda":
         capacity = torch.cuda.get_device_properties(device).total_memory / GIB

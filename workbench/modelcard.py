@@ -13,14 +13,19 @@ from __future__ import annotations
 import json
 import re
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from workbench.catalog import REST, build_catalog
+from workbench.cost import unet_flops
 from workbench.errors import WorkbenchError
-from workbench.models import Base
-
-if TYPE_CHECKING:
-    from workbench.export import Student
+from workbench.evaluation import format_result
+from workbench.models import Base, resolve_base
+from workbench.reward import public_name as reward_name
+from workbench.runs import read_json, read_metrics
+from workbench.sensitivity_kd import GUIDANCE_FILE
+from workbench.sgm import client_support
+from workbench.student import Student, consistency_kind
+from workbench.surgery import student_spec
 
 # Hub ids of the built-in configs, and the licenses of well-known teachers.
 BUILTIN_HUB_IDS = {
@@ -219,8 +224,6 @@ def _job_config(student: Student) -> dict[str, Any]:
 
 
 def _size(student: Student) -> str:
-    from workbench.cost import unet_flops
-
     spec, base = student.spec, student.base
     resolution = int(base.unet_config.get("sample_size", 64)) * base.vae_scale_factor
     teacher = unet_flops(base.unet_config, resolution, base.vae_scale_factor)
@@ -257,8 +260,6 @@ def _removed(student: Student) -> str:
 def _distillation(student: Student) -> str:
     if not student.trained:
         return ""
-    from workbench.runs import read_json, read_metrics
-    from workbench.sensitivity_kd import GUIDANCE_FILE
 
     c = _job_config(student)
     rows, _ = read_metrics(student.run.metrics)
@@ -288,11 +289,9 @@ def _distillation(student: Student) -> str:
             f"{', LCM-LoRA rank ' + str(c['lcd_lora_rank']) if c.get('lcd_lora_rank') else ''})"
         )
         if c.get("lcd_reward"):
-            from workbench.reward import public_name
-
             staged += (
                 f", reward-guided (RG-LCD): {c.get('lcd_reward_weight')} x the mean reward of the one-step "
-                f"prediction by {public_name(c['lcd_reward'])} subtracted from the loss"
+                f"prediction by {reward_name(c['lcd_reward'])} subtracted from the loss"
             )
     kd_loss = (
         ""
@@ -316,8 +315,6 @@ def _data_name(data: str) -> str:
 
 
 def _evaluation(student: Student, evaluation: dict[str, Any] | None) -> str:
-    from workbench.evaluation import format_result
-
     if evaluation:
         lines = "\n".join(format_result(evaluation))
         what = "the toy checker's verdicts on held-out prompts and" if student.base.kind == "toy" else ""
@@ -335,8 +332,6 @@ def _evaluation(student: Student, evaluation: dict[str, Any] | None) -> str:
 
 
 def _loading(student: Student, fmt: str, dtype: str, weights_file: str | None) -> str:
-    from workbench.export import consistency_kind
-
     base, teacher = student.base, public_name(student.base)
     pipe_cls = (
         "StableDiffusionXLPipeline"
@@ -428,8 +423,6 @@ def _read_scheduler(base: Base) -> dict[str, Any]:
 def client_notes(base: Base, spec) -> list[str]:
     """Which single-file clients read this student, one sentence each. The toy's widths are its
     own, so for the toy the same plan is judged on the real SDXL config."""
-    from workbench.sgm import client_support
-
     if base.kind != "toy":
         return client_support(spec.config).lines()
     head = "The toy's widths match no published model, so only diffusers (given the config) reads its single files."
@@ -449,10 +442,6 @@ def _clients(student: Student) -> str:
 
 def _on_sdxl(plan):
     """Client support of the plan's student on the real SDXL config (None if the plan doesn't fit it)."""
-    from workbench.errors import WorkbenchError
-    from workbench.models import resolve_base
-    from workbench.sgm import client_support
-    from workbench.surgery import student_spec
 
     try:
         return client_support(student_spec(resolve_base("sdxl-base").unet_config, plan).config)

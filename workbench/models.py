@@ -21,6 +21,7 @@ from typing import Any
 
 from safetensors import SafetensorError
 
+from workbench.catalog import meta_unet
 from workbench.errors import WorkbenchError
 from workbench.libraries import import_pipelines, load
 
@@ -244,7 +245,6 @@ def as_teacher(unet, device, dtype):
     gives a cast copy and leaves ``unet`` in its own: the pipeline it may belong to keeps
     sampling (its text encoders and VAE are in that dtype; a bf16 UNet among fp32 encoders
     cannot run the pipeline)."""
-    from workbench.catalog import meta_unet
 
     unet = unet.to(device).eval().requires_grad_(False)
     if unet.dtype == dtype:

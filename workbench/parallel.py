@@ -7,14 +7,16 @@ from __future__ import annotations
 
 import torch
 
+from workbench import lora_kd
+from workbench.catalog import meta_unet
+from workbench.distill_config import use_cuda
+
 
 def make_accelerator(config):
     """A fresh ``Accelerator`` for a run (a ``DistillConfig``). Each stage takes its own, so
     a checkpoint holds that stage's model, optimizer and schedule only. Gradients are
     accumulated by hand (the data stream is the recipe's), so accelerate's is 1."""
     from accelerate import Accelerator
-
-    from workbench.distill_config import use_cuda
 
     return Accelerator(
         mixed_precision=config.mixed_precision, gradient_accumulation_steps=1, cpu=not use_cuda(config)
@@ -48,14 +50,11 @@ def is_sharded(acc) -> bool:
 def full_student(acc, stage, spec, main: bool):
     """The stage's trained student as a stock UNet on the main process (None elsewhere).
     Sharded, every process takes part in gathering it; LoRA adapters are merged."""
-    from workbench import lora_kd
-
     if not is_sharded(acc):
         return lora_kd.plain(stage.raw, spec) if main else None
     state = acc.get_state_dict(stage.student)  # a collective: the full weights on the main process
     if not main:
         return None
-    from workbench.catalog import meta_unet
 
     unet = meta_unet(spec.config)
     unet.load_state_dict(state, strict=True, assign=True)

@@ -15,6 +15,7 @@ from typing import Any
 
 from workbench.catalog import Catalog, natural_key
 from workbench.errors import WorkbenchError
+from workbench.files import write_text_atomic
 
 SCHEMA_VERSION = 1
 _FIELDS = ("schema_version", "name", "description", "source", "topology", "removed")
@@ -108,7 +109,6 @@ class PruningPlan:
 
     def save(self, path: str | Path) -> Path:
         """Write atomically: a crash never leaves a half-written plan."""
-        from workbench.files import write_text_atomic
 
         return write_text_atomic(path, self.to_json())
 

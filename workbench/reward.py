@@ -42,6 +42,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from workbench.errors import WorkbenchError
+from workbench.files import atomic_write, write_json_atomic
+from workbench.models import TOY_DIR
 
 SCHEMA_VERSION = 1
 CONFIG_FILE = "config.json"
@@ -56,8 +58,6 @@ Reward = Callable[[torch.Tensor, dict[str, Any]], torch.Tensor]
 
 
 def toy_reward_dir() -> Path:
-    from workbench.models import TOY_DIR
-
     return TOY_DIR / "reward"
 
 
@@ -168,8 +168,6 @@ class LatentRewardModel(nn.Module):
 def save_reward(model: LatentRewardModel, folder: str | Path, extra: dict[str, Any] | None = None) -> Path:
     """config.json and model.safetensors in ``folder`` (created); ``extra`` files as JSON."""
     from safetensors.torch import save_file
-
-    from workbench.files import atomic_write, write_json_atomic
 
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)

@@ -35,6 +35,7 @@ from workbench.negative import (
     takes_pooled,
 )
 from workbench.schedulers import check_sampler, is_w_conditioned, make_scheduler
+from workbench.toy import world
 
 # What a swapped-in UNet must share with the pipeline's own for sampling to work.
 _INTERFACE_KEYS = (
@@ -159,8 +160,6 @@ def load_student_unet(folder: str | Path, like: UNet2DConditionModel) -> UNet2DC
 def default_prompts(base: str, data: str) -> list[str]:
     """Four prompts for a run's sample grids: held-out toy captions for the toy, else generic."""
     if base == "toy" or data == "toy":
-        from workbench.toy import world
-
         scenes = world.held_out_scenes()
         return [s.caption for s in scenes[:: max(1, len(scenes) // 4)]][:4]
     return ["a photo of a cat", "a watercolor landscape", "a red sports car", "a bowl of fruit"]

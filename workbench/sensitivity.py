@@ -35,13 +35,18 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from workbench import cache
-from workbench.catalog import Catalog, build_catalog, natural_key
+from workbench import cache, evaluation
+from workbench.catalog import Catalog, build_catalog
 from workbench.errors import WorkbenchError
-from workbench.models import Base, resolve_base
+from workbench.latency import model_identity
+from workbench.models import Base, load_pipeline, resolve_base
 from workbench.plan import PruningPlan
 from workbench.progress import Progress, report, scaled
-from workbench.surgery import StudentSpec, compile_plan
+from workbench.surgery import StudentSpec, build_student, compile_plan
+from workbench.toy import world
+
+# workbench.sampling is imported where images are drawn, not here: it loads diffusers' pipelines
+# and transformers (seconds), which importing this module (distill_config, the CLI) must not.
 
 SCHEMA = 3  # bump when the map's JSON or the way it is measured changes (3: whole-stage units)
 
@@ -190,8 +195,6 @@ class SensitivityMap:
 def calibration_prompts(base: Base, n: int) -> list[str]:
     """Fixed calibration prompts: toy training captions (never the held-out ones), else generic."""
     if base.kind == "toy":
-        from workbench.toy import world
-
         scenes = world.train_scenes()
         step = max(1, len(scenes) // n)
         return [scenes[(i * step) % len(scenes)].caption for i in range(n)]
@@ -234,8 +237,6 @@ class Probe:
         self.device = device
         self.catalog: Catalog = build_catalog(self.base.unet_config)
         if pipe is None:
-            from workbench.models import load_pipeline
-
             report(progress, 0.0, f"loading {self.base.name}")
             # fp16 on a GPU (SDXL's usual inference precision; by arithmetic, not measured:
             # 2 x 5.1 GB of UNet weights plus the text encoders), fp32 on the CPU, where fp16
@@ -252,7 +253,7 @@ class Probe:
         report(progress, 1.0, f"recorded {len(self.calls)} calls ({self.samples} samples)")
 
     def _record(self) -> list[tuple[tuple, dict, Any]]:
-        from workbench.sampling import generate
+        from workbench.sampling import generate  # heavy: see the note on the imports
 
         s = self.settings
         prompts = calibration_prompts(self.base, s.prompts)
@@ -305,8 +306,6 @@ class Probe:
         return err / ref if ref > 0 else 0.0
 
     def student(self, spec: StudentSpec):
-        from workbench.surgery import build_student
-
         student, _ = build_student(self.teacher, spec.plan)
         return student.eval()
 
@@ -314,8 +313,7 @@ class Probe:
         """Toy checker scores of the student of ``removed`` (``None``: the teacher):
         ``fidelity`` (colour and shape right) and ``full`` (every attribute right), on
         ``n_prompts`` held-out captions with one seed each."""
-        from workbench import evaluation
-        from workbench.sampling import generate
+        from workbench.sampling import generate  # heavy: see the note on the imports
 
         samples = evaluation.samples(evaluation.toy_prompts(n_prompts), 1)
         prompts = [s.prompt for s in samples]
@@ -381,7 +379,6 @@ def lone_plan(catalog: Catalog, unit_id: str) -> tuple[StudentSpec | None, str |
 
 def weights_fingerprint(base: Base) -> str:
     """Name, config and (for local folders) the UNet weight files' sizes and times."""
-    from workbench.latency import model_identity
 
     stamp: list[Any] = [model_identity(base)]
     if base.kind in ("toy", "pipeline", "unet"):
@@ -535,7 +532,3 @@ def heat_rows(smap: SensitivityMap, catalog: Catalog) -> list[dict[str, Any]]:
             }
         )
     return rows
-
-
-def sorted_units(units: Iterable[str]) -> list[str]:
-    return sorted(units, key=natural_key)

@@ -32,8 +32,10 @@ from __future__ import annotations
 import re
 from typing import Any
 
+from workbench import sensitivity as sens
 from workbench.catalog import atom_of, natural_key
 from workbench.errors import WorkbenchError
+from workbench.runs import read_json
 
 FEATURE_WEIGHTS = ("uniform", "sensitivity")
 GUIDANCE_FILE = "sensitivity.json"  # in the run folder
@@ -167,8 +169,6 @@ def stage_guidance(spec, pairs: list[tuple[str, str]], smap, mode: str, n_freeze
 def teacher_map(base, pipe, settings, device: str, report):
     """The teacher's sensitivity map: from the cache, or measured now on the loaded ``pipe``
     (then cached). ``report``: a ``runs.Reporter``."""
-    from workbench import sensitivity as sens
-
     smap = sens.cached_map(base, settings, device)
     if smap is None and device != "cpu":  # `workbench sensitivity` measures on the CPU by default
         smap = sens.cached_map(base, settings, "cpu")
@@ -205,7 +205,6 @@ def measure_guidance(config, specs, smap) -> dict[str, Any]:
 
 def read_guidance(path, n_stages: int, log) -> list[dict[str, Any]]:
     """The per-stage records kept in a run folder, each logged with ``log``."""
-    from workbench.runs import read_json
 
     record = read_json(path)
     if not record or len(record.get("stages", ())) != n_stages:

@@ -109,7 +109,6 @@ def unet_to_original(state_dict: dict[str, Any], config: dict[str, Any]) -> dict
 # --------------------------------------------------------------------------- VAE
 
 _VAE_ATTENTION = {"group_norm": "norm", "to_q": "q", "to_k": "k", "to_v": "v", "to_out.0": "proj_out"}
-_VAE_TOP = {"conv_norm_out": "norm_out"}
 
 
 def vae_key(name: str, num_up: int) -> str:

@@ -535,7 +535,8 @@ def build_student(teacher, plan: PruningPlan):
             )
     state = {n: teacher_sd[spec.teacher_name(n)].detach().clone() for n in names}
     student.load_state_dict(state, strict=True, assign=True)
-    if any(t.is_meta for t in (*student.parameters(), *student.buffers())):
+    # a teacher on the meta device gives a student on it (the memory estimate builds stages so)
+    if teacher.device.type != "meta" and any(t.is_meta for t in (*student.parameters(), *student.buffers())):
         raise RuntimeError("student left with uninitialised tensors after loading")
     student.train(teacher.training)
     return student, spec
@@ -621,8 +622,6 @@ def with_guidance_embedding(unet, dim: int = GUIDANCE_EMBED_DIM):
     zero-initialised so the output is the unchanged UNet's until it trains. A UNet that has it
     already is returned as it is. Its parameters are the plan's plus ``cond_proj``'s."""
     import torch
-
-    from workbench.catalog import meta_unet
 
     if unet.config.get("time_cond_proj_dim") is not None:
         return unet

@@ -20,8 +20,15 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from workbench import losses
+from workbench.distill import run_distillation
 from workbench.errors import WorkbenchError
-from workbench.models import CONFIG_DIR
+from workbench.models import CONFIG_DIR, TOY_DIR
+from workbench.runs import RunDir, read_metrics
+from workbench.surgery import with_guidance_embedding
+
+# workbench.toy.build and .tokenizer are imported by the functions that build a pipeline, not here:
+# they load transformers (seconds), which every test imports this module for and few need.
 
 ROOT = Path(__file__).resolve().parent.parent  # the checkout that holds app.py
 
@@ -88,7 +95,7 @@ def tiny_pipeline(folder, perturb: bool = False):
     import torch
     from diffusers import UNet2DConditionModel
 
-    from workbench.toy import build, tokenizer
+    from workbench.toy import build, tokenizer  # transformers: see the note on the imports
 
     torch.manual_seed(0)
     tok = tokenizer.save(Path(tempfile.mkdtemp(prefix="tok-")))
@@ -133,7 +140,7 @@ def tiny_sd_pipeline(folder, version: str = "1.5", perturb: bool = False):
     import torch
     from diffusers import DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
 
-    from workbench.toy import build, tokenizer
+    from workbench.toy import build, tokenizer  # transformers: see the note on the imports
 
     if version not in SD_VERSIONS:
         raise ValueError(f"version must be one of {', '.join(SD_VERSIONS)}, got {version!r}")
@@ -313,10 +320,6 @@ def lcd_parts(teacher, timesteps: tuple[int, int] = (100, 900)) -> tuple[Any, An
     import torch
     from diffusers import DDPMScheduler
 
-    from workbench import losses
-    from workbench.models import TOY_DIR
-    from workbench.surgery import with_guidance_embedding
-
     schedule = DDPMScheduler.from_pretrained(TOY_DIR, subfolder="scheduler")
     teacher = copy.deepcopy(teacher).requires_grad_(False)
     student = with_guidance_embedding(copy.deepcopy(teacher))
@@ -335,8 +338,6 @@ def lcd_parts(teacher, timesteps: tuple[int, int] = (100, 900)) -> tuple[Any, An
 def straight_and_resumed(config, folder: Path) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
     """The metrics rows of ``config`` run straight through (``folder/straight``) and of the same
     run stopped after its first step and resumed (``folder/split``): what resume tests compare."""
-    from workbench.distill import run_distillation
-    from workbench.runs import RunDir, read_metrics
 
     run_distillation(config, folder / "straight")
     RunDir(folder / "split").request_stop()  # honoured after the first step

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import torch
 
+from workbench.autoprune import autoprune
 from workbench.commands._common import add_base, add_json, emit_json, human
 from workbench.commands.sensitivity import (
     add_calibration,
@@ -43,8 +44,6 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from workbench.autoprune import autoprune
-
     targets = {"params": args.target_params, "flops": args.target_flops, "latency": args.target_latency}
     check_name(args.name, "plan")
     if args.save_preset:

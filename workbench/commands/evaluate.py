@@ -154,7 +154,9 @@ def evaluate(
         )
     metrics.check_available()
     samples = sample_list(args, is_toy)
-    from workbench.sampling import load_student_unet  # heavy: only when evaluating
+    # not at the top: workbench.sampling loads diffusers' pipelines and transformers (seconds), which
+    # building the CLI's parser (every command's module) must not
+    from workbench.sampling import load_student_unet
 
     pipe = load_pipeline(base)
     student = load_student_unet(args.unet, pipe.unet) if args.unet else None

@@ -8,6 +8,7 @@ from dataclasses import replace
 from workbench import export, quantize
 from workbench.commands._common import add_json, emit_json, human
 from workbench.errors import WorkbenchError
+from workbench.lora import check_lora_file
 from workbench.models import DEFAULT_BASE, load_pipeline, resolve_base
 from workbench.presets import load_preset
 
@@ -61,8 +62,6 @@ def validate(args: argparse.Namespace) -> None:
     if args.evaluate and (args.eval_prompts < 1 or args.eval_seeds < 1):
         raise WorkbenchError("--eval-prompts and --eval-seeds must be positive numbers of prompts and seeds")
     if args.lora:
-        from workbench.lora import check_lora_file
-
         check_lora_file(args.lora)
 
 

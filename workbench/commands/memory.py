@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 
+from workbench import memory, memory_advice
 from workbench.commands._common import add_base, add_json, emit_json
 from workbench.distill_config import (
     OPTIMIZERS,
@@ -99,14 +100,12 @@ def config_from_args(args: argparse.Namespace) -> DistillConfig:
 
 
 def run(args: argparse.Namespace) -> int:
-    from workbench import memory
-
-    memory.check_target(args.target)
+    memory.check_device(args.target)
     config = config_from_args(args)
     result = memory.estimate(config, args.target, ranks=args.ranks)
     hints = None if args.no_suggest else memory.suggestions(config, result)
     if args.json:
         emit_json(result.to_dict() | {"suggestions": hints})
     else:
-        print(memory.report(result, hints))
+        print(memory_advice.report(result, hints))
     return 0

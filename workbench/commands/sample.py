@@ -78,7 +78,9 @@ def validate(args: argparse.Namespace) -> None:
 
 def run(args: argparse.Namespace) -> int:
     validate(args)
-    from workbench.sampling import generate, load_student_unet  # heavy: only when sampling
+    # not at the top: workbench.sampling loads diffusers' pipelines and transformers (seconds), which
+    # building the CLI's parser (every command's module) must not
+    from workbench.sampling import generate, load_student_unet
 
     torch.set_flush_denormal(True)  # tiny models hit denormals, which are slow on CPU
     base = resolve_base(args.base)

@@ -7,8 +7,10 @@ import sys
 
 import torch
 
+from workbench import latency
 from workbench.commands._common import add_base, add_json, emit_json, human
 from workbench.models import resolve_base
+from workbench.sensitivity import Calibration, sensitivity
 
 
 def add_device(p: argparse.ArgumentParser) -> None:
@@ -16,14 +18,10 @@ def add_device(p: argparse.ArgumentParser) -> None:
 
 
 def check_device(device: str) -> str:
-    from workbench.latency import check_device as check
-
-    return check(device)
+    return latency.check_device(device)
 
 
 def add_calibration(p: argparse.ArgumentParser) -> None:
-    from workbench.sensitivity import Calibration
-
     d = Calibration()
     g = p.add_argument_group("calibration (each setting is its own cached map)")
     g.add_argument(
@@ -42,8 +40,6 @@ def add_calibration(p: argparse.ArgumentParser) -> None:
 
 
 def settings_from(args: argparse.Namespace):
-    from workbench.sensitivity import Calibration
-
     return Calibration(
         prompts=args.prompts, steps=args.steps, timesteps=args.timesteps, guidance=args.guidance
     ).check()
@@ -89,8 +85,6 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from workbench.sensitivity import sensitivity
-
     base = resolve_base(args.base)
     device = check_device(args.device)
     torch.set_flush_denormal(True)  # tiny models hit denormals, which are slow on CPU

@@ -8,7 +8,6 @@ channels at 1/8 of SDXL's latent side.
 
 from __future__ import annotations
 
-import torch
 from diffusers import (
     AutoencoderKL,
     EulerDiscreteScheduler,
@@ -141,7 +140,3 @@ def assemble(
         force_zeros_for_empty_prompt=True,
         add_watermarker=False,
     )
-
-
-def count_parameters(module: torch.nn.Module) -> int:
-    return sum(p.numel() for p in module.parameters())

@@ -31,7 +31,12 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from workbench.data import Batches, _uncond, encode_text
+from workbench.losses import x0_and_eps
+from workbench.models import freeze_pipeline, load_pipeline
+from workbench.presets import load_preset
 from workbench.reward import LatentRewardModel, RewardConfig, base_dims, save_reward, toy_reward_dir
+from workbench.surgery import build_student
 from workbench.toy import checker, world
 
 SOURCES = ("render", "teacher", "student")
@@ -74,8 +79,6 @@ def decode(pipe, latents: torch.Tensor, batch: int = 64) -> list:
 
 def text_inputs(pipe, prompts: list[str]) -> dict[str, Any]:
     """The UNet's text inputs for ``prompts`` (what an LCD batch carries as ``cond``)."""
-    from workbench.data import encode_text
-
     embeds, pooled = encode_text(pipe, prompts)
     res = pipe.unet.config.sample_size * pipe.vae_scale_factor
     time_ids = torch.tensor([[res, res, 0, 0, res, res]], dtype=torch.float32).expand(len(prompts), 6)
@@ -88,9 +91,6 @@ def text_inputs(pipe, prompts: list[str]) -> dict[str, Any]:
 def one_step_predictions(pipe, unet, latents, prompts, gen: torch.Generator, batch: int = 64) -> torch.Tensor:
     """The clean latents ``unet`` predicts in one step from ``latents`` noised to a uniform
     timestep, with classifier-free guidance drawn from ``GUIDANCE``."""
-    from workbench.data import Batches, _uncond
-    from workbench.losses import x0_and_eps
-
     schedule = Batches.schedule_of(pipe.scheduler.config)
     alphas, kind = schedule.alphas_cumprod.float(), schedule.config.prediction_type
     out = []
@@ -115,9 +115,6 @@ def one_step_predictions(pipe, unet, latents, prompts, gen: torch.Generator, bat
 
 def vega_student(pipe):
     """The teacher with Segmind Vega's blocks removed, not distilled (its predictions fail)."""
-    from workbench.presets import load_preset
-    from workbench.surgery import build_student
-
     student, _ = build_student(pipe.unet, load_preset("segmind-vega"))
     return student.eval().requires_grad_(False)
 
@@ -282,8 +279,6 @@ def command(args: argparse.Namespace) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from workbench.models import freeze_pipeline, load_pipeline
-
     args = parse_args(argv)
     torch.set_num_threads(args.threads)
     torch.set_flush_denormal(True)

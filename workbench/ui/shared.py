@@ -1,7 +1,7 @@
 """What the tabs share: session states, the deltas panel's components, and small adapters.
 
 Each tab's ``build(ctx)`` adds its components and wires its events through a ``Shared``;
-the Distill tab (``workbench/ui/distill_tab.py``, when it exists) gets the same object.
+the Distill tab (``workbench/ui/distill_tab.py``) gets the same object.
 """
 
 from __future__ import annotations
