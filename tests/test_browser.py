@@ -59,12 +59,18 @@ def app_url(tmp_path_factory, runs_dir):
 
 
 @pytest.fixture(scope="module")
-def page(app_url):
-    SHOTS.mkdir(parents=True, exist_ok=True)
+def playwright():
+    """One Playwright for the module: a second one started inside it fails (asyncio loop)."""
     with sync_api.sync_playwright() as p:
-        browser, page = _open(p, app_url)
-        yield page
-        browser.close()
+        yield p
+
+
+@pytest.fixture(scope="module")
+def page(app_url, playwright):
+    SHOTS.mkdir(parents=True, exist_ok=True)
+    browser, page = _open(playwright, app_url)
+    yield page
+    browser.close()
 
 
 def _open(p, url: str, ready: bool = True) -> tuple:
@@ -409,7 +415,7 @@ GENERATED_OR_FAILED = (
 )
 
 
-def test_generate_while_the_start_model_loads_gives_images(tmp_path):
+def test_generate_while_the_start_model_loads_gives_images(tmp_path, playwright):
     """Compare's Generate pressed as soon as the first page is served, so that its handler runs
     while the warm-up (which starts then) imports diffusers and loads the start model: once this failed with "cannot import name 'CLIPImageProcessor' from 'transformers'"
     (two threads in the libraries' lazy imports). A fresh app, so that nothing is loaded yet."""
@@ -418,8 +424,8 @@ def test_generate_while_the_start_model_loads_gives_images(tmp_path):
     env = {"WORKBENCH_CACHE_DIR": str(tmp_path / "cache"), "OMP_NUM_THREADS": "1",
            "WORKBENCH_RUNS_DIR": str(tmp_path / "runs")}  # fmt: skip
     log = tmp_path / "app.log"
-    with running_app(env=env, log=log, timeout_s=START_TIMEOUT_S) as app, sync_api.sync_playwright() as p:
-        browser, page = _open(p, app.url, ready=False)
+    with running_app(env=env, log=log, timeout_s=START_TIMEOUT_S) as app:
+        browser, page = _open(playwright, app.url, ready=False)
         page.get_by_role("tab", name="Compare").click()
         page.locator("#wb-seeds textarea, #wb-seeds input").first.fill("0")
         steps = page.locator("#wb-steps input[type='number']")
