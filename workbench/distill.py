@@ -135,7 +135,7 @@ class Distillation:
             park(part)  # the data is cached: encoders and VAE wait on the CPU (back for sample grids)
         prompts = list(cfg.sample_prompts) or default_prompts(cfg.base, cfg.data)
         self.grids = SampleGrids(self.pipe, self.run_dir.samples, prompts, steps=cfg.sample_steps,
-                                 guidance=cfg.guidance, size=cfg.resolution)  # fmt: skip
+                                 guidance=cfg.guidance, size=cfg.resolution, first_seed=cfg.sample_seed)  # fmt: skip
 
     def sampler(self, k: int) -> dict[str, Any] | None:
         return grid_sampler(self.config, k)

@@ -131,6 +131,10 @@ class DistillConfig:
         "back)", label="Samples every", memory=True,
     )  # fmt: skip
     sample_steps: int = option(20, "denoising steps for sample grids")
+    sample_seed: int = option(
+        0, "seed of the sample grids' first prompt (the next prompts take the following seeds)",
+        label="Sample seed", hint="the grids' noise: the first prompt's seed, then +1 per prompt",
+    )  # fmt: skip
     sample_guidance: float | None = option(
         None, "guidance scale for sample grids (default: the base's, toy 2, others 5)"
     )
@@ -321,6 +325,7 @@ WHOLE = {
     "keep_checkpoints": (1, "> 0"),
     "sample_every": (0, ">= 0 (0: only at the end)"),
     "sample_steps": (1, f"from 1 to {MAX_STEPS}"),
+    "sample_seed": (0, ">= 0"),
     "teacher_image_steps": (1, "> 0"),
     "freeze_sensitive": (0, "a whole number >= 0 (0: freeze nothing)"),
     "lora_rank": (0, "a whole number >= 0 (0: train full weights)"),
