@@ -255,7 +255,8 @@ def test_accelerate_launch_two_cpu_processes(base, tmp_path):
     assert status["state"] == "done" and status["world_size"] == 2
     losses, _ = _losses(run_dir)
     assert sorted(losses) == [0, 1]  # one row per step, written by rank 0 only
-    assert UNet2DConditionModel.from_pretrained(run_dir / "student") is not None
+    _, info = UNet2DConditionModel.from_pretrained(run_dir / "student", output_loading_info=True)
+    assert not any(info.values()), info  # no missing, unexpected or mismatched keys
 
 
 def test_a_run_can_start_from_a_student_distilled_before(base, tmp_path):

@@ -316,6 +316,22 @@ def test_sample_grids_draw_an_lcm_lora_student_without_guidance(base, pipe, tmp_
         grids.save(pipe.unet, 2, {"sched": "lcm"})
 
 
+def test_the_sample_seed_option_moves_the_grids_noise(base, pipe, tmp_path):
+    """--sample-seed (the form's Sample seed): the grids' first prompt takes that seed."""
+    from workbench.cli import build_parser
+    from workbench.commands.distill import config_from_args
+    from workbench.sampling import SampleGrids, generate
+    from workbench.ui import distill_tab
+
+    args = build_parser().parse_args(["distill", "--preset", "ssd-1b", "--run-dir", "r", "--sample-seed", "7"])
+    assert config_from_args(args).sample_seed == 7 and "sample_seed" in distill_tab.FORM_KEYS
+    grids = SampleGrids(pipe, tmp_path, ["a red circle"], steps=2, guidance=2.0, first_seed=7)
+    seven = generate(pipe, ["a red circle"], [7], steps=2, guidance=2.0)
+    zero = generate(pipe, ["a red circle"], [0], steps=2, guidance=2.0)
+    assert np.array_equal(np.asarray(grids.teacher_row[0]), np.asarray(seven[0]))
+    assert not np.array_equal(np.asarray(seven[0]), np.asarray(zero[0]))
+
+
 @pytest.mark.slow
 def test_lcd_run_resumes_exactly_and_exports_a_w_conditioned_student(base, tmp_path):
     from diffusers import UNet2DConditionModel

@@ -114,4 +114,5 @@ def test_the_recipe_under_accelerate_fsdp(tmp_path):
     assert RunDir(run_dir).read_status()["state"] == "done"
     from diffusers import UNet2DConditionModel
 
-    assert UNet2DConditionModel.from_pretrained(run_dir / "student") is not None
+    _, info = UNet2DConditionModel.from_pretrained(run_dir / "student", output_loading_info=True)
+    assert not any(info.values()), info  # no missing, unexpected or mismatched keys

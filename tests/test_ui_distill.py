@@ -10,6 +10,7 @@ from pathlib import Path
 import gradio as gr
 import pytest
 
+from workbench.distill_config import DistillConfig
 from workbench.errors import WorkbenchError
 from workbench.runs import RunDir
 from workbench.testing import tiny_pipeline
@@ -91,11 +92,10 @@ def test_bad_launches_are_explained(base, tmp_path, changes, removed, message):
 
 
 def test_sensitivity_options_reach_the_run(base, tmp_path):
-    argv = dt.launch_argv(base, FORM | {"feature_weights": "sensitivity", "freeze_sensitive": 2.0}, "")
-    assert argv[argv.index("--feature-weights") + 1] == "sensitivity"
-    assert argv[argv.index("--freeze-sensitive") + 1] == "2"
-    plain = dt.launch_argv(base, FORM, "")  # forms without them: today's defaults
-    assert plain[plain.index("--feature-weights") + 1] == "uniform"
+    config = dt.run_config(base, None, FORM | {"feature_weights": "sensitivity", "freeze_sensitive": 2.0}, "ssd-1b")
+    assert config.feature_weights == "sensitivity" and config.freeze_sensitive == 2
+    plain = dt.run_config(base, None, FORM, "ssd-1b")  # forms without them: today's defaults
+    assert plain.feature_weights == "uniform" and plain.freeze_sensitive == 0
     with pytest.raises(WorkbenchError, match="--freeze-sensitive 99: stage 1's student"):
         dt.launch(
             Store(), base, "ssd-1b", [], FORM | {"freeze_sensitive": 99}, "", "", Limits(), root=tmp_path
@@ -116,6 +116,9 @@ def test_launch_watch_and_download(base, tmp_path):
     while RunDir(run_dir).read_status().get("state") not in ("done", "failed") and time.time() < deadline:
         time.sleep(1)
     assert RunDir(run_dir).read_status()["state"] == "done", RunDir(run_dir).log.read_text()[-3000:]
+    job = RunDir(run_dir).read_job()  # started from the config the app validated, not a command line
+    assert job["command"].endswith(f"distill --from-job --run-dir {run_dir}"), job["command"]
+    assert DistillConfig.from_dict(job["config"]) == dt.run_config(base, None, FORM, "koala-700m")
     rows = dt.metrics_rows(run_dir)
     assert [r["step"] for r in rows] == [0, 1, 2]
     assert dt.latest_sample(run_dir).endswith(".png")
@@ -156,8 +159,8 @@ def test_bad_form_values_name_their_box_and_launch_nothing(base, tmp_path, key, 
 
 
 def test_whole_numbers_from_number_boxes_reach_the_run_as_integers(base):
-    argv = dt.launch_argv(base, FORM | {"steps": 3.0, "batch_size": 2.0}, "")
-    assert argv[argv.index("--steps") + 1] == "3" and argv[argv.index("--batch-size") + 1] == "2"
+    config = dt.run_config(base, None, FORM | {"steps": 3.0, "batch_size": 2.0}, "ssd-1b")
+    assert (config.steps, config.batch_size) == (3, 2) and isinstance(config.steps, int)
 
 
 def _run(root, name, **status):
@@ -245,11 +248,10 @@ def test_lcd_boxes_start_at_the_runs_defaults():
 @pytest.mark.parametrize(
     ("stages", "plan_first"), [("", True), ("koala-700m", False), ("koala-700m, lcd", False)]
 )
-def test_an_lcd_launch_reaches_the_cli_with_the_forms_config(base, tmp_path, monkeypatch, stages, plan_first):
-    """What Launch starts (the CLI's arguments, parsed by the CLI) is the config the page
+def test_an_lcd_launch_reaches_the_run_with_the_forms_config(base, tmp_path, monkeypatch, stages, plan_first):
+    """What Launch starts (the job.json the run reads with --from-job) is the config the page
     checked: plans, objectives and every LCD option, typed."""
-    from workbench.cli import build_parser
-    from workbench.commands.distill import config_from_args
+    from workbench.distill_config import launched_config
     from workbench.presets import load_preset
 
     started = {}
@@ -270,12 +272,10 @@ def test_an_lcd_launch_reaches_the_cli_with_the_forms_config(base, tmp_path, mon
     message, _ = dt.launch_or_explain(Store(), {"base": base}, [], "koala-700m", stages, "lcd-run", _values(),
                                       Limits(), tmp_path, lcd=True)  # fmt: skip
     assert "started lcd-run" in message, message
-    assert "--lcd-guidance-max" not in started["argv"]  # empty: the base's
+    assert started["argv"] == ["--from-job"]  # no command line: the run reads the config itself
     for name, text in started["files"].items():
         (tmp_path / name).write_text(text, encoding="utf-8")
-    argv = [a.replace("{run}", str(tmp_path)) for a in started["argv"]]
-    args = build_parser().parse_args(["distill", "--run-dir", str(tmp_path / "r"), *argv])
-    assert config_from_args(args) == config
+    assert launched_config(tmp_path) == config
 
 
 @pytest.mark.parametrize(
@@ -318,3 +318,19 @@ def test_a_number_too_large_for_a_float_is_named_not_missing(base, tmp_path):
         assert says in html.unescape(message), message
     assert dt.form_fields({"lcd_guidance_min": " 2.5 ", "lcd_guidance_max": ""})["lcd_guidance_min"] == 2.5
     assert dt.form_fields({"lcd_guidance_max": ""})["lcd_guidance_max"] is None
+
+
+def test_a_launched_job_is_read_strictly(tmp_path):
+    from workbench.distill_config import launched_config
+
+    run = RunDir(tmp_path / "r")
+    run.root.mkdir()
+    run.job.write_text(json.dumps({"config": {"stages": [], "steps": 1, "colour": "red"}}))
+    with pytest.raises(WorkbenchError, match="unknown keys"):
+        launched_config(run.root)
+    run.job.write_text(json.dumps({"config": {"stages": []}}))
+    with pytest.raises(WorkbenchError, match="does not describe a run"):
+        launched_config(run.root)
+    run.job.write_text(json.dumps({"config": {}, "base": {}}))  # a started run's job.json
+    with pytest.raises(WorkbenchError, match="holds no launched job"):
+        launched_config(run.root)

@@ -29,6 +29,7 @@ from workbench.distill_config import (
     check_run_dir,
     describe_changes,
     init_student_folder,
+    launched_config,
     preflight,
     resume_config,
     sensitivity_settings,
@@ -59,16 +60,20 @@ LCM_LORA_DIR = "lcm_lora"  # an LCM-LoRA run's adapter, for load_lora_weights on
 
 
 def run_distillation(config: DistillConfig | None, run_dir: str | Path, resume: bool = False,
-                     changes: dict[str, Any] | None = None) -> dict[str, Any]:  # fmt: skip
+                     changes: dict[str, Any] | None = None, from_job: bool = False) -> dict[str, Any]:  # fmt: skip
     """Check everything (the preflight), then train every stage and export; returns the final
     status. Errors before training raise ``WorkbenchError`` and leave no run folder behind
     (unless resuming). A resumed run uses its own config, with ``changes`` (field -> value,
-    e.g. the flags given with ``--resume``) applied where they can be and refused otherwise."""
+    e.g. the flags given with ``--resume``) applied where they can be and refused otherwise.
+    ``from_job``: the config the app validated and wrote into the run folder's job.json."""
     run, changed = RunDir(Path(run_dir)), []
     if resume:
         check_run_dir(run.root, resume=True)
         config, changed = resume_config(DistillConfig.from_dict(run.read_job()["config"]), changes or {})
-    return Distillation(preflight(config, run_dir=run.root, resume=resume), run, changed).run(resume)
+    elif from_job:
+        config = launched_config(run.root)
+    checked = preflight(config, run_dir=run.root, resume=resume, launched=from_job)
+    return Distillation(checked, run, changed).run(resume)
 
 
 class Distillation:
@@ -130,7 +135,7 @@ class Distillation:
             park(part)  # the data is cached: encoders and VAE wait on the CPU (back for sample grids)
         prompts = list(cfg.sample_prompts) or default_prompts(cfg.base, cfg.data)
         self.grids = SampleGrids(self.pipe, self.run_dir.samples, prompts, steps=cfg.sample_steps,
-                                 guidance=cfg.guidance, size=cfg.resolution)  # fmt: skip
+                                 guidance=cfg.guidance, size=cfg.resolution, first_seed=cfg.sample_seed)  # fmt: skip
 
     def sampler(self, k: int) -> dict[str, Any] | None:
         return grid_sampler(self.config, k)

@@ -41,75 +41,177 @@ TEACHER_TARGETS = ("live", "precompute")  # workbench.targets.MODES
 
 
 @dataclass(frozen=True)
+class Option:
+    """How a ``DistillConfig`` field is offered, declared once beside the field: the ``distill``
+    flag (``--`` + the name with dashes) and its help, its choices, whether ``memory`` takes it
+    too, and its label (and hint) in the app's Distill form. The CLI parsers and the form are
+    generated from these; a field without an ``Option`` is set only by code or by ``stages``."""
+
+    help: str
+    label: str | None = None  # the app's name for it; None: not on the form
+    choices: tuple[str, ...] | None = None
+    memory: bool = False  # the memory estimate depends on it (a ``memory`` flag too)
+    hint: str = ""  # a line under the form's box
+
+
+def option(default: Any = dataclasses.MISSING, help: str = "", **how: Any) -> Any:
+    """A field declared with its ``Option`` (defaults are immutable values here)."""
+    return dataclasses.field(default=default, metadata={"option": Option(help, **how)})
+
+
+@dataclass(frozen=True)
 class DistillConfig:
-    """Everything a run needs; saved as job.json and reloaded on resume."""
+    """Everything a run needs; saved as job.json and reloaded on resume. Each option's flag,
+    help, choices and label are declared here, once (``Option``)."""
 
     stages: tuple[dict[str, Any], ...]  # plans (dicts) over the teacher, each removing more
-    steps: int  # optimizer steps per stage
+    steps: int = option(help="optimizer steps per stage", label="Steps")
     base: str = "toy"
-    data: str = "toy"  # "toy", an image folder, or a .txt prompt file
-    toy_samples: int = 2048
-    resolution: int | None = None  # training resolution (px); default: the pipeline's
-    batch_size: int = 8
-    grad_accum: int = 1
-    lr: float = 1e-4
-    lr_schedule: str = "constant"
-    warmup_steps: int = 0
-    weight_decay: float = 0.0
-    max_grad_norm: float = 1.0
-    w_task: float = 1.0
-    w_out: float = 0.5
-    w_feat: float = 0.5
-    feature_mode: str = "layer"
-    normalize_features: bool = False
-    feature_weights: str = "uniform"  # "uniform" or "sensitivity" (per-pair weights from the map)
-    freeze_sensitive: int = 0  # freeze the modules of the N most sensitive kept layer units
+    data: str = option(
+        "toy", "training data: toy (default), an image folder (metadata.jsonl or .txt captions), or a .txt "
+        "prompt file", label="Data",
+    )  # fmt: skip
+    toy_samples: int = option(2048, "number of toy images to render and cache (toy data)", label="Toy images")
+    resolution: int | None = option(
+        None, "training resolution in px (default: the teacher pipeline's)", memory=True
+    )
+    batch_size: int = option(8, "batch per process", label="Batch size", memory=True)
+    grad_accum: int = option(1, "gradient accumulation steps", memory=True)
+    lr: float = option(1e-4, "learning rate (AdamW)", label="Learning rate")
+    lr_schedule: str = option("constant", "learning-rate schedule", choices=LR_SCHEDULES)
+    warmup_steps: int = option(0, "linear learning-rate warm-up steps")
+    weight_decay: float = option(0.0, "AdamW weight decay")
+    max_grad_norm: float = option(1.0, "gradient clipping norm (0 disables)")
+    w_task: float = option(1.0, "weight of the task loss (noise / v MSE)", label="λ task")
+    w_out: float = option(
+        0.5, "weight of the output KD loss (0 with no feature loss: no teacher forward)", label="λ output KD",
+        memory=True,
+    )  # fmt: skip
+    w_feat: float = option(
+        0.5, "weight of the summed feature KD loss (0: no feature hooks)", label="λ feature KD", memory=True
+    )
+    feature_mode: str = option(
+        "layer", "feature KD: layer (every kept ResNet/attention), block, self-attention, none",
+        label="Feature loss", choices=FEATURE_MODES, memory=True,
+    )  # fmt: skip
+    normalize_features: bool = option(False, "divide each feature term by the teacher feature's mean square")
+    feature_weights: str = option(
+        "uniform", "weight of each feature KD term: uniform (default) or by the sensitivity of the teacher "
+        "layer it matches (measured once per teacher and cached; weights average 1)", label="Feature weights",
+        choices=FEATURE_WEIGHTS, hint="sensitivity: weight each feature term by how much removing its teacher "
+        "layer hurts (map measured once per teacher, then cached)",
+    )  # fmt: skip
+    freeze_sensitive: int = option(
+        0, "freeze the student modules of the N most sensitive kept teacher layers (sensitivity map; ties: "
+        "earliest first); 0 (default) freezes nothing", label="Freeze most sensitive",
+        hint="freeze the student layers inherited from the N most sensitive teacher layers",
+    )  # fmt: skip
     # overrides of workbench.sensitivity.Calibration for the map (empty: the defaults)
     sensitivity_settings: dict[str, Any] = dataclasses.field(default_factory=dict)
-    stage_teacher: str = "original"
-    mixed_precision: str = "no"
-    teacher_dtype: str = "fp32"
-    gradient_checkpointing: bool = False
-    uncond_prob: float = 0.1
-    seed: int = 0
-    device: str = "auto"  # "auto", "cpu" or "cuda"
-    log_every: int = 1
-    checkpoint_every: int = 100
-    keep_checkpoints: int = 2
-    sample_every: int = 0  # 0: samples only at the end
-    sample_steps: int = 20
-    sample_guidance: float | None = None  # None: the base's own (models.Base.guidance)
+    stage_teacher: str = option(
+        "original", "who teaches stage 2+: the original teacher or the previous stage's student",
+        label="Stage teacher", choices=STAGE_TEACHERS, memory=True,
+    )  # fmt: skip
+    mixed_precision: str = option(
+        "no", "student mixed precision (fp16 needs CUDA)", label="Mixed precision", choices=PRECISIONS,
+        memory=True,
+    )  # fmt: skip
+    teacher_dtype: str = option(
+        "fp32", "teacher precision (it runs without gradients)", choices=TEACHER_DTYPES, memory=True
+    )
+    gradient_checkpointing: bool = option(False, "trade compute for memory (recompute activations)", memory=True)
+    uncond_prob: float = option(0.1, "probability of dropping the prompt (classifier-free guidance)")
+    seed: int = option(0, "seed of data order, noise and timesteps")
+    device: str = option("auto", "where to train", choices=DEVICES)
+    log_every: int = option(1, "write a metrics row every N steps")
+    checkpoint_every: int = option(100, "checkpoint every N steps", label="Checkpoint every")
+    keep_checkpoints: int = option(2, "keep the last N checkpoints")
+    sample_every: int = option(
+        0, "teacher-vs-student sample grid every N steps (0: at the end only; grids bring a parked pipeline "
+        "back)", label="Samples every", memory=True,
+    )  # fmt: skip
+    sample_steps: int = option(20, "denoising steps for sample grids")
+    sample_seed: int = option(
+        0, "seed of the sample grids' first prompt (the next prompts take the following seeds)",
+        label="Sample seed", hint="the grids' noise: the first prompt's seed, then +1 per prompt",
+    )  # fmt: skip
+    sample_guidance: float | None = option(
+        None, "guidance scale for sample grids (default: the base's, toy 2, others 5)"
+    )
     sample_prompts: tuple[str, ...] = ()
-    # prompt-file data: the teacher draws each training image at the run's resolution with
-    # these denoising steps and this guidance scale (None: the base's, models.Base.guidance)
-    teacher_image_steps: int = 20
-    teacher_image_guidance: float | None = None
-    optimizer: str = "adamw"  # "adamw" or "adamw8bit" (bitsandbytes): workbench.optim
-    lora_rank: int = 0  # > 0: LoRA-enhanced distillation (workbench.lora_kd); 0: full weights
+    teacher_image_steps: int = option(
+        20, "prompt-file data (--data prompts.txt): denoising steps the teacher draws each training image "
+        "with, at the run's --resolution",
+    )  # fmt: skip
+    teacher_image_guidance: float | None = option(
+        None, "prompt-file data: guidance scale the teacher draws training images with (default: the base's, "
+        "toy 2, others 5)",
+    )  # fmt: skip
+    optimizer: str = option(
+        "adamw", "adamw, or adamw8bit (bitsandbytes: a quarter of AdamW's state memory)", choices=OPTIMIZERS,
+        memory=True,
+    )  # fmt: skip
+    lora_rank: int = option(
+        0, "LoRA-enhanced distillation: adapters of this rank where a layer's input is unchanged, full "
+        "weights where the plan changed it; merged for export (0, default: full weights everywhere)",
+        memory=True,
+    )  # fmt: skip
     # What each stage optimises (losses.OBJECTIVES): "kd" (block-removal KD) or "lcd" (latent
     # consistency distillation: a few-step, w-conditioned student); empty: every stage "kd".
     objectives: tuple[str, ...] = ()
-    lcd_guidance_min: float | None = None  # the teacher's guidance range; None: the base's (lcd_guidance)
-    lcd_guidance_max: float | None = None
-    lcd_ema: float = 0.95  # decay of the EMA target network
-    lcd_loss: str = "huber"  # "huber" (pseudo-Huber) or "l2"
-    lcd_huber_c: float = 0.001
-    lcd_sample_steps: int = 4  # LCM steps of an LCD stage's sample grids
-    lcd_lora_rank: int = (
-        0  # > 0: LCM-LoRA (adapters of this rank, no w-embedding, a LoRA file); 0: full weights
+    lcd_guidance_min: float | None = option(
+        None, "lcd: lowest guidance scale drawn for the teacher (default: 0.75 x the base's, at least 1)",
+        label="LCD guidance min", hint="lowest guidance scale the teacher runs with; empty: the base's",
+    )  # fmt: skip
+    lcd_guidance_max: float | None = option(
+        None, "lcd: highest guidance scale drawn for the teacher (default: 1.5 x the base's)",
+        label="LCD guidance max", hint="highest guidance scale; empty: the base's",
+    )  # fmt: skip
+    lcd_ema: float = option(
+        0.95, "lcd: decay of the EMA target network", label="LCD EMA decay", hint="of the target network, in [0, 1)"
     )
-    # RG-LCD: a differentiable reward of the lcd stage's one-step prediction (workbench.reward:
-    # a reward folder, "toy", or path/file.py:name / package.module:name), climbed with this weight
-    lcd_reward: str | None = None
-    lcd_reward_weight: float = 0.0
-    # "precompute": the teacher's targets written to disk before a stage's student steps, and
-    # read back, so the teacher is off the device while the student trains (workbench.targets)
-    teacher_targets: str = "live"
-    # stage 1's student starts from these weights (a run folder, or a UNet folder of a student
-    # with stage 1's architecture) instead of the teacher's kept ones: e.g. LCD on a student
-    # distilled earlier. None: from the teacher.
-    init_student: str | None = None
-    report_to: str = "none"  # also log to a tracker (workbench.trackers); metrics.jsonl stays the truth
+    lcd_loss: str = option(
+        "huber", "lcd: huber (pseudo-Huber, default) or l2", label="LCD loss", choices=LCD_LOSSES,
+        hint="huber (pseudo-Huber) or l2",
+    )  # fmt: skip
+    lcd_huber_c: float = option(
+        0.001, "lcd: the pseudo-Huber loss's c", label="LCD Huber c", hint="the pseudo-Huber loss's c, > 0"
+    )
+    lcd_sample_steps: int = option(
+        4, "lcd: LCM steps of the sample grids (1-8)", label="LCM sample steps",
+        hint="LCM steps of the sample grids, 1 to 8",
+    )  # fmt: skip
+    lcd_lora_rank: int = option(
+        0, "lcd: LCM-LoRA, adapters of this rank on the student (no guidance embedding), also saved as "
+        "RUN_DIR/lcm_lora for load_lora_weights (0, default: full weights with the guidance embedding)",
+        label="LCM-LoRA rank", memory=True,
+        hint="> 0: LCM-LoRA adapters of this rank; 0: full weights with the guidance embedding",
+    )  # fmt: skip
+    # RG-LCD: a differentiable reward of the lcd stage's one-step prediction (workbench.reward)
+    lcd_reward: str | None = option(
+        None, "lcd: reward guidance (RG-LCD) of the one-step prediction: a reward folder, toy (the shipped "
+        "proxy of the toy checker), or a differentiable scorer (latents, cond) -> (B,) as path/to/file.py:name "
+        "or package.module:name (needs --lcd-reward-weight)", label="RG-LCD reward",
+        hint="empty: plain LCD; toy (the shipped toy proxy), a reward folder, or file.py:name",
+    )  # fmt: skip
+    lcd_reward_weight: float = option(
+        0.0, "lcd: weight of the reward term, loss - weight x mean reward (e.g. 0.1)",
+        label="RG-LCD reward weight", hint="weight of the reward term (> 0 with a reward, 0 without)",
+    )  # fmt: skip
+    teacher_targets: str = option(
+        "live", "live (default): the teacher runs beside the student at every step; precompute: its outputs "
+        "and features are written to the run folder before a stage's student steps and read back, so the "
+        "teacher is off the GPU while the student trains (disk: see `python -m workbench memory`)",
+        choices=TEACHER_TARGETS, memory=True,
+    )  # fmt: skip
+    init_student: str | None = option(
+        None, "stage 1's student starts from this trained student (a run folder or a UNet folder of stage 1's "
+        "architecture) instead of the teacher's kept weights, e.g. --objective lcd on a kd run's student",
+    )  # fmt: skip
+    report_to: str = option(
+        "none", "also log the config, losses and sample grids to a tracker through accelerate "
+        "(metrics.jsonl stays the run's record)", choices=REPORT_TO,
+    )  # fmt: skip
 
     @property
     def guidance(self) -> float:
@@ -180,6 +282,11 @@ class DistillConfig:
 LCD_STAGE = "lcd"  # in a stage list: consistency distillation on the plan before it
 
 
+def stage_list(text: str | None) -> list[str]:
+    """The names of a comma-separated stage list (``--stages``, the app's form), in order."""
+    return [name.strip() for name in (text or "").split(",") if name.strip()]
+
+
 def stage_fields(names: list[Any], objective: str | None = None) -> dict[str, Any]:
     """``stages`` (plans) and ``objectives`` of a stage list (``--stages``, the app's form):
     preset names, plan files or ``PruningPlan`` values, and ``lcd``, which repeats the plan
@@ -218,6 +325,7 @@ WHOLE = {
     "keep_checkpoints": (1, "> 0"),
     "sample_every": (0, ">= 0 (0: only at the end)"),
     "sample_steps": (1, f"from 1 to {MAX_STEPS}"),
+    "sample_seed": (0, ">= 0"),
     "teacher_image_steps": (1, "> 0"),
     "freeze_sensitive": (0, "a whole number >= 0 (0: freeze nothing)"),
     "lora_rank": (0, "a whole number >= 0 (0: train full weights)"),
@@ -245,20 +353,13 @@ REAL = {
 }
 # None: the base's
 OPTIONAL_REAL = ("sample_guidance", "teacher_image_guidance", "lcd_guidance_min", "lcd_guidance_max")
-CHOICES = {
-    "feature_mode": FEATURE_MODES,
-    "feature_weights": FEATURE_WEIGHTS,
-    "mixed_precision": PRECISIONS,
-    "teacher_dtype": TEACHER_DTYPES,
-    "stage_teacher": STAGE_TEACHERS,
-    "lr_schedule": LR_SCHEDULES,
-    "device": DEVICES,
-    "optimizer": OPTIMIZERS,
-    "lcd_loss": LCD_LOSSES,
-    "teacher_targets": TEACHER_TARGETS,
-    "report_to": REPORT_TO,
-}
-FLAGS = ("normalize_features", "gradient_checkpointing")
+def options() -> dict[str, Option]:
+    """Every field offered as an option, in declaration order, with its ``Option``."""
+    return {f.name: f.metadata["option"] for f in dataclasses.fields(DistillConfig) if "option" in f.metadata}
+
+
+CHOICES = {name: opt.choices for name, opt in options().items() if opt.choices}
+FLAGS = tuple(f.name for f in dataclasses.fields(DistillConfig) if f.type == "bool")
 
 
 def _is_whole(value: Any) -> bool:
@@ -612,8 +713,9 @@ def check_lcd_base(base) -> None:
         )  # fmt: skip
 
 
-def check_run_dir(run_dir: str | Path, resume: bool) -> RunDir:
-    """The run folder can hold this run: new (without resume) or an existing run (with it)."""
+def check_run_dir(run_dir: str | Path, resume: bool, launched: bool = False) -> RunDir:
+    """The run folder can hold this run: new (without resume), an existing run (with it), or
+    (``launched``) one whose job.json holds only the config the app validated and wrote."""
     run = RunDir(Path(run_dir))
     if run.root.exists() and not run.root.is_dir():
         raise ConfigError(
@@ -623,12 +725,36 @@ def check_run_dir(run_dir: str | Path, resume: bool) -> RunDir:
         raise ConfigError(
             "run_dir", "{field} {path!r} holds no run to resume (no job.json)", path=str(run.root)
         )
-    if not resume and run.job.exists():
+    if not resume and run.job.exists() and not (launched and is_launch(run.read_job())):
         raise ConfigError(
             "run_dir", "{field} {path!r} already holds a run; resume it with {resume} or choose a new folder",
             path=str(run.root),
         )  # fmt: skip
     return run
+
+
+# --------------------------------------------------------------------------- launched by the app
+
+
+def launch_job(config: DistillConfig) -> dict[str, Any]:
+    """job.json as the app writes it before starting the process: the validated config alone
+    (the run adds the teacher and its stages when it starts)."""
+    return {"config": config.to_dict()}
+
+
+def is_launch(job: dict[str, Any]) -> bool:
+    return set(job) == {"config"}
+
+
+def launched_config(run_dir: str | Path) -> DistillConfig:
+    """The config the app wrote into ``run_dir/job.json``, read strictly."""
+    job = RunDir(Path(run_dir)).read_job()
+    if not is_launch(job):
+        raise WorkbenchError(f"{str(run_dir)!r} holds no launched job (job.json with only a config)")
+    try:
+        return DistillConfig.from_dict(job["config"])
+    except TypeError as err:  # a missing or extra field
+        raise WorkbenchError(f"job.json's config does not describe a run: {err}") from None
 
 
 # --------------------------------------------------------------------------- resume
@@ -691,11 +817,11 @@ class Checked:
 
 
 def preflight(config: DistillConfig, *, base=None, run_dir: str | Path | None = None,
-              resume: bool = False) -> Checked:  # fmt: skip
+              resume: bool = False, launched: bool = False) -> Checked:  # fmt: skip
     """Every check a run makes before loading a model, in one order: run folder, fields,
     data, teacher, plans, guidance. ``base`` is the resolved teacher if the caller has it."""
     if run_dir is not None:
-        check_run_dir(run_dir, resume)
+        check_run_dir(run_dir, resume, launched)
     validate(config)
     check_data(config)
     base = check_base(config, base)

@@ -184,17 +184,20 @@ class SampleGrids:
     pipeline's scheduler; the student row with ``student_sampler`` (``generate`` keywords that
     override the grid's: scheduler, steps, guidance; e.g. ``{"scheduler": "lcm", "steps": 4}``
     for a consistency-distilled student) when given, else the same. Both rows are ``size`` px
-    square (a run's training resolution; None: the UNet's native size)."""
+    square (a run's training resolution; None: the UNet's native size). Prompt i is drawn with
+    seed ``first_seed + i`` in both rows."""
 
     def __init__(self, pipe, folder: Path, prompts: Sequence[str], *, steps: int, guidance: float,
-                 student_sampler: dict[str, Any] | None = None, size: int | None = None) -> None:  # fmt: skip
+                 student_sampler: dict[str, Any] | None = None, size: int | None = None,
+                 first_seed: int = 0) -> None:  # fmt: skip
         self.pipe, self.folder, self.prompts = pipe, Path(folder), list(prompts)
+        self.seeds = range(first_seed, first_seed + len(self.prompts))
         self.kw = {"steps": steps, "guidance": guidance, "height": size, "width": size}
         self.student_sampler = student_sampler
 
     @functools.cached_property
     def teacher_row(self) -> list[Image.Image]:
-        return generate(self.pipe, self.prompts, range(len(self.prompts)), **self.kw)
+        return generate(self.pipe, self.prompts, self.seeds, **self.kw)
 
     def path(self, step: int) -> Path:
         return self.folder / f"step_{step:07d}.png"
@@ -207,7 +210,7 @@ class SampleGrids:
         student.eval()
         kw = self.kw | (sampler or self.student_sampler or {})
         try:
-            row = generate(self.pipe, self.prompts, range(len(self.prompts)), unet=student, **kw)
+            row = generate(self.pipe, self.prompts, self.seeds, unet=student, **kw)
         finally:
             student.train(was_training)
         image = grid([self.teacher_row, row])

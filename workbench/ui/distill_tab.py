@@ -11,6 +11,7 @@ path; rewards and stages are the app's own names; runs wait in one queue for the
 
 from __future__ import annotations
 
+import json
 import shutil
 import threading
 import time
@@ -30,8 +31,11 @@ from workbench.distill_config import (
     STAGE_TEACHERS,
     WHOLE,
     DistillConfig,
+    launch_job,
+    options,
     preflight,
     stage_fields,
+    stage_list,
 )
 from workbench.errors import ConfigError, WorkbenchError
 from workbench.plan import PruningPlan
@@ -44,30 +48,22 @@ from workbench.ui.store import Store
 from workbench.ui.visitors import Runs, as_runs, page_runs, visible_runs
 
 CURRENT_PLAN = "(current plan)"
-PLAN_FILE = "input-plan.json"
 MAX_POINTS = 400  # points per curve in the loss plot; longer runs are strided
 POLL_S = 2.0
 SAMPLE_PX = 512  # a smaller sample grid is shown enlarged to at least this width
 MAIN_TERMS = ("loss/total", "loss/task", "loss/out", "loss/feat", "loss/lcd", "loss/reward")
-# The LCD stage's options: (DistillConfig field, label, hint), one box each, in form order. A
-# field in CHOICES gets a dropdown, a text field a text box, any other a number box; its value
-# is the field's default. Another option is one more line here.
-LCD_BOXES = (
-    ("lcd_guidance_min", "LCD guidance min", "lowest guidance scale the teacher runs with; empty: the base's"),
-    ("lcd_guidance_max", "LCD guidance max", "highest guidance scale; empty: the base's"),
-    ("lcd_ema", "LCD EMA decay", "of the target network, in [0, 1)"),
-    ("lcd_loss", "LCD loss", "huber (pseudo-Huber) or l2"),
-    ("lcd_huber_c", "LCD Huber c", "the pseudo-Huber loss's c, > 0"),
-    ("lcd_sample_steps", "LCM sample steps", "LCM steps of the sample grids, 1 to 8"),
-    ("lcd_lora_rank", "LCM-LoRA rank", "> 0: LCM-LoRA adapters of this rank; 0: full weights with the guidance embedding"),
-    ("lcd_reward", "RG-LCD reward", "empty: plain LCD; toy (the shipped toy proxy), a reward folder, or file.py:name"),
-    ("lcd_reward_weight", "RG-LCD reward weight", "weight of the reward term (> 0 with a reward, 0 without)"),
-)  # fmt: skip
-LCD_KEYS = tuple(key for key, *_ in LCD_BOXES)
-# Run options the form sets (DistillConfig fields and CLI flags of the same names), in form order.
-FORM_KEYS = ("steps", "toy_samples", "batch_size", "lr", "w_task", "w_out", "w_feat", "feature_mode",
-             "mixed_precision", "stage_teacher", "sample_every", "checkpoint_every", "feature_weights",
-             "freeze_sensitive", "data", *LCD_KEYS)  # fmt: skip
+# The form is generated from the options' declarations (``distill_config.Option``): every
+# option with a label gets a box, with its label and hint; a field in CHOICES a dropdown, a text
+# field a text box, any other a number box, each starting at the field's default. The main
+# rows place the common ones (LAID_OUT); the lcd_ ones go under "LCD stage options", and any
+# other labelled option under "More options", so a new option needs no line here.
+OPTIONS = options()
+FORM_KEYS = tuple(name for name, opt in OPTIONS.items() if opt.label)  # declaration order
+LAID_OUT = ("data", "toy_samples", "steps", "batch_size", "lr", "w_task", "w_out", "w_feat", "feature_mode",
+            "mixed_precision", "stage_teacher", "feature_weights", "freeze_sensitive", "sample_every",
+            "checkpoint_every")  # fmt: skip
+LCD_KEYS = tuple(name for name in FORM_KEYS if name.startswith("lcd_"))
+MORE_KEYS = tuple(name for name in FORM_KEYS if name not in LAID_OUT and name not in LCD_KEYS)
 # Where the app starts differently from the run's own defaults (short runs, frequent feedback).
 APP_DEFAULTS = {"steps": 200, "toy_samples": 512, "sample_every": 50, "checkpoint_every": 50}
 FORM_DEFAULTS = {k: v for k, v in (DistillConfig.defaults() | APP_DEFAULTS).items() if k in FORM_KEYS}
@@ -77,15 +73,9 @@ NUMBERS = {
     k for k in FORM_KEYS if k not in CHOICES and "str" not in str(DistillConfig.__dataclass_fields__[k].type)
 }
 LCD_LABEL = "End with an LCD stage (few-step student)"
-# What the page calls each option: the form's labels, and the boxes that set the others.
-LABELS = {
-    "steps": "Steps", "toy_samples": "Toy images", "batch_size": "Batch size", "lr": "Learning rate",
-    "w_task": "λ task", "w_out": "λ output KD", "w_feat": "λ feature KD", "feature_mode": "Feature loss",
-    "mixed_precision": "Mixed precision", "stage_teacher": "Stage teacher", "sample_every": "Samples every",
-    "checkpoint_every": "Checkpoint every", "feature_weights": "Feature weights",
-    "freeze_sensitive": "Freeze most sensitive", "data": "Data",
+# What the page calls each option: its declared label; and the boxes that set the others.
+LABELS = {name: OPTIONS[name].label for name in FORM_KEYS} | {
     "base": "Teacher model", "stages": "Plan / progressive stages", "objectives": "stage kinds",
-    **{key: label for key, label, _ in LCD_BOXES},
 }  # fmt: skip
 
 
@@ -134,7 +124,7 @@ def _number_or_text(text: str) -> float | str | None:
 def stage_names(stages: str, lcd: bool = False) -> list[str]:
     """The progressive stages the form names (empty: the plan alone), ending with ``lcd`` when
     the LCD stage is asked for (once, however it is asked)."""
-    names = [s.strip() for s in (stages or "").split(",") if s.strip()]
+    names = stage_list(stages)
     return names + [LCD_STAGE] if lcd and names[-1:] != [LCD_STAGE] else names
 
 
@@ -173,20 +163,6 @@ def form_plan(store: Store, base: str, choice: str, removed: list[str], stages: 
     return plan_for(store, base, choice, removed) if needs_plan(stage_names(stages, lcd)) else None
 
 
-def launch_argv(base: str, form: dict[str, Any], stages: str, lcd: bool = False) -> list[str]:
-    """CLI arguments for ``distill``; the plan file is written into the run folder."""
-    names = stage_names(stages, lcd)
-    if needs_plan(names):
-        names = ["{run}/" + PLAN_FILE, *names]
-    argv = ["--base", base]
-    argv += ["--stages", ",".join(names)] if len(names) > 1 else ["--preset", names[0]]
-    for key, value in form_fields(form).items():
-        if value is None and key in OPTIONAL:
-            continue  # the run's default
-        argv += [f"--{key.replace('_', '-')}", str(value)]
-    return argv
-
-
 def run_config(base: str, plan: PruningPlan | None, form: dict[str, Any], stages: str,
                lcd: bool = False) -> DistillConfig:  # fmt: skip
     """The run the form asks for: its plan (or progressive stages, maybe ending with an LCD
@@ -197,8 +173,9 @@ def run_config(base: str, plan: PruningPlan | None, form: dict[str, Any], stages
 
 
 def check_launch(store: Store, base: str, plan: PruningPlan, form: dict[str, Any], stages: str,
-                 limits: Limits, lcd: bool = False) -> None:  # fmt: skip
-    """Everything the run itself would reject (the preflight), then the app's own limits."""
+                 limits: Limits, lcd: bool = False) -> DistillConfig:  # fmt: skip
+    """Everything the run itself would reject (the preflight), then the app's own limits: the
+    validated config the run starts from."""
     config = run_config(base, plan, form, stages, lcd)
     specs = preflight(config, base=store.base(base)).specs
     if limits.max_distill_steps and config.steps * len(specs) > limits.max_distill_steps:
@@ -210,6 +187,7 @@ def check_launch(store: Store, base: str, plan: PruningPlan, form: dict[str, Any
         raise WorkbenchError(
             f"this app distils teachers up to {fmt.params(limits.max_distill_params)} parameters; run it locally"
         )
+    return config
 
 
 def launch(store: Store, base: str, choice: str, removed: list[str], form: dict[str, Any],
@@ -220,12 +198,12 @@ def launch(store: Store, base: str, choice: str, removed: list[str], form: dict[
     if runs.space:
         form = visitor_form(form, choice, stages, uploaded)
     plan = form_plan(store, base, choice, removed, stages, lcd)
-    check_launch(store, base, plan, form, stages, limits, lcd)
+    config = check_launch(store, base, plan, form, stages, limits, lcd)
     name = check_name(
         (name or "").strip() or f"{time.strftime('%Y%m%d-%H%M%S')}-{plan.name if plan else 'stages'}", "run"
     )
-    files = {PLAN_FILE: plan.to_json()} if plan else {}
-    argv = launch_argv(base, form, stages, lcd)
+    # The run starts from the config validated here (job.json), not from a command line.
+    files, argv = {"job.json": json.dumps(launch_job(config), indent=2)}, ["--from-job"]
     if not runs.space:
         return str(jobs.start_run(runs.folder, name, argv, files=files).root)
     if busy := [r for r in list_runs(runs.folder) if r["state"] in ACTIVE]:
@@ -553,21 +531,21 @@ def _form(settings: AppSettings) -> Form:
     with gr.Row():
         f["feature_weights"] = gr.Dropdown(
             list(FEATURE_WEIGHTS), value=D["feature_weights"], label=LABELS["feature_weights"],
-            info="sensitivity: weight each feature term by how much removing its teacher layer "
-            "hurts (map measured once per teacher, then cached)",
-            elem_id="wb-distill-feature-weights",
+            info=OPTIONS["feature_weights"].hint, elem_id="wb-distill-feature-weights",
         )  # fmt: skip
-        f["freeze_sensitive"] = number(
-            "freeze_sensitive",
-            info="freeze the student layers inherited from the N most sensitive teacher layers",
-        )
+        f["freeze_sensitive"] = number("freeze_sensitive", info=OPTIONS["freeze_sensitive"].hint)
     with gr.Row():
         f["sample_every"], f["checkpoint_every"] = number("sample_every"), number("checkpoint_every")
         name = gr.Textbox(label="Run name (optional)", elem_id="wb-distill-name")
     with gr.Accordion("LCD stage options", open=False, elem_id="wb-distill-lcd-options"):
         with gr.Row():
-            for key, _, info in LCD_BOXES:
-                f[key] = _box(key, info)
+            for key in LCD_KEYS:
+                f[key] = _box(key, OPTIONS[key].hint)
+    if MORE_KEYS:  # options declared with a label that the rows above do not place
+        with gr.Accordion("More options", open=False, elem_id="wb-distill-more-options"):
+            with gr.Row():
+                for key in MORE_KEYS:
+                    f[key] = _box(key, OPTIONS[key].hint or OPTIONS[key].help)
     start = gr.Button("Launch run", variant="primary", elem_id="wb-distill-launch")
     message = gr.Markdown(elem_id="wb-distill-message")
     with gr.Accordion("Will it fit? GPU memory of this run", open=True):
