@@ -43,6 +43,7 @@ def test_evaluate_fills_the_table_and_csvs_download(root):
     assert frame.loc[1, "fid"] == record["student"]["fid"]["mean"]
     assert "path" not in results_tab.shown(frame).columns
     assert results_tab.load_table(root, ["run"], "nothing-like-this").empty
+    assert results_tab.load_table(root, None, None).equals(frame)  # boxes of a tab not yet drawn send None
     assert list(results_tab.load_table(root, list(results_tab.KINDS), "TOY-")["name"]) == ["toy-run"]
     back = pd.read_csv(results_tab.csv_file(frame, "results.csv"))
     pd.testing.assert_frame_equal(back, frame, check_dtype=False)

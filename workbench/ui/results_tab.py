@@ -31,7 +31,9 @@ SPACE_METRICS = ("psnr", "ssim", "fid", "kid")
 
 
 def load_table(root: Path, kinds: list[str], query: str) -> pd.DataFrame:
-    """The results table, kept to ``kinds`` and rows whose name, base or state holds ``query``."""
+    """The results table, kept to ``kinds`` and rows whose name, base or state holds ``query``
+    (a box not yet drawn, in a tab not yet opened, sends None: every kind, no filter)."""
+    kinds, query = list(KINDS) if kinds is None else kinds, query or ""
     frame = table.results(root) if root.is_dir() else _empty()
     frame = frame[frame["kind"].isin(kinds)]
     if query.strip():
