@@ -27,11 +27,9 @@ from workbench.distill_config import (
     Checked,
     DistillConfig,
     check_run_dir,
-    describe_changes,
     init_student_folder,
     launched_config,
     preflight,
-    resume_config,
     sensitivity_settings,
 )
 from workbench.errors import WorkbenchError
@@ -40,6 +38,7 @@ from workbench.files import atomic_dir, remove_tree, write_json_atomic
 from workbench.modelcard import model_card
 from workbench.models import freeze_pipeline, load_pipeline, on_device, park
 from workbench.parallel import any_across, full_student, is_sharded, make_accelerator
+from workbench.resume import describe_changes, resume_config
 from workbench.reward import load_reward
 from workbench.runs import MetricsWriter, Reporter, RunDir, Stopper, read_checkpoint_info
 from workbench.sensitivity_kd import GUIDANCE_FILE  # noqa: F401  (re-exported: where a run keeps its guidance)
