@@ -9,11 +9,11 @@ One table, a row per check:
 - ``latency``: the teacher (random weights from SDXL's real UNet config, bf16) and the student of
   every preset that applies to it, one forward at 1024 px, timed interleaved
   (``latency.measure_speedup``): measured speedup beside the FLOP ratio.
-- ``memory``: ``memory.estimate(target="cuda")`` against ``torch.cuda.max_memory_allocated``
+- ``memory``: ``memory.estimate(device="cuda")`` against ``torch.cuda.max_memory_allocated``
   over real training steps of three recipes on Vega at 1024 px, batch 1: plain (fp32
   teacher, fp32 AdamW); lean (bf16 teacher, bf16 autocast, gradient checkpointing, 8-bit
   AdamW); LoRA-enhanced (rank 64). The stage is built as ``Distillation.stage`` builds it
-  and steps through the recipe's own ``distill.train_step`` under a real ``Accelerator``;
+  and steps through the recipe's own ``stage_mod.train_step`` under a real ``Accelerator``;
   the first step creates the optimizer states, the peak is read over the steps after it
   (the estimate's steady state).
 - ``few-step``: seconds per image of the denoising loop at 1024 px: the teacher at 20
@@ -26,7 +26,7 @@ One table, a row per check:
 Every row runs whatever the rows before it did: an error makes its row FAILED with the
 error's first line, and the whole table prints at the end. Exit status 0 when every row is
 OK. ``--dry-run`` runs the same functions on the CPU with tiny SDXL-topology models
-(``workbench.testing``) at 64 px; its memory rows compare ``memory.estimate(target="cpu")``
+(``workbench.testing``) at 64 px; its memory rows compare ``memory.estimate(device="cpu")``
 with the process's resident high-water mark over the same steps (as ``benchmarks/memory.py``
 does), and its second toy row trains without mixed precision (fp16 autocast needs CUDA).
 """
@@ -56,6 +56,7 @@ import torch
 from accelerate.state import AcceleratorState
 
 from workbench import data, distill, latency, lora_kd, losses, memory, optim
+from workbench import stage as stage_mod
 from workbench.catalog import build_catalog
 from workbench.commands._common import human
 from workbench.cost import dummy_inputs
@@ -296,14 +297,14 @@ def synthetic_batches(config: DistillConfig, base, device) -> data.Batches:
                         1, 0, device)  # fmt: skip
 
 
-def real_stage(config: DistillConfig, base, specs) -> distill.Stage:
+def real_stage(config: DistillConfig, base, specs) -> stage_mod.Stage:
     """Stage 1 of a kd run, built as ``Distillation.stage`` builds it, on random weights."""
     acc = make_accelerator(config)
     original = latency.random_unet(base.unet_config, str(acc.device), torch.float32)
     student, teacher, pairs = stage_models(
         original, specs, 0, None, config.stage_teacher, config.feature_mode
     )
-    teacher = as_teacher(teacher, acc.device, distill.TEACHER_DTYPES[config.teacher_dtype])
+    teacher = as_teacher(teacher, acc.device, stage_mod.TEACHER_DTYPES[config.teacher_dtype])
     del original  # a cast teacher is a copy: the recipe parks the original on the CPU
     student = student.float().to(acc.device)
     setup = losses.KDSetup(
@@ -317,7 +318,7 @@ def real_stage(config: DistillConfig, base, specs) -> distill.Stage:
     optimizer = optim.make_optimizer(params, config)
     schedule = optim.make_schedule(optimizer, config)
     wrapped, optimizer = acc.prepare(student, optimizer)
-    return distill.Stage(
+    return stage_mod.Stage(
         0, "kd", wrapped, acc.unwrap_model(wrapped), teacher, setup, optimizer, schedule, acc, 0
     )
 
@@ -329,9 +330,9 @@ def measured_peak(config: DistillConfig) -> tuple[int, list[dict[str, float]]]:
     meter = PeakMeter(config.device)
     stage = real_stage(config, base, specs)
     batches = synthetic_batches(config, base, stage.accelerator.device)
-    terms = [distill.train_step(stage, batches, 0, config)]  # creates the optimizer states
+    terms = [stage_mod.train_step(stage, batches, 0, config)]  # creates the optimizer states
     meter.reset()
-    terms += [distill.train_step(stage, batches, g, config) for g in range(1, config.steps)]
+    terms += [stage_mod.train_step(stage, batches, g, config) for g in range(1, config.steps)]
     return meter.peak(), terms
 
 
@@ -348,7 +349,7 @@ def memory_checks(sizes: Sizes, held: Held) -> list[tuple[str, Callable]]:
     def check(fields: dict[str, Any]) -> tuple[str, dict[str, Any]]:
         config = recipe_config(sizes, fields)
         optim.check_optimizer_device(config.optimizer, config.device)  # 8-bit AdamW: fail before the estimate
-        result = memory.estimate(config, target=target)
+        result = memory.estimate(config, device=target)
         estimated = result.total - result.categories["encoders"]  # no encoders in the measured process
         measured, terms = measured_peak(config)
         check_finite(terms, "training step")

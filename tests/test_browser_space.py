@@ -80,12 +80,13 @@ def _fill(page, elem: str, value: str) -> None:
 
 
 def _press(page, button: str, panel: str, answer: str = "Not launched|No estimate|started|queued") -> str:
-    """Press a button; the text of ``panel`` once the handler's answer (``answer``, a regex) is in it."""
+    """Press a button; the text of ``panel`` once the handler's answer (``answer``, a regex) is in it
+    and no progress timer ("0.1s") stands over it."""
     page.evaluate("(s) => { const m = document.querySelector(s); if (m) m.setAttribute('data-old', m.innerText); }", panel)
     page.locator(button).click()
     page.wait_for_function(
-        "([s, a]) => { const m = document.querySelector(s);"
-        " return m && new RegExp(a).test(m.innerText) && m.innerText !== m.getAttribute('data-old'); }",
+        "([s, a]) => { const m = document.querySelector(s); if (!m) return false; const t = m.innerText;"
+        " return new RegExp(a).test(t) && t !== m.getAttribute('data-old') && !/^\\s*[0-9.]+s/.test(t); }",
         arg=[panel, answer],
         timeout=300_000,
     )

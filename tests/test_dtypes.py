@@ -6,7 +6,7 @@ import re
 import pytest
 import torch
 
-from workbench import distill, dtypes, latency
+from workbench import dtypes, latency, stage
 from workbench.cli import main
 from workbench.errors import WorkbenchError
 from workbench.testing import ROOT
@@ -37,7 +37,7 @@ def test_the_table_and_its_errors():
 
 
 def test_every_user_of_a_dtype_table_shares_the_one_table():
-    assert distill.TEACHER_DTYPES is dtypes.torch_dtypes()
+    assert stage.TEACHER_DTYPES is dtypes.torch_dtypes()
     assert latency.check_dtype("bf16", "cpu") is torch.bfloat16
     # No second name -> torch dtype table anywhere in the code (the one lives in workbench/dtypes.py).
     table = re.compile(r"""["'](bf16|fp16|fp32)["']\s*:\s*torch\.""")

@@ -277,7 +277,7 @@ def test_lcd_needs_the_teachers_scheduler(base, tmp_path):
 
 
 def test_cli_stages_lcd_repeats_the_plan_before_it():
-    from workbench.commands.distill import stage_fields
+    from workbench.distill_config import stage_fields
 
     fields = stage_fields(["ssd-1b", "segmind-vega", "lcd"], None)
     assert fields["objectives"] == ("kd", "kd", "lcd") and fields["stages"][1] == fields["stages"][2]

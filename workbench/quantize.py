@@ -50,6 +50,7 @@ from torch.utils._pytree import tree_flatten
 
 from workbench.catalog import meta_unet
 from workbench.cost import dummy_inputs, latent_size
+from workbench.dtypes import torch_dtypes
 from workbench.errors import WorkbenchError
 from workbench.export import Student, check_out, finish_folder, local_paths
 from workbench.memory import CUDA_CONTEXT_BYTES, FRAGMENTATION, GIB, encoder_bytes
@@ -61,7 +62,7 @@ LIBRARY = "torchao"
 INT4_GROUP = 128  # torchao's default group size for int4 weight-only
 FP8_CAPABILITY = (8, 9)  # float8 matmuls: Ada, Hopper and later
 INFERENCE_GPU_SIZES_GB = (4, 6, 8, 12, 16, 24)
-DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+DTYPES = torch_dtypes()  # the one table: workbench.dtypes
 _DTYPE_BYTES = {"fp32": 4, "fp16": 2, "bf16": 2}
 
 
