@@ -75,8 +75,9 @@ def test_a_scorer_file_or_module_is_never_imported_on_a_space(base, tmp_path, re
 def test_the_owner_still_names_a_scorer_file(base, tmp_path):
     upload, marker = _scorer(tmp_path)
     form = FORM | {"lcd_reward": f"{upload}:score", "lcd_reward_weight": 0.1}
-    text = dt.estimate_or_explain(Store(), {"base": base}, ["mid_block"], dt.CURRENT_PLAN, "", _values(form), True)
-    assert "Python code" not in html.unescape(text)
+    plan = dt.form_plan(Store(), base, dt.CURRENT_PLAN, ["mid_block"], "", True)
+    config = dt.check_launch(Store(), base, plan, dict(zip(dt.FORM_KEYS, _values(form))), "", Limits(), True)
+    assert config.lcd_reward == f"{upload}:score"  # what Launch would start, checked by the preflight
     assert marker.read_text() == "ran"  # localhost: the owner's own code is theirs to run
 
 

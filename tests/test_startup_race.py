@@ -52,7 +52,7 @@ SCRIPT = textwrap.dedent(
 
 
 @pytest.mark.skipif(not (TOY_DIR / "model_index.json").exists(), reason="needs the embedded toy teacher")
-@pytest.mark.parametrize("delay", [0.0, 1.0])
+@pytest.mark.parametrize("delay", [0.0])  # 1.0 failed the same way before the fix; one keeps the suite short
 def test_generate_during_the_warm_up_samples_without_import_errors(delay, tmp_path):
     env = os.environ | {"HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT),
                         "WORKBENCH_CACHE_DIR": str(tmp_path)}  # fmt: skip
