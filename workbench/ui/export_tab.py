@@ -218,6 +218,23 @@ def lora_md(
     )
 
 
+def source_box(ctx: Shared, elem_id: str) -> gr.Dropdown:
+    """The Student picker: the current plan, then the page's runs with a trained student (filled
+    once the page knows its visitor, by ``wire_source``)."""
+    choices = source_choices(visible_runs(ctx.settings, None))
+    return gr.Dropdown(choices, value=CURRENT_PLAN, label="Student", elem_id=elem_id)
+
+
+def wire_source(ctx: Shared, source: gr.Dropdown) -> None:
+    """The picker lists the visitor's runs once known, and runs finished since, when it is opened."""
+    refresh = {
+        "fn": lambda visitor: gr.update(choices=source_choices(visible_runs(ctx.settings, visitor))),
+        "inputs": ctx.visitor, "outputs": source, "api_visibility": "private",
+    }  # fmt: skip
+    ctx.visitor_ready.then(**refresh)
+    source.focus(**refresh)
+
+
 def build(ctx: Shared) -> None:
     gr.Markdown(
         "### Export a student\nThe current plan's student (the teacher's remaining layers and transformer "
@@ -225,9 +242,7 @@ def build(ctx: Shared) -> None:
     )
     with gr.Row(equal_height=False):
         with gr.Column(scale=1):
-            source = gr.Dropdown(
-                source_choices(visible_runs(ctx.settings, None)), value=CURRENT_PLAN, label="Student", elem_id="wb-export-source"
-            )
+            source = source_box(ctx, "wb-export-source")
             fmt_box = gr.Radio(
                 [(label, key) for key, label in FORMAT_LABELS.items()], value="diffusers", label="Format",
                 elem_id="wb-export-format",
@@ -278,9 +293,4 @@ def build(ctx: Shared) -> None:
     )
     ctx.plan.change(on_plan, [ctx.view, ctx.plan], formats, api_visibility="private")
     ctx.demo.load(on_plan, [ctx.view, ctx.plan], formats, api_visibility="private")
-    refresh = {
-        "fn": lambda visitor: gr.update(choices=source_choices(visible_runs(settings, visitor))),
-        "inputs": ctx.visitor, "outputs": source,
-    }  # fmt: skip
-    ctx.visitor_ready.then(**refresh, api_visibility="private")
-    source.focus(**refresh, api_visibility="private")  # runs finished since the page loaded
+    wire_source(ctx, source)

@@ -28,12 +28,12 @@ from workbench.ui.export_tab import (
     _student,
     own_source,
     slug,
-    source_choices,
+    source_box,
+    wire_source,
     zip_folder,
 )
 from workbench.ui.shared import ProgressAdapter, Shared, inline_errors
 from workbench.ui.store import Store
-from workbench.ui.visitors import visible_runs
 
 SCHEME_LABELS = {
     "int8": "int8 weight-only",
@@ -161,10 +161,7 @@ def build(ctx: Shared) -> None:
     )
     with gr.Row(equal_height=False):
         with gr.Column(scale=1):
-            source = gr.Dropdown(
-                source_choices(visible_runs(ctx.settings, None)), value=CURRENT_PLAN, label="Student",
-                elem_id="wb-quant-source",
-            )
+            source = source_box(ctx, "wb-quant-source")
             scheme = gr.Radio(
                 [(label, key) for key, label in SCHEME_LABELS.items()], value="int8", label="Quantisation",
                 elem_id="wb-quant-scheme",
@@ -207,9 +204,4 @@ def build(ctx: Shared) -> None:
         on_export, [ctx.view, ctx.plan, scheme, source, ctx.visitor], [archive, exported], api_visibility="private",
         **ctx.model_event(),
     )  # fmt: skip
-    refresh = {
-        "fn": lambda visitor: gr.update(choices=source_choices(visible_runs(settings, visitor))),
-        "inputs": ctx.visitor, "outputs": source,
-    }  # fmt: skip
-    ctx.visitor_ready.then(**refresh, api_visibility="private")
-    source.focus(**refresh, api_visibility="private")  # runs finished since the page loaded
+    wire_source(ctx, source)
