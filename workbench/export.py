@@ -293,13 +293,9 @@ def export(
         card = model_card(student, fmt, dtype, weights_file, evaluation, lora_report=report)
         (tmp / "README.md").write_text(card, encoding="utf-8")
         progress(0.9, "checking the files")
-        finish_folder(tmp, local_paths(student))
-        if out.exists():
-            out.rmdir()
-        tmp.rename(out)
+        files = place_folder(tmp, out, student)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-    files = tuple(sorted(str(p.relative_to(out)) for p in out.rglob("*") if p.is_file()))
     return ExportResult(out, fmt, dtype, files, weights_file, report)
 
 
@@ -459,3 +455,13 @@ def finish_folder(folder: Path, local_paths: list[str]) -> None:
     os.chmod(folder, 0o755)
     for path in folder.rglob("*"):
         os.chmod(path, 0o755 if path.is_dir() else 0o644)
+
+
+def place_folder(tmp: Path, out: Path, student: Student) -> tuple[str, ...]:
+    """Check a written export folder for local paths, move it into place at ``out`` (an empty
+    folder there is replaced) and list its files."""
+    finish_folder(tmp, local_paths(student))
+    if out.exists():
+        out.rmdir()
+    tmp.rename(out)
+    return tuple(sorted(str(p.relative_to(out)) for p in out.rglob("*") if p.is_file()))

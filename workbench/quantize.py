@@ -52,7 +52,7 @@ from workbench.catalog import meta_unet
 from workbench.cost import dummy_inputs, latent_size
 from workbench.dtypes import torch_dtypes
 from workbench.errors import WorkbenchError
-from workbench.export import Student, check_out, finish_folder, local_paths
+from workbench.export import Student, check_out, place_folder
 from workbench.memory import CUDA_CONTEXT_BYTES, FRAGMENTATION, GIB, encoder_bytes
 from workbench.modelcard import model_card, quantization_section
 from workbench.models import Base
@@ -535,13 +535,9 @@ def export_quantized(
             model_card(student, "diffusers", dtype, evaluation=evaluation) + "\n" + quantization_section(info)
         )
         (tmp / "README.md").write_text(card, encoding="utf-8")
-        finish_folder(tmp, local_paths(student))
-        if out.exists():
-            out.rmdir()
-        tmp.rename(out)
+        files = place_folder(tmp, out, student)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-    files = tuple(sorted(str(p.relative_to(out)) for p in out.rglob("*") if p.is_file()))
     return QuantizedExport(out, scheme, dtype, files, info["share"], info["weights_bytes"], info["library"])
 
 
