@@ -61,6 +61,10 @@ def test_adapters_train_where_inputs_held_and_merge_into_a_stock_student(tiny_te
     assert type(plain) is UNet2DConditionModel
     assert sum(p.numel() for p in plain.parameters()) == spec.student_params
     torch.testing.assert_close(plain(**_inputs(tiny_config)).sample, adapted, rtol=1e-4, atol=1e-5)
+    # no second copy of the student: only the adapted layers' weights are new tensors
+    own = {p.data_ptr() for p in student.parameters()}
+    shared = [n for n, p in plain.named_parameters() if p.data_ptr() in own]
+    assert len(shared) == len(list(plain.parameters())) - info["adapted_modules"]
     plain.save_pretrained(tmp_path / "student")
     loaded, info = UNet2DConditionModel.from_pretrained(tmp_path / "student", output_loading_info=True)
     assert not info["missing_keys"] and not info["unexpected_keys"]

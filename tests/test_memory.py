@@ -46,7 +46,10 @@ def test_categories_add_up_to_the_total(plain, tiny_base):
             assert set(stage.categories) == set(memory.CATEGORIES)
             assert sum(stage.categories.values()) == stage.total > 0
             assert all(v >= 0 for v in stage.categories.values())
-        assert result.total == max(s.total for s in result.stages)
+        assert result.peak.total == max(s.total for s in result.stages)
+        assert result.total == max(result.peak.total, *(p.total for p in result.phases))
+        for phase in result.phases:
+            assert set(phase.categories) == set(memory.CATEGORIES) and phase.total == sum(phase.categories.values())
     assert lean.peak.phase.endswith("(micro-batch 2)") or lean.peak.phase == "optimizer step"
 
 
@@ -74,16 +77,16 @@ def test_estimate_tracks_the_real_step(plain, tiny_base):
     """The same step on real tensors (random weights) under the same tracker."""
     real = memory.estimate(_config(tiny_base), device="cpu", fake=False)
     assert real.peak.phase == plain.peak.phase
-    assert abs(real.total - plain.total) <= 0.01 * real.total
+    assert abs(real.peak.total - plain.peak.total) <= 0.01 * real.peak.total
     for name in memory.CATEGORIES:
-        assert abs(real.categories[name] - plain.categories[name]) <= 0.01 * real.total
+        assert abs(real.peak.categories[name] - plain.peak.categories[name]) <= 0.01 * real.peak.total
 
 
 def test_lean_options_lower_the_peak(plain, tiny_base):
     checkpointed = memory.estimate(_config(tiny_base, gradient_checkpointing=True), device="cpu")
-    assert checkpointed.categories["activations"] < plain.categories["activations"]
+    assert checkpointed.peak.categories["activations"] < plain.peak.categories["activations"]
     no_teacher = memory.estimate(_config(tiny_base, w_out=0.0, w_feat=0.0), device="cpu")
-    assert no_teacher.total < plain.total
+    assert no_teacher.peak.total < plain.peak.total
 
 
 def test_cuda_autocast_emulation_follows_cudas_lists():
@@ -214,10 +217,10 @@ def test_precomputed_targets_take_the_teacher_off_the_device(plain, tiny_base):
     fake = memory.estimate(config, device="cpu")
     real = memory.estimate(config, device="cpu", fake=False)
     stage = fake.stages[0]
-    assert stage.resident["teacher"] == 0 and fake.categories["teacher"] == 0
-    assert fake.total < plain.total and fake.total <= plain.total - plain.stages[0].resident["teacher"] // 2
+    assert stage.resident["teacher"] == 0 and fake.peak.categories["teacher"] == 0
+    assert fake.peak.total < plain.peak.total and fake.peak.total <= plain.peak.total - plain.stages[0].resident["teacher"] // 2
     assert fake.settings["teacher_targets"] == "precompute"
-    assert abs(real.total - fake.total) <= 0.01 * real.total and real.peak.phase == fake.peak.phase
+    assert abs(real.peak.total - fake.peak.total) <= 0.01 * real.peak.total and real.peak.phase == fake.peak.phase
     # prediction (B, 4, 8, 8) fp32 and 26 feature maps in the teacher's dtype: what the files hold
     assert stage.teacher_targets_disk_bytes == real.stages[0].teacher_targets_disk_bytes > 2 * 4 * 8 * 8 * 4
     assert "MiB of disk per step" in memory_advice.report(fake)
@@ -264,9 +267,9 @@ def test_an_lcd_stage_holds_its_target_network(plain, lcd, tiny_base):
     assert stage.resident["weights"] == kd.resident["weights"] + cond_proj
     assert stage.resident["ema_target"] == stage.resident["weights"] and kd.resident["ema_target"] == 0
     assert (
-        lcd.categories["ema_target"] == stage.resident["ema_target"] and plain.categories["ema_target"] == 0
+        lcd.peak.categories["ema_target"] == stage.resident["ema_target"] and plain.peak.categories["ema_target"] == 0
     )
-    assert lcd.total > plain.total and sum(lcd.categories.values()) == lcd.total
+    assert lcd.peak.total > plain.peak.total and sum(lcd.peak.categories.values()) == lcd.peak.total
     assert "(lcd)" in memory_advice.report(lcd)
 
 
@@ -274,7 +277,7 @@ def test_the_lcd_estimate_tracks_the_real_step(lcd, tiny_base):
     real = memory.estimate(_config(tiny_base, objectives=("lcd",)), device="cpu", fake=False)
     assert real.peak.phase == lcd.peak.phase
     for name in memory.CATEGORIES:
-        assert abs(real.categories[name] - lcd.categories[name]) <= 0.01 * real.total, name
+        assert abs(real.peak.categories[name] - lcd.peak.categories[name]) <= 0.01 * real.peak.total, name
 
 
 @pytest.mark.slow
@@ -284,7 +287,7 @@ def test_lcm_lora_trains_adapters_on_a_frozen_student(lcd, tiny_base):
     assert stage.trainable_params < stage.student_params // 2  # rank 4 on tiny widths: a third
     assert stage.resident["optimizer_states"] < full.resident["optimizer_states"] // 2
     assert stage.resident["ema_target"] == stage.resident["weights"]  # the copy holds the adapters too
-    assert lora.total < lcd.total  # smaller optimizer states outweigh the adapters
+    assert lora.peak.total < lcd.peak.total  # smaller optimizer states outweigh the adapters
 
 
 def test_lcd_options_the_recipe_refuses_are_refused(tiny_base):
@@ -347,3 +350,54 @@ def test_an_rg_lcd_estimate_says_the_reward_is_not_counted(lcd, tiny_base, tmp_p
     estimate = memory.estimate(config, device="cpu")
     assert any("reward is not counted" in n for n in estimate.notes)
     assert not any("reward" in n for n in lcd.notes)
+
+
+# --------------------------------------------------------------------------- the run outside a step
+
+
+def test_drawing_activations_on_the_meta_device_match_a_real_forward(tiny_config):
+    """The phases' drawing estimate (a UNet forward without gradients, on the meta device)
+    against the same forward on real tensors under the same tracker."""
+    from workbench import memory_phases
+    from workbench.testing import tiny_unet
+
+    key = memory_phases._key(tiny_config)
+    meta = memory_phases.unet_forward_bytes(key, 6, 8, 16)
+    unet = tiny_unet(tiny_config)
+    inputs = memory_phases._unet_inputs(tiny_config, 6, 8, 16)
+    tracker = memory_tracker.Tracker()
+    for t in (*unet.parameters(), *unet.buffers()):
+        tracker.claim(t, "weights")
+    own = tracker.total
+    with torch.no_grad(), tracker:
+        unet(**inputs)
+    real = max(total for total, _ in tracker.peaks.values()) - own
+    assert real > 0 and abs(meta - real) <= 0.02 * real
+    assert memory_phases.unet_forward_bytes(key, 12, 8, 16) > 1.8 * meta  # activations grow with the batch
+
+
+def test_the_run_phases_count_the_pipeline_and_the_drawing(tiny_pipeline_dir, tmp_path):
+    """A pipeline base: the data phase holds the whole pipeline (UNet in fp32, text encoders
+    and VAE) and the teacher drawing a prompt file; more prompts, larger drawing; the sample
+    grid brings the encoders back beside the student; the peak names its phase."""
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("\n".join(f"a prompt {i}" for i in range(12)), encoding="utf-8")
+    few = tmp_path / "few.txt"
+    few.write_text("one\ntwo\n", encoding="utf-8")
+    result = memory.estimate(_config(tiny_pipeline_dir, data=str(prompts)), device="cpu")
+    small = memory.estimate(_config(tiny_pipeline_dir, data=str(few)), device="cpu")
+    data, assembly, grid = result.phases
+    encoders, _ = memory.encoder_bytes(memory.resolve_base(tiny_pipeline_dir))
+    teacher = result.stages[0].teacher_params * 4
+    assert encoders > 0 and data.categories["encoders"] == grid.categories["encoders"] == encoders
+    assert data.categories["teacher"] == assembly.categories["teacher"] == teacher
+    assert data.categories["activations"] > small.phases[0].categories["activations"] > 0
+    assert assembly.categories["weights"] == result.stages[0].resident["weights"] == grid.categories["weights"]
+    assert grid.categories["optimizer"] == 0 and grid.categories["teacher"] == 0  # end of run, on the CPU
+    on_gpu = memory.estimate(_config(tiny_pipeline_dir, data=str(few)), device="cuda").phases[2]
+    assert on_gpu.categories["teacher"] == teacher  # beside a GPU the pipeline's UNet comes to the device
+    mid_run = memory.estimate(_config(tiny_pipeline_dir, data=str(few), sample_every=1), device="cpu").phases[2]
+    assert mid_run.categories["optimizer"] == result.stages[0].resident["optimizer_states"] > 0
+    top = max([result.peak.total, *(p.total for p in result.phases)])
+    assert result.total == top and result.where in memory_advice.report(result)
+    assert [p["name"] for p in result.to_dict()["phases"]] == [p.name for p in result.phases]

@@ -14,6 +14,7 @@ targets in ``losses``; what trains and how in ``optim``; checkpoints and status 
 
 from __future__ import annotations
 
+import gc
 import os
 import time
 import traceback
@@ -36,7 +37,7 @@ from workbench.errors import WorkbenchError
 from workbench.export import Student, finish_folder, local_paths
 from workbench.files import atomic_dir, remove_tree, write_json_atomic
 from workbench.modelcard import model_card
-from workbench.models import freeze_pipeline, load_pipeline, on_device, park
+from workbench.models import ENCODERS, TeacherPipeline, freeze_pipeline, load_pipeline, park
 from workbench.parallel import any_across, full_student, is_sharded, make_accelerator
 from workbench.resume import describe_changes, resume_config
 from workbench.reward import load_reward
@@ -128,13 +129,15 @@ class Distillation:
         self.trackers.config(cfg.to_dict())
         self.stopper.install()
         self.pipe = freeze_pipeline(load_pipeline(self.base, device=str(self.acc.device)))
+        self.parts = TeacherPipeline(self.pipe, self.base, self.acc.device)
         self.batches = self.load_batches()
         self.guidance = self.load_guidance(resume)
-        for part in (self.pipe.vae, self.pipe.text_encoder, getattr(self.pipe, "text_encoder_2", None)):
-            park(part)  # the data is cached: encoders and VAE wait on the CPU (back for sample grids)
         prompts = list(cfg.sample_prompts) or default_prompts(cfg.base, cfg.data)
         self.grids = SampleGrids(self.pipe, self.run_dir.samples, prompts, steps=cfg.sample_steps,
                                  guidance=cfg.guidance, size=cfg.resolution, first_seed=cfg.sample_seed)  # fmt: skip
+        if self.report.main:  # the teacher's row of every grid, while the whole pipeline is here
+            self.grids.teacher_row  # noqa: B018  (drawn once, kept)
+        self.parts.set_aside(*ENCODERS)  # the data is cached: encoders and VAE leave (back for grids)
 
     def sampler(self, k: int) -> dict[str, Any] | None:
         return grid_sampler(self.config, k)
@@ -186,10 +189,11 @@ class Distillation:
         acc = make_accelerator(cfg)  # the stage's own: its checkpoints hold this stage's objects
         previous = self.load_stage_student(k - 1) if k else None
         start = self.load_init_student() if k == 0 and cfg.init_student else None  # checked in preflight
-        models = stage_models(cfg, self.specs, k, self.pipe.unet, previous, acc.device, start)
+        original = self.parts.bring_back("unet").unet  # set aside by an earlier stage, if it was
+        models = stage_models(cfg, self.specs, k, original, previous, acc.device, start)
         kind, student, teacher = models.kind, models.student, models.teacher
-        if teacher is not self.pipe.unet:  # the original waits on the CPU (for sample grids)
-            park(self.pipe.unet)
+        if teacher is not original:  # a cast copy or the previous stage's student teaches
+            self.parts.set_aside("unet")
         guidance = self.guidance[k] if self.guidance else None
         frozen = guidance["frozen_modules"] if guidance else []
         weights = sensitivity_kd.pair_weights(guidance, models.pairs, acc.device)
@@ -235,7 +239,11 @@ class Distillation:
         )
         self.report.log(f"stage {k + 1}: teacher targets precomputed ({files} files, {size / 2**20:.1f} MiB "
                         f"new) in {store.folder}; the teacher leaves the device")  # fmt: skip
-        park(teacher)
+        if teacher is self.pipe.unet:
+            self.parts.set_aside("unet")
+        else:  # a cast copy or a stage's student: nothing needs it again
+            park(teacher)
+            teacher.to("meta")
         return store
 
     def load_init_student(self) -> dict[str, Any]:
@@ -283,6 +291,7 @@ class Distillation:
                     return False
         finally:
             metrics.close()
+        stage.optimizer.state.clear()  # its states are in the last checkpoint: out of memory before the merge
         if main and stage.kind == "lcd" and self.config.lcd_lora_rank:  # LCM-LoRA: the adapter alone too
             atomic_dir(
                 self.run_dir.root / LCM_LORA_DIR,
@@ -295,10 +304,12 @@ class Distillation:
             stage.accelerator.wait_for_everyone()  # every process is done reading its own
             if main:
                 remove_tree(self.run_dir.targets(k))
+        stage.accelerator.free_memory()  # its references to the student and optimizer
+        gc.collect()
         return True
 
     def save_grid(self, student, step: int, sampler: dict[str, Any] | None) -> None:
-        with on_device(self.pipe, self.acc.device):  # parked parts come back for the grid only
+        with self.parts.using(*self.parts.for_student()):  # the parts set aside come back for the grid only
             self.trackers.grid(self.grids.save(student, step, sampler), step)
 
     # 4. checkpoints: every process saves its state into step_N.tmp, the main one completes it

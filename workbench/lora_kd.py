@@ -150,7 +150,9 @@ def plain(student, spec):
 
 def merged(student, spec):
     """A stock ``UNet2DConditionModel`` of the student's config with the adapters folded
-    into its weights (W + B A * alpha / r); the adapted student is left unchanged."""
+    into its weights (W + B A * alpha / r); the adapted student is left unchanged. Only the
+    adapted layers' weights are new tensors: every other weight is the student's own (shared,
+    not copied), so the merge does not hold a second copy of the student."""
     from peft.tuners.tuners_utils import BaseTunerLayer
 
     state: dict[str, torch.Tensor] = {}
@@ -158,13 +160,13 @@ def merged(student, spec):
         if isinstance(module, BaseTunerLayer):
             base = module.get_base_layer()
             delta = module.get_delta_weight(ADAPTER)
-            state[f"{name}.weight"] = (base.weight + delta).detach().clone()
+            state[f"{name}.weight"] = (base.weight + delta).detach()
             if base.bias is not None:
-                state[f"{name}.bias"] = base.bias.detach().clone()
+                state[f"{name}.bias"] = base.bias.detach()
     for name, p in student.named_parameters():
         plain = name.replace(".base_layer.", ".")
         if "lora_" not in name and plain not in state:
-            state[plain] = p.detach().clone()
+            state[plain] = p.detach()
     out = meta_unet(spec.config)
     out.load_state_dict(state, strict=True, assign=True)
     return out.train(student.training)

@@ -44,7 +44,7 @@ import torch
 from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.fx.experimental.symbolic_shapes import ShapeEnv
 
-from workbench import losses, memory_advice, optim, stage
+from workbench import losses, memory_advice, memory_phases, optim, stage
 from workbench.catalog import meta_unet
 from workbench.cost import MAX_RESOLUTION
 from workbench.distill_config import (
@@ -66,7 +66,7 @@ from workbench.memory_tracker import (
     autocast,
     checkpoint,
     fake_module,
-    gib,
+    gib,  # noqa: F401  (the UI formats with it, beside the estimate)
     optimizer_of,
     state_bytes,
     steady_peak,
@@ -121,18 +121,32 @@ class MemoryEstimate:
     settings: dict[str, Any]
     notes: tuple[str, ...]
     seconds: float
+    phases: tuple[memory_phases.Phase, ...] = ()  # the run outside a step (memory_phases)
 
     @property
     def peak(self) -> StagePeak:
+        """The largest stage step."""
         return max(self.stages, key=lambda s: s.total)
 
     @property
+    def highest(self) -> StagePeak | memory_phases.Phase:
+        """Where the whole run peaks: the largest step, or a phase outside the steps above it."""
+        phase = max(self.phases, key=lambda p: p.total, default=None)
+        return phase if phase is not None and phase.total > self.peak.total else self.peak
+
+    @property
     def total(self) -> int:
-        return self.peak.total
+        return self.highest.total
 
     @property
     def categories(self) -> dict[str, int]:
-        return self.peak.categories
+        return self.highest.categories
+
+    @property
+    def where(self) -> str:
+        """The peak's place in words: a stage's step phase or a phase of the run."""
+        top = self.highest
+        return top.name if isinstance(top, memory_phases.Phase) else f"stage {top.stage}'s {top.phase}"
 
     def needed(self) -> int:
         """Device memory to ask for: the peak plus the CUDA context and allocator margin."""
@@ -165,7 +179,10 @@ class MemoryEstimate:
             "categories_gb": {k: round(v / GIB, 3) for k, v in self.categories.items()},
             "peak_stage": peak.stage,
             "peak_phase": peak.phase,
+            "peak_where": self.where,
+            "step_total_gb": round(peak.total / GIB, 3),
             "stages": [s.to_dict() for s in self.stages],
+            "phases": [p.to_dict() for p in self.phases],
             "verdicts": self.verdicts(),
             "settings": self.settings,
             "notes": list(self.notes),
@@ -567,7 +584,10 @@ def estimate(config, device: str = "cuda", fake: bool = True, ranks: int = 1) ->
         peaks = tuple(
             shard(peak, spec.config, ranks, config.mixed_precision) for peak, spec in zip(peaks, specs)
         )
-    notes = [n for n in (note, _sampling_note(config, peaks, encoders), _shard_note(ranks)) if n]
+    text_len = _text_len(base)
+    phases = memory_phases.run_phases(config, base, specs, peaks, device, shapes.latent_size * base.vae_scale_factor,
+                                      encoders, text_len) if ranks == 1 else ()  # fmt: skip
+    notes = [n for n in (note, _shard_note(ranks)) if n]
     if reused:
         notes.append(f"{reused} of {len(specs)} stage peaks reused from an earlier estimate in this process")
     if config.lcd_reward:
@@ -586,6 +606,7 @@ def estimate(config, device: str = "cuda", fake: bool = True, ranks: int = 1) ->
         settings=settings_of(config, base, shapes.latent_size * base.vae_scale_factor) | {"ranks": ranks},
         notes=tuple(notes),
         seconds=time.perf_counter() - started,
+        phases=phases,
     )
 
 
@@ -651,19 +672,6 @@ def _shard_note(ranks: int) -> str | None:
         "gradients and optimizer states split {ranks} ways, plus the root and two blocks gathered whole at a "
         "time; the teacher, batch and activations as one process"
     ).replace("{ranks}", str(ranks))
-
-
-def _sampling_note(config, peaks: tuple[StagePeak, ...], encoders: int) -> str | None:
-    """Sample grids during training bring the parked pipeline back beside the student."""
-    if not config.sample_every:
-        return None
-    r = max(peaks, key=lambda p: sum(p.resident.values())).resident
-    teacher = max(p.teacher_params for p in peaks) * {"fp32": 4}.get(config.teacher_dtype, 2)
-    held = r["weights"] + r["optimizer_states"] + teacher + encoders
-    return (
-        f"--sample-every {config.sample_every}: each grid brings the teacher and the text encoders and VAE "
-        f"back beside the student and its optimizer states: {gib(held)} resident, plus sampling activations"
-    )
 
 
 def _check(config) -> None:

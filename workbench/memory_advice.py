@@ -141,12 +141,15 @@ def report(result, hints: list[dict[str, Any]] | None = None) -> str:
         f"peak {gib(result.total)} per process ({result.device}) for {', '.join(plans)} on "
         f"{s['base']}, {s['resolution']} px, batch {s['batch_size']} x {s['grad_accum']} accumulation, "
         f"teacher {s['teacher_dtype']}, mixed precision {s['mixed_precision']}, gradient checkpointing "
-        f"{'on' if s['gradient_checkpointing'] else 'off'}, teacher targets {s['teacher_targets']}; the peak is in stage {result.peak.stage}'s "
-        f"{result.peak.phase}",
+        f"{'on' if s['gradient_checkpointing'] else 'off'}, teacher targets {s['teacher_targets']}; the peak is in {result.where}",
     ]
     for name in CATEGORIES:
         lines.append(f"  {name:<12} {gib(result.categories[name]):>12}")
     lines.append(f"  needs about {gib(result.needed())} with the CUDA context and allocator margin")
+    if result.highest is not result.peak:
+        lines.append(f"  the largest training step: {gib(result.peak.total)} (stage {result.peak.stage}'s {result.peak.phase})")
+    for phase in result.phases:
+        lines.append(f"  {phase.name}: {gib(phase.total)}")
     disk = max(st.teacher_targets_disk_bytes for st in result.stages)
     if disk:
         lines.append(

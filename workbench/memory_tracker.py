@@ -319,7 +319,8 @@ def steady_peak(peaks: dict[str, tuple[int, dict[str, int]]], states: int) -> tu
     best: tuple[str, int, dict[str, int]] | None = None
     for phase, (total, categories) in peaks.items():
         categories = dict(categories)
-        if not phase.startswith(("optimizer step", "precompute")):  # precompute: no optimizer yet
+        # setup (the models as built) and precompute come before the optimizer has states
+        if not phase.startswith(("optimizer step", "precompute", "setup")):
             categories["optimizer"] += states
             total += states
         if best is None or total > best[1]:

@@ -257,6 +257,7 @@ def as_teacher(unet, device, dtype):
 
 
 PIPELINE_PARTS = ("unet", "vae", "text_encoder", "text_encoder_2")
+ENCODERS = ("text_encoder", "text_encoder_2", "vae")  # what encodes the data and decodes sample grids
 
 
 def _device(module):
@@ -272,21 +273,78 @@ def park(module) -> None:
         torch.cuda.empty_cache()  # give the freed blocks back, not only to this process's cache
 
 
-@contextlib.contextmanager
-def on_device(pipe, device):
-    """The pipeline's models on ``device`` inside the block (sample grids), and back where
-    they were (parked on the CPU) after it."""
-    was = {
-        name: _device(getattr(pipe, name)) for name in PIPELINE_PARTS if getattr(pipe, name, None) is not None
-    }
-    for name in was:
-        getattr(pipe, name).to(device)
+class TeacherPipeline:
+    """A run's teacher pipeline, and where its parts wait while the run does not need them.
+
+    Beside an accelerator a part set aside waits on the CPU (``park``). On a CPU run parking
+    would leave it where it is, taking the same memory, so it leaves memory altogether (its
+    weights go to the meta device) and the base's files bring it back when it is needed
+    again: the text encoders and VAE once the training data is cached (back for sample
+    grids), the teacher's UNet once its targets are on disk or a cast copy teaches (back for
+    the next stage that builds from it)."""
+
+    def __init__(self, pipe, base: Base, device) -> None:
+        self.pipe, self.base, self.device = pipe, base, device
+        self.away: dict[str, Any] = {}  # part -> its dtype, for the parts a CPU run let go
+
+    def kind(self) -> str:  # the run's device type: cpu, cuda, ...
+        return getattr(self.device, "type", str(self.device).split(":")[0])
+
+    def on_cpu(self) -> bool:
+        return self.kind() == "cpu"
+
+    def set_aside(self, *names: str) -> None:
+        for name in names:
+            module = getattr(self.pipe, name, None)
+            if module is None or name in self.away:
+                continue
+            if not self.on_cpu() or not self.base.has_weights:
+                park(module)
+                continue
+            self.away[name] = module.dtype
+            module.to("meta")  # the weights leave memory; the module keeps its config for the pipeline
+
+    def bring_back(self, *names: str):
+        """The parts named (every part let go, by default) back in memory, from the base's files."""
+        for name in names or tuple(self.away):
+            if name in self.away:
+                part = load_part(self.base, name, self.away.pop(name))
+                setattr(self.pipe, name, part.requires_grad_(False).eval())
+        return self.pipe
+
+    def for_student(self) -> tuple[str, ...]:
+        """The parts a student's sampling needs: the text encoders and VAE; beside an
+        accelerator the teacher's UNet too (sampling puts the student where it is)."""
+        return ENCODERS if self.on_cpu() else PIPELINE_PARTS
+
+    @contextlib.contextmanager
+    def using(self, *names: str):
+        """The parts named on the run's device inside the block; those that were away (set
+        aside) go back after it, the others stay where they were."""
+        present = [n for n in names if getattr(self.pipe, n, None) is not None]
+        away = [n for n in present if n in self.away or _device(getattr(self.pipe, n)).type != self.kind()]
+        self.bring_back(*away)
+        for name in away:
+            getattr(self.pipe, name).to(self.device)
+        try:
+            yield self.pipe
+        finally:
+            self.set_aside(*away)
+
+
+def load_part(base: Base, name: str, dtype):
+    """One part of the base's pipeline (``unet``, ``vae``, a text encoder) from its files, of
+    the class its ``model_index.json`` names."""
+    if name == "unet":
+        return load_unet(base, dtype=dtype)
+    import_pipelines()
+    (DiffusionPipeline,) = load("diffusers", "DiffusionPipeline")
     try:
-        yield pipe
-    finally:
-        for name, where in was.items():
-            if where.type == "cpu":
-                park(getattr(pipe, name))
+        library, class_name = DiffusionPipeline.load_config(base.location)[name]
+        (cls,) = load(library, class_name)
+        return cls.from_pretrained(base.location, subfolder=name, dtype=dtype)
+    except LOAD_ERRORS as err:
+        raise WorkbenchError(_load_failed(base, name, err)) from None
 
 
 def check_unet_folder(folder: str | Path) -> Path:

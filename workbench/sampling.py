@@ -86,12 +86,15 @@ def generate(
     original, original_scheduler = pipe.unet, pipe.scheduler
     try:  # from here on, whatever fails puts the pipeline's own UNet and scheduler back
         pipe.scheduler = make_scheduler(scheduler, original_scheduler)
-        if unet is not None:
+        # a teacher UNet set aside on a CPU run (meta device, models.TeacherPipeline) stands
+        # only for its config: the student draws where and in the dtype it is
+        if unet is not None and original.device.type != "meta":
             if unet.dtype != original.dtype or unet.device != original.device:
                 # A copy: Module.to works in place, and the caller's UNet may be a student in
                 # training (fp32) that a bf16 pipeline must not round. Only when needed:
                 # diffusers warns about every dtype cast through .to().
                 unet = copy.deepcopy(unet).to(device=original.device, dtype=original.dtype)
+        if unet is not None:
             pipe.unet = unet
         steer, negative_prompt = _steering(pipe, negative_prompt, guidance, nasa_scale, nasa_pooled_scale)
         images: list[Image.Image] = []

@@ -253,9 +253,8 @@ def memory_md(result: Any, hints: list[dict[str, Any]]) -> str:
     """Peak by category, a verdict per GPU size, and what would make it fit."""
     from workbench import memory
 
-    peak = result.peak
     head = (
-        f"**Peak GPU memory {memory.gib(result.total)}** per process, in stage {peak.stage}'s {peak.phase}; "
+        f"**Peak GPU memory {memory.gib(result.total)}** per process, in {result.where}; "
         f"needs about {memory.gib(result.needed())} with the CUDA context and allocator margin. "
         f"<span class='wb-muted'>Estimated in {result.seconds:.1f} s by running the training step on fake "
         "tensors (nothing loaded).</span>"
