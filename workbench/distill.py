@@ -138,6 +138,8 @@ class Distillation:
         if self.report.main:  # the teacher's row of every grid, while the whole pipeline is here
             self.grids.teacher_row  # noqa: B018  (drawn once, kept)
         self.parts.set_aside(*ENCODERS)  # the data is cached: encoders and VAE leave (back for grids)
+        where = "leave memory" if self.parts.away else "wait on the CPU"
+        self.report.log(f"sample grids: the teacher's row is drawn; the text encoders and VAE {where} until a grid")
 
     def sampler(self, k: int) -> dict[str, Any] | None:
         return grid_sampler(self.config, k)
