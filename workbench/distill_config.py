@@ -69,7 +69,7 @@ class DistillConfig:
     base: str = "toy"
     data: str = option(
         "toy", "training data: toy (default), an image folder (metadata.jsonl or .txt captions), or a .txt "
-        "prompt file", label="Data",
+        "prompt file", label="Data", memory=True,
     )  # fmt: skip
     toy_samples: int = option(2048, "number of toy images to render and cache (toy data)", label="Toy images")
     resolution: int | None = option(
