@@ -183,7 +183,8 @@ def build(work: Path) -> dict[str, Any]:
     torch.set_flush_denormal(True)
     torch.manual_seed(0)
     started = time.time()
-    tok_dir = toy_tokenizer.save(Path(tempfile.mkdtemp(prefix="sdxl-tok-")))
+    tok_dir = Path(tempfile.mkdtemp(prefix="sdxl-tok-"))
+    toy_tokenizer.save(tok_dir)
     tok = CLIPTokenizer.from_pretrained(tok_dir, model_max_length=77)
     clip = {"vocab_size": 49408, "max_position_embeddings": 77, "bos_token_id": 0, "eos_token_id": 2}
     one = CLIPTextModel(CLIPTextConfig(**clip, hidden_size=768, intermediate_size=3072, num_hidden_layers=12,

@@ -65,6 +65,9 @@ def test_adapters_train_where_inputs_held_and_merge_into_a_stock_student(tiny_te
     own = {p.data_ptr() for p in student.parameters()}
     shared = [n for n, p in plain.named_parameters() if p.data_ptr() in own]
     assert len(shared) == len(list(plain.parameters())) - info["adapted_modules"]
+    in_place = lora_kd.merged(student, spec, in_place=True)  # at the end of a stage: every tensor shared
+    assert all(p.data_ptr() in own for p in in_place.parameters())
+    torch.testing.assert_close(in_place(**_inputs(tiny_config)).sample, adapted, rtol=1e-4, atol=1e-5)
     plain.save_pretrained(tmp_path / "student")
     loaded, info = UNet2DConditionModel.from_pretrained(tmp_path / "student", output_loading_info=True)
     assert not info["missing_keys"] and not info["unexpected_keys"]

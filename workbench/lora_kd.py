@@ -143,24 +143,32 @@ def save_adapter(student, pipeline_class, folder) -> None:
     )
 
 
-def plain(student, spec):
+def plain(student, spec, in_place: bool = False):
     """The student as a stock UNet: merged if it has adapters, itself otherwise."""
-    return merged(student, spec) if getattr(student, "_hf_peft_config_loaded", False) else student
+    if not getattr(student, "_hf_peft_config_loaded", False):
+        return student
+    return merged(student, spec, in_place=in_place)
 
 
-def merged(student, spec):
+def merged(student, spec, in_place: bool = False):
     """A stock ``UNet2DConditionModel`` of the student's config with the adapters folded
-    into its weights (W + B A * alpha / r); the adapted student is left unchanged. Only the
-    adapted layers' weights are new tensors: every other weight is the student's own (shared,
-    not copied), so the merge does not hold a second copy of the student."""
+    into its weights (W + B A * alpha / r). Every weight but the adapted layers' is the
+    student's own tensor (shared, not copied). The adapted student is left unchanged, so each
+    adapted layer's merged weight is a new tensor; ``in_place`` (the end of a stage, when the
+    adapted student is spent) adds the adapter into the layer's own weight instead, so the
+    merge holds no second copy of the student at all."""
     from peft.tuners.tuners_utils import BaseTunerLayer
 
     state: dict[str, torch.Tensor] = {}
     for name, module in student.named_modules():
         if isinstance(module, BaseTunerLayer):
             base = module.get_base_layer()
-            delta = module.get_delta_weight(ADAPTER)
-            state[f"{name}.weight"] = (base.weight + delta).detach()
+            delta = module.get_delta_weight(ADAPTER).detach()
+            if in_place:
+                base.weight.data.add_(delta)
+                state[f"{name}.weight"] = base.weight.detach()
+            else:
+                state[f"{name}.weight"] = (base.weight + delta).detach()
             if base.bias is not None:
                 state[f"{name}.bias"] = base.bias.detach()
     for name, p in student.named_parameters():

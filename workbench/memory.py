@@ -488,7 +488,7 @@ def _stage_peak(config, base, specs, k: int, shapes: _Shapes, device: str, fake:
             "teacher": 0 if precompute else storage_bytes([*teacher.parameters(), *teacher.buffers()]),
             "optimizer_states": states,
             "ema_target": storage_bytes(ema_tensors),
-            "encoders": 0,  # parked on the CPU during student steps
+            "encoders": 0,  # set aside during student steps (memory_phases counts them)
         },
         student_params=spec.student_params,
         trainable_params=sum(p.numel() for p in models.trainable),

@@ -15,8 +15,8 @@ and puts it in one category:
   backward, autocast's low-precision weight copies, teacher outputs and captured features,
   backward temporaries;
 - ``encoders``: the pipeline's text encoders and VAE. The recipe encodes the data once and
-  then parks them on the CPU, so a student step holds none of them (0); they come back,
-  with the teacher, only for sample grids.
+  then sets them aside (``models.TeacherPipeline``), so a student step holds none of them
+  (0); they come back only for sample grids (``memory_phases``).
 
 The device (``DEVICES``) says whose memory rules apply. ``cuda`` (default) is what the
 verdicts are for: AdamW and gradient clipping use their CUDA defaults (``foreach``, with a

@@ -51,7 +51,7 @@ def full_student(acc, stage, spec, main: bool):
     """The stage's trained student as a stock UNet on the main process (None elsewhere).
     Sharded, every process takes part in gathering it; LoRA adapters are merged."""
     if not is_sharded(acc):
-        return lora_kd.plain(stage.raw, spec) if main else None
+        return lora_kd.plain(stage.raw, spec, in_place=True) if main else None  # the stage is over
     state = acc.get_state_dict(stage.student)  # a collective: the full weights on the main process
     if not main:
         return None
