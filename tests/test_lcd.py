@@ -13,14 +13,14 @@ from PIL import Image
 from workbench.cli import main
 from workbench.errors import WorkbenchError
 from workbench.schedulers import check_sampler, guidance_embedding, make_scheduler
-from workbench.testing import tiny_pipeline
+from workbench.testing import LCD_RUN, run_config
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
-def base(tmp_path_factory) -> str:
-    return str(tiny_pipeline(tmp_path_factory.mktemp("lcd") / "pipe", perturb=True))
+def base(perturbed_pipeline) -> str:
+    return perturbed_pipeline
 
 
 @pytest.fixture(scope="module")
@@ -223,14 +223,8 @@ def _first(value):
 # --------------------------------------------------------------------------- the lcd stage in a run
 
 
-def _config(base, **kw):
-    from workbench.distill import DistillConfig
-    from workbench.presets import load_preset
-
-    plan = load_preset("ssd-1b").to_dict()
-    fields = dict(stages=(plan,), objectives=("lcd",), steps=3, base=base, toy_samples=16, batch_size=2,
-                  sample_steps=2, lcd_sample_steps=1, checkpoint_every=2, device="cpu")  # fmt: skip
-    return DistillConfig(**(fields | kw))
+def _config(base, steps=3, **changes):
+    return run_config(base, steps=steps, **(LCD_RUN | changes))
 
 
 @pytest.mark.parametrize(

@@ -13,7 +13,6 @@ import pytest
 from workbench.distill_config import DistillConfig
 from workbench.errors import WorkbenchError
 from workbench.runs import RunDir
-from workbench.testing import tiny_pipeline
 from workbench.ui import distill_tab as dt
 from workbench.ui.settings import AppSettings, Limits
 from workbench.ui.store import Store
@@ -24,8 +23,8 @@ FORM = {"steps": 3, "toy_samples": 16, "batch_size": 2, "lr": 1e-4, "w_task": 1.
 
 
 @pytest.fixture(scope="module")
-def base(tmp_path_factory):
-    return str(tiny_pipeline(tmp_path_factory.mktemp("pipe")))
+def base(tiny_pipeline_dir):
+    return tiny_pipeline_dir
 
 
 def test_loss_figure_downsamples_and_lists_terms():
