@@ -82,14 +82,12 @@ def test_compare_samples_the_student_with_its_own_scheduler(base):
     from workbench.ui.store import Store
 
     store, view = Store(), plan_view.new_view(base, 64)
-    teacher, student, summary = compare_tab.compare(
-        store, Limits(), view, [], "a red circle", "", "3", 2, 2.0, 32,
-        student_scheduler="lcm", student_steps=1,
-    )  # fmt: skip
+    form = compare_tab.Form("a red circle", "", "3", 2, 2.0, 32, student_scheduler="lcm", student_steps=1)
+    teacher, student, summary = compare_tab.compare(store, Limits(), view, [], form)
     assert len(teacher) == len(student) == 1 and "student: 1 lcm steps" in summary
     assert type(store.pipeline(base).scheduler).__name__ == "EulerDiscreteScheduler"
     with pytest.raises(WorkbenchError, match="1 to 8 steps"):
-        compare_tab.validate(store, base, Limits(), "a", "", "0", 20, 2.0, None, "lcm", None)
+        compare_tab.validate(store, base, Limits(), compare_tab.Form("a", "", "0", 20, 2.0, None, "lcm"))
 
 
 def test_compare_takes_a_negative_prompt_per_model():
@@ -98,20 +96,24 @@ def test_compare_takes_a_negative_prompt_per_model():
     from workbench.ui.store import Store
 
     store = Store()
+
+    def validate(*more):
+        return compare_tab.validate(store, "sdxl-base", Limits(), compare_tab.Form(*args, *more))
+
     args = ("a red circle", "blue", "0", 4, 1.0, None, "lcm", 2)
-    request = compare_tab.validate(store, "sdxl-base", Limits(), *args, " red ", 1.5, 0.7)
+    request = validate(" red ", 1.5, 0.7)
     assert request.student_kw == {"scheduler": "lcm", "steps": 2, "negative_prompt": "red"}
     assert request.nasa_scale == 1.5 and request.nasa_pooled_scale == 0.7 and request.negative == "blue"
-    assert compare_tab.validate(store, "sdxl-base", Limits(), *args).student_kw["negative_prompt"] == "blue"
+    assert validate().student_kw["negative_prompt"] == "blue"
     with pytest.raises(WorkbenchError, match="NASA scale must be a number from 0 to 2"):
-        compare_tab.validate(store, "sdxl-base", Limits(), *args, "", 5)
+        validate("", 5)
     with pytest.raises(WorkbenchError, match="NASA pooled scale must be a number from 0 to 2"):
-        compare_tab.validate(store, "sdxl-base", Limits(), *args, "", 0.5, -1)
+        validate("", 0.5, -1)
     with pytest.raises(
         WorkbenchError, match="student steps must be 1 to 100, or 0 for the teacher's steps, got -1"
     ):
-        compare_tab.validate(store, "sdxl-base", Limits(), *args[:-2], "default", -1)
-    teachers = compare_tab.validate(store, "sdxl-base", Limits(), *args[:-2], "default", 0)
+        compare_tab.validate(store, "sdxl-base", Limits(), compare_tab.Form(*args[:-2], "default", -1))
+    teachers = compare_tab.validate(store, "sdxl-base", Limits(), compare_tab.Form(*args[:-2], "default", 0))
     assert teachers.student_kw["steps"] == 4  # 0: the teacher's steps
 
 

@@ -120,9 +120,8 @@ def test_the_ui_loads_applies_bk_sdm_and_compares(sd):
     assert view["base"] == sd and plan == [] and "Teacher" in status
     view, plan, status, numbers, *_ = presets_tab.apply_preset(store, view, "bk-sdm-tiny", "cpu", "fp32")
     assert plan == TINY and "bk-sdm-tiny" in status
-    teacher, student, summary = compare_tab.compare(
-        store, Limits(), view, plan, "a red circle", "", "3", 1, 2.0, 32
-    )
+    form = compare_tab.Form("a red circle", "", "3", 1, 2.0, 32)
+    teacher, student, summary = compare_tab.compare(store, Limits(), view, plan, form)
     assert len(teacher) == len(student) == 1 and teacher[0][0].size == student[0][0].size == (
         256,
         256,

@@ -21,7 +21,7 @@ from typing import Any
 
 import gradio as gr
 
-from workbench import jobs, space
+from workbench import jobs, memory, space
 from workbench.distill_config import (
     CHOICES,
     FEATURE_MODES,
@@ -239,8 +239,6 @@ def memory_estimate(store: Store, base: str, choice: str, removed: list[str], fo
     """(estimate, cheapest options per GPU size it misses) of the form's run, on a CUDA GPU
     (``workbench.memory``: the real step on fake tensors; nothing is loaded). ``visitor``:
     a Space visitor's upload (a 1-tuple), whose form is checked as for a launch."""
-    from workbench import memory
-
     if visitor is not None:
         form = visitor_form(form, choice, stages, visitor[0])
     plan = form_plan(store, base, choice, removed, stages, lcd)
@@ -251,8 +249,6 @@ def memory_estimate(store: Store, base: str, choice: str, removed: list[str], fo
 
 def memory_md(result: Any, hints: list[dict[str, Any]]) -> str:
     """Peak by category, a verdict per GPU size, and what would make it fit."""
-    from workbench import memory
-
     peak = result.peak
     head = (
         f"**Peak GPU memory {memory.gib(result.total)}** per process, in stage {peak.stage}'s {peak.phase}; "
@@ -550,12 +546,12 @@ def _form(settings: AppSettings) -> Form:
     message = gr.Markdown(elem_id="wb-distill-message")
     with gr.Accordion("Will it fit? GPU memory of this run", open=True):
         estimate = gr.Button("Estimate GPU memory", size="sm", elem_id="wb-distill-estimate")
-        memory = gr.Markdown(
+        memory_box = gr.Markdown(
             "<span class='wb-muted'>Peak memory by category, a verdict for 16-80 GB GPUs and the cheapest "
             "options that make it fit, before anything is loaded.</span>",
             elem_id="wb-distill-memory",
         )
-    return Form(plan_choice, stages, lcd, name, f, upload, gr.State(None), start, message, estimate, memory)
+    return Form(plan_choice, stages, lcd, name, f, upload, gr.State(None), start, message, estimate, memory_box)
 
 
 def _box(key: str, info: str) -> Any:
