@@ -249,9 +249,8 @@ def availability_md(store: Store, view: dict[str, Any]) -> str:
 # ------------------------------------------------------------------ layout and wiring
 
 
-def build(ctx: Shared) -> None:
-    limits = ctx.settings.limits
-    availability = gr.Markdown(elem_id="wb-compare-availability")
+def _form_widgets(limits: Limits) -> dict[str, Any]:
+    """The Compare form's widgets in page order, by ``Form`` field."""
     with gr.Row(equal_height=False):
         with gr.Column(scale=2):
             prompt = gr.Textbox(
@@ -304,6 +303,25 @@ def build(ctx: Shared) -> None:
                 elem_id="wb-nasa-pooled-scale",
                 info="... and the pooled text embedding (SDXL family; 1: none of the negative's direction left)",
             )  # fmt: skip
+    return {
+        "prompt": prompt,
+        "negative": negative,
+        "seeds": seeds,
+        "steps": steps,
+        "guidance": guidance,
+        "size": size,
+        "student_scheduler": student_scheduler,
+        "student_steps": student_steps,
+        "student_negative": student_negative,
+        "nasa_scale": nasa_scale,
+        "nasa_pooled_scale": nasa_pooled_scale,
+    }
+
+
+def build(ctx: Shared) -> None:
+    limits = ctx.settings.limits
+    availability = gr.Markdown(elem_id="wb-compare-availability")
+    form = _form_widgets(limits)  # Form's fields -> their widgets
     go = gr.Button("Generate teacher and student", variant="primary")
     summary = gr.Markdown(elem_id="wb-compare-summary")
     with gr.Row():
@@ -319,20 +337,6 @@ def build(ctx: Shared) -> None:
             elem_id="wb-student",
         )
     store = ctx.store
-
-    form = {  # Form's fields -> their widgets
-        "prompt": prompt,
-        "negative": negative,
-        "seeds": seeds,
-        "steps": steps,
-        "guidance": guidance,
-        "size": size,
-        "student_scheduler": student_scheduler,
-        "student_steps": student_steps,
-        "student_negative": student_negative,
-        "nasa_scale": nasa_scale,
-        "nasa_pooled_scale": nasa_pooled_scale,
-    }
 
     @inline_errors(n_outputs=3, status_at=2)
     def on_generate(values, progress=gr.Progress()):  # values: {component: value}, inputs as a set
@@ -352,8 +356,8 @@ def build(ctx: Shared) -> None:
     gr.on(
         [ctx.demo.load, ctx.view.change],
         on_view,
-        [ctx.view, size, guidance, size_base],
-        [availability, size, guidance, size_base],
+        [ctx.view, form["size"], form["guidance"], size_base],
+        [availability, form["size"], form["guidance"], size_base],
         api_visibility="private",
     )
     inputs = {ctx.view, ctx.plan, *form.values()}
