@@ -127,8 +127,9 @@ def test_uniform_is_the_plain_sum_and_measures_nothing(base, tmp_path, monkeypat
     terms = distillation_loss(pred, pred * 0.5, target, s_feats, t_feats, pairs, LossWeights())
     plain = torch.stack([torch.nn.functional.mse_loss(s_feats[k], t_feats[k]) for k, _ in pairs]).sum()
     assert torch.equal(terms["loss/feat"], plain)
-    ones = distillation_loss(pred, pred * 0.5, target, s_feats, t_feats, pairs, LossWeights(),
-                             feature_weights=torch.ones(3))  # fmt: skip
+    ones = distillation_loss(
+        pred, pred * 0.5, target, s_feats, t_feats, pairs, LossWeights(), feature_weights=torch.ones(3)
+    )
     assert torch.equal(ones["loss/total"], terms["loss/total"])
 
 

@@ -198,8 +198,9 @@ def test_lcd_maths_is_diffusers_lcm_and_ddim(lcd_parts, kind):
     config = DDPMScheduler.from_pretrained(TOY_DIR, subfolder="scheduler").config
     # as keywords: from_config resets config keys the file left at their defaults (clip_sample)
     lcm = LCMScheduler.from_config(config, prediction_type=kind, original_inference_steps=setup.solver_steps)
-    ddim = DDIMScheduler.from_config(config, prediction_type=kind, clip_sample=False, set_alpha_to_one=False,
-                                     timestep_spacing="trailing")  # fmt: skip
+    ddim = DDIMScheduler.from_config(
+        config, prediction_type=kind, clip_sample=False, set_alpha_to_one=False, timestep_spacing="trailing"
+    )
     ddim.set_timesteps(setup.solver_steps)
     x, text = batch["consistency"]["latents"][:1], _first(batch["consistency"]["cond"])
     lcm.set_timesteps(4)

@@ -47,8 +47,9 @@ def test_adapters_train_where_inputs_held_and_merge_into_a_stock_student(tiny_te
     info = lora_kd.add_adapters(student, spec, rank=2)
     torch.testing.assert_close(student(**_inputs(tiny_config)).sample, reference)  # LoRA B starts at zero
     trainable = {n for n, p in student.named_parameters() if p.requires_grad}
-    assert trainable and all("lora_" in n or any(n.startswith(a + ".") for a in info["full_atoms"])
-                             for n in trainable)  # fmt: skip
+    assert trainable and all(
+        "lora_" in n or any(n.startswith(a + ".") for a in info["full_atoms"]) for n in trainable
+    )
     assert any(n.startswith("down_blocks.2.resnets.1.") and "lora_" not in n for n in trainable)
     assert info["trainable"] < 0.5 * spec.student_params
     with torch.no_grad():  # a trained adapter: non-zero corrections everywhere

@@ -141,8 +141,9 @@ def test_sensitivity_and_autoprune(sd, tmp_path, monkeypatch):
     # block_out_channels [8, 16, 16, 16]: the two inner stages can go whole, the outer two not
     assert smap.units["down_blocks.3"].scored and smap.units["down_blocks.2"].scored
     assert "removable alone here: down_blocks.2, down_blocks.3" in smap.units["down_blocks.1"].reason
-    result = ap.search(catalog, [ap.budget("params", 0.5, catalog)], smap, method="rescored", probe=probe,
-                       candidates=2)  # fmt: skip
+    result = ap.search(
+        catalog, [ap.budget("params", 0.5, catalog)], smap, method="rescored", probe=probe, candidates=2
+    )
     assert result.spec.student_params <= 0.5 * result.spec.teacher_params
     student, _ = build_student(load_unet(sd), result.spec.plan)
     assert sum(p.numel() for p in student.parameters()) == result.spec.student_params

@@ -268,8 +268,9 @@ def test_an_lcd_launch_reaches_the_run_with_the_forms_config(base, tmp_path, mon
     assert (
         config.lcd_sample_steps == 2 and isinstance(config.lcd_sample_steps, int) and config.lcd_loss == "l2"
     )
-    message, _ = dt.launch_or_explain(Store(), {"base": base}, [], "koala-700m", stages, "lcd-run", _values(),
-                                      Limits(), tmp_path, lcd=True)  # fmt: skip
+    message, _ = dt.launch_or_explain(
+        Store(), {"base": base}, [], "koala-700m", stages, "lcd-run", _values(), Limits(), tmp_path, lcd=True
+    )
     assert "started lcd-run" in message, message
     assert started["argv"] == ["--from-job"]  # no command line: the run reads the config itself
     for name, text in started["files"].items():
@@ -291,16 +292,18 @@ def test_an_lcd_launch_reaches_the_run_with_the_forms_config(base, tmp_path, mon
      ({"lcd_loss": "l1"}, "Unknown LCD loss 'l1'")],
 )  # fmt: skip
 def test_bad_lcd_values_name_their_box_and_launch_nothing(base, tmp_path, changes, says):
-    message, picker = dt.launch_or_explain(Store(), {"base": base}, [], "koala-700m", "", "", _values(**changes),
-                                           Limits(), tmp_path, lcd=True)  # fmt: skip
+    message, picker = dt.launch_or_explain(
+        Store(), {"base": base}, [], "koala-700m", "", "", _values(**changes), Limits(), tmp_path, lcd=True
+    )
     text = html.unescape(message)
     assert "Not launched" in text and says in text and "--" not in text, text
     assert picker == gr.skip() and not any(tmp_path.iterdir())
 
 
 def test_lcd_options_without_an_lcd_stage(base, tmp_path):
-    message, _ = dt.launch_or_explain(Store(), {"base": base}, [], "koala-700m", "", "", _values(lcd_lora_rank=4),
-                                      Limits(), tmp_path)  # fmt: skip
+    message, _ = dt.launch_or_explain(
+        Store(), {"base": base}, [], "koala-700m", "", "", _values(lcd_lora_rank=4), Limits(), tmp_path
+    )
     assert "LCM-LoRA rank" in html.unescape(message) and not any(tmp_path.iterdir())
     assert dt.stage_names("a, lcd", lcd=True) == ["a", "lcd"] and dt.stage_names("", lcd=True) == ["lcd"]
 

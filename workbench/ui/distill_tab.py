@@ -180,9 +180,10 @@ def check_launch(store: Store, base: str, plan: PruningPlan, form: dict[str, Any
     specs = preflight(config, base=store.base(base)).specs
     if limits.max_distill_steps and config.steps * len(specs) > limits.max_distill_steps:
         raise ConfigError(
-            "steps", "this app runs at most {limit} distillation steps in all; ask for fewer {field}",
+            "steps",
+            "this app runs at most {limit} distillation steps in all; ask for fewer {field}",
             limit=limits.max_distill_steps,
-        )  # fmt: skip
+        )
     if limits.max_distill_params and specs[0].teacher_params > limits.max_distill_params:
         raise WorkbenchError(
             f"this app distils teachers up to {fmt.params(limits.max_distill_params)} parameters; run it locally"
@@ -505,8 +506,9 @@ def _form(settings: AppSettings) -> Form:
 
     data_info = (
         "toy, or a file you upload here (this Space takes no server paths)"
-        if settings.space else "toy, an image folder, or a .txt prompt file"
-    )  # fmt: skip
+        if settings.space
+        else "toy, an image folder, or a .txt prompt file"
+    )
     with gr.Row():
         f["data"] = gr.Textbox(D["data"], label=LABELS["data"], info=data_info, scale=3, elem_id="wb-distill-data")
         f["toy_samples"] = number("toy_samples")
