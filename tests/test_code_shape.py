@@ -18,8 +18,8 @@ MAX_MODULE_LINES = 800
 LONG_FUNCTIONS = {
     "ui/compare_tab.py::_form_widgets": "Gradio layout: the Compare form's widgets in page order",
     "ui/distill_tab.py::_form": "Gradio layout: the Distill form's widgets in page order",
-    "ui/presets_tab.py::build": "Gradio layout of the Presets tab, with its event wiring (not split yet)",
-    "ui/results_tab.py::build": "Gradio layout of the Results tab, with its event wiring (not split yet)",
+    "ui/presets_tab.py::build": "Gradio layout of the Presets tab; its event wiring not split out yet",
+    "ui/results_tab.py::build": "Gradio layout of the Results tab; its event wiring not split out yet",
 }
 
 
