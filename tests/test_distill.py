@@ -12,24 +12,16 @@ import pytest
 import torch
 from diffusers import StableDiffusionXLPipeline, UNet2DConditionModel
 
-from workbench.distill import DistillConfig, run_distillation
+from workbench.distill import run_distillation
 from workbench.errors import WorkbenchError
 from workbench.presets import load_preset
 from workbench.runs import RunDir, read_metrics
-from workbench.testing import tiny_pipeline
-
-FAST = ["--toy-samples", "16", "--batch-size", "2", "--sample-steps", "2", "--checkpoint-every", "2"]
+from workbench.testing import FAST_ARGV, run_config
 
 
 @pytest.fixture(scope="module")
-def base(tmp_path_factory):
-    return str(tiny_pipeline(tmp_path_factory.mktemp("pipe")))
-
-
-def _config(base, steps=4, preset="ssd-1b", **kw):
-    fields = dict(stages=(load_preset(preset).to_dict(),), steps=steps, base=base, toy_samples=16,
-                  batch_size=2, sample_steps=2, checkpoint_every=2, device="cpu")  # fmt: skip
-    return DistillConfig(**(fields | kw))
+def base(tiny_pipeline_dir):
+    return tiny_pipeline_dir
 
 
 @pytest.mark.slow
@@ -45,7 +37,7 @@ def test_a_bf16_teacher_run_draws_its_sample_grids(base, tmp_path):
     assert as_teacher(unet, "cpu", torch.float32) is unet
     w = "down_blocks.0.resnets.0.conv1.weight"
     assert torch.equal(teacher.state_dict()[w], unet.state_dict()[w].to(torch.bfloat16))
-    status = run_distillation(_config(base, steps=1, teacher_dtype="bf16"), tmp_path / "run")
+    status = run_distillation(run_config(base, steps=1, teacher_dtype="bf16"), tmp_path / "run")
     assert status["state"] == "done" and list(RunDir(tmp_path / "run").samples.glob("step_*.png"))
 
 
@@ -63,7 +55,7 @@ def _cli(*args, env=None):
 
 
 def test_run_writes_metrics_samples_and_a_stock_student(base, tmp_path):
-    status = run_distillation(_config(base), tmp_path / "run")
+    status = run_distillation(run_config(base), tmp_path / "run")
     assert status["state"] == "done" and status["step"] == 4
     losses, rows = _losses(tmp_path / "run")
     assert sorted(losses) == [0, 1, 2, 3]
@@ -90,10 +82,10 @@ def test_run_writes_metrics_samples_and_a_stock_student(base, tmp_path):
 
 
 def test_stop_then_resume_matches_an_uninterrupted_run(base, tmp_path):
-    run_distillation(_config(base), tmp_path / "straight")
+    run_distillation(run_config(base), tmp_path / "straight")
     reference, _ = _losses(tmp_path / "straight")
     RunDir(tmp_path / "split").request_stop()  # honoured after the first step
-    status = run_distillation(_config(base), tmp_path / "split")
+    status = run_distillation(run_config(base), tmp_path / "split")
     assert status["state"] == "stopped" and status["step"] == 1
     assert not RunDir(tmp_path / "split").student.exists()
     status = run_distillation(None, tmp_path / "split", resume=True)
@@ -105,24 +97,23 @@ def test_stop_then_resume_matches_an_uninterrupted_run(base, tmp_path):
 
 
 def test_progressive_stages(base, tmp_path):
-    config = _config(base, steps=2, stages=(load_preset("ssd-1b").to_dict(), load_preset("segmind-vega").to_dict()),
-                     stage_teacher="previous", feature_mode="block")  # fmt: skip
+    config = run_config(
+        base, steps=2, presets=("ssd-1b", "segmind-vega"), stage_teacher="previous", feature_mode="block"
+    )
     status = run_distillation(config, tmp_path / "prog")
     assert status["state"] == "done" and status["step"] == 4
     _, rows = _losses(tmp_path / "prog")
     assert [r["stage"] for r in rows] == [1, 1, 2, 2]
     student = UNet2DConditionModel.from_pretrained(tmp_path / "prog" / "student")
     assert student.config.transformer_layers_per_block == [1, 1, 2]  # Vega's depths
-    bad = _config(
-        base, steps=2, stages=(load_preset("segmind-vega").to_dict(), load_preset("ssd-1b").to_dict())
-    )
+    bad = run_config(base, steps=2, presets=("segmind-vega", "ssd-1b"))
     with pytest.raises(WorkbenchError, match="which the earlier stage 'segmind-vega' removed"):
         run_distillation(bad, tmp_path / "bad")
 
 
 def test_kill9_then_resume_loses_nothing(base, tmp_path):
     run_dir = tmp_path / "killed"
-    proc = _cli("--base", base, "--preset", "ssd-1b", "--steps", "10", "--run-dir", str(run_dir), *FAST)
+    proc = _cli("--base", base, "--preset", "ssd-1b", "--steps", "10", "--run-dir", str(run_dir), *FAST_ARGV)
     deadline = time.time() + 240
     while not (run_dir / "checkpoints" / "step_0000002").is_dir() and time.time() < deadline:
         assert proc.poll() is None, proc.stdout.read()
@@ -141,7 +132,9 @@ def test_kill9_then_resume_loses_nothing(base, tmp_path):
 
 def test_sigterm_stops_with_a_checkpoint(base, tmp_path):
     run_dir = tmp_path / "term"
-    proc = _cli("--base", base, "--preset", "koala-700m", "--steps", "200", "--run-dir", str(run_dir), *FAST)
+    proc = _cli(
+        "--base", base, "--preset", "koala-700m", "--steps", "200", "--run-dir", str(run_dir), *FAST_ARGV
+    )
     deadline = time.time() + 240
     while not (run_dir / "metrics.jsonl").exists() and time.time() < deadline:
         time.sleep(0.3)
@@ -157,7 +150,7 @@ def test_crash_leaves_failed_status_and_resumes(base, tmp_path):
     os.environ["WORKBENCH_FAULT_STEP"] = "3"
     try:
         with pytest.raises(RuntimeError, match="injected fault at step 3"):
-            run_distillation(_config(base, steps=5), run_dir)
+            run_distillation(run_config(base, steps=5), run_dir)
     finally:
         del os.environ["WORKBENCH_FAULT_STEP"]
     status = RunDir(run_dir).read_status()
@@ -193,16 +186,16 @@ def _folder(tmp_path):
 )  # fmt: skip
 def test_bad_configs_rejected_before_training(base, tmp_path, changes, message):
     with pytest.raises(WorkbenchError, match=message):
-        run_distillation(_config(base, **changes), tmp_path / "run")
+        run_distillation(run_config(base, **changes), tmp_path / "run")
     assert not (tmp_path / "run").exists()
 
 
 def test_images_without_captions_rejected_and_folder_data_trains(base, tmp_path):
     with pytest.raises(WorkbenchError, match=r"1 image\(s\) .* have no caption: 0.png"):
-        run_distillation(_config(base, data=_folder(tmp_path)), tmp_path / "run")
+        run_distillation(run_config(base, data=_folder(tmp_path)), tmp_path / "run")
     assert not (tmp_path / "run").exists()
     (Path(tmp_path) / "images" / "0.txt").write_text("a dark square")
-    status = run_distillation(_config(base, steps=1, data=str(tmp_path / "images")), tmp_path / "run")
+    status = run_distillation(run_config(base, steps=1, data=str(tmp_path / "images")), tmp_path / "run")
     assert status["state"] == "done"
     cache = json.loads((tmp_path / "run" / "cache" / "data.json").read_text())
     assert cache["captions"] == ["a dark square", "a red square", "a red square"]
@@ -223,7 +216,7 @@ def test_prompt_data_and_sample_grids_follow_the_runs_resolution(base, tmp_path,
     assert drawn[0].load().size == (32, 32)
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("a red square\na blue circle\n", encoding="utf-8")
-    config = _config(base, steps=1, data=str(prompts), resolution=32, teacher_image_steps=3,
+    config = run_config(base, steps=1, data=str(prompts), resolution=32, teacher_image_steps=3,
                      teacher_image_guidance=1.5, sample_prompts=("a red square",))  # fmt: skip
     assert run_distillation(config, tmp_path / "run")["state"] == "done"
     assert "the teacher draws 2 training images at 32px with 3 steps, guidance 1.5" in capsys.readouterr().out
@@ -246,7 +239,7 @@ def test_accelerate_launch_two_cpu_processes(base, tmp_path):
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
            "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
            "-m", "workbench", "distill", "--base", base, "--preset", "ssd-1b", "--steps", "2",
-           "--run-dir", str(run_dir), "--device", "cpu", *FAST]  # fmt: skip
+           "--run-dir", str(run_dir), "--device", "cpu", *FAST_ARGV]  # fmt: skip
     proc = subprocess.run(
         cmd, capture_output=True, text=True, timeout=600, env=os.environ | {"HF_HUB_OFFLINE": "1"}
     )
@@ -261,12 +254,12 @@ def test_accelerate_launch_two_cpu_processes(base, tmp_path):
 
 def test_a_run_can_start_from_a_student_distilled_before(base, tmp_path):
     """``init_student``: stage 1 starts from a trained student's weights, not the teacher's kept ones."""
-    run_distillation(_config(base, steps=2, lr=1e-3), tmp_path / "first")
+    run_distillation(run_config(base, steps=2, lr=1e-3), tmp_path / "first")
     first = UNet2DConditionModel.from_pretrained(RunDir(tmp_path / "first").student).state_dict()
     # a near-zero learning rate: the second run's student is (within float noise) where it started
-    run_distillation(_config(base, steps=1, lr=1e-12), tmp_path / "fresh")
+    run_distillation(run_config(base, steps=1, lr=1e-12), tmp_path / "fresh")
     run_distillation(
-        _config(base, steps=1, lr=1e-12, init_student=str(tmp_path / "first")), tmp_path / "again"
+        run_config(base, steps=1, lr=1e-12, init_student=str(tmp_path / "first")), tmp_path / "again"
     )
     fresh = UNet2DConditionModel.from_pretrained(RunDir(tmp_path / "fresh").student).state_dict()
     again = UNet2DConditionModel.from_pretrained(RunDir(tmp_path / "again").student).state_dict()
@@ -282,8 +275,10 @@ def test_a_run_can_start_from_a_student_distilled_before(base, tmp_path):
 def test_init_student_of_another_plan_is_refused_before_training(base, tmp_path, init, message):
     folder = tmp_path / "none"
     if init == "other-plan":
-        run_distillation(_config(base, steps=1), tmp_path / "ssd")  # an SSD-1B student
+        run_distillation(run_config(base, steps=1), tmp_path / "ssd")  # an SSD-1B student
         folder = tmp_path / "ssd"
     with pytest.raises(WorkbenchError, match=message):
-        run_distillation(_config(base, preset="segmind-vega", init_student=str(folder)), tmp_path / "run")
+        run_distillation(
+            run_config(base, presets=("segmind-vega",), init_student=str(folder)), tmp_path / "run"
+        )
     assert not (tmp_path / "run" / "metrics.jsonl").exists()

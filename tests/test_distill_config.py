@@ -7,11 +7,12 @@ from workbench.cli import main
 from workbench.distill_config import DistillConfig, preflight
 from workbench.errors import ConfigError
 from workbench.presets import load_preset
+from workbench.testing import run_config
 
 
-def _config(**changes):
-    fields = {"stages": (load_preset("ssd-1b").to_dict(),), "steps": 3, "base": "toy", "device": "cpu"}
-    return DistillConfig(**(fields | changes))
+def _config(steps=3, **changes):
+    """The toy's ssd-1b run of 3 steps, without the fast settings: only ``changes`` differ."""
+    return run_config(steps=steps, fast=False, **changes)
 
 
 @pytest.mark.parametrize(
@@ -80,9 +81,7 @@ def test_checks_that_read_files_carry_the_field_too(changes, field, message):
 
 
 def test_a_good_config_passes_and_the_specs_come_back():
-    checked = preflight(
-        _config(stages=(load_preset("ssd-1b").to_dict(), load_preset("segmind-vega").to_dict()))
-    )
+    checked = preflight(_config(presets=("ssd-1b", "segmind-vega")))
     assert [s.plan.name for s in checked.specs] == ["ssd-1b", "segmind-vega"]
     assert checked.base.name == "toy"
 

@@ -9,23 +9,16 @@ from pathlib import Path
 import pytest
 
 from workbench.cli import main
-from workbench.distill import DistillConfig, run_distillation
-from workbench.presets import load_preset
+from workbench.distill import run_distillation
 from workbench.runs import RunDir, read_metrics
-from workbench.testing import tiny_pipeline
+from workbench.testing import run_config
 
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("one_thread")]
 
 
 @pytest.fixture(scope="module")
-def base(tmp_path_factory):
-    return str(tiny_pipeline(tmp_path_factory.mktemp("pipe")))
-
-
-def _config(base, steps, **kw):
-    fields = dict(stages=(load_preset("ssd-1b").to_dict(),), steps=steps, base=base, toy_samples=16,
-                  batch_size=2, sample_steps=2, checkpoint_every=2, device="cpu")  # fmt: skip
-    return DistillConfig(**(fields | kw))
+def base(tiny_pipeline_dir):
+    return tiny_pipeline_dir
 
 
 def _losses(run_dir):
@@ -34,10 +27,10 @@ def _losses(run_dir):
 
 
 def test_more_steps_on_resume_continue_a_finished_run_exactly(base, tmp_path, capsys):
-    run_distillation(_config(base, 6), tmp_path / "straight")
+    run_distillation(run_config(base, steps=6), tmp_path / "straight")
     reference, _ = _losses(tmp_path / "straight")
     run_dir = tmp_path / "prolonged"
-    assert run_distillation(_config(base, 3), run_dir)["state"] == "done"
+    assert run_distillation(run_config(base, steps=3), run_dir)["state"] == "done"
     capsys.readouterr()
     assert main(["distill", "--run-dir", str(run_dir), "--resume", "--steps", "6", "--lr", "1e-4"]) == 0
     out = capsys.readouterr().out
@@ -65,7 +58,7 @@ def test_more_steps_on_resume_continue_a_finished_run_exactly(base, tmp_path, ca
 def test_other_changes_on_resume_are_refused_by_name(base, tmp_path, capsys, flags, message):
     run_dir = tmp_path / "run"
     RunDir(run_dir).request_stop()
-    assert run_distillation(_config(base, 2), run_dir)["state"] == "stopped"
+    assert run_distillation(run_config(base, steps=2), run_dir)["state"] == "stopped"
     before = (run_dir / "metrics.jsonl").read_text()
     capsys.readouterr()
     assert main(["distill", "--run-dir", str(run_dir), "--resume", *flags]) == 2
@@ -76,9 +69,9 @@ def test_other_changes_on_resume_are_refused_by_name(base, tmp_path, capsys, fla
 
 
 def test_progressive_run_resumes_inside_a_later_stage(base, tmp_path):
-    stages = (load_preset("ssd-1b").to_dict(), load_preset("segmind-vega").to_dict())
-    config = _config(base, 2, stages=stages, checkpoint_every=1, stage_teacher="previous", lr_schedule="cosine",
-                     warmup_steps=2)  # fmt: skip
+    stages = ("ssd-1b", "segmind-vega")
+    config = run_config(base, steps=2, presets=stages, checkpoint_every=1, stage_teacher="previous",
+                        lr_schedule="cosine", warmup_steps=2)  # fmt: skip
     run_distillation(config, tmp_path / "straight")
     reference, _ = _losses(tmp_path / "straight")
     os.environ["WORKBENCH_FAULT_STEP"] = "3"  # stage 2's second step, after its first checkpoint

@@ -15,16 +15,14 @@ from workbench import sensitivity_kd
 from workbench.catalog import atom_of
 from workbench.cli import build_parser, main
 from workbench.commands.distill import config_from_args
-from workbench.distill import GUIDANCE_FILE, DistillConfig, run_distillation
+from workbench.distill import GUIDANCE_FILE, run_distillation
 from workbench.errors import WorkbenchError
 from workbench.losses import LossWeights, distillation_loss
 from workbench.models import resolve_base
 from workbench.presets import load_preset
 from workbench.runs import RunDir, read_metrics
 from workbench.surgery import student_spec
-
-FAST = {"prompts": 2, "steps": 4, "timesteps": 2}
-
+from workbench.testing import FAST_CALIBRATION, FAST_CALIBRATION_SETTINGS, run_config
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -45,12 +43,11 @@ def cache(monkeypatch, cache_dir):
     return cache_dir
 
 
-def _config(base, steps=2, preset="ssd-1b", **kw):
-    fields = dict(stages=(load_preset(preset).to_dict(),), steps=steps, base=base, toy_samples=16,
-                  batch_size=2, sample_steps=2, checkpoint_every=2, device="cpu")  # fmt: skip
-    if kw.get("feature_weights") == "sensitivity" or kw.get("freeze_sensitive"):
-        fields["sensitivity_settings"] = FAST
-    return DistillConfig(**(fields | kw))
+def _config(base, steps=2, **changes):
+    """Two steps; a run that needs the sensitivity map measures it with ``FAST_CALIBRATION``."""
+    if changes.get("feature_weights") == "sensitivity" or changes.get("freeze_sensitive"):
+        changes = {"sensitivity_settings": dict(FAST_CALIBRATION_SETTINGS)} | changes
+    return run_config(base, steps=steps, **changes)
 
 
 def _spec(base, preset="ssd-1b"):
@@ -58,7 +55,7 @@ def _spec(base, preset="ssd-1b"):
 
 
 def _map(base):
-    return sens.cached_map(base, sens.Calibration(**FAST))
+    return sens.cached_map(base, FAST_CALIBRATION)
 
 
 def _record(run_dir):
@@ -130,8 +127,9 @@ def test_uniform_is_the_plain_sum_and_measures_nothing(base, tmp_path, monkeypat
     terms = distillation_loss(pred, pred * 0.5, target, s_feats, t_feats, pairs, LossWeights())
     plain = torch.stack([torch.nn.functional.mse_loss(s_feats[k], t_feats[k]) for k, _ in pairs]).sum()
     assert torch.equal(terms["loss/feat"], plain)
-    ones = distillation_loss(pred, pred * 0.5, target, s_feats, t_feats, pairs, LossWeights(),
-                             feature_weights=torch.ones(3))  # fmt: skip
+    ones = distillation_loss(
+        pred, pred * 0.5, target, s_feats, t_feats, pairs, LossWeights(), feature_weights=torch.ones(3)
+    )
     assert torch.equal(ones["loss/total"], terms["loss/total"])
 
 
@@ -176,7 +174,7 @@ def test_resume_keeps_weights_and_frozen_set_when_the_cache_changes(base, tmp_pa
     before = (tmp_path / "split" / GUIDANCE_FILE).read_text()
     assert before == (tmp_path / "straight" / GUIDANCE_FILE).read_text()
     # a re-measured map that ranks everything the other way round must not leak into the run
-    path = Path(sens.cached_map(base, sens.Calibration(**FAST)).path)
+    path = Path(sens.cached_map(base, FAST_CALIBRATION).path)
     data = json.loads(path.read_text())
     for unit in data["units"].values():
         if unit["deviation"] is not None:
@@ -194,7 +192,7 @@ def test_resume_keeps_weights_and_frozen_set_when_the_cache_changes(base, tmp_pa
 
 
 def test_block_and_self_attention_modes_use_layer_units(base):
-    smap = _map(base) or sens.sensitivity(base, sens.Calibration(**FAST), fidelity=False)
+    smap = _map(base) or sens.sensitivity(base, FAST_CALIBRATION, fidelity=False)
     spec = _spec(base, "koala-1b")  # keeps the mid block's attention
     kept = sensitivity_kd.kept_layer_units(spec)
     assert kept[0] == "down_blocks.0.layers.0" and "mid_block.attentions.0" in kept

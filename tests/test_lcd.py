@@ -13,14 +13,14 @@ from PIL import Image
 from workbench.cli import main
 from workbench.errors import WorkbenchError
 from workbench.schedulers import check_sampler, guidance_embedding, make_scheduler
-from workbench.testing import tiny_pipeline
+from workbench.testing import LCD_RUN, run_config
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
-def base(tmp_path_factory) -> str:
-    return str(tiny_pipeline(tmp_path_factory.mktemp("lcd") / "pipe", perturb=True))
+def base(perturbed_pipeline) -> str:
+    return perturbed_pipeline
 
 
 @pytest.fixture(scope="module")
@@ -82,14 +82,12 @@ def test_compare_samples_the_student_with_its_own_scheduler(base):
     from workbench.ui.store import Store
 
     store, view = Store(), plan_view.new_view(base, 64)
-    teacher, student, summary = compare_tab.compare(
-        store, Limits(), view, [], "a red circle", "", "3", 2, 2.0, 32,
-        student_scheduler="lcm", student_steps=1,
-    )  # fmt: skip
+    form = compare_tab.Form("a red circle", "", "3", 2, 2.0, 32, student_scheduler="lcm", student_steps=1)
+    teacher, student, summary = compare_tab.compare(store, Limits(), view, [], form)
     assert len(teacher) == len(student) == 1 and "student: 1 lcm steps" in summary
     assert type(store.pipeline(base).scheduler).__name__ == "EulerDiscreteScheduler"
     with pytest.raises(WorkbenchError, match="1 to 8 steps"):
-        compare_tab.validate(store, base, Limits(), "a", "", "0", 20, 2.0, None, "lcm", None)
+        compare_tab.validate(store, base, Limits(), compare_tab.Form("a", "", "0", 20, 2.0, None, "lcm"))
 
 
 def test_compare_takes_a_negative_prompt_per_model():
@@ -98,20 +96,24 @@ def test_compare_takes_a_negative_prompt_per_model():
     from workbench.ui.store import Store
 
     store = Store()
+
+    def validate(*more):
+        return compare_tab.validate(store, "sdxl-base", Limits(), compare_tab.Form(*args, *more))
+
     args = ("a red circle", "blue", "0", 4, 1.0, None, "lcm", 2)
-    request = compare_tab.validate(store, "sdxl-base", Limits(), *args, " red ", 1.5, 0.7)
+    request = validate(" red ", 1.5, 0.7)
     assert request.student_kw == {"scheduler": "lcm", "steps": 2, "negative_prompt": "red"}
     assert request.nasa_scale == 1.5 and request.nasa_pooled_scale == 0.7 and request.negative == "blue"
-    assert compare_tab.validate(store, "sdxl-base", Limits(), *args).student_kw["negative_prompt"] == "blue"
+    assert validate().student_kw["negative_prompt"] == "blue"
     with pytest.raises(WorkbenchError, match="NASA scale must be a number from 0 to 2"):
-        compare_tab.validate(store, "sdxl-base", Limits(), *args, "", 5)
+        validate("", 5)
     with pytest.raises(WorkbenchError, match="NASA pooled scale must be a number from 0 to 2"):
-        compare_tab.validate(store, "sdxl-base", Limits(), *args, "", 0.5, -1)
+        validate("", 0.5, -1)
     with pytest.raises(
         WorkbenchError, match="student steps must be 1 to 100, or 0 for the teacher's steps, got -1"
     ):
-        compare_tab.validate(store, "sdxl-base", Limits(), *args[:-2], "default", -1)
-    teachers = compare_tab.validate(store, "sdxl-base", Limits(), *args[:-2], "default", 0)
+        compare_tab.validate(store, "sdxl-base", Limits(), compare_tab.Form(*args[:-2], "default", -1))
+    teachers = compare_tab.validate(store, "sdxl-base", Limits(), compare_tab.Form(*args[:-2], "default", 0))
     assert teachers.student_kw["steps"] == 4  # 0: the teacher's steps
 
 
@@ -196,8 +198,9 @@ def test_lcd_maths_is_diffusers_lcm_and_ddim(lcd_parts, kind):
     config = DDPMScheduler.from_pretrained(TOY_DIR, subfolder="scheduler").config
     # as keywords: from_config resets config keys the file left at their defaults (clip_sample)
     lcm = LCMScheduler.from_config(config, prediction_type=kind, original_inference_steps=setup.solver_steps)
-    ddim = DDIMScheduler.from_config(config, prediction_type=kind, clip_sample=False, set_alpha_to_one=False,
-                                     timestep_spacing="trailing")  # fmt: skip
+    ddim = DDIMScheduler.from_config(
+        config, prediction_type=kind, clip_sample=False, set_alpha_to_one=False, timestep_spacing="trailing"
+    )
     ddim.set_timesteps(setup.solver_steps)
     x, text = batch["consistency"]["latents"][:1], _first(batch["consistency"]["cond"])
     lcm.set_timesteps(4)
@@ -223,14 +226,8 @@ def _first(value):
 # --------------------------------------------------------------------------- the lcd stage in a run
 
 
-def _config(base, **kw):
-    from workbench.distill import DistillConfig
-    from workbench.presets import load_preset
-
-    plan = load_preset("ssd-1b").to_dict()
-    fields = dict(stages=(plan,), objectives=("lcd",), steps=3, base=base, toy_samples=16, batch_size=2,
-                  sample_steps=2, lcd_sample_steps=1, checkpoint_every=2, device="cpu")  # fmt: skip
-    return DistillConfig(**(fields | kw))
+def _config(base, steps=3, **changes):
+    return run_config(base, steps=steps, **(LCD_RUN | changes))
 
 
 @pytest.mark.parametrize(

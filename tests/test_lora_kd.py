@@ -47,8 +47,9 @@ def test_adapters_train_where_inputs_held_and_merge_into_a_stock_student(tiny_te
     info = lora_kd.add_adapters(student, spec, rank=2)
     torch.testing.assert_close(student(**_inputs(tiny_config)).sample, reference)  # LoRA B starts at zero
     trainable = {n for n, p in student.named_parameters() if p.requires_grad}
-    assert trainable and all("lora_" in n or any(n.startswith(a + ".") for a in info["full_atoms"])
-                             for n in trainable)  # fmt: skip
+    assert trainable and all(
+        "lora_" in n or any(n.startswith(a + ".") for a in info["full_atoms"]) for n in trainable
+    )
     assert any(n.startswith("down_blocks.2.resnets.1.") and "lora_" not in n for n in trainable)
     assert info["trainable"] < 0.5 * spec.student_params
     with torch.no_grad():  # a trained adapter: non-zero corrections everywhere
@@ -79,16 +80,15 @@ def test_rank_must_be_positive(tiny_teacher):
         lora_kd.add_adapters(student, spec, rank=0)
 
 
-def test_a_lora_run_trains_adapters_and_exports_a_stock_student(tmp_path):
+def test_a_lora_run_trains_adapters_and_exports_a_stock_student(tiny_pipeline_dir, tmp_path):
     from diffusers import UNet2DConditionModel
 
-    from workbench.distill import DistillConfig, run_distillation
+    from workbench.distill import run_distillation
     from workbench.runs import RunDir, read_metrics
-    from workbench.testing import tiny_pipeline
+    from workbench.testing import run_config
 
-    base = str(tiny_pipeline(tmp_path / "pipe"))
-    config = DistillConfig(stages=(load_preset("ssd-1b").to_dict(),), steps=2, base=base, toy_samples=8,
-                           batch_size=2, sample_steps=1, checkpoint_every=2, device="cpu", lora_rank=2)  # fmt: skip
+    base = tiny_pipeline_dir
+    config = run_config(base, steps=2, toy_samples=8, sample_steps=1, lora_rank=2)
     assert run_distillation(config, tmp_path / "run")["state"] == "done"
     rows, _ = read_metrics(tmp_path / "run" / "metrics.jsonl")
     assert len(rows) == 2 and all(torch.isfinite(torch.tensor(r["loss/total"])) for r in rows)

@@ -8,12 +8,8 @@ import pytest
 import torch
 
 from workbench import optim
-from workbench.distill_config import DistillConfig
 from workbench.errors import WorkbenchError
-
-
-def _config(**fields) -> DistillConfig:
-    return DistillConfig(stages=({},), steps=1, **fields)
+from workbench.testing import run_config
 
 
 def test_unknown_optimizer_is_named():
@@ -21,13 +17,16 @@ def test_unknown_optimizer_is_named():
     from workbench.errors import ConfigError
 
     with pytest.raises(ConfigError, match="unknown --optimizer 'sgd'; choose one of adamw, adamw8bit"):
-        check_fields(DistillConfig(stages=({"name": "p"},), steps=1, optimizer="sgd"))
+        check_fields(run_config(steps=1, fast=False, stages=({"name": "p"},), optimizer="sgd"))
 
 
 def test_adamw8bit_without_bitsandbytes_is_one_line(monkeypatch):
     monkeypatch.setitem(sys.modules, "bitsandbytes", None)  # as if not installed
     with pytest.raises(WorkbenchError, match="needs bitsandbytes, which is not installed") as err:
-        optim.make_optimizer([torch.nn.Parameter(torch.zeros(2))], _config(optimizer="adamw8bit"))
+        optim.make_optimizer(
+            [torch.nn.Parameter(torch.zeros(2))],
+            run_config(steps=1, fast=False, stages=({},), optimizer="adamw8bit"),
+        )
     assert "\n" not in str(err.value)
 
 

@@ -11,7 +11,7 @@ import torch
 
 from workbench.errors import WorkbenchError
 from workbench.reward import LatentRewardModel, RewardConfig, load_reward, save_reward
-from workbench.testing import random_text_inputs
+from workbench.testing import LCD_RUN, random_text_inputs, run_config
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -143,15 +143,9 @@ def test_unreadable_reward_specs_name_the_valid_forms(spec, match):
 # --------------------------------------------------------------------------- options and preflight
 
 
-def _config(base, **kw):
-    from workbench.distill import DistillConfig
-    from workbench.presets import load_preset
-
-    plan = load_preset("ssd-1b").to_dict()
-    fields = dict(stages=(plan,), objectives=("lcd",), steps=3, base=base, toy_samples=16, batch_size=2,
-                  sample_steps=2, lcd_sample_steps=1, checkpoint_every=2, device="cpu",
-                  lcd_reward="toy", lcd_reward_weight=0.1)  # fmt: skip
-    return DistillConfig(**(fields | kw))
+def _config(base, steps=3, **changes):
+    """An lcd run of 3 steps guided by the toy's reward."""
+    return run_config(base, steps=steps, **(LCD_RUN | {"lcd_reward": "toy", "lcd_reward_weight": 0.1} | changes))
 
 
 @pytest.mark.parametrize(

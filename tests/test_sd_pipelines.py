@@ -5,6 +5,7 @@ format, and the UI loading such a pipeline."""
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import pytest
@@ -15,20 +16,20 @@ from workbench import autoprune as ap
 from workbench import export
 from workbench import sensitivity as sens
 from workbench.catalog import build_catalog
-from workbench.distill import DistillConfig, run_distillation
+from workbench.distill import run_distillation
 from workbench.models import load_pipeline, load_unet, resolve_base
 from workbench.presets import load_preset
 from workbench.runs import RunDir, read_metrics
 from workbench.sampling import generate
 from workbench.surgery import build_student
-from workbench.testing import tiny_sd_pipeline
+from workbench.testing import FAST_CALIBRATION, run_config, tiny_sd_pipeline
 from workbench.ui import compare_tab, model_box, plan_view, presets_tab
 from workbench.ui.settings import Limits
 from workbench.ui.store import Store
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
-FAST = sens.Calibration(prompts=2, steps=4, timesteps=2, guidance=3.0)
+CALIBRATION = dataclasses.replace(FAST_CALIBRATION, guidance=3.0)
 TINY = list(load_preset("bk-sdm-tiny").removed)
 
 
@@ -38,10 +39,9 @@ def sd(request, tmp_path_factory) -> str:
     return str(tiny_sd_pipeline(folder, request.param, perturb=True))
 
 
-def _config(base, steps=2, stages=("bk-sdm-tiny",), **kw):
-    fields = dict(stages=tuple(load_preset(s).to_dict() for s in stages), steps=steps, base=base,
-                  toy_samples=16, batch_size=2, sample_steps=2, checkpoint_every=1, device="cpu")  # fmt: skip
-    return DistillConfig(**(fields | kw))
+def _config(base, presets=("bk-sdm-tiny",), **changes):
+    """Two steps a stage, a checkpoint after each."""
+    return run_config(base, steps=2, presets=presets, **({"checkpoint_every": 1} | changes))
 
 
 def _losses(run_dir):
@@ -59,7 +59,7 @@ def test_the_pipelines_are_sd_shaped(sd):
 
 @pytest.mark.slow
 def test_distils_through_two_stages_and_resumes_exactly(sd, tmp_path):
-    config = _config(sd, stages=("bk-sdm-small", "bk-sdm-tiny"))
+    config = _config(sd, presets=("bk-sdm-small", "bk-sdm-tiny"))
     run_distillation(config, tmp_path / "straight")
     reference, rows = _losses(tmp_path / "straight")
     assert [r["stage"] for r in rows] == [1, 1, 2, 2]
@@ -120,9 +120,8 @@ def test_the_ui_loads_applies_bk_sdm_and_compares(sd):
     assert view["base"] == sd and plan == [] and "Teacher" in status
     view, plan, status, numbers, *_ = presets_tab.apply_preset(store, view, "bk-sdm-tiny", "cpu", "fp32")
     assert plan == TINY and "bk-sdm-tiny" in status
-    teacher, student, summary = compare_tab.compare(
-        store, Limits(), view, plan, "a red circle", "", "3", 1, 2.0, 32
-    )
+    form = compare_tab.Form("a red circle", "", "3", 1, 2.0, 32)
+    teacher, student, summary = compare_tab.compare(store, Limits(), view, plan, form)
     assert len(teacher) == len(student) == 1 and teacher[0][0].size == student[0][0].size == (
         256,
         256,
@@ -133,8 +132,8 @@ def test_the_ui_loads_applies_bk_sdm_and_compares(sd):
 @pytest.mark.slow
 def test_sensitivity_and_autoprune(sd, tmp_path, monkeypatch):
     monkeypatch.setenv("WORKBENCH_CACHE_DIR", str(tmp_path))
-    probe = sens.Probe(sd, FAST)
-    smap = sens.sensitivity(sd, FAST, probe=probe)
+    probe = sens.Probe(sd, CALIBRATION)
+    smap = sens.sensitivity(sd, CALIBRATION, probe=probe)
     catalog = build_catalog(resolve_base(sd).unet_config)
     assert list(smap.units) == [u.id for u in catalog.units]
     for unit in smap.units.values():
@@ -142,8 +141,9 @@ def test_sensitivity_and_autoprune(sd, tmp_path, monkeypatch):
     # block_out_channels [8, 16, 16, 16]: the two inner stages can go whole, the outer two not
     assert smap.units["down_blocks.3"].scored and smap.units["down_blocks.2"].scored
     assert "removable alone here: down_blocks.2, down_blocks.3" in smap.units["down_blocks.1"].reason
-    result = ap.search(catalog, [ap.budget("params", 0.5, catalog)], smap, method="rescored", probe=probe,
-                       candidates=2)  # fmt: skip
+    result = ap.search(
+        catalog, [ap.budget("params", 0.5, catalog)], smap, method="rescored", probe=probe, candidates=2
+    )
     assert result.spec.student_params <= 0.5 * result.spec.teacher_params
     student, _ = build_student(load_unet(sd), result.spec.plan)
     assert sum(p.numel() for p in student.parameters()) == result.spec.student_params

@@ -17,8 +17,9 @@ from workbench.cli import main
 from workbench.errors import WorkbenchError
 from workbench.models import load_unet, resolve_base
 from workbench.surgery import build_student
+from workbench.testing import FAST_CALIBRATION
 
-FAST = sens.Calibration(prompts=2, steps=4, timesteps=2, guidance=3.0)
+CALIBRATION = dataclasses.replace(FAST_CALIBRATION, guidance=3.0)
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -36,14 +37,14 @@ def cache(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def probe(base):
-    return sens.Probe(base, FAST)
+    return sens.Probe(base, CALIBRATION)
 
 
 @pytest.fixture(scope="module")
 def smap(base, probe, cache):
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("WORKBENCH_CACHE_DIR", str(cache))
-        return sens.sensitivity(base, FAST, probe=probe)
+        return sens.sensitivity(base, CALIBRATION, probe=probe)
 
 
 def test_recorded_steps_span_the_schedule():
@@ -98,27 +99,27 @@ def test_a_score_is_the_measured_deviation_of_that_students_output(base, smap, p
 def test_the_map_is_cached_and_a_hit_does_not_measure(base, smap, cache, monkeypatch):
     monkeypatch.setenv("WORKBENCH_CACHE_DIR", str(cache))
     assert not smap.from_cache and smap.path
-    hit = sens.sensitivity(base, FAST)  # no probe: a miss would load and measure
+    hit = sens.sensitivity(base, CALIBRATION)  # no probe: a miss would load and measure
     assert hit.from_cache
     assert {k: v.deviation for k, v in hit.units.items()} == {k: v.deviation for k, v in smap.units.items()}
-    assert sens.cached_map(base, FAST) is not None
+    assert sens.cached_map(base, CALIBRATION) is not None
     other = sens.Calibration(prompts=3, steps=4, timesteps=2)
     assert sens.cached_map(base, other) is None  # another calibration is another map
-    path = sens.map_path(resolve_base(base), FAST, "cpu")
+    path = sens.map_path(resolve_base(base), CALIBRATION, "cpu")
     good = path.read_text()
     path.write_text("{not json")
-    assert sens.cached_map(base, FAST) is None  # a corrupt cache is a miss, not a crash
+    assert sens.cached_map(base, CALIBRATION) is None  # a corrupt cache is a miss, not a crash
     path.write_text(good)
 
 
 def test_fidelity_is_refused_without_a_checker(base):
     with pytest.raises(WorkbenchError, match="checker"):
-        sens.sensitivity(base, FAST, fidelity=True)
+        sens.sensitivity(base, CALIBRATION, fidelity=True)
 
 
 def test_checker_drops_fidelity_and_full_prompt(base, probe, smap):
     """The toy checker's path on two units: fidelity and full-prompt accuracy, teacher and students."""
-    fast = dataclasses.replace(FAST, fidelity_prompts=3, fidelity_steps=3)
+    fast = dataclasses.replace(CALIBRATION, fidelity_prompts=3, fidelity_steps=3)
     checked = sens.Probe(base, fast, pipe=probe.pipe)
     small = copy.deepcopy(smap)
     keep = [u for u in small.units if small.units[u].scored][:2]

@@ -99,11 +99,10 @@ def test_sharded_student_step_on_two_cpu_processes(tmp_path):
     "MULTI_CPU (DDP) and ignores the FSDP config, so the recipe's FSDP run needs 2 GPUs; the sharded "
     "step itself is tested on CPU with torch's FSDP2 (test_sharded_student_step_on_two_cpu_processes)",
 )
-def test_the_recipe_under_accelerate_fsdp(tmp_path):
+def test_the_recipe_under_accelerate_fsdp(tiny_pipeline_dir, tmp_path):
     from workbench.runs import RunDir
-    from workbench.testing import tiny_pipeline
 
-    base = str(tiny_pipeline(tmp_path / "pipe"))
+    base = tiny_pipeline_dir
     run_dir = tmp_path / "fsdp"
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(FSDP_CONFIG),
            "-m", "workbench", "distill", "--base", base, "--preset", "ssd-1b", "--steps", "2",

@@ -17,7 +17,6 @@ from PIL import Image
 from workbench import jobs, space
 from workbench.errors import WorkbenchError
 from workbench.runs import RunDir
-from workbench.testing import tiny_pipeline
 from workbench.ui import distill_tab as dt
 from workbench.ui.settings import AppSettings, Limits
 from workbench.ui.store import Store
@@ -30,8 +29,8 @@ SCORER = "import pathlib\npathlib.Path({marker!r}).write_text('ran')\ndef score(
 
 
 @pytest.fixture(scope="module")
-def base(tmp_path_factory):
-    return str(tiny_pipeline(tmp_path_factory.mktemp("pipe")))
+def base(tiny_pipeline_dir):
+    return tiny_pipeline_dir
 
 
 def _visitor(root: Path, token: str | None = None) -> Runs:

@@ -32,9 +32,8 @@ SCRIPT = textwrap.dedent(
         time.sleep(delay)
         try:
             view = plan_view.new_view("toy", 64)
-            teacher, student, _ = compare_tab.compare(
-                store, Limits(), view, [], "a red circle", "", "0", 1, 2.0, 64
-            )
+            form = compare_tab.Form("a red circle", "", "0", 1, 2.0, 64)
+            teacher, student, _ = compare_tab.compare(store, Limits(), view, [], form)
             assert len(teacher) == len(student) == 1
         except BaseException as err:
             failures.append(f"{type(err).__name__}: {err}")

@@ -8,24 +8,22 @@ import pytest
 import torch
 
 from workbench import losses, targets
-from workbench.distill import DistillConfig, run_distillation
+from workbench.distill import run_distillation
 from workbench.errors import WorkbenchError
-from workbench.presets import load_preset
 from workbench.runs import RunDir, read_metrics
-from workbench.testing import tiny_pipeline
+from workbench.testing import run_config
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
-def base(tmp_path_factory):
-    return str(tiny_pipeline(tmp_path_factory.mktemp("pipe")))
+def base(tiny_pipeline_dir):
+    return tiny_pipeline_dir
 
 
-def _config(base, **kw):
-    fields = dict(stages=(load_preset("ssd-1b").to_dict(),), steps=4, base=base, toy_samples=16, batch_size=2,
-                  grad_accum=2, sample_steps=2, checkpoint_every=1, device="cpu")  # fmt: skip
-    return DistillConfig(**(fields | kw))
+def _config(base, **changes):
+    """Two micro-batches a step (two target files) and a checkpoint every step."""
+    return run_config(base, **({"grad_accum": 2, "checkpoint_every": 1} | changes))
 
 
 def _rows(run_dir):
@@ -49,7 +47,7 @@ def test_precomputed_targets_give_the_live_runs_losses(base, tmp_path, capsys):
 
 
 def test_a_precomputed_run_resumes_exactly(base, tmp_path):
-    config = _config(base, teacher_targets="precompute", stages=(load_preset("segmind-vega").to_dict(),))
+    config = _config(base, teacher_targets="precompute", presets=("segmind-vega",))
     run_distillation(config, tmp_path / "straight")
     reference = {r["step"]: r["loss/total"] for r in _rows(tmp_path / "straight")}
     os.environ["WORKBENCH_FAULT_STEP"] = "2"
@@ -71,8 +69,9 @@ def test_a_precomputed_run_resumes_exactly(base, tmp_path):
 def test_a_finished_stages_targets_leave_the_disk(base, tmp_path):
     """Each stage's precomputed targets are deleted once its student is saved, not kept until
     the whole run ends (disk would grow with every stage)."""
-    stages = tuple(load_preset(p).to_dict() for p in ("ssd-1b", "segmind-vega"))
-    config = _config(base, teacher_targets="precompute", stages=stages, steps=2, grad_accum=1)
+    config = _config(
+        base, teacher_targets="precompute", presets=("ssd-1b", "segmind-vega"), steps=2, grad_accum=1
+    )
     os.environ["WORKBENCH_FAULT_STEP"] = "2"  # stage 2's first step: its targets are on disk
     try:
         with pytest.raises(RuntimeError, match="injected fault"):

@@ -13,7 +13,6 @@ import pytest
 from workbench.distill_config import DistillConfig
 from workbench.errors import WorkbenchError
 from workbench.runs import RunDir
-from workbench.testing import tiny_pipeline
 from workbench.ui import distill_tab as dt
 from workbench.ui.settings import AppSettings, Limits
 from workbench.ui.store import Store
@@ -24,8 +23,8 @@ FORM = {"steps": 3, "toy_samples": 16, "batch_size": 2, "lr": 1e-4, "w_task": 1.
 
 
 @pytest.fixture(scope="module")
-def base(tmp_path_factory):
-    return str(tiny_pipeline(tmp_path_factory.mktemp("pipe")))
+def base(tiny_pipeline_dir):
+    return tiny_pipeline_dir
 
 
 def test_loss_figure_downsamples_and_lists_terms():
@@ -269,8 +268,9 @@ def test_an_lcd_launch_reaches_the_run_with_the_forms_config(base, tmp_path, mon
     assert (
         config.lcd_sample_steps == 2 and isinstance(config.lcd_sample_steps, int) and config.lcd_loss == "l2"
     )
-    message, _ = dt.launch_or_explain(Store(), {"base": base}, [], "koala-700m", stages, "lcd-run", _values(),
-                                      Limits(), tmp_path, lcd=True)  # fmt: skip
+    message, _ = dt.launch_or_explain(
+        Store(), {"base": base}, [], "koala-700m", stages, "lcd-run", _values(), Limits(), tmp_path, lcd=True
+    )
     assert "started lcd-run" in message, message
     assert started["argv"] == ["--from-job"]  # no command line: the run reads the config itself
     for name, text in started["files"].items():
@@ -292,16 +292,18 @@ def test_an_lcd_launch_reaches_the_run_with_the_forms_config(base, tmp_path, mon
      ({"lcd_loss": "l1"}, "Unknown LCD loss 'l1'")],
 )  # fmt: skip
 def test_bad_lcd_values_name_their_box_and_launch_nothing(base, tmp_path, changes, says):
-    message, picker = dt.launch_or_explain(Store(), {"base": base}, [], "koala-700m", "", "", _values(**changes),
-                                           Limits(), tmp_path, lcd=True)  # fmt: skip
+    message, picker = dt.launch_or_explain(
+        Store(), {"base": base}, [], "koala-700m", "", "", _values(**changes), Limits(), tmp_path, lcd=True
+    )
     text = html.unescape(message)
     assert "Not launched" in text and says in text and "--" not in text, text
     assert picker == gr.skip() and not any(tmp_path.iterdir())
 
 
 def test_lcd_options_without_an_lcd_stage(base, tmp_path):
-    message, _ = dt.launch_or_explain(Store(), {"base": base}, [], "koala-700m", "", "", _values(lcd_lora_rank=4),
-                                      Limits(), tmp_path)  # fmt: skip
+    message, _ = dt.launch_or_explain(
+        Store(), {"base": base}, [], "koala-700m", "", "", _values(lcd_lora_rank=4), Limits(), tmp_path
+    )
     assert "LCM-LoRA rank" in html.unescape(message) and not any(tmp_path.iterdir())
     assert dt.stage_names("a, lcd", lcd=True) == ["a", "lcd"] and dt.stage_names("", lcd=True) == ["lcd"]
 

@@ -318,7 +318,7 @@ def test_compare_rejects_bad_fields_before_touching_a_model(store, field, value,
     }
     fields[field] = value
     with pytest.raises(WorkbenchError, match=match):
-        compare_tab.validate(store, "sdxl-base", Limits(), **fields)
+        compare_tab.validate(store, "sdxl-base", Limits(), compare_tab.Form(**fields))
 
 
 def test_seeds_accept_lists_and_ranges():
@@ -330,15 +330,16 @@ def test_seeds_accept_lists_and_ranges():
 def test_compare_on_a_config_says_sampling_needs_weights(store, sdxl):
     assert "sampling needs weights" in compare_tab.availability_md(store, sdxl)
     with pytest.raises(WorkbenchError, match="sampling needs weights"):
-        compare_tab.compare(store, Limits(), sdxl, [], "a red circle", "", "0", 2, 5.0, None)
+        compare_tab.compare(
+            store, Limits(), sdxl, [], compare_tab.Form("a red circle", "", "0", 2, 5.0, None)
+        )
 
 
 def test_compare_draws_teacher_and_student_with_the_same_seeds(tiny_pipeline_dir):
     store = Store()
     view = plan_view.new_view(tiny_pipeline_dir, 64)
-    teacher, student, summary = compare_tab.compare(
-        store, Limits(), view, SSD_1B, "a red circle", "", "3", 1, 2.0, 32
-    )
+    form = compare_tab.Form("a red circle", "", "3", 1, 2.0, 32)
+    teacher, student, summary = compare_tab.compare(store, Limits(), view, SSD_1B, form)
     assert len(teacher) == len(student) == 1
     (t_img, t_caption), (s_img, s_caption) = teacher[0], student[0]
     assert t_img.size == s_img.size == (256, 256)  # 32 px drawn, shown enlarged 8x (sharp pixels)

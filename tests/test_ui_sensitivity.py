@@ -16,13 +16,11 @@ import pytest
 from workbench import autoprune
 from workbench import sensitivity as sens
 from workbench.errors import WorkbenchError
+from workbench.testing import FAST_CALIBRATION
 from workbench.ui import blocks_tab, plan_view, plots
 from workbench.ui import sensitivity_panel as sp
 from workbench.ui.shared import user_errors
 from workbench.ui.store import Store
-
-FAST = sens.Calibration(prompts=2, steps=4, timesteps=2)
-
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -43,7 +41,7 @@ def pipeline_dir(perturbed_pipeline) -> str:
 
 @pytest.fixture(scope="module")
 def store() -> Store:
-    return Store(calibration=FAST)
+    return Store(calibration=FAST_CALIBRATION)
 
 
 @pytest.fixture(scope="module")
@@ -103,7 +101,7 @@ def test_measured_heatmap_has_one_cell_per_unit_with_finite_colour(store, view, 
     heat, note = measured
     fig = figure_of(heat)
     go.Figure(fig)  # raises on any property plotly.js does not know
-    smap = sens.cached_map(view["base"], FAST)
+    smap = sens.cached_map(view["base"], FAST_CALIBRATION)
     assert smap is not None
     catalog = store.catalog(view["base"])
     colours, hovers = cells(fig)
@@ -132,7 +130,7 @@ def test_measured_heatmap_has_one_cell_per_unit_with_finite_colour(store, view, 
 
 
 def test_a_cached_map_is_shown_without_measuring_or_loading(pipeline_dir, view, measured):
-    fresh = Store(calibration=FAST)  # another process, say: nothing in memory
+    fresh = Store(calibration=FAST_CALIBRATION)  # another process, say: nothing in memory
     heat, note = sp.show_cached(fresh, view)
     assert figure_of(heat)["data"][0]["z"] == figure_of(measured[0])["data"][0]["z"]
     assert "from the cache" in note

@@ -19,6 +19,7 @@ draws the latent sample, noise, timesteps and prompt dropout. Resuming needs no 
 from __future__ import annotations
 
 import json
+import random
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,6 +30,7 @@ import torch
 from workbench.errors import WorkbenchError
 from workbench.files import atomic_write, write_json_atomic
 from workbench.progress import Progress, report
+from workbench.toy import world
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 CACHE_VERSION = 1
@@ -99,10 +101,6 @@ class Example:
 
 
 def toy_examples(n: int, seed: int) -> list[Example]:
-    import random
-
-    from workbench.toy import world
-
     rng = random.Random(seed)
     scenes = world.train_scenes()
     picks = [(world.sample_scene(rng, scenes), rng.randrange(2**31)) for _ in range(n)]
@@ -221,7 +219,7 @@ def teacher_examples(pipe, prompts: list[str], seed: int, steps: int, guidance: 
                      size: int | None = None) -> list[Example]:  # fmt: skip
     """The teacher draws one image per prompt (seed + line number), ``size`` px square (None:
     the UNet's native size), kept in memory."""
-    from workbench.sampling import generate
+    from workbench.sampling import generate  # heavy (diffusers' pipelines, transformers): only to draw
 
     seeds = [seed + i for i in range(len(prompts))]
     images = generate(pipe, prompts, seeds, steps=steps, guidance=guidance, height=size, width=size)

@@ -7,6 +7,9 @@ every SDXL preset applies to it unchanged. ``tiny_sd15_config`` has SD 1.x's top
 presets apply to it; ``tiny_sd_pipeline`` wraps it (or SD 2.1's variant) in a complete
 SD 1.x / 2.x pipeline with one text encoder.
 
+``run_config`` builds the small, fast ``DistillConfig`` the tests run (``FAST_RUN``; the CLI's
+same settings: ``FAST_ARGV``; an lcd stage: ``LCD_RUN``); ``FAST_CALIBRATION`` is the sensitivity tests' quick calibration.
+
 ``running_app`` starts the real app (``python app.py``) on a free port for the browser tests
 and the cold-start benchmark.
 """
@@ -14,7 +17,7 @@ and the cold-start benchmark.
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,15 +25,28 @@ from typing import Any
 
 from workbench import losses
 from workbench.distill import run_distillation
+from workbench.distill_config import DistillConfig
 from workbench.errors import WorkbenchError
 from workbench.models import CONFIG_DIR, TOY_DIR
+from workbench.presets import load_preset
 from workbench.runs import RunDir, read_metrics
+from workbench.sensitivity import Calibration
 from workbench.surgery import with_guidance_embedding
 
 # workbench.toy.build and .tokenizer are imported by the functions that build a pipeline, not here:
 # they load transformers (seconds), which every test imports this module for and few need.
 
 ROOT = Path(__file__).resolve().parent.parent  # the checkout that holds app.py
+
+# A run small enough for a test on a CPU: 16 toy images, batches of 2, 2-step sample grids, a
+# checkpoint every 2 steps.
+FAST_RUN: Mapping[str, Any] = {"toy_samples": 16, "batch_size": 2, "sample_steps": 2, "checkpoint_every": 2}
+LCD_RUN: Mapping[str, Any] = {"objectives": ("lcd",), "lcd_sample_steps": 1}  # one lcd stage, 1-step grids
+FAST_ARGV = [arg for name, value in FAST_RUN.items() for arg in (f"--{name.replace('_', '-')}", str(value))]
+# A sensitivity map in seconds; its settings as a config's sensitivity_settings holds them.
+FAST_CALIBRATION_SETTINGS: Mapping[str, int] = {"prompts": 2, "steps": 4, "timesteps": 2}
+FAST_CALIBRATION = Calibration(**FAST_CALIBRATION_SETTINGS)
+
 
 _TINY = {
     "block_out_channels": [8, 16, 16],
@@ -333,6 +349,21 @@ def lcd_parts(teacher, timesteps: tuple[int, int] = (100, 900)) -> tuple[Any, An
                         "uncond": random_text_inputs(gen)},
     }  # fmt: skip
     return teacher, student, setup, batch
+
+
+def run_config(
+    base: str = "toy",
+    *,
+    steps: int = 4,
+    presets: Sequence[str] = ("ssd-1b",),
+    fast: bool = True,
+    **fields: Any,
+) -> DistillConfig:
+    """A test's ``DistillConfig``: one stage per preset in ``presets``, ``steps`` steps on the
+    CPU, the ``FAST_RUN`` settings unless ``fast`` is false, then ``fields`` over all of these."""
+    stages = tuple(load_preset(name).to_dict() for name in presets)
+    settings = {"stages": stages, "steps": steps, "base": base, "device": "cpu", **(FAST_RUN if fast else {})}
+    return DistillConfig(**(settings | fields))
 
 
 def straight_and_resumed(config, folder: Path) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:

@@ -28,11 +28,13 @@ from typing import Any
 import numpy as np
 
 import workbench.evaluation.images as imagestore
+from workbench import quality
 from workbench.errors import WorkbenchError
 from workbench.evaluation.prompts import pick
 from workbench.evaluation.suite import Metrics, set_metrics, student_scores, teacher_scores
 from workbench.progress import Progress, report
 from workbench.stats import Bootstrap, Estimate
+from workbench.toy import checker, world
 
 TOY_SEEDS = 8
 GENERIC_SEEDS = 2
@@ -95,8 +97,6 @@ def sample_seed(prompt: str, index: int) -> int:
 
 def toy_prompts(n: int | None = None) -> list[str]:
     """Held-out toy captions, spread evenly over the held-out list (all by default)."""
-    from workbench.toy import world
-
     return pick([s.caption for s in world.held_out_scenes()], n, "held-out toy captions")
 
 
@@ -156,8 +156,6 @@ def _plain(x: Any) -> Any:
 def judge(images, samples_: Sequence[Sample]) -> tuple[dict[str, np.ndarray], list[dict[str, str | None]]]:
     """The toy checker's per-sample verdicts: 1.0 where an attribute (or the whole prompt,
     or colour and shape: fidelity) is right, else 0.0; and what it saw."""
-    from workbench.toy import checker
-
     judgements = checker.judge_all(list(images), [s.prompt for s in samples_])
     for j, s in zip(judgements, samples_):
         if set(j.wanted) != set(checker.ATTRIBUTES):
@@ -170,8 +168,6 @@ def judge(images, samples_: Sequence[Sample]) -> tuple[dict[str, np.ndarray], li
 
 def similarity(student_images, teacher_images) -> dict[str, np.ndarray]:
     """Per-image PSNR (dB) and SSIM of student images against same-sample teacher images."""
-    from workbench import quality
-
     if len(student_images) != len(teacher_images) or not student_images:
         raise WorkbenchError("need the same, non-zero number of student and teacher images")
     a, b = quality.to_tensor(student_images), quality.to_tensor(teacher_images)
@@ -235,7 +231,7 @@ class Evaluator:
     def draw(self, unet=None, sampler: Sampler | None = None, who: str = "teacher") -> list:
         """The samples' images: the teacher's (``unet`` None) or a student's, with the
         evaluation's steps and guidance unless ``sampler`` says otherwise."""
-        from workbench.sampling import generate
+        from workbench.sampling import generate  # heavy (diffusers' pipelines, transformers): only to draw
 
         sampler = sampler or Sampler(steps=self.steps, guidance=self.guidance)
         prompts, seeds, images = [s.prompt for s in self.samples], [s.seed for s in self.samples], []

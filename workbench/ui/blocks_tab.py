@@ -13,6 +13,7 @@ from typing import Any
 
 import gradio as gr
 
+from workbench import latency
 from workbench.catalog import Catalog, natural_key
 from workbench.cost import latent_size
 from workbench.dtypes import fast_dtype
@@ -197,8 +198,6 @@ def profile_latency(
     progress: Any = None,
 ) -> tuple:
     """Profile the teacher's atoms on this machine (cached on disk by workbench.latency)."""
-    from workbench import latency
-
     check_latency_resolution(view, max_px)
     name, px = view["base"], view["resolution"]
     adapter = ProgressAdapter(progress) if progress is not None else None
@@ -223,8 +222,6 @@ def measure_latency(
     """Time teacher and student side by side on this machine; Markdown with the result, per
     UNet call and per image (each at its own steps; text encoders and VAE decode measured on
     the pipeline when the base has one)."""
-    from workbench import latency
-
     check_latency_resolution(view, max_px)
     sampling = (latency.Sampling(_whole(teacher_steps, "teacher steps"), True),
                 latency.Sampling(_whole(student_steps, "student steps"), bool(student_guided)))  # fmt: skip

@@ -30,6 +30,24 @@ _RANGE = re.compile(r"^(\d+)\s*-\s*(\d+)$")
 
 
 @dataclass(frozen=True)
+class Form:
+    """The Compare form as the user left it, field by field (raw widget values: ``validate``
+    checks them)."""
+
+    prompt: str
+    negative: str
+    seeds: str
+    steps: Any
+    guidance: Any
+    size: Any  # empty: the model's native size
+    student_scheduler: str = "default"
+    student_steps: Any = None  # empty or 0: the teacher's steps
+    student_negative: str = ""  # empty: the teacher's negative prompt
+    nasa_scale: Any = NASA_SCALE
+    nasa_pooled_scale: Any = NASA_POOLED_SCALE
+
+
+@dataclass(frozen=True)
 class Request:
     """A validated comparison request."""
 
@@ -77,57 +95,50 @@ def parse_seeds(text: str, max_seeds: int) -> list[int]:
     return list(dict.fromkeys(seeds))  # duplicates would only repeat an image
 
 
-def validate(
-    store: Store,
-    name: str,
-    limits: Limits,
-    prompt: str,
-    negative: str,
-    seeds: str,
-    steps: Any,
-    guidance: Any,
-    size: Any,
-    student_scheduler: str = "default",
-    student_steps: Any = None,
-    student_negative: str = "",
-    nasa_scale: Any = NASA_SCALE,
-    nasa_pooled_scale: Any = NASA_POOLED_SCALE,
-) -> Request:
+def validate(store: Store, name: str, limits: Limits, form: Form) -> Request:
     """Check every field before any model is touched. The student samples with its own
     scheduler (``schedulers.SCHEDULERS``) and steps (empty: the teacher's)."""
-    if not (prompt or "").strip():
+    if not (form.prompt or "").strip():
         raise WorkbenchError(
             "the prompt is empty; describe the image, e.g. 'a red circle on a white background'"
         )
-    n_steps = _number(steps, "steps", int)
+    n_steps = _number(form.steps, "steps", int)
     if not 1 <= n_steps <= limits.max_steps:
-        raise WorkbenchError(f"steps must be between 1 and {limits.max_steps}, got {steps}")
-    scale = _number(guidance, "guidance", float)
+        raise WorkbenchError(f"steps must be between 1 and {limits.max_steps}, got {form.steps}")
+    scale = _number(form.guidance, "guidance", float)
     if not 0 <= scale <= MAX_GUIDANCE:
         raise WorkbenchError(
-            f"guidance must be between 0 and {MAX_GUIDANCE:g} (1 or less disables it), got {guidance}"
+            f"guidance must be between 0 and {MAX_GUIDANCE:g} (1 or less disables it), got {form.guidance}"
         )
-    own_steps = None if student_steps in (None, "", 0) else _number(student_steps, "student steps", int)
-    if own_steps is not None and not 1 <= own_steps <= limits.max_steps:
-        raise WorkbenchError(
-            f"student steps must be 1 to {limits.max_steps}, or 0 for the teacher's steps, got {student_steps}"
-        )
-    check_sampler(student_scheduler, own_steps or n_steps, "student steps")
+    own_steps = _student_steps(form.student_steps, limits)
+    check_sampler(form.student_scheduler, own_steps or n_steps, "student steps")
     return Request(
-        student_negative=(student_negative or "").strip() or None,
-        nasa_scale=check_scale(_number(nasa_scale, "NASA scale", float)),
+        student_negative=(form.student_negative or "").strip() or None,
+        nasa_scale=check_scale(_number(form.nasa_scale, "NASA scale", float)),
         nasa_pooled_scale=check_scale(
-            _number(nasa_pooled_scale, "NASA pooled scale", float), "NASA pooled scale"
+            _number(form.nasa_pooled_scale, "NASA pooled scale", float), "NASA pooled scale"
         ),
-        student_scheduler=student_scheduler,
+        student_scheduler=form.student_scheduler,
         student_steps=own_steps,
-        prompt=prompt.strip(),
-        negative=(negative or "").strip() or None,
-        seeds=tuple(parse_seeds(str(seeds), limits.max_seeds)),
+        prompt=form.prompt.strip(),
+        negative=(form.negative or "").strip() or None,
+        seeds=tuple(parse_seeds(str(form.seeds), limits.max_seeds)),
         steps=n_steps,
         guidance=scale,
-        size=check_size(store, name, size, limits),
+        size=check_size(store, name, form.size, limits),
     )
+
+
+def _student_steps(value: Any, limits: Limits) -> int | None:
+    """The student's own steps; None (empty or 0) for the teacher's."""
+    if value in (None, "", 0):
+        return None
+    steps = _number(value, "student steps", int)
+    if not 1 <= steps <= limits.max_steps:
+        raise WorkbenchError(
+            f"student steps must be 1 to {limits.max_steps}, or 0 for the teacher's steps, got {value}"
+        )
+    return steps
 
 
 def _number(value: Any, what: str, kind: type) -> Any:
@@ -153,27 +164,11 @@ def check_size(store: Store, name: str, size: Any, limits: Limits) -> int:
 
 
 def compare(
-    store: Store,
-    limits: Limits,
-    view: dict[str, Any],
-    plan: list[str],
-    prompt: str,
-    negative: str,
-    seeds: str,
-    steps: Any,
-    guidance: Any,
-    size: Any,
-    progress: Any = None,
-    student_scheduler: str = "default",
-    student_steps: Any = None,
-    student_negative: str = "",
-    nasa_scale: Any = NASA_SCALE,
-    nasa_pooled_scale: Any = NASA_POOLED_SCALE,
+    store: Store, limits: Limits, view: dict[str, Any], plan: list[str], form: Form, progress: Any = None
 ) -> tuple[list, list, str]:
     """(teacher images, student images, summary Markdown), each image captioned with its time."""
     name = view["base"]
-    request = validate(store, name, limits, prompt, negative, seeds, steps, guidance, size,
-                       student_scheduler, student_steps, student_negative, nasa_scale, nasa_pooled_scale)  # fmt: skip
+    request = validate(store, name, limits, form)
     report = ProgressAdapter(progress) if progress is not None else (lambda *a, **k: None)
     pipe = store.pipeline(name, ProgressAdapter(report, 0.0, 0.05))  # says so if there are no weights
     student, spec = store.student(name, plan, ProgressAdapter(report, 0.05, 0.1))
@@ -254,9 +249,8 @@ def availability_md(store: Store, view: dict[str, Any]) -> str:
 # ------------------------------------------------------------------ layout and wiring
 
 
-def build(ctx: Shared) -> None:
-    limits = ctx.settings.limits
-    availability = gr.Markdown(elem_id="wb-compare-availability")
+def _form_widgets(limits: Limits) -> dict[str, Any]:
+    """The Compare form's widgets in page order, by ``Form`` field."""
     with gr.Row(equal_height=False):
         with gr.Column(scale=2):
             prompt = gr.Textbox(
@@ -309,6 +303,25 @@ def build(ctx: Shared) -> None:
                 elem_id="wb-nasa-pooled-scale",
                 info="... and the pooled text embedding (SDXL family; 1: none of the negative's direction left)",
             )  # fmt: skip
+    return {
+        "prompt": prompt,
+        "negative": negative,
+        "seeds": seeds,
+        "steps": steps,
+        "guidance": guidance,
+        "size": size,
+        "student_scheduler": student_scheduler,
+        "student_steps": student_steps,
+        "student_negative": student_negative,
+        "nasa_scale": nasa_scale,
+        "nasa_pooled_scale": nasa_pooled_scale,
+    }
+
+
+def build(ctx: Shared) -> None:
+    limits = ctx.settings.limits
+    availability = gr.Markdown(elem_id="wb-compare-availability")
+    form = _form_widgets(limits)  # Form's fields -> their widgets
     go = gr.Button("Generate teacher and student", variant="primary")
     summary = gr.Markdown(elem_id="wb-compare-summary")
     with gr.Row():
@@ -326,8 +339,9 @@ def build(ctx: Shared) -> None:
     store = ctx.store
 
     @inline_errors(n_outputs=3, status_at=2)
-    def on_generate(view, plan, p, n, s, st, g, sz, sch, sst, sn, ns, nps, progress=gr.Progress()):
-        return compare(store, limits, view, plan, p, n, s, st, g, sz, progress, sch, sst, sn, ns, nps)
+    def on_generate(values, progress=gr.Progress()):  # values: {component: value}, inputs as a set
+        fields = Form(**{field: values[box] for field, box in form.items()})
+        return compare(store, limits, values[ctx.view], values[ctx.plan], fields, progress)
 
     size_base = gr.State(None)  # the model the image size was chosen for
 
@@ -342,23 +356,9 @@ def build(ctx: Shared) -> None:
     gr.on(
         [ctx.demo.load, ctx.view.change],
         on_view,
-        [ctx.view, size, guidance, size_base],
-        [availability, size, guidance, size_base],
+        [ctx.view, form["size"], form["guidance"], size_base],
+        [availability, form["size"], form["guidance"], size_base],
         api_visibility="private",
     )
-    inputs = [
-        ctx.view,
-        ctx.plan,
-        prompt,
-        negative,
-        seeds,
-        steps,
-        guidance,
-        size,
-        student_scheduler,
-        student_steps,
-        student_negative,
-        nasa_scale,
-        nasa_pooled_scale,
-    ]
+    inputs = {ctx.view, ctx.plan, *form.values()}
     go.click(on_generate, inputs, [teacher, student, summary], api_visibility="private", **ctx.model_event())

@@ -21,7 +21,7 @@ from typing import Any
 
 import gradio as gr
 
-from workbench import jobs, space
+from workbench import jobs, memory, space
 from workbench.distill_config import (
     CHOICES,
     FEATURE_MODES,
@@ -180,9 +180,10 @@ def check_launch(store: Store, base: str, plan: PruningPlan, form: dict[str, Any
     specs = preflight(config, base=store.base(base)).specs
     if limits.max_distill_steps and config.steps * len(specs) > limits.max_distill_steps:
         raise ConfigError(
-            "steps", "this app runs at most {limit} distillation steps in all; ask for fewer {field}",
+            "steps",
+            "this app runs at most {limit} distillation steps in all; ask for fewer {field}",
             limit=limits.max_distill_steps,
-        )  # fmt: skip
+        )
     if limits.max_distill_params and specs[0].teacher_params > limits.max_distill_params:
         raise WorkbenchError(
             f"this app distils teachers up to {fmt.params(limits.max_distill_params)} parameters; run it locally"
@@ -239,8 +240,6 @@ def memory_estimate(store: Store, base: str, choice: str, removed: list[str], fo
     """(estimate, cheapest options per GPU size it misses) of the form's run, on a CUDA GPU
     (``workbench.memory``: the real step on fake tensors; nothing is loaded). ``visitor``:
     a Space visitor's upload (a 1-tuple), whose form is checked as for a launch."""
-    from workbench import memory
-
     if visitor is not None:
         form = visitor_form(form, choice, stages, visitor[0])
     plan = form_plan(store, base, choice, removed, stages, lcd)
@@ -251,8 +250,6 @@ def memory_estimate(store: Store, base: str, choice: str, removed: list[str], fo
 
 def memory_md(result: Any, hints: list[dict[str, Any]]) -> str:
     """Peak by category, a verdict per GPU size, and what would make it fit."""
-    from workbench import memory
-
     head = (
         f"**Peak GPU memory {memory.gib(result.total)}** per process, in {result.where}; "
         f"needs about {memory.gib(result.needed())} with the CUDA context and allocator margin. "
@@ -508,8 +505,9 @@ def _form(settings: AppSettings) -> Form:
 
     data_info = (
         "toy, or a file you upload here (this Space takes no server paths)"
-        if settings.space else "toy, an image folder, or a .txt prompt file"
-    )  # fmt: skip
+        if settings.space
+        else "toy, an image folder, or a .txt prompt file"
+    )
     with gr.Row():
         f["data"] = gr.Textbox(D["data"], label=LABELS["data"], info=data_info, scale=3, elem_id="wb-distill-data")
         f["toy_samples"] = number("toy_samples")
@@ -549,12 +547,12 @@ def _form(settings: AppSettings) -> Form:
     message = gr.Markdown(elem_id="wb-distill-message")
     with gr.Accordion("Will it fit? GPU memory of this run", open=True):
         estimate = gr.Button("Estimate GPU memory", size="sm", elem_id="wb-distill-estimate")
-        memory = gr.Markdown(
+        memory_box = gr.Markdown(
             "<span class='wb-muted'>Peak memory by category, a verdict for 16-80 GB GPUs and the cheapest "
             "options that make it fit, before anything is loaded.</span>",
             elem_id="wb-distill-memory",
         )
-    return Form(plan_choice, stages, lcd, name, f, upload, gr.State(None), start, message, estimate, memory)
+    return Form(plan_choice, stages, lcd, name, f, upload, gr.State(None), start, message, estimate, memory_box)
 
 
 def _box(key: str, info: str) -> Any:

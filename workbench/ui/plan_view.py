@@ -13,6 +13,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+from workbench import latency
 from workbench.cost import latent_size
 from workbench.errors import WorkbenchError
 from workbench.surgery import StudentSpec
@@ -129,8 +130,6 @@ def estimate_latency(
 ) -> tuple[dict[str, float] | None, str | None]:
     """The latency estimate from a profile made earlier (or shipped with the model), and a line
     on where its figures come from or why there are none."""
-    from workbench import latency
-
     try:
         profile = cached_profile(store, view, device, dtype)
         if profile is None:
@@ -151,8 +150,6 @@ def shipped_note(profile: Any) -> str:
 
 def cached_profile(store: Store, view: dict[str, Any], device: str, dtype: str) -> Any:
     """This process's profile, or one made earlier and cached on disk; never profiles."""
-    from workbench import latency
-
     name, px = view["base"], int(view["resolution"])
     profile = store.profile(name, px, device, dtype) or latency.cached_profile(name, device, dtype, px)
     if profile is not None:

@@ -311,6 +311,21 @@ def _heat_hover(row: dict[str, Any]) -> str:
 def sensitivity_figure(layout: HeatLayout, rows: list[dict[str, Any]]) -> dict[str, Any]:
     """A heatmap of ``sensitivity.heat_rows``: colour = log10(deviation); units no plan can
     remove (or missing from the map) are grey and hatched, with the reason on hover."""
+    z, hover, grey = _heat_cells(layout, rows)
+    logs = [v for line in z for v in line if v is not None]
+    lo = math.floor(min(logs)) if logs else -6
+    hi = math.ceil(max(logs)) if logs else 0
+    hi = max(hi, lo + 1)
+    return {
+        "data": [_heat_trace(layout, z, hover, lo, hi), _blocked_trace(grey)],
+        "layout": _heat_figure_layout(layout, bool(grey)),
+    }
+
+
+def _heat_cells(
+    layout: HeatLayout, rows: list[dict[str, Any]]
+) -> tuple[list[list[float | None]], list[list[str]], list[tuple[int, int, str]]]:
+    """(log10 deviations by (row, column), their hover texts, the grey cells: (row, column, hover))."""
     n_rows, n_cols = len(layout.row_labels), len(layout.col_labels)
     z: list[list[float | None]] = [[None] * n_cols for _ in range(n_rows)]
     hover: list[list[str]] = [[""] * n_cols for _ in range(n_rows)]
@@ -330,17 +345,19 @@ def sensitivity_figure(layout: HeatLayout, rows: list[dict[str, Any]]) -> dict[s
     for unit, (r, c) in layout.cells.items():
         if unit not in seen:
             grey.append((r, c, f"<b>{unit}</b><br>not in this sensitivity map"))
-    logs = [v for line in z for v in line if v is not None]
-    lo = math.floor(min(logs)) if logs else -6
-    hi = math.ceil(max(logs)) if logs else 0
-    hi = max(hi, lo + 1)
+    return z, hover, grey
+
+
+def _heat_trace(
+    layout: HeatLayout, z: list[list[float | None]], hover: list[list[str]], lo: int, hi: int
+) -> dict[str, Any]:
     ticks = list(range(lo, hi + 1))
-    heat = {
+    return {
         "type": "heatmap",
         "name": "deviation",
         "z": z,
-        "x": list(range(n_cols)),
-        "y": list(range(n_rows)),
+        "x": list(range(len(layout.col_labels))),
+        "y": list(range(len(layout.row_labels))),
         "hovertext": hover,
         "hovertemplate": "%{hovertext}<extra></extra>",
         "hoverongaps": False,
@@ -357,7 +374,11 @@ def sensitivity_figure(layout: HeatLayout, rows: list[dict[str, Any]]) -> dict[s
             "len": 0.9,
         },
     }
-    blocked = {
+
+
+def _blocked_trace(grey: list[tuple[int, int, str]]) -> dict[str, Any]:
+    """The grey, hatched cells of units no plan can remove, drawn as bars over the heatmap."""
+    return {
         "type": "bar",
         "name": UNREMOVABLE[0],
         "x": [c for _, c, _ in grey],
@@ -373,12 +394,16 @@ def sensitivity_figure(layout: HeatLayout, rows: list[dict[str, Any]]) -> dict[s
         },
         "showlegend": bool(grey),
     }
-    layout_ = {
+
+
+def _heat_figure_layout(layout: HeatLayout, legend: bool) -> dict[str, Any]:
+    n_rows, n_cols = len(layout.row_labels), len(layout.col_labels)
+    return {
         "height": 90 + 22 * n_rows,
         "margin": {"l": 8, "r": 8, "t": 30, "b": 8},
         "plot_bgcolor": "white",
         "paper_bgcolor": "rgba(0,0,0,0)",
-        "showlegend": bool(grey),
+        "showlegend": legend,
         "legend": {"orientation": "h", "y": -0.01, "yanchor": "top", "x": 0, "font": {"size": 11}},
         "xaxis": {
             "tickvals": list(range(n_cols)),
@@ -403,7 +428,6 @@ def sensitivity_figure(layout: HeatLayout, rows: list[dict[str, Any]]) -> dict[s
         "hoverlabel": {"align": "left"},
         "dragmode": False,
     }
-    return {"data": [heat, blocked], "layout": layout_}
 
 
 def _decade(power: int) -> str:
