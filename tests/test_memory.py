@@ -13,6 +13,7 @@ from workbench import memory, memory_advice, memory_tracker
 from workbench.distill import DistillConfig
 from workbench.errors import WorkbenchError
 from workbench.presets import load_preset
+from workbench.testing import run_config
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -27,8 +28,8 @@ def tiny_base(tmp_path_factory, tiny_config) -> str:
 
 
 def _config(base: str, **fields) -> DistillConfig:
-    fields = {"batch_size": 2} | fields
-    return DistillConfig(stages=(load_preset("ssd-1b").to_dict(),), steps=1, base=base, **fields)
+    """The estimate's run: the shared factory's, one step, batch 2."""
+    return run_config(base, steps=1, fast=False, **({"batch_size": 2} | fields))
 
 
 @pytest.fixture(scope="module")
@@ -189,16 +190,13 @@ def test_8bit_adamw_layout_is_bitsandbytes(tiny_base):
     )
 
 
-def test_a_run_out_of_memory_fails_with_the_options_that_would_help(tmp_path, monkeypatch):
+def test_a_run_out_of_memory_fails_with_the_options_that_would_help(tmp_path, monkeypatch, tiny_pipeline_dir):
     from workbench.distill import run_distillation
     from workbench.runs import RunDir
-    from workbench.testing import tiny_pipeline
 
-    base = str(tiny_pipeline(tmp_path / "pipe"))
     monkeypatch.setenv("WORKBENCH_FAULT_STEP", "1")
     monkeypatch.setenv("WORKBENCH_FAULT_KIND", "oom")  # torch.OutOfMemoryError, as a full GPU raises it
-    config = DistillConfig(stages=(load_preset("ssd-1b").to_dict(),), steps=3, base=base, toy_samples=8,
-                           batch_size=2, sample_steps=1, device="cpu")  # fmt: skip
+    config = run_config(tiny_pipeline_dir, steps=3, toy_samples=8, sample_steps=1)
     with pytest.raises(WorkbenchError) as err:
         run_distillation(config, tmp_path / "run")
     message = str(err.value)
