@@ -14,7 +14,6 @@ targets in ``losses``; what trains and how in ``optim``; checkpoints and status 
 
 from __future__ import annotations
 
-import gc
 import os
 import time
 import traceback
@@ -37,7 +36,7 @@ from workbench.errors import WorkbenchError
 from workbench.export import Student, finish_folder, local_paths
 from workbench.files import atomic_dir, remove_tree, write_json_atomic
 from workbench.modelcard import model_card
-from workbench.models import ENCODERS, TeacherPipeline, freeze_pipeline, load_pipeline, park
+from workbench.models import ENCODERS, TeacherPipeline, freeze_pipeline, give_back_memory, load_pipeline, park
 from workbench.parallel import any_across, full_student, is_sharded, make_accelerator
 from workbench.resume import describe_changes, resume_config
 from workbench.reward import load_reward
@@ -307,7 +306,7 @@ class Distillation:
             if main:
                 remove_tree(self.run_dir.targets(k))
         stage.accelerator.free_memory()  # its references to the student and optimizer
-        gc.collect()
+        give_back_memory()
         return True
 
     def save_grid(self, student, step: int, sampler: dict[str, Any] | None) -> None:

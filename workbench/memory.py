@@ -82,6 +82,11 @@ GPU_SIZES_GB = (16, 24, 40, 48, 80)
 # typically 5-15% above allocated). A verdict of "fits" keeps this margin free.
 CUDA_CONTEXT_BYTES = 1 * GIB
 FRAGMENTATION = 0.10
+# What a CPU process holds beside its tensors: the runtime (Python, torch, diffusers and
+# transformers imported: 0.48 GiB measured, benchmarks/sdxl_cpu.py) and the allocator's and
+# oneDNN's scratch (3% above the tensors at the peak of an SDXL-size run there).
+CPU_RUNTIME_BYTES = GIB // 2
+CPU_SCRATCH = 0.05
 # Parameters of the pipeline parts a built-in config has no files for (public model facts).
 _BUILTIN_ENCODERS = {
     "sdxl-base": {"text_encoder": 123_060_480, "text_encoder_2": 694_659_840, "vae": 83_653_863},
@@ -149,7 +154,11 @@ class MemoryEstimate:
         return top.name if isinstance(top, memory_phases.Phase) else f"stage {top.stage}'s {top.phase}"
 
     def needed(self) -> int:
-        """Device memory to ask for: the peak plus the CUDA context and allocator margin."""
+        """Memory to ask for: the peak plus, on a GPU, the CUDA context and allocator margin;
+        on the CPU, the runtime (Python and the libraries imported) and the allocator's and
+        kernels' scratch beyond the tensors counted."""
+        if self.device == "cpu":
+            return int(self.total * (1 + CPU_SCRATCH)) + CPU_RUNTIME_BYTES
         return int(self.total * (1 + FRAGMENTATION)) + CUDA_CONTEXT_BYTES
 
     def verdicts(self, sizes_gb: tuple[int, ...] = GPU_SIZES_GB) -> list[dict[str, Any]]:

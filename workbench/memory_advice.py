@@ -145,7 +145,8 @@ def report(result, hints: list[dict[str, Any]] | None = None) -> str:
     ]
     for name in CATEGORIES:
         lines.append(f"  {name:<12} {gib(result.categories[name]):>12}")
-    lines.append(f"  needs about {gib(result.needed())} with the CUDA context and allocator margin")
+    margin = "the runtime and allocator margin" if result.device == "cpu" else "the CUDA context and allocator margin"
+    lines.append(f"  needs about {gib(result.needed())} with {margin}")
     if result.highest is not result.peak:
         lines.append(f"  the largest training step: {gib(result.peak.total)} (stage {result.peak.stage}'s {result.peak.phase})")
     for phase in result.phases:
