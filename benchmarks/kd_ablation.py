@@ -16,6 +16,10 @@ full prompt, fidelity; PSNR / SSIM against the teacher's image of the same sampl
 figure a mean with a 95% interval (cluster bootstrap over prompts), and compared *paired*
 with the reference variant (default ``layer``): differences whose interval excludes 0 are
 in bold. Intervals cover the evaluation samples, not training: each variant trains once.
+Every student also gets FID and KID to the teacher's images of the same samples (torchmetrics,
+on the toy's offline ``pixels`` features), and the report gives Spearman's rank correlation
+across the students (undistilled included) of FID, KID and PSNR with full-prompt accuracy:
+do the field's metrics order the students as the checker does?
 
     python benchmarks/kd_ablation.py [--preset segmind-vega] [--steps 400] [--seeds 8]
         [--variants layer,layer-normalized,task,output,block]
@@ -37,7 +41,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import scoring
 
 from workbench.distill import DistillConfig, run_distillation
-from workbench.evaluation import ACCURACIES, LABELS
+from workbench.evaluation import ACCURACIES, LABELS, Metrics
 from workbench.models import load_unet
 from workbench.presets import load_preset
 from workbench.surgery import build_student, save_student
@@ -54,6 +58,9 @@ VARIANTS = {
     "layer-sensitivity": LAYER | {"feature_weights": "sensitivity"},
     "layer-freeze2": LAYER | {"freeze_sensitive": 2},
 }
+# FID/KID to the teacher's images on raw-pixel features: the toy's offline extractor
+METRICS = Metrics(("psnr", "ssim", "fid", "kid"), fid_features="pixels")
+AGAINST_ACCURACY = ("fid", "kid", "psnr")  # ranked against full-prompt accuracy across the students
 
 
 def parse_args() -> argparse.Namespace:
@@ -92,7 +99,7 @@ def main() -> None:
     out = Path(args.out) / f"{args.preset}-{args.steps}-seed{args.train_seed}"
     scoring.claim(out, args.base)
     plan = load_preset(args.preset)
-    e = scoring.evaluator(args.base, args.prompts, args.seeds)
+    e = scoring.evaluator(args.base, args.prompts, args.seeds, METRICS)
     students: dict[str, Path] = {"undistilled": out / "undistilled"}
     minutes = {"undistilled": 0.0}
     if not (students["undistilled"] / "config.json").exists():
@@ -103,11 +110,20 @@ def main() -> None:
         students[name] = out / name / "student"
     scores = {name: scoring.student_scores(e, folder) for name, folder in students.items()}
     reference = scores[args.reference]
+    students_ = {n: scoring.figures(e, s, reference) for n, s in scores.items()}
     report = {"args": vars(args), "settings": e.settings, "interval": e.bootstrap.describe(),
               "teacher": scoring.ev.as_dicts(e.summary(e.teacher())), "minutes": minutes,
-              "students": {n: scoring.figures(e, s, reference) for n, s in scores.items()}}  # fmt: skip
+              "students": students_, "protocol": METRICS.protocol(),
+              "rank_correlation": correlations(students_)}  # fmt: skip
     (out / "report.json").write_text(json.dumps(report, indent=1) + "\n")
     print_report(args, e, report)
+
+
+def correlations(students: dict[str, dict]) -> dict[str, dict]:
+    """Spearman's rho across the students of FID, KID and PSNR with full-prompt accuracy."""
+    means = {k: {n: f["summary"][k]["mean"] for n, f in students.items() if k in f["summary"]}
+             for k in ("full", *AGAINST_ACCURACY)}  # fmt: skip
+    return {k: scoring.rank_correlation(means[k], means["full"]) for k in AGAINST_ACCURACY}
 
 
 def print_report(args: argparse.Namespace, e, report: dict) -> None:
@@ -136,6 +152,16 @@ def print_report(args: argparse.Namespace, e, report: dict) -> None:
     rows = [(n, [scoring.diff_cell(f["minus_reference"].get(k), 2 if k == "psnr" else 3) for k in keys])
             for n, f in students.items() if n != args.reference]  # fmt: skip
     print("\n".join(scoring.table(rows, ["variant", *[f"{LABELS[k]} - {args.reference}" for k in keys]])))
+    print("\nagainst the teacher's images of the same samples:\n")
+    rows = [(n, [scoring.cell(f["summary"].get("full")), scoring.cell(f["summary"].get("fid"), 3),
+                 scoring.cell(f["summary"].get("kid"), 4), scoring.cell(f["summary"]["psnr"], 2)])
+            for n, f in students.items()]  # fmt: skip
+    print("\n".join(scoring.table(rows, ["variant", "full prompt", "FID", "KID (mean +- std)", "PSNR dB"])))
+    print("".join(f"\n  {LABELS[k]}: {text}" for k, text in report["protocol"].items()))
+    print("\nSpearman rank correlation with full-prompt accuracy across the students:\n")
+    for k, r in report["rank_correlation"].items():
+        rho = "-" if r["rho"] is None else f"{r['rho']:+.3f}"
+        print(f"  {LABELS[k]}: rho {rho} (n = {r['n']}: {', '.join(r['names'])})")
 
 
 if __name__ == "__main__":

@@ -1,8 +1,10 @@
 """Shared scoring for the quality benchmarks: every student on the same held-out samples.
 
 The teacher draws its images once per process; each student's per-sample scores are kept
-beside its UNet (``eval-<settings>.json``), so a re-run scores only what is new, and any
-two students compare paired (same prompts, same seeds, same bootstrap resamples).
+beside its UNet (``eval-<settings>.json``; FID/KID to the teacher's images, when the
+evaluator's metrics ask for them, in ``eval-<settings>-sets.json``), so a re-run scores only
+what is new, and any two students compare paired (same prompts, same seeds, same bootstrap
+resamples).
 """
 
 from __future__ import annotations
@@ -11,6 +13,8 @@ import argparse
 import json
 from pathlib import Path
 from typing import Any
+
+import pandas as pd
 
 from workbench import evaluation as ev
 from workbench.models import load_pipeline, resolve_base
@@ -63,12 +67,13 @@ def claim(out: Path, base: str) -> None:
     stamp.write_text(f"{digest}\n")
 
 
-def evaluator(base: str, prompts: int | None, seeds: int) -> ev.Evaluator:
+def evaluator(base: str, prompts: int | None, seeds: int, metrics: ev.Metrics | None = None) -> ev.Evaluator:
     resolved = resolve_base(base)
     samples = ev.default_samples(resolved.kind == "toy", prompts, seeds)
     return ev.Evaluator(
-        load_pipeline(resolved), samples, checker=resolved.kind == "toy", guidance=resolved.guidance
-    )
+        load_pipeline(resolved), samples, checker=resolved.kind == "toy", guidance=resolved.guidance,
+        metrics=metrics or ev.Metrics(),
+    )  # fmt: skip
 
 
 def _cache_name(e: ev.Evaluator) -> str:
@@ -76,21 +81,51 @@ def _cache_name(e: ev.Evaluator) -> str:
     return f"eval-{s['prompts']}x{s['seeds']}-{s['steps']}steps-g{s['guidance']:g}.json"
 
 
+def _sets_key(e: ev.Evaluator) -> dict[str, Any] | None:
+    """What a student's cached FID/KID depend on beyond the samples; ``None``: none asked for."""
+    m = e.metrics
+    if not m.wants_sets:
+        return None
+    return {
+        "metrics": [n for n in ev.SETS if n in m.names],
+        "features": m.fid_features,
+        "eval_size": m.eval_size,
+    }
+
+
 def student_scores(e: ev.Evaluator, unet_dir: Path) -> ev.Scores:
-    """Per-sample scores of the UNet in ``unet_dir``, from its cache file or drawn now."""
+    """Per-sample scores of the UNet in ``unet_dir`` (and its FID/KID to the teacher's images
+    when ``e.metrics`` asks for them), from its cache files or drawn now. A student scored before
+    FID/KID were asked for is drawn again (a toy student's images take a minute or two)."""
     from workbench.sampling import load_student_unet
 
     cache = unet_dir.parent / f"{unet_dir.name}-{_cache_name(e)}"
-    if cache.exists():
-        return ev.Scores.from_rows(json.loads(cache.read_text()), e.samples)
+    sets_cache, key = cache.with_name(f"{cache.stem}-sets.json"), _sets_key(e)
+    sets = json.loads(sets_cache.read_text()) if key is not None and sets_cache.exists() else None
+    if cache.exists() and (key is None or (sets is not None and sets["key"] == key)):
+        scores = ev.Scores.from_rows(json.loads(cache.read_text()), e.samples)
+        scores.sets = sets["sets"] if sets is not None else {}
+        return scores
     scores = e.student(load_student_unet(unet_dir, e.pipe.unet))
     cache.write_text(json.dumps(scores.rows()) + "\n")
+    if key is not None:
+        sets_cache.write_text(json.dumps({"key": key, "sets": scores.sets}) + "\n")
     return scores
+
+
+def rank_correlation(x: dict[str, float], y: dict[str, float]) -> dict[str, Any]:
+    """Spearman's rank correlation of two figures over the names both have: Pearson's of their
+    ranks, tied values sharing the average rank (as ``method="spearman"``, which needs scipy);
+    ``rho`` is ``None`` below 3 names or where one figure is constant."""
+    shared = [k for k in x if k in y]
+    ranks = [pd.Series([f[k] for k in shared], dtype=float).rank() for f in (x, y)]
+    rho = ranks[0].corr(ranks[1])
+    return {"rho": None if len(shared) < 3 or pd.isna(rho) else float(rho), "n": len(shared), "names": shared}
 
 
 def figures(e: ev.Evaluator, scores: ev.Scores, reference: ev.Scores | None = None) -> dict[str, Any]:
     """Every figure of a student with its interval; with a reference, paired comparisons too."""
-    out: dict[str, Any] = {"summary": ev.as_dicts(e.summary(scores))}
+    out: dict[str, Any] = {"summary": ev.summarise(e, scores)}  # FID/KID among them, when computed
     out["vs_teacher"] = ev.as_dicts(e.versus(scores, e.teacher()))
     if reference is not None:
         out["minus_reference"] = ev.as_dicts(e.difference(scores, reference))
