@@ -81,6 +81,26 @@ def test_fid_interval_reweights_the_fake_set_exactly():
     assert est.low <= est.mean <= est.high and est.high > est.low
 
 
+def test_paired_fid_interval_reweights_both_sets_alike():
+    """Teacher and student images of the same samples: a resample takes the same rows of
+    both (exactly torchmetrics' FID of the resampled sets), so a student close to its teacher
+    image by image keeps an interval around its point, where re-weighting one side alone
+    breaks the pairing and lifts every resample far above it."""
+    gen = torch.Generator().manual_seed(0)
+    real = torch.randn(60, 12, generator=gen, dtype=torch.float64)
+    fake = real + 0.05 * torch.randn(60, 12, generator=gen, dtype=torch.float64)
+    drawn = np.bincount(np.random.default_rng(1).integers(0, 60, 60), minlength=60)[None].astype(float)
+    rows = torch.from_numpy(np.repeat(np.arange(60), drawn[0].astype(int)))
+    assert distribution.paired_fid_replicates(real, fake, drawn)[0] == pytest.approx(
+        distribution.fid(real[rows], fake[rows]), rel=1e-6
+    )
+    bootstrap = Bootstrap([f"p{i // 2}" for i in range(60)])  # two seeds per prompt
+    paired = distribution.fid_estimate(real, fake, bootstrap, paired=True)
+    one_side = distribution.fid_estimate(real, fake, bootstrap)
+    assert paired.low <= paired.mean <= paired.high < 3 * paired.mean
+    assert one_side.high > 10 * paired.high
+
+
 @pytest.fixture(scope="module")
 def tiny_clip(tmp_path_factory) -> str:
     """A tiny CLIPModel (seeded, untrained) with the toy tokenizer, saved with its processor."""

@@ -188,8 +188,9 @@ def set_metrics(metrics: Metrics, images: Sequence[Image.Image], teacher: Sequen
     if not metrics.wants_sets or (metrics.reference is None and teacher is None):
         return {}
     report(progress, 1.0, f"scoring: {who} features for FID/KID")
-    real = metrics.reference_features
-    if real is None:
+    real, paired = metrics.reference_features, False
+    if real is None:  # the teacher's images of the same samples: paired with the student's
         real = distribution.extract(distribution.square(teacher, metrics.eval_size), metrics.extractor.module)
+        paired = True
     fake = distribution.extract(distribution.square(images, metrics.eval_size), metrics.extractor.module)
-    return distribution.summary(real, fake, bootstrap, metrics.names)
+    return distribution.summary(real, fake, bootstrap, metrics.names, paired=paired)
