@@ -59,6 +59,7 @@ from workbench.models import CONFIG_DIR
 from workbench.toy import tokenizer as toy_tokenizer
 
 GIB = 2**30
+SETTLE_S = 3.0  # a phase's first seconds still hold what the one before let go (freeing takes a moment)
 PHASES = ("build", "plan", "memory", "distill", "export", "lora", "latency")
 PROMPTS = [
     "a photo of a red fox in the snow", "a watercolor of a lighthouse at dusk", "a bowl of ramen, studio light",
@@ -151,8 +152,18 @@ class Child:
         for i, (t0, name) in enumerate(starts):
             t1 = starts[i + 1][0] if i + 1 < len(starts) else float("inf")
             rss = [r for t, r in self.samples if t0 <= t < t1]
+            settled = [r for t, r in self.samples if t0 + SETTLE_S <= t < t1]  # what the phase itself holds
             if rss:
-                out.append({"phase": name, "seconds": round(min(t1, self.samples[-1][0]) - t0, 1), "peak": max(rss)})
+                out.append({"phase": name, "seconds": round(min(t1, self.samples[-1][0]) - t0, 1), "peak": max(rss),
+                            "settled_peak": max(settled) if settled else None})  # fmt: skip
+        return out
+
+    def timeline(self) -> list[tuple[float, float]]:
+        """(seconds from the start, RSS GiB), one sample a second."""
+        start, out = self.samples[0][0] if self.samples else 0.0, []
+        for t, rss in self.samples:
+            if not out or t - start - out[-1][0] >= 1.0:
+                out.append((round(t - start, 1), round(rss / GIB, 3)))
         return out
 
     def text(self) -> str:
@@ -228,9 +239,10 @@ def run_distill(args: argparse.Namespace) -> dict[str, Any]:
     resumed = Child(workbench("distill", "--resume", "--run-dir", str(run), "--device", "cpu")).run()
     metrics = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines() if x.strip()]
     return {
-        "killed": {"rc": first.rc, "seconds": round(first.seconds, 1), "peak": first.peak(), "phases": first.phases()},
+        "killed": {"rc": first.rc, "seconds": round(first.seconds, 1), "peak": first.peak(), "phases": first.phases(),
+                   "timeline": first.timeline()},
         "resumed": {"rc": resumed.rc, "seconds": round(resumed.seconds, 1), "peak": resumed.peak(),
-                    "phases": resumed.phases()},
+                    "phases": resumed.phases(), "timeline": resumed.timeline()},
         "steps_logged": [m["step"] for m in metrics],
         "status": json.loads((run / "status.json").read_text()).get("state"),
         "tail": resumed.text().splitlines()[-6:],
@@ -372,7 +384,9 @@ def summary(report: dict[str, Any]) -> str:
             lines.append(f"distill ({part}): rc {d['rc']}, {d['seconds']:.0f} s, peak RSS {d['peak'] / GIB:.2f} GiB "
                          f"({(d['peak'] - base) / GIB:.2f} GiB above the baseline)")  # fmt: skip
             for p in d["phases"]:
-                lines.append(f"  {p['phase']:<48} {p['seconds']:>7.1f} s  {p['peak'] / GIB:6.2f} GiB")
+                settled = f"{p['settled_peak'] / GIB:6.2f}" if p.get("settled_peak") else "     -"
+                lines.append(f"  {p['phase']:<48} {p['seconds']:>7.1f} s  {p['peak'] / GIB:6.2f} GiB"
+                             f"  settled {settled} GiB")  # fmt: skip
         if isinstance(est, dict):
             measured = max(dist["killed"]["peak"], dist["resumed"]["peak"]) - base
             lines.append(f"estimate / measured (above baseline): {est['total_bytes'] / measured:.3f}")
