@@ -72,7 +72,7 @@ COUNTS = {"unet": 2_567_463_684, "text_encoder": 123_060_480, "text_encoder_2": 
 MARKERS = (
     (r"encoding training data|the teacher draws", "load the pipeline, draw and encode the data"),
     (r"training data: \d+ cached", "draw the grids' teacher row"),
-    (r"sample grids: the teacher's row is drawn", "assemble stage 1, precompute teacher targets"),
+    (r"the text encoders and VAE leave memory", "assemble stage 1, precompute teacher targets"),
     (r"teacher targets precomputed", "training steps and checkpoints"),
     (r"resumed stage", "training steps and checkpoints"),
     (r"100\.0% loss", "final sample grid, stage save and export"),

@@ -21,7 +21,7 @@ def _state(module) -> dict[str, torch.Tensor]:
 def test_parts_set_aside_on_the_cpu_leave_memory_and_come_back_whole(tiny_pipeline_dir):
     pipe = freeze_pipeline(load_pipeline(tiny_pipeline_dir))
     before = {name: _state(getattr(pipe, name)) for name in (*ENCODERS, "unet")}
-    parts = TeacherPipeline(pipe, resolve_base(tiny_pipeline_dir), torch.device("cpu"))
+    parts = TeacherPipeline(pipe, resolve_base(tiny_pipeline_dir), torch.device("cpu"), min_bytes=0)
     parts.set_aside(*ENCODERS, "unet")
     for name in (*ENCODERS, "unet"):
         assert all(p.device.type == "meta" for p in getattr(pipe, name).parameters()), name
@@ -45,7 +45,7 @@ def test_a_student_draws_while_the_teacher_unet_is_away(tiny_pipeline_dir, tiny_
     student = tiny_unet(dict(pipe.unet.config), seed=3).eval()
     kw = {"steps": 2, "guidance": 2.0}
     with_teacher_here = generate(pipe, ["a red square"], [0], unet=student, **kw)
-    parts = TeacherPipeline(pipe, resolve_base(tiny_pipeline_dir), torch.device("cpu"))
+    parts = TeacherPipeline(pipe, resolve_base(tiny_pipeline_dir), torch.device("cpu"), min_bytes=0)
     parts.set_aside("unet")
     away = generate(pipe, ["a red square"], [0], unet=student, **kw)
     assert next(pipe.unet.parameters()).device.type == "meta"  # put back as it was: away
@@ -61,3 +61,14 @@ def test_beside_an_accelerator_parts_are_parked_not_dropped(tiny_pipeline_dir):
     assert not parts.away and next(pipe.vae.parameters()).device.type == "cpu"
     assert parts.for_student() == ("unet", "vae", "text_encoder", "text_encoder_2")
     assert TeacherPipeline(pipe, None, torch.device("cpu")).for_student() == ENCODERS
+
+
+def test_small_parts_stay_in_memory_on_the_cpu(tiny_pipeline_dir):
+    """Below ``min_bytes`` reading a part again costs more than it frees: the toy's stay."""
+    pipe = freeze_pipeline(load_pipeline(tiny_pipeline_dir))
+    parts = TeacherPipeline(pipe, resolve_base(tiny_pipeline_dir), torch.device("cpu"))
+    assert not any(parts.drops(n) for n in (*ENCODERS, "unet"))
+    parts.set_aside(*ENCODERS, "unet")
+    assert not parts.away and next(pipe.unet.parameters()).device.type == "cpu"
+    unet_bytes = sum(p.numel() * 4 for p in pipe.unet.parameters())
+    assert TeacherPipeline(pipe, resolve_base(tiny_pipeline_dir), torch.device("cpu"), min_bytes=unet_bytes).drops("unet")

@@ -36,7 +36,15 @@ from workbench.errors import WorkbenchError
 from workbench.export import Student, finish_folder, local_paths
 from workbench.files import atomic_dir, remove_tree, write_json_atomic
 from workbench.modelcard import model_card
-from workbench.models import ENCODERS, TeacherPipeline, freeze_pipeline, give_back_memory, load_pipeline, park
+from workbench.models import (
+    DROP_MIN_BYTES,
+    ENCODERS,
+    TeacherPipeline,
+    freeze_pipeline,
+    give_back_memory,
+    load_pipeline,
+    park,
+)
 from workbench.parallel import any_across, full_student, is_sharded, make_accelerator
 from workbench.resume import describe_changes, resume_config
 from workbench.reward import load_reward
@@ -134,11 +142,12 @@ class Distillation:
         prompts = list(cfg.sample_prompts) or default_prompts(cfg.base, cfg.data)
         self.grids = SampleGrids(self.pipe, self.run_dir.samples, prompts, steps=cfg.sample_steps,
                                  guidance=cfg.guidance, size=cfg.resolution, first_seed=cfg.sample_seed)  # fmt: skip
-        if self.report.main:  # the teacher's row of every grid, while the whole pipeline is here
-            self.grids.teacher_row  # noqa: B018  (drawn once, kept)
+        if self.report.main and any(self.parts.drops(n) for n in (*ENCODERS, "unet")):
+            self.grids.teacher_row  # noqa: B018  (drawn once, kept: while the whole pipeline is here)
+            self.report.log("sample grids: the teacher's row is drawn")
         self.parts.set_aside(*ENCODERS)  # the data is cached: encoders and VAE leave (back for grids)
-        where = "leave memory" if self.parts.away else "wait on the CPU"
-        self.report.log(f"sample grids: the teacher's row is drawn; the text encoders and VAE {where} until a grid")
+        if self.parts.away:
+            self.report.log(f"the text encoders and VAE leave memory until a sample grid ({', '.join(self.parts.away)})")
 
     def sampler(self, k: int) -> dict[str, Any] | None:
         return grid_sampler(self.config, k)
@@ -305,8 +314,9 @@ class Distillation:
             stage.accelerator.wait_for_everyone()  # every process is done reading its own
             if main:
                 remove_tree(self.run_dir.targets(k))
-        stage.accelerator.free_memory()  # its references to the student and optimizer
-        give_back_memory()
+        if sum(p.numel() * p.element_size() for p in stage.raw.parameters()) >= DROP_MIN_BYTES:
+            stage.accelerator.free_memory()  # a large stage: its references to student and optimizer go now
+            give_back_memory()  # (each a full garbage collection, 0.3 s: not worth it for a toy)
         return True
 
     def save_grid(self, student, step: int, sampler: dict[str, Any] | None) -> None:

@@ -52,10 +52,6 @@ def _phase(name: str, **held: int) -> Phase:
     return Phase(name, {c: int(held.get(c, 0)) for c in CATEGORIES})
 
 
-def unet_bytes(config: dict[str, Any], bytes_per_param: int = 4) -> int:
-    return bytes_per_param * sum(p.numel() for p in meta_unet(config).parameters())
-
-
 # --------------------------------------------------------------------------- drawing, on the meta device
 
 
@@ -146,7 +142,7 @@ def run_phases(
     config, base, specs, peaks, device: str, resolution: int, encoders: int, text_len: int
 ) -> tuple[Phase, ...]:
     """The phases outside a stage's step (see the module's docstring)."""
-    pipeline_unet = unet_bytes(base.unet_config)  # fp32, as the pipeline loads it
+    pipeline_unet = 4 * specs[0].teacher_params  # fp32, as the pipeline loads it
     images, drawn = data_images(config)
     grid_prompts = len(config.sample_prompts) or GRID_PROMPTS
     vae = _vae_config(base)

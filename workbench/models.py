@@ -260,6 +260,10 @@ def as_teacher(unet, device, dtype):
 
 PIPELINE_PARTS = ("unet", "vae", "text_encoder", "text_encoder_2")
 ENCODERS = ("text_encoder", "text_encoder_2", "vae")  # what encodes the data and decodes sample grids
+# A part smaller than this stays in a CPU run's memory when set aside: reading it again from
+# disk for every sample grid costs more time than the memory it frees is worth (the toy's
+# parts: 2-31 MB; SDXL's: 0.3-9.6 GiB).
+DROP_MIN_BYTES = 256 * 2**20
 
 
 def _device(module):
@@ -285,9 +289,17 @@ class TeacherPipeline:
     grids), the teacher's UNet once its targets are on disk or a cast copy teaches (back for
     the next stage that builds from it)."""
 
-    def __init__(self, pipe, base: Base, device) -> None:
-        self.pipe, self.base, self.device = pipe, base, device
+    def __init__(self, pipe, base: Base, device, min_bytes: int = DROP_MIN_BYTES) -> None:
+        self.pipe, self.base, self.device, self.min_bytes = pipe, base, device, min_bytes
         self.away: dict[str, Any] = {}  # part -> its dtype, for the parts a CPU run let go
+
+    def drops(self, name: str) -> bool:
+        """Whether setting ``name`` aside takes it out of memory (a CPU run, a part loaded from
+        files and large enough that reading it again is worth the memory it frees)."""
+        module = getattr(self.pipe, name, None)
+        if module is None or not self.on_cpu() or not self.base.has_weights:
+            return False
+        return sum(p.numel() * p.element_size() for p in module.parameters()) >= self.min_bytes
 
     def kind(self) -> str:  # the run's device type: cpu, cuda, ...
         return getattr(self.device, "type", str(self.device).split(":")[0])
@@ -300,8 +312,8 @@ class TeacherPipeline:
             module = getattr(self.pipe, name, None)
             if module is None or name in self.away:
                 continue
-            if not self.on_cpu() or not self.base.has_weights:
-                park(module)
+            if not self.drops(name):
+                park(module)  # beside an accelerator; on the CPU, where it is
                 continue
             self.away[name] = module.dtype
             module.to("meta")  # the weights leave memory; the module keeps its config for the pipeline
