@@ -9,7 +9,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from workbench import memory, memory_advice, memory_tracker
+from workbench import memory, memory_advice, memory_phases, memory_tracker
 from workbench.distill import DistillConfig
 from workbench.errors import WorkbenchError
 from workbench.presets import load_preset
@@ -356,7 +356,6 @@ def test_an_rg_lcd_estimate_says_the_reward_is_not_counted(lcd, tiny_base, tmp_p
 def test_drawing_activations_on_the_meta_device_match_a_real_forward(tiny_config):
     """The phases' drawing estimate (a UNet forward without gradients, on the meta device)
     against the same forward on real tensors under the same tracker."""
-    from workbench import memory_phases
     from workbench.testing import tiny_unet
 
     key = memory_phases._key(tiny_config)
@@ -392,7 +391,9 @@ def test_the_run_phases_count_the_pipeline_and_the_drawing(tiny_pipeline_dir, tm
     assert data.categories["activations"] > small.phases[0].categories["activations"] > 0
     assert assembly.categories["weights"] == result.stages[0].resident["weights"] == grid.categories["weights"]
     assert grid.categories["optimizer"] == 0 and grid.categories["teacher"] == 0  # end of run, on the CPU
-    on_gpu = memory.estimate(_config(tiny_pipeline_dir, data=str(few)), device="cuda").phases[2]
+    base = memory.resolve_base(tiny_pipeline_dir)
+    specs = memory.check_plans(small_config := _config(tiny_pipeline_dir, data=str(few)), base.unet_config)
+    on_gpu = memory_phases.run_phases(small_config, base, specs, small.stages, "cuda", 64, encoders, 16)[2]
     assert on_gpu.categories["teacher"] == teacher  # beside a GPU the pipeline's UNet comes to the device
     mid_run = memory.estimate(_config(tiny_pipeline_dir, data=str(few), sample_every=1), device="cpu").phases[2]
     assert mid_run.categories["optimizer"] == result.stages[0].resident["optimizer_states"] > 0
