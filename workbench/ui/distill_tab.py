@@ -261,7 +261,10 @@ def memory_md(result: Any, hints: list[dict[str, Any]]) -> str:
     )
     fixes = {h["gpu_gb"]: h for h in hints}
     rows = [[f"{v['gpu_gb']} GB", v["verdict"], _fix(fixes.get(v["gpu_gb"]))] for v in result.verdicts()]
+    phases = "; ".join(f"{fmt.escape(ph.name)}: {memory.gib(ph.total)}" for ph in result.phases)
     notes = "".join(f"\n\n<span class='wb-muted'>{fmt.escape(n)}</span>" for n in result.notes)
+    if phases:
+        notes = f"\n\n<span class='wb-muted'>Outside the training steps: {phases}.</span>{notes}"
     return f"{head}\n\n{cats}\n\n{fmt.table(['GPU', 'verdict', 'to make it fit'], rows)}{notes}"
 
 
