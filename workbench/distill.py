@@ -43,7 +43,7 @@ from workbench.models import (
     freeze_pipeline,
     give_back_memory,
     load_pipeline,
-    park,
+    module_bytes,
 )
 from workbench.parallel import any_across, full_student, is_sharded, make_accelerator
 from workbench.resume import describe_changes, resume_config
@@ -251,9 +251,10 @@ class Distillation:
                         f"new) in {store.folder}; the teacher leaves the device")  # fmt: skip
         if teacher is self.pipe.unet:
             self.parts.set_aside("unet")
-        else:  # a cast copy or a stage's student: nothing needs it again
-            park(teacher)
+        else:  # a cast copy or a stage's student: nothing needs it again (no copy to the CPU first)
             teacher.to("meta")
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
         return store
 
     def load_init_student(self) -> dict[str, Any]:
@@ -314,7 +315,7 @@ class Distillation:
             stage.accelerator.wait_for_everyone()  # every process is done reading its own
             if main:
                 remove_tree(self.run_dir.targets(k))
-        if sum(p.numel() * p.element_size() for p in stage.raw.parameters()) >= DROP_MIN_BYTES:
+        if module_bytes(stage.raw) >= DROP_MIN_BYTES:
             stage.accelerator.free_memory()  # a large stage: its references to student and optimizer go now
             give_back_memory()  # (each a full garbage collection, 0.3 s: not worth it for a toy)
         return True

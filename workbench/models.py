@@ -299,7 +299,7 @@ class TeacherPipeline:
         module = getattr(self.pipe, name, None)
         if module is None or not self.on_cpu() or not self.base.has_weights:
             return False
-        return sum(p.numel() * p.element_size() for p in module.parameters()) >= self.min_bytes
+        return module_bytes(module) >= self.min_bytes
 
     def kind(self) -> str:  # the run's device type: cpu, cuda, ...
         return getattr(self.device, "type", str(self.device).split(":")[0])
@@ -308,6 +308,7 @@ class TeacherPipeline:
         return self.kind() == "cpu"
 
     def set_aside(self, *names: str) -> None:
+        dropped = False
         for name in names:
             module = getattr(self.pipe, name, None)
             if module is None or name in self.away:
@@ -317,7 +318,8 @@ class TeacherPipeline:
                 continue
             self.away[name] = module.dtype
             module.to("meta")  # the weights leave memory; the module keeps its config for the pipeline
-        if self.away:
+            dropped = True
+        if dropped:
             give_back_memory()
 
     def bring_back(self, *names: str):
@@ -346,6 +348,11 @@ class TeacherPipeline:
             yield self.pipe
         finally:
             self.set_aside(*away)
+
+
+def module_bytes(module) -> int:
+    """Bytes of a module's parameters."""
+    return sum(p.numel() * p.element_size() for p in module.parameters())
 
 
 def give_back_memory() -> None:
