@@ -325,6 +325,8 @@ def test_seeds_accept_lists_and_ranges():
     assert compare_tab.parse_seeds("0, 1 7", 8) == [0, 1, 7]
     assert compare_tab.parse_seeds("2-4", 8) == [2, 3, 4]
     assert compare_tab.parse_seeds("3,3", 8) == [3]
+    with pytest.raises(WorkbenchError, match="100001 seeds asked; this app draws at most 8"):
+        compare_tab.parse_seeds("0-100000", 8)  # the whole range is counted, not the part listed
 
 
 def test_compare_on_a_config_says_sampling_needs_weights(store, sdxl):

@@ -73,6 +73,7 @@ class Request:
 def parse_seeds(text: str, max_seeds: int) -> list[int]:
     """'0, 1, 7' or '0-3' or '5' -> seeds; errors say what is accepted."""
     seeds: list[int] = []
+    asked = 0  # a range counts whole, though only its first max_seeds + 1 are listed
     for part in re.split(r"[,\s]+", (text or "").strip()):
         if not part:
             continue
@@ -82,14 +83,16 @@ def parse_seeds(text: str, max_seeds: int) -> list[int]:
             if hi < lo:
                 raise WorkbenchError(f"seed range {part!r} runs backwards; write it low-high, e.g. 0-3")
             seeds.extend(range(lo, min(hi, lo + max_seeds) + 1))
+            asked += hi - lo + 1
         elif part.isdigit():
             seeds.append(int(part))
+            asked += 1
         else:
             raise WorkbenchError(f"seed {part!r} is not a whole number >= 0; write e.g. '0, 1, 2' or '0-3'")
     if not seeds:
         raise WorkbenchError("give at least one seed, e.g. 0 (or '0, 1, 2', or '0-3')")
     if len(seeds) > max_seeds:
-        raise WorkbenchError(f"{len(seeds)} seeds asked; this app draws at most {max_seeds} per comparison")
+        raise WorkbenchError(f"{asked} seeds asked; this app draws at most {max_seeds} per comparison")
     if max(seeds) > MAX_SEED:
         raise WorkbenchError(f"seed {max(seeds)} is too large; seeds go from 0 to {MAX_SEED}")
     return list(dict.fromkeys(seeds))  # duplicates would only repeat an image
